@@ -1,0 +1,1 @@
+"""Captioning models (MSMedCap and its baselines). Free of Celery, database and web code."""

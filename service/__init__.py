@@ -1,0 +1,1 @@
+"""MedCap service: settings, audit database, DICOM listener, study assembly and the command line."""

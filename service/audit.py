@@ -1,0 +1,78 @@
+"""The audit trail: one entry point, written in the caller's transaction.
+
+Callers pass the session that carries the state change the event describes, so the
+event and the change commit, or roll back, together.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service.schema import AuditEvent
+
+
+class Action(enum.StrEnum):
+    ASSOCIATION_ACCEPTED = "association.accepted"
+    ASSOCIATION_REJECTED = "association.rejected"
+    ASSOCIATION_ENDED = "association.ended"
+    ASSOCIATION_LOST = "association.lost"
+    STUDY_RECEIVING = "study.receiving"
+    INSTANCE_REPLACED = "instance.replaced"
+    INSTANCE_FAILED = "instance.failed"
+    STUDY_FORCE_REQUESTED = "study.force_requested"
+    STUDY_VERSION_CREATED = "study.version_created"
+    JOB_CREATED = "job.created"
+    JOB_ENQUEUED = "job.enqueued"
+    JOB_REENQUEUED = "job.reenqueued"
+    JOB_SUPERSEDED = "job.superseded"
+    JOB_STARTED = "job.started"
+    JOB_SUCCEEDED = "job.succeeded"
+    JOB_FAILED = "job.failed"
+    JOB_SKIPPED = "job.skipped"
+    LISTENER_STARTED = "listener.started"
+    LISTENER_STOPPED = "listener.stopped"
+    DATABASE_UPGRADED = "database.upgraded"
+
+
+def dicom_actor(calling_ae: str, address: str) -> str:
+    return f"dicom:{calling_ae.strip()}@{address}"
+
+
+SYSTEM_ASSEMBLER = "system:assembler"
+SYSTEM_LISTENER = "system:listener"
+
+
+def worker_actor(hostname: str) -> str:
+    return f"worker:{hostname}"
+
+
+def cli_actor(user: str) -> str:
+    return f"cli:{user}"
+
+
+def record(
+    session: Session,
+    at: datetime,
+    actor: str,
+    action: Action,
+    object_type: str,
+    object_id: str | int,
+    *,
+    study_uid: str | None = None,
+    **details: Any,
+) -> AuditEvent:
+    event = AuditEvent(
+        at=at,
+        actor=actor,
+        action=action.value,
+        object_type=object_type,
+        object_id=str(object_id),
+        study_uid=study_uid,
+        details=details,
+    )
+    session.add(event)
+    return event

@@ -1,0 +1,218 @@
+"""The DICOM front door: a pynetdicom Storage SCP that admits only known peers.
+
+Handlers stay thin (decode a handful of tags, store the raw bytes, commit a row, answer)
+and never raise into pynetdicom: every failure becomes a DIMSE status and an audit event.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.association import Association as PynetdicomAssociation
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_io.instance import STATUS_CANNOT_DECODE, STATUS_HANDLER_ERROR, InvalidInstance, read_header
+from dicom_io.sop_classes import ACCEPTED, TRANSFER_SYNTAXES
+from service.clock import Clock, SystemClock
+from service.database import Database
+from service.ingest import Ingest, OpenAssociation
+from service.instance_store import MB, InstanceStore
+from service.schema import AssociationOutcome
+from service.settings import Settings
+
+LOG = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
+REJECT_CONGESTION = (0x02, 0x03, 0x01)  # transient, service provider (presentation), temporary congestion
+
+
+def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS 1.2+ with a server certificate; clients must present a certificate from our CA."""
+    if not settings.tls_enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(settings.tls_ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+    return ctx
+
+
+class Listener:
+    def __init__(self, settings: Settings, db: Database, clock: Clock | None = None, name: str | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.name = name or f"{socket.gethostname()}:{settings.dicom_port}"
+        store = InstanceStore(settings.instances_dir, settings.quarantine_dir, settings.min_free_disk_mb * MB)
+        self.ingest = Ingest(db, store, self.clock, self.name)
+        self._open: dict[int, OpenAssociation] = {}
+        self._refused: set[int] = set()
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.dicom_ae_title)
+        ae.maximum_associations = self.settings.max_associations
+        ae.maximum_pdu_size = self.settings.max_pdu_bytes
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.dicom_timeout_seconds
+        # Title checks happen in _on_requested, so that refusals are audited.
+        ae.require_called_aet = False
+        for sop_class in sorted(ACCEPTED):
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(Verification)
+        return ae
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        lost = self.ingest.close_stale_associations()
+        if lost:
+            LOG.warning("%d association(s) were open when this listener last stopped; marked lost", lost)
+        if not self.settings.allowed_peers:
+            LOG.warning("MEDCAP_ALLOWED_PEERS is empty: every association will be rejected")
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected_by_pynetdicom),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+        address = (self.settings.dicom_bind_address, self.settings.dicom_port)
+        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=server_tls_context(self.settings))
+        LOG.info("listening as %s on %s:%d%s", self.settings.dicom_ae_title, *address, " (TLS)" if self.settings.tls_enabled else "")
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        with self._lock:
+            remaining = list(self._open.values())
+            self._open.clear()
+        for assoc in remaining:
+            self.ingest.association_ended(assoc, AssociationOutcome.LOST, "listener stopped")
+
+    def has_open_associations(self) -> bool:
+        with self._lock:
+            return bool(self._open)
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        if sock is not None:
+            # Without it, small C-STORE-RSPs wait on Nagle + delayed ACK (~40 ms each).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @staticmethod
+    def _peer(assoc: PynetdicomAssociation) -> tuple[str, str, str, int]:
+        primitive = assoc.requestor.primitive
+        calling = str(getattr(primitive, "calling_ae_title", "") or "").strip()
+        called = str(getattr(primitive, "called_ae_title", "") or "").strip()
+        return calling, called, str(assoc.requestor.address), int(assoc.requestor.port)
+
+    def refusal_reason(self, calling: str, called: str, address: str) -> tuple[tuple[int, int, int], str] | None:
+        if called != self.settings.dicom_ae_title:
+            return REJECT_CALLED_AE, f"called AE title {called!r} is not {self.settings.dicom_ae_title!r}"
+        if not any(peer.admits(calling, address) for peer in self.settings.allowed_peers):
+            return REJECT_CALLING_AE, f"{calling}@{address} is not in MEDCAP_ALLOWED_PEERS"
+        if not self.ingest.store.has_room():
+            free_mb = self.ingest.store.free_bytes() // MB
+            return REJECT_CONGESTION, f"free disk {free_mb} MB is below the reserve of {self.settings.min_free_disk_mb} MB"
+        return None
+
+    def _on_requested(self, event: evt.Event) -> None:
+        try:
+            calling, called, address, port = self._peer(event.assoc)
+            refusal = self.refusal_reason(calling, called, address)
+            if refusal is None:
+                return
+            (result, source, reason_code), reason = refusal
+            LOG.warning("rejecting association from %s@%s: %s", calling, address, reason)
+            with self._lock:
+                self._refused.add(id(event.assoc))
+            event.assoc.acse.send_reject(result, source, reason_code)
+            self.ingest.association_rejected(calling, called, address, port, self.settings.tls_enabled, reason)
+        except Exception:
+            LOG.exception("association request handler failed; rejecting")
+            if not event.assoc.is_rejected:
+                event.assoc.acse.send_reject(*REJECT_CONGESTION)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        calling, called, address, port = self._peer(event.assoc)
+        try:
+            record = self.ingest.association_accepted(calling, called, address, port, self.settings.tls_enabled)
+        except Exception:
+            LOG.exception("cannot record association; aborting it")
+            event.assoc.abort()
+            return
+        with self._lock:
+            self._open[id(event.assoc)] = record
+
+    def _on_rejected_by_pynetdicom(self, event: evt.Event) -> None:
+        with self._lock:
+            if id(event.assoc) in self._refused:
+                return
+        calling, called, address, port = self._peer(event.assoc)
+        try:
+            self.ingest.association_rejected(calling, called, address, port, self.settings.tls_enabled,
+                                             "too many concurrent associations")  # fmt: skip
+        except Exception:
+            LOG.exception("cannot record rejected association")
+
+    def _on_store(self, event: evt.Event) -> int:
+        with self._lock:
+            record = self._open.get(id(event.assoc))
+        if record is None:  # accepted but not recorded (database down): refuse rather than lose
+            return STATUS_HANDLER_ERROR
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            try:
+                dataset = event.dataset
+            except Exception as exc:
+                return self.ingest.refuse(record, data, InvalidInstance(STATUS_CANNOT_DECODE, f"cannot decode dataset: {exc}"))
+            request = event.request
+            try:
+                header = read_header(
+                    dataset, str(event.context.transfer_syntax),
+                    sop_class_uid=str(request.AffectedSOPClassUID), sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                )  # fmt: skip
+            except InvalidInstance as exc:
+                return self.ingest.refuse(record, data, exc)
+            return self.ingest.receive(record, header, data)
+        except Exception:
+            LOG.exception("C-STORE handler failed")
+            return STATUS_HANDLER_ERROR
+
+    def _end(self, event: evt.Event, outcome: AssociationOutcome) -> None:
+        with self._lock:
+            record = self._open.pop(id(event.assoc), None)
+            self._refused.discard(id(event.assoc))
+        if record is not None:
+            try:
+                self.ingest.association_ended(record, outcome)
+            except Exception:
+                LOG.exception("cannot record end of association %d", record.id)
+
+    def _on_released(self, event: evt.Event) -> None:
+        self._end(event, AssociationOutcome.RELEASED)
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        self._end(event, AssociationOutcome.ABORTED)
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        # A peer that vanished without release or abort.
+        self._end(event, AssociationOutcome.ABORTED)

@@ -1,0 +1,179 @@
+"""The one settings object.
+
+Values come, in increasing priority, from the defaults below, an optional TOML file
+(``medcap --config FILE``; keys are the setting names without the ``MEDCAP_`` prefix, in
+lower case) and environment variables prefixed ``MEDCAP_``. Every setting is documented in
+the README; a bad value stops start-up with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "MEDCAP_"
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no control chars
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the setting."""
+
+
+def validate_ae_title(value: str, setting: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{setting}: {value!r} is not a DICOM AE title (1-16 printable characters, no backslash)")
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class AllowedPeer:
+    """One allow-list entry: a calling AE title (``*`` for any) and the network it may call from."""
+
+    ae_title: str
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedPeer:
+        ae, sep, net = text.strip().rpartition("@")
+        if not sep or not ae or not net:
+            raise ValueError(f"{text!r} is not of the form AE_TITLE@ADDRESS[/PREFIX] (use * for any AE title)")
+        if ae != "*":
+            ae = validate_ae_title(ae, "AE title")
+        try:
+            network = ipaddress.ip_network(net.strip(), strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{text!r}: {exc}") from None
+        return cls(ae, network)
+
+    def admits(self, calling_ae: str, address: str) -> bool:
+        if self.ae_title != "*" and self.ae_title != calling_ae.strip():
+            return False
+        try:
+            return ipaddress.ip_address(address) in self.network
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.network}"
+
+
+class Settings(BaseSettings):
+    """MedCap configuration. Field names map to ``MEDCAP_<NAME>`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    data_dir: Path = Field(Path("medcap-data"), description="Where received instances, quarantined input and the embedded databases live.")
+    database_url: str = Field("", description="SQLAlchemy URL of the audit database; empty means SQLite under the data dir.")
+    broker_url: str = Field("", description="Celery broker; empty means the embedded SQLite broker under the data dir.")
+    dicom_ae_title: str = Field("MEDCAP", description="Our AE title; associations calling another title are rejected.")
+    dicom_port: int = Field(11112, ge=1, le=65535, description="DICOM listener port.")
+    dicom_bind_address: str = Field("0.0.0.0", description="Address the listener binds to.")
+    allowed_peers: Annotated[tuple[AllowedPeer, ...], NoDecode] = Field(
+        (), description="Comma-separated AE@CIDR pairs allowed to store; empty rejects everyone."
+    )
+    quiet_seconds: float = Field(30.0, gt=0, description="A study is stable after this long without new instances.")
+    max_wait_seconds: float = Field(3600.0, gt=0, description="A study is processed at the latest this long after its first pending instance.")
+    min_free_disk_mb: int = Field(1024, ge=0, description="New associations are refused, and instances failed, below this much free disk.")
+    max_associations: int = Field(25, ge=1, le=1000, description="Concurrent associations the listener serves.")
+    dicom_timeout_seconds: float = Field(60.0, gt=0, description="ACSE, DIMSE and network idle timeout of the listener.")
+    max_pdu_bytes: int = Field(1048576, ge=0, description="Largest PDU we accept (0 = unlimited); larger PDUs mean fewer round trips.")
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate; enables DICOM TLS together with the key and CA.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of the server certificate.")
+    tls_ca_file: Path | None = Field(None, description="PEM CA bundle that client certificates must chain to (required with TLS).")
+    assembly_interval_seconds: float = Field(1.0, gt=0, description="How often the assembler looks for stable studies.")
+    job_redeliver_seconds: float = Field(900.0, gt=0, description="A job enqueued or running this long without finishing is enqueued again.")
+    worker_concurrency: int = Field(1, ge=1, le=64, description="Worker processes started by `medcap serve` and `medcap worker`.")
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return validate_ae_title(value, "dicom_ae_title")
+
+    @field_validator("allowed_peers", mode="before")
+    @classmethod
+    def _peers(cls, value: Any) -> tuple[AllowedPeer, ...]:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        return tuple(v if isinstance(v, AllowedPeer) else AllowedPeer.parse(str(v)) for v in value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_wait_seconds < self.quiet_seconds:
+            raise ValueError("max_wait_seconds must be at least quiet_seconds")
+        tls = [self.tls_cert_file, self.tls_key_file, self.tls_ca_file]
+        if any(tls) and not all(tls):
+            raise ValueError("tls_cert_file, tls_key_file and tls_ca_file must be set together (client certificates are required with TLS)")
+        for path in filter(None, tls):
+            if not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        return self
+
+    # Derived values: defaults that depend on the data dir.
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'medcap.sqlite').resolve()}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.data_dir / "instances"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML source reads ``toml_file`` from the model config; load_settings sets it.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, raising :class:`SettingsError` that names the offending setting."""
+    cls = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise SettingsError(f"--config: file {config_file} does not exist")
+        cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}})
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None
+    except ValueError as exc:  # e.g. malformed TOML
+        raise SettingsError(f"configuration: {exc}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "configuration"
+        name = f"{ENV_PREFIX}{field.upper()}" if field != "configuration" else field
+        lines.append(f"invalid setting {name}: {err['msg']}")
+    return "\n".join(lines)

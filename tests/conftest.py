@@ -1,0 +1,161 @@
+"""Shared fixtures: real databases (SQLite and PostgreSQL), a listener on loopback, real DICOM files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from service.clock import ManualClock
+from service.database import Database
+from service.listener import Listener
+from service.settings import Settings, load_settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MEDCAP_SHARED_DATA", REPO.parent / "shared" / "data"))
+PG_ADMIN_URL = os.environ.get("MEDCAP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+STORESCU = "/usr/bin/storescu"  # pynetdicom installs its own `storescu` into the venv; we want dcmtk's
+
+
+def series_files(name: str) -> list[Path]:
+    folder = SHARED_DATA / name
+    if not folder.is_dir():
+        pytest.fail(f"test data {folder} is missing (set MEDCAP_SHARED_DATA)")
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- databases ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated PostgreSQL database that each test clones (CREATE DATABASE ... TEMPLATE)."""
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"medcap_tpl_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    db = Database(url)
+    db.upgrade()
+    db.dispose()
+    yield name
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tpl") / "medcap.sqlite"
+    db = Database(f"sqlite:///{path}")
+    db.upgrade()
+    db.dispose()
+    return path
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, migrated audit database of each backend."""
+    if request.param == "sqlite":
+        path = tmp_path / "medcap.sqlite"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path}"
+        return
+    template = request.getfixturevalue("pg_template")
+    name = f"medcap_t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
+    yield database
+    database.dispose()
+
+
+# -- settings, clock, listener -----------------------------------------------------------
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, database_url: str):  # type: ignore[no-untyped-def]
+    def make(**overrides: object) -> Settings:
+        values: dict[str, object] = dict(
+            data_dir=tmp_path / "data", database_url=database_url, dicom_bind_address="127.0.0.1",
+            dicom_port=free_port(), allowed_peers="*@127.0.0.1/32", quiet_seconds=30, max_wait_seconds=600,
+            min_free_disk_mb=1, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
+        )  # fmt: skip
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings) -> Settings:  # type: ignore[no-untyped-def]
+    return make_settings()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def start_listener(db: Database, clock: ManualClock):  # type: ignore[no-untyped-def]
+    started: list[Listener] = []
+
+    def start(settings: Settings, name: str = "test-listener") -> Listener:
+        listener = Listener(settings, db, clock, name=name)
+        listener.start()
+        started.append(listener)
+        return listener
+
+    yield start
+    for listener in started:
+        listener.stop()
+
+
+@pytest.fixture
+def listener(start_listener, settings: Settings) -> Listener:  # type: ignore[no-untyped-def]
+    return start_listener(settings)
+
+
+def storescu(port: int, files: list[Path], *, calling: str = "STORESCU", called: str = "MEDCAP", extra: list[str] | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Send files with dcmtk's storescu (TCP_NODELAY on, as Debian's build needs)."""
+    if not Path(STORESCU).exists():
+        pytest.fail("dcmtk is not installed (apt-get install dcmtk)")
+    cmd = [STORESCU, "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "TCP_NODELAY": "1"})
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB filesystem of its own, to fill up for real."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here to fill a disk: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

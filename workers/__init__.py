@@ -1,0 +1,1 @@
+"""Celery app and tasks: the queue between study assembly and the GPU workers."""

@@ -1,0 +1,47 @@
+"""The Celery application: queues, reliability settings, and how producers publish to it."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from service.settings import Settings
+from workers.embedded_broker import kombu_url
+
+CAPTION_QUEUE = "caption"
+CAPTION_TASK = "medcap.caption_study"
+
+app = Celery("medcap", include=["workers.tasks"])
+
+
+def configure(settings: Settings) -> Celery:
+    """Point the app at the configured broker. Call once per process before use."""
+    app.conf.update(
+        broker_url=kombu_url(settings.effective_broker_url),
+        broker_connection_retry_on_startup=True,
+        task_default_queue=CAPTION_QUEUE,
+        task_routes={CAPTION_TASK: {"queue": CAPTION_QUEUE}},
+        # Acknowledge after the task ran, and hand it back if the worker process dies,
+        # one task at a time per process: a crash never swallows a queued study.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        broker_transport_options={"visibility_timeout": int(settings.job_redeliver_seconds)}
+        if settings.effective_broker_url.startswith("redis")
+        else {},
+    )
+    app.medcap_settings = settings  # type: ignore[attr-defined]
+    return app
+
+
+class CeleryPublisher:
+    """Publishes caption jobs by task name (the producer does not import the task code)."""
+
+    def __init__(self, celery: Celery) -> None:
+        self.celery = celery
+
+    def publish(self, job_id: int) -> None:
+        self.celery.send_task(CAPTION_TASK, args=[job_id], queue=CAPTION_QUEUE, retry=True,
+                              retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})  # fmt: skip
