@@ -8,7 +8,9 @@ the README; a bad value stops start-up with a message naming the setting.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from pydantic_settings import (
 )
 
 ENV_PREFIX = "MEDCAP_"
+TEST_PREFIX = "MEDCAP_TEST_"  # reserved for the test suite's own variables
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no control chars
 
 
@@ -157,6 +160,7 @@ class Settings(BaseSettings):
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings, raising :class:`SettingsError` that names the offending setting."""
+    unknown_setting_check()
     cls = Settings
     if config_file is not None:
         if not config_file.is_file():
@@ -168,6 +172,17 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise SettingsError(describe_validation_error(exc)) from None
     except ValueError as exc:  # e.g. malformed TOML
         raise SettingsError(f"configuration: {exc}") from None
+
+
+def unknown_setting_check(environ: dict[str, str] | None = None) -> None:
+    """A misspelt MEDCAP_ variable would otherwise be ignored in silence."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    environ = dict(os.environ) if environ is None else environ
+    for key in sorted(environ):
+        if key.startswith(ENV_PREFIX) and key not in known and not key.startswith(TEST_PREFIX):
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise SettingsError(f"unknown setting {key}{hint}")
 
 
 def describe_validation_error(exc: ValidationError) -> str:

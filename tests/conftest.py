@@ -6,8 +6,9 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from service.settings import Settings, load_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("MEDCAP_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("MEDCAP_TEST_SHARED_DATA", REPO.parent / "shared" / "data"))
 PG_ADMIN_URL = os.environ.get("MEDCAP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 STORESCU = "/usr/bin/storescu"  # pynetdicom installs its own `storescu` into the venv; we want dcmtk's
 
@@ -28,7 +29,7 @@ STORESCU = "/usr/bin/storescu"  # pynetdicom installs its own `storescu` into th
 def series_files(name: str) -> list[Path]:
     folder = SHARED_DATA / name
     if not folder.is_dir():
-        pytest.fail(f"test data {folder} is missing (set MEDCAP_SHARED_DATA)")
+        pytest.fail(f"test data {folder} is missing (set MEDCAP_TEST_SHARED_DATA)")
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
@@ -36,6 +37,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 15, interval: float = 0.05) -> None:
+    """Poll until ``condition()`` is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
 
 
 # -- databases ---------------------------------------------------------------------------
