@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medcap: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_level != "DEBUG":
+        # pynetdicom logs every C-STORE at INFO; alembic every plugin it loads.
+        for noisy in ("pynetdicom", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(settings, args) or 0)
     except CommandError as exc:
