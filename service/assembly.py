@@ -30,7 +30,15 @@ from service import audit
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
-from service.schema import Association, Instance, Job, JobStatus, Study, StudyVersion, UTCDateTime
+from service.schema import (
+    Association,
+    Instance,
+    Job,
+    JobStatus,
+    Study,
+    StudyVersion,
+    UTCDateTime,
+)
 
 LOG = logging.getLogger(__name__)
 

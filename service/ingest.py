@@ -15,7 +15,12 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from dicom_io.instance import STATUS_BAD_ATTRIBUTE, STATUS_OUT_OF_RESOURCES, InstanceHeader, InvalidInstance
+from dicom_io.instance import (
+    STATUS_BAD_ATTRIBUTE,
+    STATUS_OUT_OF_RESOURCES,
+    InstanceHeader,
+    InvalidInstance,
+)
 from service import audit
 from service.audit import Action
 from service.clock import Clock

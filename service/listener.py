@@ -16,7 +16,12 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association as PynetdicomAssociation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_io.instance import STATUS_CANNOT_DECODE, STATUS_HANDLER_ERROR, InvalidInstance, read_header
+from dicom_io.instance import (
+    STATUS_CANNOT_DECODE,
+    STATUS_HANDLER_ERROR,
+    InvalidInstance,
+    read_header,
+)
 from dicom_io.sop_classes import ACCEPTED, TRANSFER_SYNTAXES
 from service.clock import Clock, SystemClock
 from service.database import Database
@@ -33,11 +38,31 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE titl
 REJECT_CONGESTION = (0x02, 0x03, 0x01)  # transient, service provider (presentation), temporary congestion
 
 
+class _DeferredHandshakeContext(ssl.SSLContext):
+    """Moves each TLS handshake out of pynetdicom's accept loop into the association's thread.
+
+    pynetdicom wraps accepted sockets in its one accept loop, and a plain ``wrap_socket``
+    handshakes right there on a socket with no timeout: a single peer that connects and
+    says nothing (or half a ClientHello) would stop every other association. Deferred, the
+    handshake runs on the association's first read, bounded by the listener's network timeout.
+    """
+
+    handshake_timeout: float | None = None
+
+    def wrap_socket(  # type: ignore[override]
+        self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True, **kwargs: Any
+    ) -> ssl.SSLSocket:
+        sock.settimeout(self.handshake_timeout)
+        return super().wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False, **kwargs)
+
+
 def server_tls_context(settings: Settings) -> ssl.SSLContext | None:
     """TLS 1.2+ with a server certificate; clients must present a certificate from our CA."""
     if not settings.tls_enabled:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(settings.tls_ca_file))
+    ctx = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.handshake_timeout = settings.dicom_timeout_seconds
+    ctx.load_verify_locations(cafile=str(settings.tls_ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
@@ -53,7 +78,8 @@ class Listener:
         self.ingest = Ingest(db, store, self.clock, self.name)
         self._open: dict[int, OpenAssociation] = {}
         self._refused: set[int] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
         self._server: Any = None
         self.ae = self._make_ae()
 
@@ -144,12 +170,22 @@ class Listener:
             LOG.warning("rejecting association from %s@%s: %s", calling, address, reason)
             with self._lock:
                 self._refused.add(id(event.assoc))
-            event.assoc.acse.send_reject(result, source, reason_code)
-            self.ingest.association_rejected(calling, called, address, port, self.settings.tls_enabled, reason)
+            try:
+                # Recorded first: by the time the peer hears "rejected", the audit row exists.
+                self.ingest.association_rejected(calling, called, address, port, self.settings.tls_enabled, reason)
+            finally:
+                self._reject(event.assoc, result, source, reason_code)
         except Exception:
             LOG.exception("association request handler failed; rejecting")
             if not event.assoc.is_rejected:
-                event.assoc.acse.send_reject(*REJECT_CONGESTION)
+                self._reject(event.assoc, *REJECT_CONGESTION)
+
+    @staticmethod
+    def _reject(assoc: PynetdicomAssociation, result: int, source: int, reason: int) -> None:
+        assoc.acse.send_reject(result, source, reason)
+        # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is on the wire
+        # before the connection is shut down behind us.
+        assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
         calling, called, address, port = self._peer(event.assoc)
@@ -199,13 +235,26 @@ class Listener:
 
     def _end(self, event: evt.Event, outcome: AssociationOutcome) -> None:
         with self._lock:
-            record = self._open.pop(id(event.assoc), None)
+            record = self._open.get(id(event.assoc))
             self._refused.discard(id(event.assoc))
-        if record is not None:
-            try:
-                self.ingest.association_ended(record, outcome)
-            except Exception:
-                LOG.exception("cannot record end of association %d", record.id)
+        if record is None:
+            return
+        try:
+            self.ingest.association_ended(record, outcome)
+        except Exception:
+            LOG.exception("cannot record end of association %d", record.id)
+        with self._idle:
+            self._open.pop(id(event.assoc), None)  # only now: wait_idle() means "recorded"
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every association has ended and its end is recorded.
+
+        pynetdicom answers a release before it tells us about it, so a peer may finish
+        before the database knows; this closes that gap (for draining and for tests).
+        """
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._open, timeout)
 
     def _on_released(self, event: evt.Event) -> None:
         self._end(event, AssociationOutcome.RELEASED)

@@ -150,13 +150,21 @@ def listener(start_listener, settings: Settings) -> Listener:  # type: ignore[no
     return start_listener(settings)
 
 
-def storescu(port: int, files: list[Path], *, calling: str = "STORESCU", called: str = "MEDCAP", extra: list[str] | None = None,
-             timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    """Send files with dcmtk's storescu (TCP_NODELAY on, as Debian's build needs)."""
+def storescu(to: int | Listener, files: list[Path], *, calling: str = "STORESCU", called: str = "MEDCAP",
+             extra: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Send files with dcmtk's storescu (TCP_NODELAY on, as Debian's build needs).
+
+    Given a listener rather than a port, returns once the listener has recorded the end
+    of the association (pynetdicom confirms a release before telling us about it).
+    """
     if not Path(STORESCU).exists():
         pytest.fail("dcmtk is not installed (apt-get install dcmtk)")
+    port = to.port if isinstance(to, Listener) else to
     cmd = [STORESCU, "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port), *map(str, files)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "TCP_NODELAY": "1"})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "TCP_NODELAY": "1"})
+    if isinstance(to, Listener):
+        assert to.wait_idle(30), "the listener did not record the end of the association"
+    return result
 
 
 @pytest.fixture

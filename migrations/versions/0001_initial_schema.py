@@ -1,22 +1,21 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
+Revises: (none)
 Tables for associations, studies, series, instances, study versions, jobs and the
 append-only audit_events (guarded by triggers on both backends).
 
 """
-from typing import Sequence, Union
+from collections.abc import Sequence
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 # revision identifiers, used by Alembic.
 revision: str = '0001'
-down_revision: Union[str, Sequence[str], None] = None
-branch_labels: Union[str, Sequence[str], None] = None
-depends_on: Union[str, Sequence[str], None] = None
+down_revision: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
 
 
 APPEND_ONLY_SQLITE = [

@@ -55,7 +55,7 @@ def jobs(db: Database) -> list[Job]:
 
 
 def test_study_becomes_stable_after_the_quiet_period(db, listener, settings, clock, assembler, publisher):
-    assert storescu(listener.port, series_files(CT)).returncode == 0
+    assert storescu(listener, series_files(CT)).returncode == 0
     clock.advance(settings.quiet_seconds - 1)
     assert assembler.tick() == []
     clock.advance(2)
@@ -73,10 +73,10 @@ def test_study_becomes_stable_after_the_quiet_period(db, listener, settings, clo
 
 def test_parts_sent_further_apart_than_the_quiet_period_make_two_versions(db, listener, settings, clock, assembler, publisher):
     files = series_files(CT)
-    assert storescu(listener.port, files[:14]).returncode == 0
+    assert storescu(listener, files[:14]).returncode == 0
     clock.advance(settings.quiet_seconds + 1)
     (first_job,) = assembler.tick()
-    assert storescu(listener.port, files[14:]).returncode == 0  # the late series
+    assert storescu(listener, files[14:]).returncode == 0  # the late series
     clock.advance(settings.quiet_seconds + 1)
     (second_job,) = assembler.tick()
 
@@ -93,9 +93,9 @@ def test_parts_sent_further_apart_than_the_quiet_period_make_two_versions(db, li
 
 def test_parts_within_the_quiet_period_make_one_version(db, listener, settings, clock, assembler):
     files = series_files(CT)
-    assert storescu(listener.port, files[:14]).returncode == 0
+    assert storescu(listener, files[:14]).returncode == 0
     clock.advance(settings.quiet_seconds / 2)
-    assert storescu(listener.port, files[14:]).returncode == 0
+    assert storescu(listener, files[14:]).returncode == 0
     clock.advance(settings.quiet_seconds / 2 + 1)
     assert assembler.tick() == [], "the quiet period restarts with each arrival"
     clock.advance(settings.quiet_seconds)
@@ -122,12 +122,7 @@ def test_open_association_still_sending_holds_the_study_until_it_ends(db, listen
     clock.advance(settings.quiet_seconds * 3)
     assert assembler.tick() == [], "quiet, but the sender has not released the association"
     assoc.release()
-    with db.session() as s:  # the release is recorded by the listener's thread
-        for _ in range(100):
-            if s.scalar(select(Association.ended_at)) is not None:
-                break
-            threading.Event().wait(0.05)
-            s.expire_all()
+    assert listener.wait_idle(30)
     assert len(assembler.tick()) == 1
 
 
@@ -145,7 +140,7 @@ def test_max_wait_caps_a_study_that_never_goes_quiet(db, listener, make_settings
 
 def test_force(db, listener, clock, assembler):
     files = series_files(CT)
-    assert storescu(listener.port, files[:3]).returncode == 0
+    assert storescu(listener, files[:3]).returncode == 0
     study_uid = list_studies(db)[0].study_uid
     assert assembler.request_force(study_uid, "cli:tester") is ForceResult.REQUESTED
     assert len(assembler.tick()) == 1, "no waiting for the quiet period"
@@ -153,7 +148,7 @@ def test_force(db, listener, clock, assembler):
     assert assembler.request_force(study_uid, "cli:tester") is ForceResult.NOTHING_PENDING
     assert assembler.request_force("1.2.3.4", "cli:tester") is ForceResult.UNKNOWN_STUDY
     # The force flag does not linger: later instances wait for their own quiet period.
-    assert storescu(listener.port, files[3:6]).returncode == 0
+    assert storescu(listener, files[3:6]).returncode == 0
     assert assembler.tick() == []
     with db.session() as s:
         event = s.scalars(select(AuditEvent).where(AuditEvent.action == "study.force_requested")).one()
@@ -162,7 +157,7 @@ def test_force(db, listener, clock, assembler):
 
 def test_restart_during_the_quiet_period_still_processes_the_study(database_url, settings, clock, start_listener, publisher):
     first = start_listener(settings, name="node-a:11112")
-    assert storescu(first.port, series_files(CT)[:6]).returncode == 0
+    assert storescu(first, series_files(CT)[:6]).returncode == 0
     first.stop()
     # A fresh process: new engine, new listener, new assembler; only the database remembers.
     db = Database(database_url)
@@ -175,7 +170,7 @@ def test_restart_during_the_quiet_period_still_processes_the_study(database_url,
 
 def test_association_left_open_by_a_crashed_listener_is_marked_lost_on_restart(db, settings, clock, start_listener, assembler):
     first = start_listener(settings, name="node-a:11112")
-    assert storescu(first.port, series_files(CT)[:4]).returncode == 0
+    assert storescu(first, series_files(CT)[:4]).returncode == 0
     first.stop()
     with db.session() as s:  # what a SIGKILLed listener leaves behind
         s.execute(update(Association).values(ended_at=None, outcome="open"))
@@ -189,7 +184,7 @@ def test_association_left_open_by_a_crashed_listener_is_marked_lost_on_restart(d
 
 
 def test_concurrent_assemblers_create_one_version(db, listener, settings, clock, publisher):
-    assert storescu(listener.port, series_files(CT)[:5]).returncode == 0
+    assert storescu(listener, series_files(CT)[:5]).returncode == 0
     clock.advance(settings.quiet_seconds + 1)
     results: list[list[int]] = []
     assemblers = [make_assembler(Database(db.url), clock, settings, publisher) for _ in range(4)]
@@ -205,7 +200,7 @@ def test_concurrent_assemblers_create_one_version(db, listener, settings, clock,
 
 
 def test_broker_outage_delays_but_does_not_lose_the_job(db, listener, settings, clock, assembler, publisher):
-    assert storescu(listener.port, series_files(CT)[:2]).returncode == 0
+    assert storescu(listener, series_files(CT)[:2]).returncode == 0
     clock.advance(settings.quiet_seconds + 1)
     publisher.fail = True
     created = assembler.tick()
@@ -216,7 +211,7 @@ def test_broker_outage_delays_but_does_not_lose_the_job(db, listener, settings, 
 
 
 def test_jobs_that_go_quiet_are_published_again(db, listener, settings, clock, assembler, publisher):
-    assert storescu(listener.port, series_files(CT)[:2]).returncode == 0
+    assert storescu(listener, series_files(CT)[:2]).returncode == 0
     clock.advance(settings.quiet_seconds + 1)
     (job_id,) = assembler.tick()
     clock.advance(settings.job_redeliver_seconds + 1)  # the worker that took it died

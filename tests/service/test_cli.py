@@ -54,7 +54,7 @@ def test_listen_refuses_an_unmigrated_database(settings, tmp_path):
 def test_studies_and_force(settings, listener):
     env = settings_env(settings)
     assert "no studies received yet" in run(["studies"], env).stdout
-    assert storescu(listener.port, series_files("ct-head-ge")[:4]).returncode == 0
+    assert storescu(listener, series_files("ct-head-ge")[:4]).returncode == 0
 
     listing = run(["studies"], env).stdout
     assert "QMNx85rKkkg" in listing and "receiving (4 pending)" in listing

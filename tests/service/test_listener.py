@@ -7,12 +7,15 @@ import threading
 from pathlib import Path
 
 import pydicom
-import pytest
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
-from dicom_io.instance import STATUS_BAD_ATTRIBUTE, STATUS_CANNOT_DECODE, STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+from dicom_io.instance import (
+    STATUS_BAD_ATTRIBUTE,
+    STATUS_CANNOT_DECODE,
+    STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+)
 from service.database import Database
 from service.schema import Association, AuditEvent, Instance, Series, Study
 from tests import samples
@@ -33,7 +36,7 @@ def actions(db: Database) -> list[str]:
 
 def test_receives_a_ct_series_and_records_everything(db, listener, settings):
     files = series_files(CT)
-    result = storescu(listener.port, files, calling="ORTHANC")
+    result = storescu(listener, files, calling="ORTHANC")
     assert result.returncode == 0, result.stderr
 
     with db.session() as s:
@@ -57,8 +60,8 @@ def test_receives_a_ct_series_and_records_everything(db, listener, settings):
 
 def test_resent_study_is_idempotent(db, listener, settings):
     files = series_files(CT)[:10]
-    assert storescu(listener.port, files).returncode == 0
-    assert storescu(listener.port, files).returncode == 0, "a re-sent instance must get Success"
+    assert storescu(listener, files).returncode == 0
+    assert storescu(listener, files).returncode == 0, "a re-sent instance must get Success"
     assert count(db, Instance) == 10
     assert len(list(settings.instances_dir.rglob("*.dcm"))) == 10
     with db.session() as s:
@@ -68,12 +71,12 @@ def test_resent_study_is_idempotent(db, listener, settings):
 
 def test_changed_content_under_a_known_uid_is_kept_and_audited(db, listener, settings, tmp_path):
     original = series_files(CT)[0]
-    assert storescu(listener.port, [original]).returncode == 0
+    assert storescu(listener, [original]).returncode == 0
     ds = pydicom.dcmread(original)
     ds.StudyDescription = "HEAD CORRECTED"
     changed = tmp_path / "changed.dcm"
     ds.save_as(changed)
-    assert storescu(listener.port, [changed]).returncode == 0
+    assert storescu(listener, [changed]).returncode == 0
     with db.session() as s:
         inst = s.scalars(select(Instance)).one()
         replaced = s.scalars(select(AuditEvent).where(AuditEvent.action == "instance.replaced")).one()
@@ -84,7 +87,7 @@ def test_changed_content_under_a_known_uid_is_kept_and_audited(db, listener, set
 
 def test_unknown_calling_ae_is_rejected_and_audited(db, start_listener, make_settings):
     listener = start_listener(make_settings(allowed_peers="ORTHANC@127.0.0.1/32"))
-    result = storescu(listener.port, series_files(CT)[:1], calling="INTRUDER")
+    result = storescu(listener, series_files(CT)[:1], calling="INTRUDER")
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stderr + result.stdout
     with db.session() as s:
@@ -97,12 +100,12 @@ def test_unknown_calling_ae_is_rejected_and_audited(db, start_listener, make_set
 
 def test_allowed_ae_from_another_network_is_rejected(db, start_listener, make_settings):
     listener = start_listener(make_settings(allowed_peers="ORTHANC@10.1.0.0/16"))
-    assert storescu(listener.port, series_files(CT)[:1], calling="ORTHANC").returncode != 0
+    assert storescu(listener, series_files(CT)[:1], calling="ORTHANC").returncode != 0
     assert actions(db) == ["association.rejected"]
 
 
 def test_wrong_called_ae_is_rejected(db, listener):
-    result = storescu(listener.port, series_files(CT)[:1], called="NOTMEDCAP")
+    result = storescu(listener, series_files(CT)[:1], called="NOTMEDCAP")
     assert result.returncode != 0 and "Called AE Title Not Recognized" in result.stderr + result.stdout
     with db.session() as s:
         assert "called AE title 'NOTMEDCAP'" in s.scalars(select(Association.reason)).one()
@@ -132,7 +135,7 @@ def test_malformed_instances_get_failure_statuses_while_another_association_is_s
     ]
     good = series_files(CT)
     results: dict[str, object] = {}
-    sender = threading.Thread(target=lambda: results.update(good=storescu(listener.port, good)))
+    sender = threading.Thread(target=lambda: results.update(good=storescu(listener, good)))
     sender.start()
     statuses = _send_files(listener.port, bad)
     sender.join()
@@ -162,7 +165,7 @@ def test_malformed_instances_get_failure_statuses_while_another_association_is_s
 def test_association_refused_below_disk_reserve(db, start_listener, make_settings):
     settings = make_settings(min_free_disk_mb=10**9)  # a reserve no disk can meet
     listener = start_listener(settings)
-    result = storescu(listener.port, series_files(CT)[:3])
+    result = storescu(listener, series_files(CT)[:3])
     assert result.returncode != 0
     assert count(db, Instance) == 0
     assert not any(p.is_file() for p in settings.instances_dir.rglob("*"))
@@ -175,7 +178,7 @@ def test_disk_filling_mid_association_fails_cleanly(db, start_listener, make_set
     settings = make_settings(data_dir=small_disk, min_free_disk_mb=0)
     listener = start_listener(settings)
     files = series_files(CT)  # ~525 kB each: the 4 MB disk fills after a few
-    storescu(listener.port, files, extra=["--no-halt"])  # exits non-zero: some instances got 0xA700
+    storescu(listener, files, extra=["--no-halt"])  # exits non-zero: some instances got 0xA700
     with db.session() as s:
         stored = s.scalars(select(Instance)).all()
         failures = s.scalars(select(AuditEvent).where(AuditEvent.action == "instance.failed")).all()

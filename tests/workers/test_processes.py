@@ -9,8 +9,8 @@ from sqlalchemy import select
 
 from service.database import Database
 from service.schema import AuditEvent, Job
-from tests.conftest import free_port, series_files, storescu
-from tests.processes import Process, run, settings_env, wait_for
+from tests.conftest import free_port, series_files, storescu, wait_until
+from tests.processes import Process, run, settings_env
 
 CT = series_files("ct-head-ge")[:6]
 FAST = dict(quiet_seconds=1, max_wait_seconds=60, assembly_interval_seconds=0.2)
@@ -29,7 +29,7 @@ def wait_listening(proc: Process, port: int) -> None:
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
-    wait_for(accepting, 60, "the listener to accept connections")
+    wait_until(accepting, "the listener to accept connections", timeout=60)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -42,7 +42,7 @@ def test_serve_runs_listener_assembler_and_worker_on_the_embedded_default(make_s
         wait_listening(serve, settings.dicom_port)
         assert storescu(settings.dicom_port, CT).returncode == 0
         db = Database(settings.effective_database_url)
-        wait_for(lambda: job_statuses(db) == ["succeeded"], 60, "the job to be run by the worker")
+        wait_until(lambda: job_statuses(db) == ["succeeded"], "the job to be run by the worker", timeout=60)
         with db.session() as s:
             acts = list(s.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
             worker_actor = s.scalar(select(AuditEvent.actor).where(AuditEvent.action == "job.succeeded"))
@@ -75,10 +75,10 @@ def test_listener_and_worker_as_separate_processes_on_postgresql_and_redis(make_
         assert storescu(settings.dicom_port, CT).returncode == 0
         db = Database(settings.effective_database_url)
         # No worker yet: the job waits in the broker.
-        wait_for(lambda: job_statuses(db) == ["enqueued"], 30, "the job to be enqueued")
+        wait_until(lambda: job_statuses(db) == ["enqueued"], "the job to be enqueued", timeout=30)
         assert redis.Redis.from_url(redis_url).llen("caption") == 1
         worker = Process(["worker"], env, tmp_path / "worker.log")
-        wait_for(lambda: job_statuses(db) == ["succeeded"], 60, "the worker to run the job")
+        wait_until(lambda: job_statuses(db) == ["succeeded"], "the worker to run the job", timeout=60)
         db.dispose()
     finally:
         listen.stop()

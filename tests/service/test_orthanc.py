@@ -1,0 +1,296 @@
+"""A real PACS as the sender: Orthanc pushes studies to the listener over C-STORE.
+
+One Orthanc runs per test session (fresh directory, free ports); the CT and MR series are
+uploaded to it once. Each test registers its own listener in Orthanc and asks Orthanc to
+push, exactly as a hospital PACS would be configured to route studies to MedCap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from sqlalchemy import func, select
+
+from service.assembly import Assembler
+from service.database import Database
+from service.schema import (
+    Association,
+    AuditEvent,
+    Instance,
+    Job,
+    Series,
+    Study,
+    StudyVersion,
+)
+from tests.conftest import free_port, series_files, wait_until
+
+pytestmark = pytest.mark.orthanc
+
+CT = "ct-head-ge"
+MR = "mr-t1-brain-uih"
+ORTHANC_AET = "ORTHANC"
+
+
+class Orthanc:
+    """A running Orthanc and its REST API (stdlib urllib only)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], http_port: int, dicom_port: int, log: Path) -> None:
+        self.process = process
+        self.url = f"http://127.0.0.1:{http_port}"
+        self.dicom_port = dicom_port
+        self.log = log
+
+    def request(self, method: str, path: str, body: bytes | dict[str, Any] | None = None, timeout: float = 120) -> Any:
+        """Call the REST API; raises urllib.error.HTTPError on an error status."""
+        headers = {}
+        if isinstance(body, dict):
+            body, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            payload = response.read()
+        return json.loads(payload) if payload else None
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else "(no log)"
+
+    def register(self, name: str, ae_title: str, port: int) -> None:
+        self.request("PUT", f"/modalities/{name}", {"AET": ae_title, "Host": "127.0.0.1", "Port": port})
+
+    def push(self, modality: str, study_id: str) -> dict[str, Any]:
+        """C-STORE a whole study to a registered modality; returns when Orthanc's job is done."""
+        reply: dict[str, Any] = self.request("POST", f"/modalities/{modality}/store", {"Resources": [study_id], "Synchronous": True})
+        return reply
+
+
+def _orthanc_binary() -> str:
+    # /usr/sbin is not on every user's PATH; Debian installs Orthanc there.
+    found = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        pytest.fail("Orthanc is not installed (apt-get install orthanc); these tests need it as the sending PACS")
+    return found
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    binary = _orthanc_binary()
+    home = tmp_path_factory.mktemp("orthanc")
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "MEDCAP-TEST-PACS", "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"),
+        "Plugins": [], "HttpServerEnabled": True, "HttpPort": http_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomAet": ORTHANC_AET, "DicomPort": dicom_port,
+        "StableAge": 5,
+    }  # fmt: skip
+    (home / "orthanc.json").write_text(json.dumps(config, indent=2))
+    log = home / "orthanc.log"
+    with log.open("wb") as out:
+        # TCP_NODELAY=1: Debian's Orthanc leaves Nagle on otherwise (~40 ms per C-STORE-RSP).
+        process = subprocess.Popen([binary, str(home / "orthanc.json")], cwd=home, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TCP_NODELAY": "1"})  # fmt: skip
+    server = Orthanc(process, http_port, dicom_port, log)
+    try:
+        _wait_for_rest_api(server, timeout=30)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _wait_for_rest_api(server: Orthanc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.process.poll() is not None:
+            pytest.fail(f"Orthanc exited with status {server.process.returncode} at start-up:\n{server.log_tail()}")
+        try:
+            server.request("GET", "/system", timeout=2)
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if time.monotonic() > deadline:
+                pytest.fail(f"Orthanc's REST API did not answer within {timeout} s:\n{server.log_tail()}")
+            time.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class UploadedStudy:
+    orthanc_id: str  # Orthanc's own identifier, what /modalities/.../store takes
+    study_uid: str
+    files: dict[str, Path]  # SOP Instance UID -> source file
+
+
+@pytest.fixture(scope="session")
+def pacs_studies(orthanc: Orthanc) -> dict[str, UploadedStudy]:
+    """The CT and MR series, uploaded to Orthanc once per session."""
+    studies = {}
+    for name in (CT, MR):
+        files = series_files(name)
+        parents = {orthanc.request("POST", "/instances", path.read_bytes())["ParentStudy"] for path in files}
+        assert len(parents) == 1, f"{name} should be one study in Orthanc, got {parents}"
+        headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in files}
+        study_uids = {str(h.StudyInstanceUID) for h in headers.values()}
+        assert len(study_uids) == 1
+        studies[name] = UploadedStudy(parents.pop(), study_uids.pop(), {str(h.SOPInstanceUID): p for p, h in headers.items()})
+    return studies
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+class RecordingPublisher:
+    """Stands in for Celery: remembers which job ids were handed on."""
+
+    def __init__(self) -> None:
+        self.published: list[int] = []
+
+    def publish(self, job_id: int) -> None:
+        self.published.append(job_id)
+
+
+def make_assembler(db: Database, clock, settings) -> tuple[Assembler, RecordingPublisher]:  # type: ignore[no-untyped-def]
+    publisher = RecordingPublisher()
+    assembler = Assembler(db, clock, publisher, quiet_seconds=settings.quiet_seconds, max_wait_seconds=settings.max_wait_seconds,
+                          redeliver_seconds=settings.job_redeliver_seconds)  # fmt: skip
+    return assembler, publisher
+
+
+def count(db: Database, model: type) -> int:
+    with db.session() as s:
+        return int(s.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def wait_for_associations_closed(db: Database, expected: int) -> None:
+    """Orthanc's HTTP reply can come before our listener has recorded the release: poll for it."""
+
+    def closed() -> bool:
+        with db.session() as s:
+            rows = s.scalars(select(Association)).all()
+        return len(rows) == expected and all(row.ended_at is not None for row in rows)
+
+    wait_until(closed, f"{expected} closed association row(s)")
+
+
+@pytest.fixture
+def orthanc_listener(start_listener, make_settings):  # type: ignore[no-untyped-def]
+    """A listener that admits only Orthanc's AE title from loopback."""
+    return start_listener(make_settings(allowed_peers=f"{ORTHANC_AET}@127.0.0.1/32"))
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+
+def test_orthanc_pushes_ct_and_mr_studies_which_become_one_version_and_job_each(
+    db, orthanc, pacs_studies, orthanc_listener, clock
+):  # fmt: skip
+    settings = orthanc_listener.settings
+    orthanc.register("medcap", "MEDCAP", orthanc_listener.port)
+    for name in (CT, MR):
+        reply = orthanc.push("medcap", pacs_studies[name].orthanc_id)
+        assert reply.get("FailedInstancesCount", 0) == 0, reply
+    wait_for_associations_closed(db, expected=2)
+
+    with db.session() as s:
+        instances = s.scalars(select(Instance)).all()
+        associations = s.scalars(select(Association).order_by(Association.id)).all()
+        studies = {study.study_uid: study for study in s.scalars(select(Study))}
+        series = s.scalars(select(Series)).all()
+    # Every instance of both studies arrived, exactly once, with its bytes intact on disk.
+    sent = pacs_studies[CT].files.keys() | pacs_studies[MR].files.keys()
+    assert {i.sop_instance_uid for i in instances} == sent and len(instances) == len(sent)
+    for inst in instances:
+        data = Path(inst.path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == inst.sha256 and len(data) == inst.size
+        assert inst.captionable
+    # One association per push, from Orthanc, cleanly released and fully counted.
+    for assoc, name in zip(associations, (CT, MR), strict=True):
+        assert (assoc.calling_ae, assoc.called_ae, assoc.peer_address) == (ORTHANC_AET, "MEDCAP", "127.0.0.1")
+        assert assoc.outcome == "released" and not assoc.tls
+        assert (assoc.instances_received, assoc.instances_failed) == (len(pacs_studies[name].files), 0)
+    # The MR's identifying attributes are recorded as the modality wrote them (UTF-8 character set).
+    mr_source = pydicom.dcmread(next(iter(pacs_studies[MR].files.values())), stop_before_pixels=True)
+    mr_study = studies[pacs_studies[MR].study_uid]
+    assert mr_study.patient_name == str(mr_source.PatientName).strip()
+    assert mr_study.patient_id == str(mr_source.PatientID).strip()
+    mr_series = next(s for s in series if s.modality == "MR")
+    assert mr_series.series_description == "t1_gre_fsp_3d_sag" and mr_series.study_id == mr_study.id
+    assert {s.modality for s in series} == {"CT", "MR"}
+    # What Orthanc relayed is the DICOM the modality wrote: same data set, element for element.
+    for inst in (i for i in instances if i.study_id == mr_study.id):
+        assert pydicom.dcmread(inst.path) == pydicom.dcmread(pacs_studies[MR].files[inst.sop_instance_uid])
+
+    # Both studies wait for the quiet period, then each becomes exactly one version with one job.
+    assembler, publisher = make_assembler(db, clock, settings)
+    assert assembler.tick() == [], "nothing is stable before quiet_seconds have passed"
+    clock.advance(settings.quiet_seconds + 1)
+    jobs = assembler.tick()
+    assert len(jobs) == 2 and publisher.published == jobs
+    assert assembler.tick() == [], "a second pass finds nothing new"
+    with db.session() as s:
+        versions = s.scalars(select(StudyVersion)).all()
+        assert sorted(s.scalars(select(Job.id))) == sorted(jobs)
+        assert set(s.scalars(select(Job.status))) == {"enqueued"}
+        assert s.scalar(select(func.count()).where(Instance.version_number.is_(None))) == 0
+    expected = {studies[study.study_uid].id: (1, "stable", len(study.files)) for study in pacs_studies.values()}
+    assert {v.study_id: (v.number, v.trigger, v.instance_count) for v in versions} == expected
+
+
+def test_pushing_the_same_study_twice_adds_no_rows(db, orthanc, pacs_studies, orthanc_listener, clock):
+    settings = orthanc_listener.settings
+    ct = pacs_studies[CT]
+    orthanc.register("medcap", "MEDCAP", orthanc_listener.port)
+    orthanc.push("medcap", ct.orthanc_id)
+    wait_for_associations_closed(db, expected=1)
+    assembler, publisher = make_assembler(db, clock, settings)
+    clock.advance(settings.quiet_seconds + 1)
+    assert len(assembler.tick()) == 1
+
+    # A PACS re-sends whole studies routinely (operator retries, routing rules firing twice).
+    reply = orthanc.push("medcap", ct.orthanc_id)
+    assert reply.get("FailedInstancesCount", 0) == 0, "a re-sent instance must get Success"
+    wait_for_associations_closed(db, expected=2)
+    clock.advance(settings.quiet_seconds + 1)
+    assert assembler.tick() == [], "identical instances must not make a new version"
+
+    assert count(db, Instance) == len(ct.files)
+    assert count(db, Study) == 1 and count(db, Series) == 1
+    assert count(db, StudyVersion) == 1 and count(db, Job) == 1 and len(publisher.published) == 1
+    assert len([p for p in settings.instances_dir.rglob("*") if p.is_file()]) == len(ct.files)
+    with db.session() as s:
+        second = s.scalars(select(Association).order_by(Association.id.desc())).first()
+    assert second is not None and second.outcome == "released"
+    assert (second.instances_received, second.instances_duplicate) == (0, len(ct.files))
+
+
+def test_orthanc_not_in_the_allow_list_is_refused(db, orthanc, pacs_studies, start_listener, make_settings):
+    listener = start_listener(make_settings(allowed_peers="OTHER@127.0.0.1/32"))
+    orthanc.register("medcap", "MEDCAP", listener.port)
+
+    with pytest.raises(urllib.error.HTTPError) as failure:
+        orthanc.push("medcap", pacs_studies[CT].orthanc_id)
+    assert failure.value.code >= 400
+
+    # The listener answers A-ASSOCIATE-RJ before it commits the refusal: poll briefly for the row.
+    wait_until(lambda: count(db, AuditEvent) > 0, "the association.rejected audit event")
+    with db.session() as s:
+        assoc = s.scalars(select(Association)).one()
+        event = s.scalars(select(AuditEvent)).one()
+    assert event.action == "association.rejected"
+    assert assoc.outcome == "rejected" and f"{ORTHANC_AET}@127.0.0.1" in assoc.reason
+    assert event.actor == f"dicom:{ORTHANC_AET}@127.0.0.1" and event.object_id == str(assoc.id)
+    assert count(db, Instance) == 0 and count(db, Study) == 0
+    assert not any(p.is_file() for p in listener.settings.instances_dir.rglob("*"))
