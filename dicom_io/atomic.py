@@ -6,9 +6,11 @@ import os
 import uuid
 from pathlib import Path
 
+Chunk = bytes | memoryview
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync, rename, and fsync of the directory.
+
+def write_atomic(path: Path, *chunks: Chunk) -> None:
+    """Write the chunks to ``path`` via a temporary file, fsync, rename, and fsync of the directory.
 
     On any error the temporary file is removed and ``path`` is left as it was.
     """
@@ -17,10 +19,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, [memoryview(c) for c in chunks])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -29,6 +28,16 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= views[0].nbytes:  # drop what went out whole
+            written -= views[0].nbytes
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
 
 
 def fsync_directory(directory: Path) -> None:

@@ -85,5 +85,6 @@ def insert_ignoring_conflicts(session: Session, table: Table, values: dict[str, 
     """
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    result = session.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=[conflict_column]))
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    # RETURNING, not rowcount: with implicit RETURNING, psycopg reports rowcount -1.
+    statement = insert(table).values(**values).on_conflict_do_nothing(index_elements=[conflict_column])
+    return session.execute(statement.returning(table.c[conflict_column])).first() is not None

@@ -6,10 +6,10 @@ Each method commits its own transaction, with its audit events inside it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -21,6 +21,7 @@ from dicom_io.instance import (
     InstanceHeader,
     InvalidInstance,
 )
+from dicom_io.part10 import Part10
 from service import audit
 from service.audit import Action
 from service.clock import Clock
@@ -45,6 +46,7 @@ class OpenAssociation:
     closed: bool = False
     # series UID -> (study id, series id), so only the first instance of a series upserts.
     series_ids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def actor(self) -> str:
@@ -57,7 +59,6 @@ class Ingest:
         self.store = store
         self.clock = clock
         self.listener_name = listener_name
-        self._close_lock = threading.Lock()
 
     # -- associations ---------------------------------------------------------------
 
@@ -89,10 +90,15 @@ class Ingest:
                          called_ae=called_ae, port=port, reason=reason)  # fmt: skip
 
     def association_ended(self, assoc: OpenAssociation, outcome: AssociationOutcome, reason: str | None = None) -> None:
-        with self._close_lock:  # released and connection-closed events may both arrive
+        # Released/aborted and connection-closed events arrive from different threads; the
+        # second waits until the first has recorded the end, then does nothing.
+        with assoc.lock:
             if assoc.closed:
                 return
+            self._record_end(assoc, outcome, reason)
             assoc.closed = True
+
+    def _record_end(self, assoc: OpenAssociation, outcome: AssociationOutcome, reason: str | None) -> None:
         now = self.clock.now()
         with self.db.session() as s:
             s.execute(
@@ -119,54 +125,67 @@ class Ingest:
 
     # -- instances --------------------------------------------------------------------
 
-    def receive(self, assoc: OpenAssociation, header: InstanceHeader, data: bytes) -> int:
-        """Store one valid instance; return the DIMSE status to send."""
-        sha256 = hashlib.sha256(data).hexdigest()
-        existing = self._existing(header.sop_instance_uid)
-        if existing is not None and existing[1] == sha256:
-            assoc.duplicate += 1  # re-sent: already safe on disk and in the database
-            return SUCCESS
-        if not self.store.has_room(len(data)):
-            return self._fail(assoc, data, sha256, STATUS_OUT_OF_RESOURCES, "free disk below the reserve", keep=False)
+    def receive(self, assoc: OpenAssociation, header: InstanceHeader, instance: Part10) -> int:
+        """Store one valid instance; return the DIMSE status to send.
+
+        File first (named by content hash, so a re-send lands on the same name), then one
+        transaction that checks for an earlier copy and records the instance.
+        """
+        sha256 = instance.sha256
         path = self.store.path_for(header, sha256)
-        try:
-            self.store.write(path, data)
-        except OSError as exc:
-            return self._fail(assoc, data, sha256, STATUS_OUT_OF_RESOURCES, f"cannot write instance: {exc}", keep=False)
+        fresh_file = not path.exists()  # exists: a re-send, or a crash after write, before commit
+        if fresh_file:
+            if not self.store.has_room(instance.size):
+                return self._fail(assoc, instance, STATUS_OUT_OF_RESOURCES, "free disk below the reserve", keep=False)
+            try:
+                self.store.write(path, *instance.chunks)
+            except OSError as exc:
+                return self._fail(assoc, instance, STATUS_OUT_OF_RESOURCES, f"cannot write instance: {exc}", keep=False)
         try:
             with self.db.session() as s:
-                self._record_instance(s, assoc, header, path, len(data), sha256, existing)
+                duplicate = self._record_instance(s, assoc, header, path, instance.size, sha256)
         except InvalidInstance as exc:
-            path.unlink(missing_ok=True)
-            return self._fail(assoc, data, sha256, exc.status, exc.reason)
+            self._discard(path, fresh_file, header.sop_instance_uid, sha256)
+            return self._fail(assoc, instance, exc.status, exc.reason)
         except IntegrityError:
             # The same instance arrived on another association in the meantime.
-            again = self._existing(header.sop_instance_uid)
-            if again is not None and again[1] == sha256:
+            if self._stored_as(header.sop_instance_uid) == sha256:
                 assoc.duplicate += 1
                 return SUCCESS
-            path.unlink(missing_ok=True)
-            return self._fail(assoc, data, sha256, STATUS_OUT_OF_RESOURCES, "concurrent conflicting write, retry")
+            self._discard(path, fresh_file, header.sop_instance_uid, sha256)
+            return self._fail(assoc, instance, STATUS_OUT_OF_RESOURCES, "concurrent conflicting write, retry")
         except Exception as exc:
             LOG.exception("database error storing %s", header.sop_instance_uid)
-            path.unlink(missing_ok=True)
-            return self._fail(assoc, data, sha256, STATUS_OUT_OF_RESOURCES, f"database error: {type(exc).__name__}", keep=False)
-        assoc.received += 1
+            self._discard(path, fresh_file, header.sop_instance_uid, sha256)
+            return self._fail(assoc, instance, STATUS_OUT_OF_RESOURCES, f"database error: {type(exc).__name__}", keep=False)
+        if duplicate:
+            assoc.duplicate += 1  # re-sent: already safe on disk and in the database
+        else:
+            assoc.received += 1
         return SUCCESS
 
-    def refuse(self, assoc: OpenAssociation, data: bytes, error: InvalidInstance) -> int:
+    def refuse(self, assoc: OpenAssociation, instance: Part10, error: InvalidInstance) -> int:
         """Record an instance that failed validation, keep its bytes in quarantine, return its status."""
-        return self._fail(assoc, data, hashlib.sha256(data).hexdigest(), error.status, error.reason)
+        return self._fail(assoc, instance, error.status, error.reason)
 
-    def _existing(self, sop_instance_uid: str) -> tuple[int, str] | None:
+    def _stored_as(self, sop_instance_uid: str) -> str | None:
         with self.db.session() as s:
-            row = s.execute(select(Instance.id, Instance.sha256).where(Instance.sop_instance_uid == sop_instance_uid)).first()
-            return (row[0], row[1]) if row else None
+            return s.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == sop_instance_uid))
 
-    def _record_instance(
-        self, s: Session, assoc: OpenAssociation, header: InstanceHeader, path: object, size: int, sha256: str,
-        existing: tuple[int, str] | None,
-    ) -> None:  # fmt: skip
+    def _discard(self, path: Path, fresh_file: bool, sop_instance_uid: str, sha256: str) -> None:
+        """Remove a file we wrote whose row did not commit, unless another association's row now
+        points at the same content (then it is theirs). When in doubt, keep it: an orphan file
+        is harmless, a lost one is not."""
+        if not fresh_file:
+            return
+        try:
+            if self._stored_as(sop_instance_uid) != sha256:
+                path.unlink(missing_ok=True)
+        except Exception:
+            LOG.warning("cannot check %s; leaving the file in place", path)
+
+    def _record_instance(self, s: Session, assoc: OpenAssociation, header: InstanceHeader, path: Path, size: int, sha256: str) -> bool:
+        """Insert (or replace) the instance row; returns True if this exact content was already recorded."""
         now = self.clock.now()
         study_id, series_id = assoc.series_ids.get(header.series_uid) or self._upsert_study_and_series(s, assoc, header, now)
         values = dict(
@@ -174,16 +193,18 @@ class Ingest:
             series_id=series_id, association_id=assoc.id, captionable=header.captionable, path=str(path), size=size,
             sha256=sha256, received_at=now, version_number=None,
         )  # fmt: skip
-        if existing is None:
-            s.add(Instance(sop_instance_uid=header.sop_instance_uid, **values))
-            s.flush()
-        else:
-            # New content under a known UID: keep the old file, point at the new one, and make
-            # the instance pending again so the study gets a new version.
-            old_id, old_sha = existing
-            s.execute(update(Instance).where(Instance.id == old_id).values(**values))
-            audit.record(s, now, assoc.actor, Action.INSTANCE_REPLACED, "instance", header.sop_instance_uid,
-                         study_uid=header.study_uid, old_sha256=old_sha, new_sha256=sha256, association_id=assoc.id)  # fmt: skip
+        # The common case, a new instance, costs one statement.
+        if insert_ignoring_conflicts(s, Instance.__table__, dict(sop_instance_uid=header.sop_instance_uid, **values), "sop_instance_uid"):
+            return False
+        existing = s.execute(select(Instance.id, Instance.sha256).where(Instance.sop_instance_uid == header.sop_instance_uid)).one()
+        if existing.sha256 == sha256:
+            return True
+        # New content under a known UID: keep the old file, point at the new one, and make
+        # the instance pending again so the study gets a new version.
+        s.execute(update(Instance).where(Instance.id == existing.id).values(**values))
+        audit.record(s, now, assoc.actor, Action.INSTANCE_REPLACED, "instance", header.sop_instance_uid,
+                     study_uid=header.study_uid, old_sha256=existing.sha256, new_sha256=sha256, association_id=assoc.id)  # fmt: skip
+        return False
 
     def _upsert_study_and_series(self, s: Session, assoc: OpenAssociation, header: InstanceHeader, now: object) -> tuple[int, int]:
         created = insert_ignoring_conflicts(
@@ -210,20 +231,20 @@ class Ingest:
         assoc.series_ids[header.series_uid] = (study_id, series_id)
         return study_id, series_id
 
-    def _fail(self, assoc: OpenAssociation, data: bytes, sha256: str, status: int, reason: str, keep: bool = True) -> int:
+    def _fail(self, assoc: OpenAssociation, instance: Part10, status: int, reason: str, keep: bool = True) -> int:
         assoc.failed += 1
         now = self.clock.now()
         kept: str | None = None
-        if keep and self.store.has_room(len(data)):
+        if keep and self.store.has_room(instance.size):
             try:
-                kept = str(self.store.quarantine(data, assoc.id, now, sha256))
+                kept = str(self.store.quarantine(instance, assoc.id, now))
             except OSError:
                 LOG.exception("cannot quarantine refused instance")
         LOG.warning("refused instance from %s: 0x%04X %s", assoc.actor, status, reason)
         try:
             with self.db.session() as s:
-                audit.record(s, now, assoc.actor, Action.INSTANCE_FAILED, "association", assoc.id,
-                             status=f"0x{status:04X}", reason=reason, sha256=sha256, size=len(data), quarantined=kept)  # fmt: skip
+                audit.record(s, now, assoc.actor, Action.INSTANCE_FAILED, "association", assoc.id, status=f"0x{status:04X}",
+                             reason=reason, sha256=instance.sha256, size=instance.size, quarantined=kept)  # fmt: skip
         except Exception:
             LOG.exception("cannot record refused instance in the audit database")
         return status

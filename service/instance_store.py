@@ -6,8 +6,9 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
-from dicom_io.atomic import write_atomic
+from dicom_io.atomic import Chunk, write_atomic
 from dicom_io.instance import InstanceHeader
+from dicom_io.part10 import Part10
 
 MB = 1024 * 1024
 
@@ -36,11 +37,11 @@ class InstanceStore:
     def path_for(self, header: InstanceHeader, sha256: str) -> Path:
         return self.root / header.study_uid / header.series_uid / f"{header.sop_instance_uid}.{sha256[:16]}.dcm"
 
-    def write(self, path: Path, data: bytes) -> None:
-        write_atomic(path, data)
+    def write(self, path: Path, *chunks: Chunk) -> None:
+        write_atomic(path, *chunks)
 
-    def quarantine(self, data: bytes, association_id: int | None, now: datetime, sha256: str) -> Path:
+    def quarantine(self, instance: Part10, association_id: int | None, now: datetime) -> Path:
         """Keep refused input for inspection: nothing a peer sent is silently dropped."""
-        path = self.quarantine_root / now.strftime("%Y%m%d") / f"assoc{association_id}-{sha256[:16]}.dcm"
-        write_atomic(path, data)
+        path = self.quarantine_root / now.strftime("%Y%m%d") / f"assoc{association_id}-{instance.sha256[:16]}.dcm"
+        write_atomic(path, *instance.chunks)
         return path

@@ -22,6 +22,7 @@ from dicom_io.instance import (
     InvalidInstance,
     read_header,
 )
+from dicom_io.part10 import Part10
 from dicom_io.sop_classes import ACCEPTED, TRANSFER_SYNTAXES
 from service.clock import Clock, SystemClock
 from service.database import Database
@@ -215,11 +216,11 @@ class Listener:
         if record is None:  # accepted but not recorded (database down): refuse rather than lose
             return STATUS_HANDLER_ERROR
         try:
-            data = event.encoded_dataset(include_meta=True)
+            instance = Part10.build(event.file_meta, event.request.DataSet.getbuffer())
             try:
                 dataset = event.dataset
             except Exception as exc:
-                return self.ingest.refuse(record, data, InvalidInstance(STATUS_CANNOT_DECODE, f"cannot decode dataset: {exc}"))
+                return self.ingest.refuse(record, instance, InvalidInstance(STATUS_CANNOT_DECODE, f"cannot decode dataset: {exc}"))
             request = event.request
             try:
                 header = read_header(
@@ -227,8 +228,8 @@ class Listener:
                     sop_class_uid=str(request.AffectedSOPClassUID), sop_instance_uid=str(request.AffectedSOPInstanceUID),
                 )  # fmt: skip
             except InvalidInstance as exc:
-                return self.ingest.refuse(record, data, exc)
-            return self.ingest.receive(record, header, data)
+                return self.ingest.refuse(record, instance, exc)
+            return self.ingest.receive(record, header, instance)
         except Exception:
             LOG.exception("C-STORE handler failed")
             return STATUS_HANDLER_ERROR
