@@ -203,3 +203,30 @@ def test_stopping_the_listener_closes_open_associations_as_lost(db, start_listen
     with db.session() as s:
         row = s.scalars(select(Association)).one()
     assert row.ended_at is not None and row.outcome in ("lost", "aborted")
+
+
+def test_compressed_images_and_companion_classes_are_stored_as_sent(db, listener):
+    from pydicom.data import get_testdata_file
+
+    files = {name: Path(get_testdata_file(name)) for name in
+             ("MR_small_jp2klossless.dcm", "SC_rgb_rle.dcm", "JPEG-lossy.dcm", "test-SR.dcm")}  # fmt: skip
+    statuses = []
+    for path in files.values():  # one association per file, proposing exactly its class and syntax
+        ds = pydicom.dcmread(path)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title="MEDCAP")
+        assert assoc.is_established
+        statuses.append(assoc.send_c_store(ds).Status)
+        assoc.release()
+        assert listener.wait_idle(30)
+    assert statuses == [0, 0, 0, 0]
+    with db.session() as s:
+        rows = {r.sop_instance_uid: r for r in s.scalars(select(Instance))}
+    for name, path in files.items():
+        ds = pydicom.dcmread(path)
+        row = rows[ds.SOPInstanceUID]
+        assert row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID, name
+        assert row.captionable is name.startswith("MR_"), "SR and secondary capture are kept, never captioned"
+        if "PixelData" in ds:  # compressed pixel data is kept byte for byte, to be decoded later
+            assert pydicom.dcmread(row.path).PixelData == ds.PixelData
