@@ -17,15 +17,20 @@ CAPTIONABLE: frozenset[str] = frozenset(
     }
 )
 
-#: Classes that travel with CT/MR studies: accepted and recorded, never captioned.
-COMPANIONS: frozenset[str] = frozenset(
+_SECONDARY_CAPTURE: frozenset[str] = frozenset(
     {
-        sc.EnhancedMRColorImageStorage,
         sc.SecondaryCaptureImageStorage,
         sc.MultiFrameSingleBitSecondaryCaptureImageStorage,
         sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
         sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
         sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    }
+)
+
+#: Classes that travel with CT/MR studies: accepted and recorded, never captioned.
+COMPANIONS: frozenset[str] = _SECONDARY_CAPTURE | frozenset(
+    {
+        sc.EnhancedMRColorImageStorage,
         sc.BasicTextSRStorage,
         sc.EnhancedSRStorage,
         sc.ComprehensiveSRStorage,
@@ -60,14 +65,7 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 #: Classes whose instances must carry pixel data to be usable.
-IMAGE_CLASSES: frozenset[str] = CAPTIONABLE | {
-    sc.EnhancedMRColorImageStorage,
-    sc.SecondaryCaptureImageStorage,
-    sc.MultiFrameSingleBitSecondaryCaptureImageStorage,
-    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
-}
+IMAGE_CLASSES: frozenset[str] = CAPTIONABLE | _SECONDARY_CAPTURE | {sc.EnhancedMRColorImageStorage}
 
 
 def is_captionable(sop_class_uid: str) -> bool:

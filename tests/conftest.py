@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import create_engine, text
 
 from service.clock import ManualClock
@@ -177,3 +180,21 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip(f"cannot mount a tmpfs here to fill a disk: {proc.stderr.strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def open_association(port: int, calling: str = "RAWSENDER") -> Association:
+    """A pynetdicom SCU association proposing CT Image Storage to the listener."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDCAP")
+    assert assoc.is_established
+    return assoc
+
+
+def send_raw(assoc: Association, files: list[Path]) -> list[int]:
+    """C-STORE files byte for byte, without decoding them first, as a broken sender would."""
+    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        return [int(assoc.send_c_store(path).Status) for path in files]
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous

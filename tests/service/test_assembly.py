@@ -5,15 +5,13 @@ from __future__ import annotations
 import threading
 
 import pytest
-from pynetdicom import AE, _config
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select, update
 
 from service.assembly import Assembler, ForceResult
 from service.database import Database
 from service.schema import Association, AuditEvent, Instance, Job, StudyVersion
 from service.study_status import list_studies
-from tests.conftest import series_files, storescu
+from tests.conftest import open_association, send_raw, series_files, storescu
 
 CT = "ct-head-ge"
 
@@ -104,16 +102,8 @@ def test_parts_within_the_quiet_period_make_one_version(db, listener, settings, 
 
 
 def _open_association(port: int, files):  # type: ignore[no-untyped-def]
-    ae = AE(ae_title="SLOWPACS")
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDCAP")
-    assert assoc.is_established
-    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        for path in files:
-            assert assoc.send_c_store(path).Status == 0
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
+    assoc = open_association(port, "SLOWPACS")
+    assert send_raw(assoc, files) == [0] * len(files)
     return assoc
 
 

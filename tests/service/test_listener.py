@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
@@ -19,7 +19,7 @@ from dicom_io.instance import (
 from service.database import Database
 from service.schema import Association, AuditEvent, Instance, Series, Study
 from tests import samples
-from tests.conftest import series_files, storescu
+from tests.conftest import open_association, send_raw, series_files, storescu
 
 CT = "ct-head-ge"
 
@@ -112,18 +112,11 @@ def test_wrong_called_ae_is_rejected(db, listener):
 
 
 def _send_files(port: int, files: list[Path]) -> list[int]:
-    """Send files byte for byte (no decoding on our side, as a broken sender would)."""
-    ae = AE(ae_title="BADSENDER")
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="MEDCAP")
-    assert assoc.is_established
-    previous, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    assoc = open_association(port, "BADSENDER")
     try:
-        statuses = [int(assoc.send_c_store(path).Status) for path in files]
+        return send_raw(assoc, files)
     finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
         assoc.release()
-    return statuses
 
 
 def test_malformed_instances_get_failure_statuses_while_another_association_is_served(db, listener, settings, tmp_path):
