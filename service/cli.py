@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from models import cli as models_cli
 from service.settings import Settings, SettingsError, load_settings
 
 LOG = logging.getLogger("medcap")
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(settings, args) or 0)
-    except CommandError as exc:
+    except (CommandError, models_cli.ModelCommandError) as exc:
         print(f"medcap: {exc}", file=sys.stderr)
         return 1
 
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("force", help="process a study now, without waiting for the quiet period")
     p.add_argument("study_uid")
     p.set_defaults(func=cmd_force)
+
+    models_cli.register(sub)  # caption, model, train, evaluate, data
     return parser
 
 

@@ -98,6 +98,7 @@ class Settings(BaseSettings):
     assembly_interval_seconds: float = Field(1.0, gt=0, description="How often the assembler looks for stable studies.")
     job_redeliver_seconds: float = Field(900.0, gt=0, description="A job enqueued or running this long without finishing is enqueued again.")
     worker_concurrency: int = Field(1, ge=1, le=64, description="Worker processes started by `medcap serve` and `medcap worker`.")
+    model: Path | None = Field(None, description="Captioner checkpoint directory (from `medcap model compose` or `medcap model demo`).")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
 
     @field_validator("dicom_ae_title")
@@ -122,6 +123,8 @@ class Settings(BaseSettings):
         for path in filter(None, tls):
             if not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        if self.model is not None and not (self.model / "config.json").is_file():
+            raise ValueError(f"model: {self.model} is not a MedCap checkpoint directory (no config.json)")
         return self
 
     # Derived values: defaults that depend on the data dir.

@@ -1,0 +1,118 @@
+"""MedCap checkpoints: a directory that a captioner is loaded from, and only from.
+
+    config.json           MedCapConfig
+    model.safetensors     every weight (encoders, Q-Formers, projections, LM)
+    lm_tokenizer/         the LM's tokenizer
+    qformer_tokenizer/    the Q-Former's tokenizer
+    MODEL_CARD.md         where the parts came from, with sha256 of each source and of the weights
+    provenance.json       the same, machine-readable
+
+Loading is strict: a missing or unexpected weight is an error, never a random layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from models.config import MedCapConfig
+from models.msmedcap import MedCapModel
+from models.tokenizers import Tokenizers
+
+WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Provenance:
+    """What a checkpoint was made from, and how."""
+
+    sources: list[dict[str, Any]] = field(default_factory=list)  # {"part", "source", "sha256", ...}
+    initialised: list[str] = field(default_factory=list)  # parts that start untrained, said out loud
+    history: list[dict[str, Any]] = field(default_factory=list)  # training runs etc.
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sources": self.sources, "initialised": self.initialised, "history": self.history}
+
+
+def save(model: MedCapModel, tokenizers: Tokenizers, directory: Path, provenance: Provenance) -> str:
+    """Write a checkpoint; returns the sha256 of the weights file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(model.config.to_json())
+    save_model(model, str(directory / WEIGHTS))  # handles the tied Q-Former LM head
+    tokenizers.save(directory)
+    weights_sha = sha256_file(directory / WEIGHTS)
+    record = provenance.to_dict() | {"weights_sha256": weights_sha, "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    (directory / "provenance.json").write_text(json.dumps(record, indent=2))
+    (directory / "MODEL_CARD.md").write_text(model_card(model.config, record))
+    return weights_sha
+
+
+def load(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> tuple[MedCapModel, Tokenizers, dict[str, Any]]:
+    """Load a checkpoint strictly. ``dtype`` applies to encoders and LM; Q-Formers stay fp32."""
+    directory = Path(directory)
+    for name in ("config.json", WEIGHTS):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name} is missing: {directory} is not a MedCap checkpoint")
+    config = MedCapConfig.load(directory / "config.json")
+    model = MedCapModel(config)
+    # load_model knows which tensors save_model stored once for several tied names.
+    missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / WEIGHTS} does not match its config: {len(missing)} missing weight(s) "
+            f"{sorted(missing)[:5]}, {len(unexpected)} unexpected {sorted(unexpected)[:5]}"
+        )
+    place(model, torch.device(device), dtype)
+    provenance = json.loads((directory / "provenance.json").read_text()) if (directory / "provenance.json").is_file() else {}
+    return model, Tokenizers.load(directory), provenance
+
+
+def place(model: MedCapModel, device: torch.device, dtype: torch.dtype | None) -> MedCapModel:
+    """Move to ``device``; frozen encoders and the LM in ``dtype``, Q-Formers in fp32 (as HF BLIP-2)."""
+    model.to(device)
+    if dtype is not None and dtype != torch.float32:
+        model.lm.to(dtype)
+        for encoder in model.encoders.values():
+            encoder.to(dtype)
+    return model
+
+
+def model_card(config: MedCapConfig, record: dict[str, Any]) -> str:
+    lines = [
+        f"# {config.display_name} — MedCap checkpoint",
+        "",
+        f"- model type: `{config.model_type}` (branches: {', '.join(config.branches)}), version {config.version}",
+        f"- SAM token layout: `{config.sam_layout}`" if "sam" in config.branches else "- no SAM branch",
+        f"- queries per branch: {config.num_query_tokens}; prompt: {config.prompt!r}",
+        f"- weights sha256: `{record['weights_sha256']}`",
+        "",
+        "Drafts from this model are **preliminary and unverified**: a radiologist must review them.",
+        "",
+        "## Sources",
+        "",
+    ]
+    lines += [f"- {s.get('part')}: `{s.get('source')}` (sha256 `{s.get('sha256', 'n/a')}`)" for s in record["sources"]] or ["- none"]
+    lines += ["", "## Initialised without pretrained weights", ""]
+    lines += [f"- {part}" for part in record["initialised"]] or ["- nothing"]
+    if record["history"]:
+        lines += ["", "## History", ""] + [f"- {json.dumps(h, sort_keys=True)}" for h in record["history"]]
+    return "\n".join(lines) + "\n"

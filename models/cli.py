@@ -1,0 +1,294 @@
+"""The captioner's commands: ``medcap caption``, ``model``, ``train``, ``evaluate``, ``data``.
+
+Registered into the ``medcap`` parser by ``service/cli.py``; handlers take ``(settings, args)``
+and read only ``settings.model`` (the default checkpoint), so this module stays free of
+service code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+LOG = logging.getLogger("medcap.models")
+
+
+class ModelCommandError(Exception):
+    pass
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("caption", help="caption a DICOM file or folder offline and print a draft per series")
+    p.add_argument("path", type=Path)
+    _model_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _generation_args(p)
+    p.add_argument("--key-slices", type=int, default=3, help="key slices per series (default 3)")
+    p.add_argument("--key-strategy", default="uniform", choices=["central", "uniform", "content"])
+    p.add_argument("--window", default=None, help="CT window preset (brain, subdural, stroke, bone, soft_tissue, lung, auto)")
+    p.set_defaults(func=cmd_caption)
+
+    model = sub.add_parser("model", help="build and inspect captioner checkpoints")
+    msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    p = msub.add_parser("compose", help="build a checkpoint from pretrained BLIP-2 and SAM weights")
+    p.add_argument("--blip2", required=True, help="BLIP-2 (HF format) hub id or directory, e.g. Salesforce/blip2-opt-2.7b")
+    p.add_argument("--sam", help="SAM: HF hub id or directory (facebook/sam-vit-base, wanglab/medsam-vit-base) or an original .pth")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model-type", default="msmedcap", choices=["msmedcap", "blip2", "sam_blip2"])
+    p.add_argument("--qformer-tokenizer", default="bert-base-uncased", help="BERT tokenizer (id or directory) for the Q-Former text side")
+    p.add_argument("--sam-layout", default="channel", choices=["channel", "spatial"])
+    p.add_argument("--prompt", default="", help="text before every caption, in training and inference")
+    p.add_argument("--name", default="")
+    p.set_defaults(func=cmd_compose)
+    p = msub.add_parser("demo", help="train the tiny demo MSMedCap on synthetic slices (CPU, a few minutes)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    p = msub.add_parser("info", help="print a checkpoint's model card")
+    _model_arg(p)
+    p.set_defaults(func=cmd_info)
+
+    train = sub.add_parser("train", help="train a captioner (stage 1: one Q-Former; stage 2: the LM loss)")
+    tsub = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage in ("stage1", "stage2"):
+        p = tsub.add_parser(stage, help="ITC + ITM + ITG for one Q-Former" if stage == "stage1" else "LM loss through the frozen OPT")
+        if stage == "stage1":
+            p.add_argument("--qformer", required=True, choices=["clip", "sam"])
+        _model_arg(p)
+        _data_args(p)
+        p.add_argument("--mix", help="data mix for this Q-Former: G, M or G+M (paper: CLIP G, SAM G+M); default: all given data")
+        p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+        p.add_argument("--epochs", type=int, default=1)
+        p.add_argument("--max-steps", type=int)
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--lr", type=float, default=1e-4)
+        p.add_argument("--min-lr", type=float, default=1e-5)
+        p.add_argument("--warmup-steps", type=int, default=0)
+        p.add_argument("--weight-decay", type=float, default=0.05)
+        p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+        p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score captioners side by side (BLEU-1..4, METEOR, ROUGE-L, CIDEr)")
+    p.add_argument("--model", type=Path, action="append", required=True, help="checkpoint directory; repeat for several")
+    _data_args(p)
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, help="score at most this many images")
+    p.add_argument("--out", type=Path, help="write results.md and results.json here")
+    p.add_argument("--detail-words", choices=["synthetic"], help="also score the synthetic benchmark's detail words")
+    p.add_argument("--bertscore-model", type=Path, help="local model directory for BERTScore (optional)")
+    p.add_argument("--bleurt-model", type=Path, help="local checkpoint directory for BLEURT (optional)")
+    _generation_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    data = sub.add_parser("data", help="datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = dsub.add_parser("synthetic", help="write the synthetic CT/MR benchmark (PNG + captions.jsonl)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--validation", type=int, default=200)
+    p.add_argument("--test", type=int, default=300)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synthetic)
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: MEDCAP_MODEL)")
+
+
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="fast", choices=["fast", "paper"])
+    p.add_argument("--beams", type=int, help="override the preset's beam count (fast: 1, or 3)")
+    p.add_argument("--batch-size", type=int, default=8, dest="gen_batch_size")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", action="append", required=True, metavar="[GROUP=]SPEC",
+                   help="table.csv|table.jsonl, roco:DIR, medicat:DIR or coco:ANNOTATIONS.json:IMAGES_DIR; "
+                        "prefix G= (general) or M= (medical) for mixes; repeatable")  # fmt: skip
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _model_dir(settings: Any, args: argparse.Namespace) -> Path:
+    directory = args.model or getattr(settings, "model", None)
+    if directory is None:
+        raise ModelCommandError("no model: pass --model DIR or set MEDCAP_MODEL (make one with `medcap model compose` or `medcap model demo`)")
+    if not Path(directory).is_dir():
+        raise ModelCommandError(f"model directory {directory} does not exist")
+    return Path(directory)
+
+
+def _generation(args: argparse.Namespace) -> Any:
+    from models.generation import preset
+
+    chosen = preset(args.preset)
+    return chosen.with_beams(args.beams) if args.beams else chosen
+
+
+# -- data specs ------------------------------------------------------------------------------
+
+
+def load_data(specs: list[str]) -> dict[str, dict[str, list[Any]]]:
+    """``[GROUP=]SPEC`` arguments → {"G"|"M": {name: records}}; ungrouped data counts as G."""
+    from models import datasets as ds
+
+    groups: dict[str, dict[str, list[Any]]] = {}
+    for raw in specs:
+        group, sep, spec = raw.partition("=")
+        if not sep:
+            group, spec = "G", raw
+        group = group.upper()
+        if group not in ("G", "M"):
+            raise ModelCommandError(f"--data {raw}: group must be G or M")
+        kind, _, rest = spec.partition(":")
+        if kind == "roco":
+            records, name = ds.read_roco(Path(rest)), f"roco:{rest}"
+        elif kind == "medicat":
+            records, name = ds.read_medicat(Path(rest)), f"medicat:{rest}"
+        elif kind == "coco":
+            annotations, _, images = rest.partition(":")
+            if not images:
+                raise ModelCommandError(f"--data {raw}: coco needs ANNOTATIONS.json:IMAGES_DIR")
+            records, name = ds.read_coco_captions(Path(annotations), Path(images), split="train"), f"coco:{annotations}"
+        else:
+            path = Path(spec)
+            if not path.is_file():
+                raise ModelCommandError(f"--data {raw}: {path} does not exist")
+            records, name = ds.read_table(path), str(path)
+        groups.setdefault(group, {})[name] = records
+    return groups
+
+
+def select_records(groups: dict[str, dict[str, list[Any]]], split: str, mix: str | None) -> list[Any]:
+    from models.datasets import build_mix
+
+    spec = mix or "+".join(g for g in ("G", "M") if g in groups)
+    records = build_mix(spec, groups, split=split)
+    if not records:
+        raise ModelCommandError(f"no {split} records in the given data for mix {spec}")
+    return records
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from dicom_io.key_slices import KeySliceSpec
+    from dicom_io.model_input import prepare_series
+    from models.captioner import Captioner, summarise
+
+    if not args.path.exists():
+        raise ModelCommandError(f"{args.path} does not exist")
+    captioner = Captioner.load(_model_dir(settings, args), args.device)
+    config = captioner.model.config
+    series = prepare_series(args.path, key_slices=KeySliceSpec(strategy=args.key_strategy, n=args.key_slices), window=args.window,
+                            clip_size=config.clip_image_size, sam_size=config.sam_image_size)  # fmt: skip
+    if not series:
+        raise ModelCommandError(f"no CT or MR image series under {args.path}")
+    drafts = []
+    for item in series:
+        captions = captioner.caption({"clip": item.clip, "sam": item.sam}, _generation(args), batch_size=args.gen_batch_size, seed=args.seed)
+        drafts.append({
+            "series_uid": item.series_uid, "study_uid": item.study_uid, "modality": item.modality,
+            "draft": summarise(captions),
+            "key_images": [{"sop_instance_uid": uid, "caption": c} for uid, c in zip(item.sop_instance_uids, captions, strict=True)],
+        })  # fmt: skip
+    if args.json:
+        print(json.dumps({"model": captioner.describe(), "status": "PRELIMINARY, UNVERIFIED AI draft", "series": drafts}, indent=2))
+        return 0
+    print(f"AI draft — preliminary, unverified ({captioner.identity.name} {captioner.identity.version}, "
+          f"weights {captioner.identity.weights_sha256[:12]})")  # fmt: skip
+    for d in drafts:
+        print(f"\nseries {d['series_uid']} ({d['modality']}, {len(d['key_images'])} key images)\n  {d['draft']}")
+    return 0
+
+
+def cmd_compose(settings: Any, args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from models.compose import compose
+
+    compose(blip2=args.blip2, sam=args.sam, out=args.out, model_type=args.model_type, qformer_tokenizer=args.qformer_tokenizer,
+            sam_layout=args.sam_layout, prompt=args.prompt, name=args.name, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    return 0
+
+
+def cmd_info(settings: Any, args: argparse.Namespace) -> int:
+    card = _model_dir(settings, args) / "MODEL_CARD.md"
+    if not card.is_file():
+        raise ModelCommandError(f"{card} is missing: not a MedCap checkpoint")
+    print(card.read_text(), end="")
+    return 0
+
+
+def cmd_demo(settings: Any, args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from models.demo import build_demo_model
+
+    build_demo_model(args.out, steps=args.steps, seed=args.seed)
+    print(f"demo model written to {args.out}; try: medcap caption ../shared/data/ct-head-ge --model {args.out}")
+    return 0
+
+
+def cmd_train(settings: Any, args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from models import checkpoint
+    from models.generation import select_device
+    from models.training import TrainSettings, train
+
+    source = args.out if args.resume else _model_dir(settings, args)
+    model, tokenizers, provenance = checkpoint.load(source, select_device(args.device))
+    records = select_records(load_data(args.data), "train", args.mix)
+    train_settings = TrainSettings(stage=args.stage, branch=getattr(args, "qformer", None), epochs=args.epochs, max_steps=args.max_steps,
+                                   batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                                   weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every, seed=args.seed)  # fmt: skip
+    history = provenance.get("history", [])
+    if args.resume and history and not history[-1].get("final", True):
+        history = history[:-1]
+    prov = checkpoint.Provenance(provenance.get("sources", []), provenance.get("initialised", []),
+                                 history + [{"data": args.data, "mix": args.mix or "all", "records": len(records)}])  # fmt: skip
+    result = train(model, tokenizers, records, train_settings, args.out, prov, resume=args.resume)
+    print(f"{args.stage}: {result.steps} steps, last loss {result.losses[-1]['loss']:.4f}; checkpoint {args.out}")
+    return 0
+
+
+def cmd_evaluate(settings: Any, args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from models.evaluation import evaluate_checkpoints
+
+    records = select_records(load_data(args.data), args.split, None)
+    if args.limit:
+        records = records[: args.limit]
+    report = evaluate_checkpoints(args.model, records, generation=_generation(args), device=args.device, batch_size=args.gen_batch_size,
+                            out_dir=args.out, detail_words=args.detail_words, bertscore_model=args.bertscore_model,
+                            bleurt_model=args.bleurt_model)  # fmt: skip
+    print(report.table())
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def cmd_synthetic(settings: Any, args: argparse.Namespace) -> int:
+    from models.synthetic import generate_dataset
+
+    path = generate_dataset(args.out, n_train=args.train, n_val=args.validation, n_test=args.test, size=args.size, seed=args.seed)
+    print(f"wrote {path}")
+    return 0

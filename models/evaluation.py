@@ -1,0 +1,73 @@
+"""``medcap evaluate``: caption a test split with several checkpoints and score them side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from models.captioner import Captioner
+from models.datasets import CaptionRecord, load_image, references_by_image
+from models.generation import GenerationPreset
+from models.metrics import evaluate_models
+from models.training import image_transform_for
+
+
+def caption_records(captioner: Captioner, records: Sequence[CaptionRecord], generation: GenerationPreset, *, batch_size: int = 16,
+                    progress: bool = True) -> dict[str, str]:  # fmt: skip
+    """One caption per distinct image (several references may share an image)."""
+    images: dict[str, CaptionRecord] = {}
+    for record in records:
+        images.setdefault(record.image_id, record)
+    transform = image_transform_for(captioner.model)
+    out: dict[str, str] = {}
+    ids = list(images)
+    for start in tqdm(range(0, len(ids), batch_size), desc=f"captioning ({captioner.identity.name})", unit="batch", disable=not progress):
+        chunk = ids[start : start + batch_size]
+        inputs = [transform(load_image(images[i].image_path, color="L")) for i in chunk]
+        arrays = {b: np.stack([x[b] for x in inputs]) for b in captioner.branches}
+        out.update(zip(chunk, captioner.caption(arrays, generation, batch_size=batch_size), strict=True))
+    return out
+
+
+def evaluate_checkpoints(
+    model_dirs: Sequence[Path], records: Sequence[CaptionRecord], *, generation: GenerationPreset, device: str = "auto",
+    batch_size: int = 16, out_dir: Path | None = None, detail_words: str | None = None, bertscore_model: Path | None = None,
+    bleurt_model: Path | None = None, names: Sequence[str] | None = None, progress: bool = True,
+) -> Any:  # fmt: skip
+    """Returns the metrics report (``.results``, ``.table()``); writes markdown + JSON to ``out_dir``."""
+    references = references_by_image(records)
+    predictions: dict[str, dict[str, str]] = {}
+    identities = {}
+    for i, directory in enumerate(model_dirs):
+        captioner = Captioner.load(directory, device)
+        name = names[i] if names else captioner.identity.name
+        if name in predictions:
+            name = f"{name} ({Path(directory).name})"
+        predictions[name] = caption_records(captioner, records, generation, batch_size=batch_size, progress=progress)
+        identities[name] = captioner.describe() | {"path": str(directory)}
+    vocabulary = None
+    if detail_words == "synthetic":
+        from models.synthetic import DETAIL_WORDS
+
+        vocabulary = DETAIL_WORDS
+    report = evaluate_models(predictions, references, detail_vocabulary=vocabulary, bertscore_model=bertscore_model,
+                             bleurt_model=bleurt_model)  # fmt: skip
+    if detail_words == "synthetic":
+        # The scene words as well: a model may get the scene right and miss the lesion, or the reverse.
+        from models.metrics import detail_word_scores
+        from models.synthetic import GLOBAL_WORDS
+
+        for name, preds in predictions.items():
+            scores = detail_word_scores(preds, references, GLOBAL_WORDS)
+            report.results[name].update({k: v for k, v in scores.items() if k.startswith("Acc-")})
+    if out_dir is not None:
+        report.write(out_dir, name="results", title="Caption evaluation",
+                     metadata={"models": identities, "images": len(references), "generation": generation.__dict__})  # fmt: skip
+        examples = {name: dict(list(preds.items())[:20]) for name, preds in predictions.items()}
+        (Path(out_dir) / "examples.json").write_text(__import__("json").dumps(
+            {"references": {k: references[k] for k in list(references)[:20]}, "predictions": examples}, indent=2))  # fmt: skip
+    return report

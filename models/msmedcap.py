@@ -1,0 +1,117 @@
+"""MSMedCap and its single-encoder baselines, one implementation.
+
+LLM input: ``[proj_clip(Q_clip) ; proj_sam(Q_sam) ; embed(BOS + prompt [+ caption])]``. Encoders
+and the OPT language model are frozen in both stages; stage 2 trains the Q-Formers, their
+queries and projections with the LM loss (stage 1 is in ``models/stage1.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, OPTForCausalLM, SamVisionConfig
+
+from models.config import MedCapConfig
+from models.encoders import ClipEncoder, SamEncoder, freeze
+from models.generation import GenerationPreset
+from models.qformer import QFormerBranch
+
+IGNORE = -100
+
+
+class MedCapModel(nn.Module):
+    def __init__(self, config: MedCapConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.lm = OPTForCausalLM(OPTConfig(**config.lm))
+        encoders: dict[str, nn.Module] = {}
+        if "clip" in config.branches:
+            encoders["clip"] = ClipEncoder(Blip2VisionConfig(**config.clip_vision))  # type: ignore[arg-type]
+        if "sam" in config.branches:
+            encoders["sam"] = SamEncoder(SamVisionConfig(**config.sam_vision), config.sam_layout)  # type: ignore[arg-type]
+        self.encoders = nn.ModuleDict(encoders)
+        self.branches = nn.ModuleDict(
+            {
+                name: QFormerBranch(
+                    Blip2QFormerConfig(**config.qformer, encoder_hidden_size=encoder.width, use_qformer_text_input=True),
+                    config.num_query_tokens, self.lm.config.hidden_size, config.itc_dim,
+                )  # fmt: skip
+                for name, encoder in encoders.items()
+            }
+        )
+        freeze(self.lm)
+        for encoder in self.encoders.values():
+            freeze(encoder)
+
+    # -- images ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def image_tokens(self, pixels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Frozen encoders: {branch: (B, N, D)} for the branches given in ``pixels``."""
+        unknown = set(pixels) - set(self.encoders)
+        if unknown:
+            raise ValueError(f"pixels: no branch {sorted(unknown)} in {self.config.display_name}")
+        out = {}
+        for name, batch in pixels.items():
+            param = next(self.encoders[name].parameters())
+            out[name] = self.encoders[name](batch.to(device=param.device, dtype=param.dtype))
+        return out
+
+    def soft_prompt(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, sum of queries, LM hidden): CLIP queries first, then SAM's (the paper's order)."""
+        missing = set(self.branches) - set(tokens)
+        if missing:
+            raise ValueError(f"missing input for branch(es) {sorted(missing)} of {self.config.display_name}")
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        return torch.cat([self.branches[name].lm_inputs(tokens[name]).to(dtype) for name in self.branches], dim=1)
+
+    # -- stage 2 ---------------------------------------------------------------------------
+
+    def forward(
+        self, pixels: dict[str, torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        image_tokens: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """LM loss on the caption tokens (labels are -100 on BOS, prompt and padding).
+
+        ``image_tokens`` may carry precomputed encoder outputs (the encoders are frozen).
+        """
+        tokens = image_tokens if image_tokens is not None else self.image_tokens(pixels)
+        prefix = self.soft_prompt(tokens)
+        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
+        ones = torch.ones(prefix.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        ignore = torch.full(prefix.shape[:2], IGNORE, dtype=labels.dtype, device=labels.device)
+        out = self.lm(inputs_embeds=embeds, attention_mask=torch.cat([ones, attention_mask], 1), labels=torch.cat([ignore, labels], 1))
+        return out.loss
+
+    # -- inference -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self, pixels: dict[str, torch.Tensor], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, preset: GenerationPreset,
+        eos_token_id: int, pad_token_id: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """New token ids only (the prompt is given as embeddings, so it is not echoed)."""
+        prefix = self.soft_prompt(self.image_tokens(pixels))
+        embeds = torch.cat([prefix, self.lm.get_input_embeddings()(prompt_ids)], dim=1)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=prompt_mask.dtype, device=prompt_mask.device), prompt_mask], 1)
+        return self.lm.generate(
+            inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=preset.num_beams,
+            max_new_tokens=preset.max_new_tokens, min_new_tokens=preset.min_new_tokens,
+            repetition_penalty=preset.repetition_penalty, length_penalty=preset.length_penalty,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        )  # fmt: skip
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def trainable_parameters(self, stage: str, branch: str | None = None) -> list[nn.Parameter]:
+        """Stage 1: one Q-Former branch (queries, Q-Former, text side, heads). Stage 2: every
+        branch's queries, Q-Former and projection; encoders and LM never."""
+        if stage == "stage1":
+            if branch not in self.branches:
+                raise ValueError(f"branch: {branch!r} is not one of {sorted(self.branches)}")
+            skip = ("language_projection.",)
+            return [p for n, p in self.branches[branch].named_parameters() if not n.startswith(skip)]
+        if stage == "stage2":
+            keep = ("query_tokens", "qformer.", "language_projection.")
+            return [p for b in self.branches.values() for n, p in b.named_parameters() if n.startswith(keep)]
+        raise ValueError(f"stage: {stage!r} is not stage1 or stage2")

@@ -1,0 +1,74 @@
+"""The tiny-model recipe: the synthetic benchmark and the demo model, trained on CPU.
+
+One recipe for all three family members, so that they differ only in their encoders:
+
+1. tokenizers from the training captions; one seeded MSMedCap whose parts every member shares
+   (the CLIP encoder and Q-Former of BLIP-2 *are* MSMedCap's, likewise SAM-BLIP2's SAM parts);
+2. the tiny LM's stand-in for pretraining (text only), then frozen (``pretrain_language_model``);
+3. stage 1 for each Q-Former on its data mix (here both see the same synthetic data);
+4. stage 2 for each member, same steps, batch, learning rate and seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from models import checkpoint
+from models.datasets import CaptionRecord
+from models.msmedcap import MedCapModel
+from models.tiny import tiny_config
+from models.tokenizers import build_small_tokenizers
+from models.training import TrainSettings, pretrain_language_model, train
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    width: int = 64
+    layers: int = 2
+    num_query_tokens: int = 8
+    clip_image_size: int = 64  # coarse global view, as EVA-CLIP's 224 px is against SAM's 1024
+    sam_image_size: int = 128
+    sam_layout: str = "channel"
+    lm_steps: int = 800
+    stage1_steps: int = 1000
+    stage2_steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def train_tiny_family(train_records: Sequence[CaptionRecord], out_root: Path, recipe: TinyRecipe,
+                      model_types: Sequence[str] = ("blip2", "sam_blip2", "msmedcap"), progress: bool = True) -> dict[str, Path]:  # fmt: skip
+    """Train each requested family member; returns {model_type: checkpoint directory}."""
+    torch.manual_seed(recipe.seed)
+    captions = [r.caption for r in train_records]
+    tokenizers = build_small_tokenizers(captions, lm_vocab=400, qformer_vocab=300)
+    config = tiny_config("msmedcap", lm_vocab=len(tokenizers.lm), qformer_vocab=len(tokenizers.qformer), width=recipe.width,
+                         layers=recipe.layers, image_size=recipe.clip_image_size, sam_image_size=recipe.sam_image_size,
+                         num_query_tokens=recipe.num_query_tokens, sam_layout=recipe.sam_layout)  # fmt: skip
+    base = MedCapModel(config)
+    pretrain_language_model(base, tokenizers, captions, steps=recipe.lm_steps, lr=recipe.lr, seed=recipe.seed,
+                            max_context=2 * recipe.num_query_tokens, progress=progress)  # fmt: skip
+    history = [{"recipe": asdict(recipe), "train_images": len(train_records)}]
+    provenance = checkpoint.Provenance(sources=[{"part": "all", "source": "tiny recipe, random init", "sha256": "n/a"}],
+                                       initialised=["everything (tiny synthetic benchmark model)"], history=history)  # fmt: skip
+    for branch in ("clip", "sam"):
+        settings = TrainSettings(stage="stage1", branch=branch, max_steps=recipe.stage1_steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                                 min_lr=recipe.lr / 10, seed=recipe.seed)  # fmt: skip
+        train(base, tokenizers, train_records, settings, out_root / f"stage1-{branch}", provenance, progress=progress)
+    out: dict[str, Path] = {}
+    for model_type in model_types:
+        member = MedCapModel(config.with_model_type(model_type))
+        member.load_state_dict({k: v for k, v in copy.deepcopy(base.state_dict()).items() if k in member.state_dict()}, strict=True)
+        settings = TrainSettings(stage="stage2", max_steps=recipe.stage2_steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                                 min_lr=recipe.lr / 10, seed=recipe.seed)  # fmt: skip
+        out[model_type] = out_root / model_type
+        train(member, tokenizers, train_records, settings, out[model_type], provenance, progress=progress)
+    (out_root / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    return out

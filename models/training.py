@@ -1,0 +1,284 @@
+"""Training both stages, with progress bars, periodic checkpoints and resume.
+
+Encoders and the LM are frozen, so image features are computed once per image (in batches,
+with a progress bar) and reused every epoch — the notes' main lever on training cost.
+
+The output directory *is* a MedCap checkpoint (loadable with ``--model DIR``), plus
+``training_state.pt`` (optimiser, schedule, step, RNG) for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from models import checkpoint
+from models.datasets import CaptionRecord, load_image
+from models.msmedcap import MedCapModel
+from models.stage1 import stage1_losses
+from models.tokenizers import Tokenizers
+
+STATE = "training_state.pt"
+ImageTransform = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+@dataclass
+class TrainSettings:
+    stage: str  # stage1 | stage2
+    branch: str | None = None  # stage 1: clip | sam
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    feature_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("stage1", "stage2"):
+            raise ValueError(f"stage: {self.stage!r} is not stage1 or stage2")
+        if self.stage == "stage1" and self.branch not in ("clip", "sam"):
+            raise ValueError("branch: stage 1 trains one Q-Former, --qformer clip or sam")
+        if self.batch_size < (2 if self.stage == "stage1" else 1):
+            raise ValueError("batch_size: stage 1 needs at least 2 (every sample needs a negative)")
+        for name in ("epochs", "feature_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError("lr/min_lr: need 0 <= min_lr <= lr and lr > 0")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[dict[str, float]] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+def image_transform_for(model: MedCapModel) -> ImageTransform:
+    """Each branch's own input transform from the raw [0,1] image (never one from the other's)."""
+    from dicom_io.transforms import clip_input, sam_input
+
+    config = model.config
+
+    def transform(image: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        if "clip" in config.branches:
+            out["clip"] = clip_input(image, size=config.clip_image_size)
+        if "sam" in config.branches:
+            out["sam"] = sam_input(image, longest=config.sam_image_size)[0]
+        return out
+
+    return transform
+
+
+@torch.no_grad()
+def encode_images(model: MedCapModel, records: Sequence[CaptionRecord], transform: ImageTransform, branches: Sequence[str],
+                  batch_size: int, progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Frozen-encoder features of every record's image: {branch: (N, tokens, width)} on CPU, fp32."""
+    cache: dict[str, np.ndarray] = {}
+    chunks: dict[str, list[torch.Tensor]] = {b: [] for b in branches}
+    for start in tqdm(range(0, len(records), batch_size), desc="encoding images", unit="batch", disable=not progress):
+        batch = records[start : start + batch_size]
+        inputs = [transform(cache.setdefault(str(r.image_path), load_image(r.image_path, color="L"))) for r in batch]
+        pixels = {b: torch.from_numpy(np.stack([i[b] for i in inputs])) for b in branches}
+        tokens = model.image_tokens(pixels)
+        for b in branches:
+            chunks[b].append(tokens[b].float().cpu())
+        if len(cache) > 4096:
+            cache.clear()
+    return {b: torch.cat(chunks[b]) for b in branches}
+
+
+def _schedule(settings: TrainSettings, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up, then cosine from lr to min_lr (LAVIS linear_warmup_cosine_lr), as a factor of lr."""
+
+    def factor(step: int) -> float:
+        if settings.warmup_steps and step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        progress = (step - settings.warmup_steps) / max(1, total_steps - settings.warmup_steps)
+        lr = settings.min_lr + (settings.lr - settings.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return lr / settings.lr
+
+    return factor
+
+
+def train(
+    model: MedCapModel, tokenizers: Tokenizers, records: Sequence[CaptionRecord], settings: TrainSettings, out_dir: Path,
+    provenance: checkpoint.Provenance, *, resume: bool = False, progress: bool = True,
+    transform: ImageTransform | None = None,
+) -> TrainResult:  # fmt: skip
+    if not records:
+        raise ValueError("no training records")
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+    device = next(model.branches.parameters()).device
+    branches = [settings.branch] if settings.stage == "stage1" else list(model.branches)
+    features = encode_images(model, records, transform or image_transform_for(model), branches, settings.feature_batch_size, progress)
+    captions = [r.caption for r in records]
+
+    params = model.trainable_parameters(settings.stage, settings.branch)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(records) / settings.batch_size)
+    total = settings.max_steps or settings.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total))
+    step, losses = 0, []
+    state_path = out_dir / STATE
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"--resume: {state_path} does not exist")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["settings"] != asdict(settings):
+            raise ValueError("--resume: the training settings differ from the interrupted run's")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, losses = state["step"], state["losses"]
+        torch.set_rng_state(state["torch_rng"])
+
+    model.train()
+    generator = torch.Generator().manual_seed(settings.seed)
+    bar = tqdm(total=total, initial=step, desc=f"{settings.stage}{'/' + settings.branch if settings.branch else ''}",
+               unit="step", disable=not progress)  # fmt: skip
+    try:
+        step = _loop(model, tokenizers, settings, features, captions, branches, params, optimizer, scheduler, generator, bar, step,
+                     total, steps_per_epoch, losses, device, out_dir, provenance)  # fmt: skip
+    except KeyboardInterrupt:
+        # Ctrl-C (or SIGINT from a scheduler): keep what was learnt, resumable with --resume.
+        bar.close()
+        _save(model, tokenizers, out_dir, provenance, settings, optimizer, scheduler, len(losses), losses, final=False)
+        raise
+    bar.close()
+    model.eval()
+    _save(model, tokenizers, out_dir, provenance, settings, optimizer, scheduler, step, losses, final=True)
+    return TrainResult(step, losses, out_dir)
+
+
+def _loop(model: MedCapModel, tokenizers: Tokenizers, settings: TrainSettings, features: dict[str, torch.Tensor], captions: list[str],
+          branches: list[str], params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
+          generator: torch.Generator, bar: Any, step: int, total: int, steps_per_epoch: int, losses: list[dict[str, float]],
+          device: torch.device, out_dir: Path, provenance: checkpoint.Provenance) -> int:  # fmt: skip
+    count = len(captions)
+    while step < total:
+        epoch = step // steps_per_epoch
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(settings.seed * 1000 + epoch)).tolist()
+        for start in range((step % steps_per_epoch) * settings.batch_size, len(order), settings.batch_size):
+            if step >= total:
+                break
+            index = order[start : start + settings.batch_size]
+            if settings.stage == "stage1" and len(index) < 2:
+                continue
+            tokens = {b: features[b][index].to(device) for b in branches}
+            batch_captions = [captions[i] for i in index]
+            if settings.stage == "stage1":
+                text = tokenizers.qformer_batch(batch_captions, model.config.max_text_tokens)
+                parts = stage1_losses(model.branches[settings.branch], tokens[settings.branch], text["input_ids"].to(device),
+                                      text["attention_mask"].to(device), tokenizers.qformer_bos_id, generator)  # fmt: skip
+                loss = parts["loss"]
+                logged = {k: float(v.detach()) for k, v in parts.items()}
+            else:
+                batch = {k: v.to(device) for k, v in tokenizers.lm_batch(batch_captions, model.config.prompt, model.config.eos_text,
+                                                                        model.config.max_text_tokens).items()}  # fmt: skip
+                loss = model(pixels={}, image_tokens=tokens, **batch)
+                logged = {"loss": float(loss.detach())}
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {float(loss)} at step {step}: lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(logged | {"step": step})
+            bar.update(1)
+            bar.set_postfix(loss=f"{logged['loss']:.3f}")
+            if settings.checkpoint_every and step % settings.checkpoint_every == 0 and step < total:
+                _save(model, tokenizers, out_dir, provenance, settings, optimizer, scheduler, step, losses, final=False)
+    return step
+
+
+def _save(model: MedCapModel, tokenizers: Tokenizers, out_dir: Path, provenance: checkpoint.Provenance, settings: TrainSettings,
+          optimizer: torch.optim.Optimizer, scheduler: Any, step: int, losses: list[dict[str, float]], final: bool) -> None:  # fmt: skip
+    """Write checkpoint and state to a sibling folder, then swap it in: an interrupted save never
+    leaves a half-written checkpoint behind."""
+    record = checkpoint.Provenance(provenance.sources, provenance.initialised, list(provenance.history))
+    record.history.append({"stage": settings.stage, "branch": settings.branch, "steps": step, "final": final,
+                           "last_loss": losses[-1]["loss"] if losses else None,
+                           "at": datetime.now(UTC).isoformat(timespec="seconds")})  # fmt: skip
+    tmp = out_dir.with_name(out_dir.name + ".saving")
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint.save(model, tokenizers, tmp, record)
+    torch.save({"settings": asdict(settings), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "losses": losses, "torch_rng": torch.get_rng_state()}, tmp / STATE)  # fmt: skip
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def pretrain_language_model(model: MedCapModel, tokenizers: Tokenizers, texts: Sequence[str], *, steps: int, batch_size: int = 32,
+                            lr: float = 1e-3, seed: int = 0, max_context: int = 16, progress: bool = True) -> list[float]:  # fmt: skip
+    """Text-only LM training for tiny from-scratch models, standing in for OPT's pretraining.
+
+    MSMedCap keeps a *pretrained* LM frozen and steers it with a soft prompt placed before BOS.
+    A large LM reads whatever context precedes the text; a tiny one trained only on captions
+    learns to ignore anything before BOS, so no soft prompt can steer it. So the tiny LM also
+    learns to read a context: most captions come after a shuffled, partly dropped bag of their
+    own tokens (up to ``max_context``, the soft prompt's length), a quarter come after nothing.
+    No image is involved; the LM is frozen again afterwards, as in the real recipe.
+    """
+    lm = model.lm
+    for p in lm.parameters():
+        p.requires_grad_(True)
+    lm.train()
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
+    rng = random.Random(seed)
+    device = next(lm.parameters()).device
+    pad, bos = int(tokenizers.lm.pad_token_id), int(tokenizers.lm.bos_token_id)
+    encoded = [tokenizers.lm_batch([t], "", model.config.eos_text, model.config.max_text_tokens)["input_ids"][0].tolist() for t in texts]
+    losses = []
+    for _ in tqdm(range(steps), desc="language model", unit="step", disable=not progress):
+        rows, label_rows = [], []
+        for _ in range(batch_size):
+            ids = encoded[rng.randrange(len(encoded))]
+            body = [i for i in ids[1:] if i != pad]
+            context: list[int] = []
+            if rng.random() < 0.75:
+                context = [i for i in dict.fromkeys(body[:-1]) if rng.random() > 0.2]
+                rng.shuffle(context)
+                context = context[:max_context]
+            rows.append(context + [bos] + body)
+            label_rows.append([-100] * (len(context) + 1) + body)
+        width = max(len(r) for r in rows)
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+        labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows], device=device)
+        mask = (torch.arange(width, device=device)[None, :] < torch.tensor([len(r) for r in rows], device=device)[:, None]).long()
+        loss = lm(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    lm.eval()
+    return losses
