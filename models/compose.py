@@ -59,17 +59,21 @@ def _source_sha(source: Path | str) -> str:
     return "unknown (hub cache)"
 
 
+def _from_pretrained(model_class: Any, resolved: Path | str, flag: str, what: str) -> Any:
+    """``from_pretrained`` that fails on any missing weight instead of initialising it at random."""
+    try:
+        model, info = model_class.from_pretrained(resolved, output_loading_info=True, dtype=torch.float32)
+    except OSError as exc:
+        raise ComposeError(f"{flag} {resolved}: cannot load a {what} checkpoint ({exc})") from None
+    if info["missing_keys"]:
+        raise ComposeError(f"{flag} {resolved}: {len(info['missing_keys'])} weight(s) missing, e.g. {sorted(info['missing_keys'])[:5]}")
+    return model
+
+
 def load_blip2(source: str) -> Any:
     from transformers import Blip2ForConditionalGeneration
 
-    resolved = _resolve(source, "--blip2")
-    try:
-        model, info = Blip2ForConditionalGeneration.from_pretrained(resolved, output_loading_info=True, dtype=torch.float32)
-    except OSError as exc:
-        raise ComposeError(f"--blip2 {source}: cannot load a BLIP-2 checkpoint ({exc})") from None
-    if info["missing_keys"]:
-        raise ComposeError(f"--blip2 {source}: {len(info['missing_keys'])} weight(s) missing, e.g. {sorted(info['missing_keys'])[:5]}")
-    return model
+    return _from_pretrained(Blip2ForConditionalGeneration, _resolve(source, "--blip2"), "--blip2", "BLIP-2")
 
 
 # -- SAM ------------------------------------------------------------------------------------
@@ -129,12 +133,7 @@ def load_sam(source: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], torc
         return sam_config_from_weights(weights), weights, gaussian
     from transformers import SamVisionConfig, SamVisionModel
 
-    try:
-        model, info = SamVisionModel.from_pretrained(resolved, output_loading_info=True, dtype=torch.float32)
-    except OSError as exc:
-        raise ComposeError(f"--sam {source}: cannot load a SAM checkpoint ({exc})") from None
-    if info["missing_keys"]:
-        raise ComposeError(f"--sam {source}: {len(info['missing_keys'])} weight(s) missing, e.g. {sorted(info['missing_keys'])[:5]}")
+    model = _from_pretrained(SamVisionModel, resolved, "--sam", "SAM")
     config = SamVisionConfig.to_dict(model.config)
     gaussian = _read_tensor(Path(resolved), SAM_PE_KEY_HF) if isinstance(resolved, Path) else None
     keep = set(SamVisionConfig().to_dict()) - {"transformers_version", "model_type", "architectures"}

@@ -14,6 +14,7 @@ import pytest
 from highdicom.legacy import LegacyConvertedEnhancedCTImage
 from pydicom import Dataset
 
+from dicom_io.series import read_series
 from tests.conftest import series_files
 
 
@@ -68,3 +69,15 @@ def edited(tmp_path: Path) -> Callable[..., list[Path]]:
         return written
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ge():
+    """The GE head CT: tilted gantry, two slice thicknesses."""
+    return read_series(series_files("ct-head-ge"))[0]
+
+
+@pytest.fixture(scope="session")
+def mr():
+    """The UIH T1 MR: every slice at the same z, sorted only along the normal."""
+    return read_series(series_files("mr-t1-brain-uih"))[0]

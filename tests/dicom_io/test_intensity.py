@@ -6,16 +6,6 @@ from dicom_io.series import read_series
 from tests.conftest import series_files
 
 
-@pytest.fixture(scope="module")
-def ge():
-    return read_series(series_files("ct-head-ge"))[0]
-
-
-@pytest.fixture(scope="module")
-def mr():
-    return read_series(series_files("mr-t1-brain-uih"))[0]
-
-
 def test_presets_are_the_documented_center_width_pairs():
     expected = {"brain": (40, 80), "subdural": (75, 215), "stroke": (40, 40), "bone": (400, 1800),
                 "temporal_bone": (600, 2800), "soft_tissue": (50, 350), "lung": (-600, 1500)}  # fmt: skip

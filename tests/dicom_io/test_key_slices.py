@@ -2,18 +2,6 @@ import numpy as np
 import pytest
 
 from dicom_io.key_slices import KeySlices, KeySliceSpec, foreground_areas, select_key_slices
-from dicom_io.series import read_series
-from tests.conftest import series_files
-
-
-@pytest.fixture(scope="module")
-def ge():
-    return read_series(series_files("ct-head-ge"))[0]
-
-
-@pytest.fixture(scope="module")
-def mr():
-    return read_series(series_files("mr-t1-brain-uih"))[0]
 
 
 def test_central_takes_the_middle_neighbours(ge, mr):
