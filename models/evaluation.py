@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,6 @@ def evaluate_checkpoints(
     if out_dir is not None:
         report.write(out_dir, name="results", title="Caption evaluation",
                      metadata={"models": identities, "images": len(references), "generation": generation.__dict__})  # fmt: skip
-        examples = {name: dict(list(preds.items())[:20]) for name, preds in predictions.items()}
-        (Path(out_dir) / "examples.json").write_text(__import__("json").dumps(
-            {"references": {k: references[k] for k in list(references)[:20]}, "predictions": examples}, indent=2))  # fmt: skip
+        # Every caption, for error analysis and paired comparisons between models.
+        (Path(out_dir) / "predictions.json").write_text(json.dumps({"references": references, "predictions": predictions}, indent=1))
     return report
