@@ -22,6 +22,26 @@ class ModelCommandError(Exception):
     pass
 
 
+def _friendly(handler: Any) -> Any:
+    """User mistakes (a missing checkpoint, a bad config, unreadable data) end as one clear
+    line, not a traceback; programming errors still raise."""
+
+    def run(settings: Any, args: argparse.Namespace) -> int:
+        try:
+            from models.checkpoint import CheckpointError
+            from models.compose import ComposeError
+            from models.config import ConfigError
+        except ImportError as exc:
+            raise ModelCommandError(f"the captioner needs the model extra ({exc.name} is missing): pip install -e '.[model]'") from exc
+
+        try:
+            return int(handler(settings, args) or 0)
+        except (CheckpointError, ComposeError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+            raise ModelCommandError(str(exc)) from exc
+
+    return run
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("caption", help="caption a DICOM file or folder offline and print a draft per series")
     p.add_argument("path", type=Path)
@@ -31,7 +51,7 @@ def register(sub: Any) -> None:
     p.add_argument("--key-slices", type=int, default=3, help="key slices per series (default 3)")
     p.add_argument("--key-strategy", default="uniform", choices=["central", "uniform", "content"])
     p.add_argument("--window", default=None, help="CT window preset (brain, subdural, stroke, bone, soft_tissue, lung, auto)")
-    p.set_defaults(func=cmd_caption)
+    p.set_defaults(func=_friendly(cmd_caption))
 
     model = sub.add_parser("model", help="build and inspect captioner checkpoints")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -44,15 +64,15 @@ def register(sub: Any) -> None:
     p.add_argument("--sam-layout", default="channel", choices=["channel", "spatial"])
     p.add_argument("--prompt", default="", help="text before every caption, in training and inference")
     p.add_argument("--name", default="")
-    p.set_defaults(func=cmd_compose)
+    p.set_defaults(func=_friendly(cmd_compose))
     p = msub.add_parser("demo", help="train the tiny demo MSMedCap on synthetic slices (CPU, a few minutes)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=_friendly(cmd_demo))
     p = msub.add_parser("info", help="print a checkpoint's model card")
     _model_arg(p)
-    p.set_defaults(func=cmd_info)
+    p.set_defaults(func=_friendly(cmd_info))
 
     train = sub.add_parser("train", help="train a captioner (stage 1: one Q-Former; stage 2: the LM loss)")
     tsub = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -75,7 +95,7 @@ def register(sub: Any) -> None:
         p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
         p.add_argument("--device", default="auto")
         p.add_argument("--seed", type=int, default=0)
-        p.set_defaults(func=cmd_train)
+        p.set_defaults(func=_friendly(cmd_train))
 
     p = sub.add_parser("evaluate", help="score captioners side by side (BLEU-1..4, METEOR, ROUGE-L, CIDEr)")
     p.add_argument("--model", type=Path, action="append", required=True, help="checkpoint directory; repeat for several")
@@ -87,7 +107,7 @@ def register(sub: Any) -> None:
     p.add_argument("--bertscore-model", type=Path, help="local model directory for BERTScore (optional)")
     p.add_argument("--bleurt-model", type=Path, help="local checkpoint directory for BLEURT (optional)")
     _generation_args(p)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=_friendly(cmd_evaluate))
 
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -98,7 +118,7 @@ def register(sub: Any) -> None:
     p.add_argument("--test", type=int, default=300)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_synthetic)
+    p.set_defaults(func=_friendly(cmd_synthetic))
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
