@@ -93,6 +93,8 @@ def register(sub: Any) -> None:
         p.add_argument("--weight-decay", type=float, default=0.05)
         p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
         p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+        p.add_argument("--feature-cache", default="memory", choices=["memory", "disk"],
+                       help="frozen-encoder features in RAM, or fp16 memory-mapped on disk beside --out (large datasets)")  # fmt: skip
         p.add_argument("--device", default="auto")
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=_friendly(cmd_train))
@@ -279,7 +281,8 @@ def cmd_train(settings: Any, args: argparse.Namespace) -> int:
     records = select_records(load_data(args.data), "train", args.mix)
     train_settings = TrainSettings(stage=args.stage, branch=getattr(args, "qformer", None), epochs=args.epochs, max_steps=args.max_steps,
                                    batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                                   weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every, seed=args.seed)  # fmt: skip
+                                   weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                                   feature_cache=args.feature_cache)  # fmt: skip
     history = provenance.get("history", [])
     if args.resume and history and not history[-1].get("final", True):
         history = history[:-1]

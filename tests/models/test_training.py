@@ -120,3 +120,22 @@ def test_image_transforms_follow_each_branch(synthetic):
     model, _ = _model(synthetic)
     arrays = image_transform_for(model)(load_image(Path(synthetic[0].image_path), color="L"))
     assert arrays["clip"].shape == (3, 32, 32) and arrays["sam"].shape == (3, 64, 64)
+
+
+def test_each_distinct_image_is_encoded_once_and_can_live_on_disk(synthetic, tmp_path):
+    from dataclasses import replace
+
+    from models.training import encode_images
+
+    model, _ = _model(synthetic)
+    records = [synthetic[0], replace(synthetic[0], caption="another caption of the same image"), synthetic[1]]
+    transform = image_transform_for(model)
+    memory = encode_images(model, records, transform, ["sam"], 2, progress=False)
+    assert memory.rows == [0, 0, 1] and memory.by_branch["sam"].shape[0] == 2
+    disk = encode_images(model, records, transform, ["sam"], 2, progress=False, cache_dir=tmp_path / "features")
+    assert (tmp_path / "features" / "sam.npy").is_file()
+    assert torch.allclose(disk.batch("sam", [0, 1, 2], torch.device("cpu")), memory.batch("sam", [0, 1, 2], torch.device("cpu")),
+                          atol=1e-2, rtol=1e-2)  # fmt: skip
+    settings = TrainSettings(stage="stage2", max_steps=2, batch_size=8, feature_cache="disk")
+    train(model, _model(synthetic)[1], synthetic[:16], settings, tmp_path / "run", checkpoint.Provenance(), progress=False)
+    assert (tmp_path / "run.features" / "clip.npy").is_file()
