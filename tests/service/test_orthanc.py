@@ -1,24 +1,17 @@
 """A real PACS as the sender: Orthanc pushes studies to the listener over C-STORE.
 
-One Orthanc runs per test session (fresh directory, free ports); the CT and MR series are
-uploaded to it once. Each test registers its own listener in Orthanc and asks Orthanc to
+One Orthanc runs per test session (the ``orthanc`` fixture in tests/conftest.py); the CT and MR
+series are uploaded to it once. Each test registers its own listener in Orthanc and asks Orthanc to
 push, exactly as a hospital PACS would be configured to route studies to MedCap.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -35,96 +28,12 @@ from service.schema import (
     Study,
     StudyVersion,
 )
-from tests.conftest import free_port, series_files, wait_until
+from tests.conftest import ORTHANC_AET, Orthanc, series_files, wait_until
 
 pytestmark = pytest.mark.orthanc
 
 CT = "ct-head-ge"
 MR = "mr-t1-brain-uih"
-ORTHANC_AET = "ORTHANC"
-
-
-class Orthanc:
-    """A running Orthanc and its REST API (stdlib urllib only)."""
-
-    def __init__(self, process: subprocess.Popen[bytes], http_port: int, dicom_port: int, log: Path) -> None:
-        self.process = process
-        self.url = f"http://127.0.0.1:{http_port}"
-        self.dicom_port = dicom_port
-        self.log = log
-
-    def request(self, method: str, path: str, body: bytes | dict[str, Any] | None = None, timeout: float = 120) -> Any:
-        """Call the REST API; raises urllib.error.HTTPError on an error status."""
-        headers = {}
-        if isinstance(body, dict):
-            body, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
-        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            payload = response.read()
-        return json.loads(payload) if payload else None
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else "(no log)"
-
-    def register(self, name: str, ae_title: str, port: int) -> None:
-        self.request("PUT", f"/modalities/{name}", {"AET": ae_title, "Host": "127.0.0.1", "Port": port})
-
-    def push(self, modality: str, study_id: str) -> dict[str, Any]:
-        """C-STORE a whole study to a registered modality; returns when Orthanc's job is done."""
-        reply: dict[str, Any] = self.request("POST", f"/modalities/{modality}/store", {"Resources": [study_id], "Synchronous": True})
-        return reply
-
-
-def _orthanc_binary() -> str:
-    # /usr/sbin is not on every user's PATH; Debian installs Orthanc there.
-    found = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
-    if found is None:
-        pytest.fail("Orthanc is not installed (apt-get install orthanc); these tests need it as the sending PACS")
-    return found
-
-
-@pytest.fixture(scope="session")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    binary = _orthanc_binary()
-    home = tmp_path_factory.mktemp("orthanc")
-    http_port, dicom_port = free_port(), free_port()
-    config = {
-        "Name": "MEDCAP-TEST-PACS", "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"),
-        "Plugins": [], "HttpServerEnabled": True, "HttpPort": http_port, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomAet": ORTHANC_AET, "DicomPort": dicom_port,
-        "StableAge": 5,
-    }  # fmt: skip
-    (home / "orthanc.json").write_text(json.dumps(config, indent=2))
-    log = home / "orthanc.log"
-    with log.open("wb") as out:
-        # TCP_NODELAY=1: Debian's Orthanc leaves Nagle on otherwise (~40 ms per C-STORE-RSP).
-        process = subprocess.Popen([binary, str(home / "orthanc.json")], cwd=home, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "TCP_NODELAY": "1"})  # fmt: skip
-    server = Orthanc(process, http_port, dicom_port, log)
-    try:
-        _wait_for_rest_api(server, timeout=30)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def _wait_for_rest_api(server: Orthanc, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if server.process.poll() is not None:
-            pytest.fail(f"Orthanc exited with status {server.process.returncode} at start-up:\n{server.log_tail()}")
-        try:
-            server.request("GET", "/system", timeout=2)
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            if time.monotonic() > deadline:
-                pytest.fail(f"Orthanc's REST API did not answer within {timeout} s:\n{server.log_tail()}")
-            time.sleep(0.1)
 
 
 @dataclass(frozen=True)

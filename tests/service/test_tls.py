@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import socket
 import ssl
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from service.database import Database
 from service.schema import Association, Instance
 from service.settings import SettingsError, load_settings
 from tests.conftest import series_files, wait_until
+from tests.pki import issue, make_ca
 
 CT = "ct-head-ge"
 
@@ -38,41 +38,17 @@ class Pki:
     stranger_key: Path
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    result = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, f"openssl {' '.join(args)} failed:\n{result.stderr}"
-
-
-def _make_ca(folder: Path, name: str) -> tuple[Path, Path]:
-    key, cert = folder / f"{name}.key", folder / f"{name}.pem"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-             "-subj", f"/CN=MedCap test {name}", "-keyout", str(key), "-out", str(cert),
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-             cwd=folder)  # fmt: skip
-    return cert, key
-
-
-def _issue(folder: Path, name: str, ca: tuple[Path, Path], subject: str, extensions: str) -> tuple[Path, Path]:
-    key, csr, cert, ext = (folder / f"{name}.{suffix}" for suffix in ("key", "csr", "pem", "ext"))
-    ext.write_text(extensions + "basicConstraints=critical,CA:FALSE\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", subject,
-             "-keyout", str(key), "-out", str(csr), cwd=folder)  # fmt: skip
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial", "-days", "2",
-             "-extfile", str(ext), "-out", str(cert), cwd=folder)  # fmt: skip
-    return cert, key
-
-
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     if shutil.which("openssl") is None:
         pytest.fail("the openssl command is needed to make test certificates (apt-get install openssl)")
     folder = tmp_path_factory.mktemp("pki")
-    ca = _make_ca(folder, "ca")
-    server = _issue(folder, "server", ca, "/CN=127.0.0.1",
+    ca = make_ca(folder, "ca")
+    server = issue(folder, "server", ca, "/CN=127.0.0.1",
                     "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n")  # fmt: skip
     client_usage = "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n"
-    client = _issue(folder, "client", ca, "/CN=PACS", client_usage)
-    stranger = _issue(folder, "stranger", _make_ca(folder, "other-ca"), "/CN=PACS", client_usage)
+    client = issue(folder, "client", ca, "/CN=PACS", client_usage)
+    stranger = issue(folder, "stranger", make_ca(folder, "other-ca"), "/CN=PACS", client_usage)
     return Pki(ca[0], *server, *client, *stranger)
 
 
