@@ -28,25 +28,15 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
+from dicom_io.ae_title import validate_ae_title
+
 LOG = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
 STATUS_RESOURCE_LIMITATION = 0x0213  # PS3.7 Annex C: as transient as Out of Resources
 MAX_PRESENTATION_CONTEXTS = 128  # PS3.8 9.3.2.2: odd context IDs 1-255
 
-# AE VR (PS3.5 6.2): up to 16 characters of the default repertoire, no backslash or control characters.
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-
-
-def validate_ae_title(value: str, name: str) -> str:
-    """Return ``value`` without its insignificant surrounding spaces; raise ValueError naming ``name``."""
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    title = value.strip()
-    if not _AE_TITLE.match(title):
-        raise ValueError(f"{name} must be 1-16 printable ASCII characters other than a backslash, got {value!r}")
-    return title
 
 
 # -- destinations --------------------------------------------------------------------------------

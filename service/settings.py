@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,19 +24,14 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from dicom_io.ae_title import validate_ae_title
+
 ENV_PREFIX = "MEDCAP_"
 TEST_PREFIX = "MEDCAP_TEST_"  # reserved for the test suite's own variables
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no control chars
 
 
 class SettingsError(ValueError):
     """A setting has a bad value; the message names the setting."""
-
-
-def validate_ae_title(value: str, setting: str) -> str:
-    if not _AE_TITLE.match(value) or not value.strip():
-        raise ValueError(f"{setting}: {value!r} is not a DICOM AE title (1-16 printable characters, no backslash)")
-    return value.strip()
 
 
 @dataclass(frozen=True)
