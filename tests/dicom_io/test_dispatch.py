@@ -573,16 +573,21 @@ def test_module_imports_no_service_code():
     assert out.stdout.strip() == "[]"
 
 
-def test_tcp_nodelay_keeps_small_stores_fast(start_scp):
-    # With Nagle's algorithm on, each C-STORE waits ~40 ms for a delayed ACK (about 1.8 s for
-    # these 40 SRs here); with TCP_NODELAY the whole batch takes about 0.3 s.
+def test_tcp_nodelay_is_set_on_the_association_socket(start_scp, monkeypatch):
+    # Without it each small C-STORE waits ~40 ms on Nagle + delayed ACK (measured here: 30 SRs
+    # 1.50 s vs 0.23 s). Checked as behaviour, not as a timing: speed belongs in benchmarks/.
+    calls = []
+    original = socket.socket.setsockopt
+
+    def spy(self, level, option, value, *rest):  # type: ignore[no-untyped-def]
+        calls.append((level, option, value))
+        return original(self, level, option, value, *rest)
+
+    monkeypatch.setattr(socket.socket, "setsockopt", spy)
     scp = start_scp()
-    datasets = [sr() for _ in range(40)]
-    started = time.monotonic()
-    result = send(scp.destination(), datasets, timeout=10)
-    elapsed = time.monotonic() - started
+    result = send(scp.destination(), [sr() for _ in range(5)], timeout=10)
     assert result.delivered and scp.connections == 1
-    assert elapsed < 1.2, f"40 small C-STOREs took {elapsed:.2f} s: is TCP_NODELAY set on the association socket?"
+    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in calls
 
 
 def test_peer_that_accepts_tcp_but_never_answers_the_association_times_out():
