@@ -290,3 +290,17 @@ def _wait_for_rest_api(server: Orthanc, timeout: float) -> None:
             if time.monotonic() > deadline:
                 pytest.fail(f"Orthanc's REST API did not answer within {timeout} s:\n{server.log_tail()}")
             time.sleep(0.1)
+
+
+@pytest.fixture
+def socket_options(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Every (level, option, value) set on a socket in this process during the test."""
+    calls: list[tuple[int, int, int]] = []
+    original = socket.socket.setsockopt
+
+    def spy(self, level, option, value, *rest):  # type: ignore[no-untyped-def]
+        calls.append((level, option, value))
+        return original(self, level, option, value, *rest)
+
+    monkeypatch.setattr(socket.socket, "setsockopt", spy)
+    return calls

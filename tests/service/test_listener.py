@@ -225,18 +225,10 @@ def test_compressed_images_and_companion_classes_are_stored_as_sent(db, listener
             assert pydicom.dcmread(row.path).PixelData == ds.PixelData
 
 
-def test_tcp_nodelay_is_set_on_accepted_sockets(db, listener, monkeypatch):
+def test_tcp_nodelay_is_set_on_accepted_sockets(db, listener, socket_options):
     # Nagle + delayed ACK would add ~40 ms to every C-STORE-RSP (environment note); speed itself
     # is measured in benchmarks/receive.py, here only the behaviour is checked.
     import socket
 
-    calls = []
-    original = socket.socket.setsockopt
-
-    def spy(self, level, option, value, *rest):  # type: ignore[no-untyped-def]
-        calls.append((level, option, value))
-        return original(self, level, option, value, *rest)
-
-    monkeypatch.setattr(socket.socket, "setsockopt", spy)
     assert storescu(listener, series_files(CT)[:1]).returncode == 0
-    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in calls
+    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in socket_options
