@@ -8,8 +8,8 @@ import socket
 from service import audit
 from service.clock import SystemClock
 from service.database import Database
-from service.settings import Settings
-from workers.celery_app import CAPTION_TASK, app
+from service.settings import Settings, load_settings
+from workers.celery_app import CAPTION_TASK, app, configure
 from workers.jobs import JobRunner
 
 LOG = logging.getLogger(__name__)
@@ -26,7 +26,8 @@ def _database(settings: Settings) -> Database:
 
 @app.task(name=CAPTION_TASK, acks_late=True, reject_on_worker_lost=True)
 def caption_study(job_id: int) -> str:
-    settings: Settings = app.medcap_settings  # type: ignore[attr-defined]
+    # Set by `medcap worker`; a worker started with `celery -A workers.celery_app` reads the environment.
+    settings: Settings = getattr(app, "medcap_settings", None) or configure(load_settings()).medcap_settings  # type: ignore[attr-defined]
     runner = JobRunner(_database(settings), SystemClock(), audit.worker_actor(socket.gethostname()), settings.job_redeliver_seconds)
     outcome = runner.run(job_id)
     LOG.info("job %d: %s", job_id, outcome)
