@@ -48,6 +48,11 @@ class Captioner:
         return cls(model, tokenizers, identity, target)
 
     @property
+    def image_sizes(self) -> tuple[int, int]:
+        """(CLIP, SAM) input sizes the model expects."""
+        return self.model.config.clip_image_size, self.model.config.sam_image_size
+
+    @property
     def branches(self) -> tuple[str, ...]:
         return self.model.config.branches
 

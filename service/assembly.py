@@ -32,9 +32,12 @@ from service.clock import Clock
 from service.database import Database
 from service.schema import (
     Association,
+    Dispatch,
+    DispatchStatus,
     Instance,
     Job,
     JobStatus,
+    SRDocument,
     Study,
     StudyVersion,
     UTCDateTime,
@@ -44,15 +47,17 @@ LOG = logging.getLogger(__name__)
 
 
 class JobPublisher(Protocol):
-    """Hands a job id to the queue (Celery in production)."""
+    """Hands job and dispatch ids to the queues (Celery in production)."""
 
     def publish(self, job_id: int) -> None: ...
+
+    def publish_dispatch(self, dispatch_id: int) -> None: ...
 
 
 class Assembler:
     def __init__(
         self, db: Database, clock: Clock, publisher: JobPublisher, *, quiet_seconds: float, max_wait_seconds: float,
-        redeliver_seconds: float,
+        redeliver_seconds: float, dispatch_stale_seconds: float = 120.0,
     ) -> None:  # fmt: skip
         self.db = db
         self.clock = clock
@@ -60,14 +65,17 @@ class Assembler:
         self.quiet = timedelta(seconds=quiet_seconds)
         self.max_wait = timedelta(seconds=max_wait_seconds)
         self.redeliver = timedelta(seconds=redeliver_seconds)
+        self.dispatch_stale = timedelta(seconds=dispatch_stale_seconds)
 
     def tick(self) -> list[int]:
-        """One pass: create the versions and jobs that are due, then publish unpublished jobs.
+        """One pass: create the versions and jobs that are due, then publish unpublished or due
+        jobs and dispatches.
 
         Returns the ids of the jobs created in this pass.
         """
         created = [job_id for study_id, trigger in self.due_studies() if (job_id := self.create_version(study_id, trigger))]
         self.publish_pending()
+        self.publish_dispatches()
         return created
 
     def due_studies(self) -> list[tuple[int, str]]:
@@ -157,16 +165,19 @@ class Assembler:
         stale = now - self.redeliver
         with self.db.session() as s:
             rows = s.execute(
-                select(Job.id, Job.status).where(
+                select(Job.id, Job.status, Study.study_uid)
+                .join(StudyVersion, StudyVersion.id == Job.study_version_id)
+                .join(Study, Study.id == StudyVersion.study_id)
+                .where(
                     or_(
-                        Job.status == JobStatus.QUEUED,
+                        and_(Job.status == JobStatus.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now)),
                         and_(Job.status == JobStatus.ENQUEUED, Job.enqueued_at < stale),
                         and_(Job.status == JobStatus.RUNNING, Job.started_at < stale),
                     )
                 ).order_by(Job.id)
             ).all()  # fmt: skip
         published = 0
-        for job_id, status in rows:
+        for job_id, status, study_uid in rows:
             try:
                 self.publisher.publish(job_id)
             except Exception:
@@ -178,7 +189,43 @@ class Assembler:
                     values["status"] = JobStatus.ENQUEUED.value
                 s.execute(update(Job).where(Job.id == job_id, Job.status == status).values(**values))
                 action = Action.JOB_ENQUEUED if status == JobStatus.QUEUED else Action.JOB_REENQUEUED
-                audit.record(s, now, audit.SYSTEM_ASSEMBLER, action, "job", job_id, previous_status=status)
+                audit.record(s, now, audit.SYSTEM_ASSEMBLER, action, "job", job_id, study_uid=study_uid, previous_status=status)
+            published += 1
+        return published
+
+    def publish_dispatches(self) -> int:
+        """The same doorbell for SRs on their way to a PACS: new ones, retries that are due, and
+        ones whose worker went quiet."""
+        now = self.clock.now()
+        stale = now - self.dispatch_stale
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Dispatch.id, Dispatch.status, Study.study_uid)
+                .join(SRDocument, SRDocument.id == Dispatch.sr_document_id)
+                .join(Study, Study.id == SRDocument.study_id)
+                .where(
+                    or_(
+                        Dispatch.status == DispatchStatus.PENDING,
+                        and_(Dispatch.status == DispatchStatus.RETRYING, Dispatch.next_attempt_at <= now),
+                        and_(Dispatch.status == DispatchStatus.ENQUEUED, Dispatch.enqueued_at < stale),
+                        and_(Dispatch.status == DispatchStatus.SENDING, Dispatch.started_at < stale),
+                    )
+                ).order_by(Dispatch.id)
+            ).all()  # fmt: skip
+        published = 0
+        for dispatch_id, status, study_uid in rows:
+            try:
+                self.publisher.publish_dispatch(dispatch_id)
+            except Exception:
+                LOG.exception("cannot publish dispatch %d; will retry", dispatch_id)
+                break
+            with self.db.session() as s:
+                values: dict[str, object] = {"enqueued_at": now}
+                if status in (DispatchStatus.PENDING, DispatchStatus.RETRYING):
+                    values["status"] = DispatchStatus.ENQUEUED.value
+                s.execute(update(Dispatch).where(Dispatch.id == dispatch_id, Dispatch.status == status).values(**values))
+                audit.record(s, now, audit.SYSTEM_ASSEMBLER, Action.DISPATCH_ENQUEUED, "dispatch", dispatch_id, study_uid=study_uid,
+                             previous_status=status)  # fmt: skip
             published += 1
         return published
 

@@ -87,6 +87,20 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUPERSEDED)
 
 
+class DispatchStatus(enum.StrEnum):
+    PENDING = "pending"  # committed, not yet handed to the broker
+    ENQUEUED = "enqueued"
+    SENDING = "sending"
+    RETRYING = "retrying"  # a transient failure; sent again at next_attempt_at
+    DELIVERED = "delivered"  # the PACS answered Success or Warning for the SR
+    FAILED = "failed"  # refused, or out of attempts: waits for `medcap resend`
+
+
+class SRKind(enum.StrEnum):
+    DRAFT = "draft"  # PARTIAL / UNVERIFIED, written by a worker
+    VERIFIED = "verified"  # COMPLETE / VERIFIED, written when a radiologist approves
+
+
 class Association(Base):
     __tablename__ = "associations"
 
@@ -189,6 +203,95 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     superseded_by_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
     error: Mapped[str | None] = mapped_column(Text)
+    # A queued job after a transient failure is not published before this time (backoff).
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The pipeline's milestones: model done, SR stored and committed, every destination acknowledged.
+    inferred_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    sr_written_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    worker: Mapped[str | None] = mapped_column(String(128))
+
+
+class SRDocument(Base):
+    """A Structured Report MedCap wrote, kept under the data dir until it is delivered (and after)."""
+
+    __tablename__ = "sr_documents"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # SRKind
+    # draft: "draft:<study version>:<weights sha256>"; verified: "verified:<draft id>". A second
+    # writer for the same key (a redelivered job, a second approval) fails on this constraint.
+    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_version_id: Mapped[int] = mapped_column(ForeignKey("study_versions.id"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    predecessor_id: Mapped[int | None] = mapped_column(ForeignKey("sr_documents.id"))
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    completion_flag: Mapped[str] = mapped_column(String(16))  # PARTIAL | COMPLETE
+    verification_flag: Mapped[str] = mapped_column(String(16))  # UNVERIFIED | VERIFIED
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    created_by: Mapped[str] = mapped_column(String(128))
+
+
+class Draft(Base):
+    """The model's text for one series of a study version, with the key images it came from."""
+
+    __tablename__ = "drafts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sr_document_id: Mapped[int] = mapped_column(ForeignKey("sr_documents.id"), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)
+    key_images: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{sop_instance_uid, caption}]
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_type: Mapped[str] = mapped_column(String(32))
+    model_version: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    generation_preset: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("sr_document_id", "series_uid"),)
+
+
+class Dispatch(Base):
+    """One SR on its way to one destination."""
+
+    __tablename__ = "dispatches"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    sr_document_id: Mapped[int] = mapped_column(ForeignKey("sr_documents.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(300))  # AE@host:port
+    status: Mapped[str] = mapped_column(String(16), index=True)  # DispatchStatus
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (UniqueConstraint("sr_document_id", "destination"),)
+
+
+class DispatchAttempt(Base):
+    """One association to one destination, and what the PACS answered for each instance."""
+
+    __tablename__ = "dispatch_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    dispatch_id: Mapped[int] = mapped_column(ForeignKey("dispatches.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    outcome: Mapped[str] = mapped_column(String(16))  # delivered | transient | refused
+    error: Mapped[str | None] = mapped_column(Text)
+    instances: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{sop_instance_uid, status, category, error}]
+    worker: Mapped[str] = mapped_column(String(128))
 
 
 class AuditEvent(Base):

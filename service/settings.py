@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from dicom_io.ae_title import validate_ae_title
+from dicom_io.dispatch import ClientTLS, Destination, parse_destinations
 
 ENV_PREFIX = "MEDCAP_"
 TEST_PREFIX = "MEDCAP_TEST_"  # reserved for the test suite's own variables
@@ -93,12 +94,35 @@ class Settings(BaseSettings):
     job_redeliver_seconds: float = Field(900.0, gt=0, description="A job enqueued or running this long without finishing is enqueued again.")
     worker_concurrency: int = Field(1, ge=1, le=64, description="Worker processes started by `medcap serve` and `medcap worker`.")
     model: Path | None = Field(None, description="Captioner checkpoint directory (from `medcap model compose` or `medcap model demo`).")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="Where caption workers run the model: auto, cpu, cuda or cuda:N.")
+    generation_preset: str = Field("fast", pattern=r"^(fast|paper)$", description="Caption decoding: fast (greedy) or paper (beam search as published).")
+    key_slices: int = Field(3, ge=1, le=64, description="Key slices captioned per series.")
+    key_slice_strategy: str = Field("uniform", pattern=r"^(central|uniform|content)$", description="How key slices are chosen.")
+    caption_batch_size: int = Field(8, ge=1, le=256, description="Images per forward pass of the model.")
+    job_time_limit_seconds: float = Field(600.0, gt=0, description="A caption job running longer is stopped and retried.")
+    job_max_attempts: int = Field(3, ge=1, le=100, description="Attempts of a caption job before it ends as failed.")
+    destinations: str = Field("", description="Comma-separated PACS that receive our SRs, as AE@host:port; empty keeps SRs local.")
+    dispatch_tls_ca_file: Path | None = Field(None, description="PEM CA bundle to verify destinations with; enables TLS towards them.")
+    dispatch_tls_cert_file: Path | None = Field(None, description="PEM client certificate presented to destinations (optional, with the key).")
+    dispatch_tls_key_file: Path | None = Field(None, description="PEM key of the client certificate.")
+    dispatch_timeout_seconds: float = Field(30.0, gt=0, description="Network timeout of each step when sending an SR.")
+    dispatch_max_attempts: int = Field(10, ge=1, le=1000, description="Sends of an SR to one destination before it ends as failed (resend with `medcap resend`).")
+    retry_base_seconds: float = Field(5.0, gt=0, description="First retry delay; doubled on each further attempt.")
+    retry_max_seconds: float = Field(600.0, gt=0, description="Longest delay between retries.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of `medcap listen`/`serve` (0: off).")
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of `medcap worker` (0: off).")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
 
     @field_validator("dicom_ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
         return validate_ae_title(value, "dicom_ae_title")
+
+    @field_validator("destinations")
+    @classmethod
+    def _destinations(cls, value: str) -> str:
+        parse_destinations(value)
+        return value
 
     @field_validator("allowed_peers", mode="before")
     @classmethod
@@ -117,6 +141,11 @@ class Settings(BaseSettings):
         for path in filter(None, tls):
             if not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        if self.job_redeliver_seconds <= self.job_time_limit_seconds:
+            raise ValueError("job_redeliver_seconds must be longer than job_time_limit_seconds (a running job is taken over only once it cannot still be running)")
+        if self.retry_max_seconds < self.retry_base_seconds:
+            raise ValueError("retry_max_seconds must be at least retry_base_seconds")
+        self.destination_list  # noqa: B018 -- parse now, so a bad destination or TLS file stops start-up
         if self.model is not None and not (self.model / "config.json").is_file():
             raise ValueError(f"model: {self.model} is not a MedCap checkpoint directory (no config.json)")
         return self
@@ -129,6 +158,41 @@ class Settings(BaseSettings):
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def destination_list(self) -> tuple[Destination, ...]:
+        tls = None
+        if self.dispatch_tls_ca_file is not None:
+            try:
+                tls = ClientTLS(self.dispatch_tls_ca_file, self.dispatch_tls_cert_file, self.dispatch_tls_key_file)
+            except ValueError as exc:
+                raise ValueError(f"dispatch_tls: {exc}") from None
+        elif self.dispatch_tls_cert_file or self.dispatch_tls_key_file:
+            raise ValueError("dispatch_tls_cert_file/key_file need dispatch_tls_ca_file (the destinations' certificates must be verified)")
+        try:
+            return parse_destinations(self.destinations, tls=tls)
+        except ValueError as exc:
+            raise ValueError(f"destinations: {exc}") from None
+
+    def destination(self, text: str) -> Destination:
+        """A stored destination string, with today's TLS settings."""
+        for destination in self.destination_list:
+            if str(destination) == text:
+                return destination
+        return Destination.parse(text, tls=self.destination_list[0].tls if self.destination_list else None)
+
+    @property
+    def dispatch_stale_seconds(self) -> float:
+        """A send takes at most a few network timeouts (connect, associate, store, release)."""
+        return max(60.0, 5 * self.dispatch_timeout_seconds)
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
+
+    def retry_delay(self, attempts: int) -> float:
+        """Exponential backoff after ``attempts`` failed attempts (1, 2, …)."""
+        return float(min(self.retry_max_seconds, self.retry_base_seconds * 2 ** max(0, attempts - 1)))
 
     @property
     def tls_enabled(self) -> bool:

@@ -12,15 +12,18 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import create_engine, text
 
+from service.assembly import Assembler
 from service.clock import ManualClock
 from service.database import Database
 from service.listener import Listener
@@ -204,6 +207,44 @@ def send_raw(assoc: Association, files: list[Path]) -> list[int]:
         _config.STORE_SEND_CHUNKED_DATASET = previous
 
 
+# -- the broker as seen by producers ---------------------------------------------------------
+
+
+class RecordingPublisher:
+    """Stands in for the broker where a test drives the queue by hand (the broker is a doorbell:
+    what matters is in the database; tests/workers run the real brokers)."""
+
+    def __init__(self) -> None:
+        self.published: list[int] = []
+        self.dispatches: list[int] = []
+        self.fail = False
+
+    def publish(self, job_id: int) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.published.append(job_id)
+
+    def publish_dispatch(self, dispatch_id: int) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.dispatches.append(dispatch_id)
+
+
+@pytest.fixture
+def publisher() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+@pytest.fixture
+def assembler(db: Database, clock: ManualClock, settings: Settings, publisher: RecordingPublisher) -> Assembler:
+    return make_assembler(db, clock, settings, publisher)
+
+
+def make_assembler(db: Database, clock: ManualClock, settings: Settings, publisher: RecordingPublisher) -> Assembler:
+    return Assembler(db, clock, publisher, quiet_seconds=settings.quiet_seconds, max_wait_seconds=settings.max_wait_seconds,
+                     redeliver_seconds=settings.job_redeliver_seconds, dispatch_stale_seconds=settings.dispatch_stale_seconds)  # fmt: skip
+
+
 # -- Orthanc as the PACS (one per session) ---------------------------------------------------
 
 ORTHANC_AET = "ORTHANC"
@@ -278,6 +319,34 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
             process.wait(timeout=10)
 
 
+@dataclass(frozen=True)
+class UploadedStudy:
+    orthanc_id: str  # Orthanc's own identifier, what /modalities/.../store takes
+    study_uid: str
+    files: dict[str, Path]  # SOP Instance UID -> source file
+
+
+@pytest.fixture(scope="session")
+def pacs_studies(orthanc: Orthanc) -> dict[str, UploadedStudy]:
+    """The CT and MR series, uploaded to Orthanc once per session."""
+    studies = {}
+    for name in ("ct-head-ge", "mr-t1-brain-uih"):
+        files = series_files(name)
+        parents = {orthanc.request("POST", "/instances", path.read_bytes())["ParentStudy"] for path in files}
+        assert len(parents) == 1, f"{name} should be one study in Orthanc, got {parents}"
+        headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in files}
+        study_uids = {str(h.StudyInstanceUID) for h in headers.values()}
+        assert len(study_uids) == 1
+        studies[name] = UploadedStudy(parents.pop(), study_uids.pop(), {str(h.SOPInstanceUID): p for p, h in headers.items()})
+    return studies
+
+
+def delete_srs(orthanc: Orthanc) -> None:
+    """Remove the SRs MedCap sent, so the shared studies stay as uploaded for the next test."""
+    for instance in orthanc.request("POST", "/tools/find", {"Level": "Instance", "Query": {"Modality": "SR"}}):
+        orthanc.request("DELETE", f"/instances/{instance}")
+
+
 def _wait_for_rest_api(server: Orthanc, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -304,3 +373,24 @@ def socket_options(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]
 
     monkeypatch.setattr(socket.socket, "setsockopt", spy)
     return calls
+
+
+# -- a captioning model ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny, untrained MSMedCap checkpoint built locally (the pipeline needs a model, not a good one)."""
+    import torch
+
+    from models import checkpoint
+    from models.msmedcap import MedCapModel
+    from models.tiny import tiny_config
+    from tests.models.parts import tiny_tokenizers
+
+    tokenizers = tiny_tokenizers()
+    torch.manual_seed(0)
+    model = MedCapModel(tiny_config("msmedcap", lm_vocab=len(tokenizers.lm), qformer_vocab=len(tokenizers.qformer)))
+    directory = tmp_path_factory.mktemp("model") / "tiny"
+    checkpoint.save(model, tokenizers, directory, checkpoint.Provenance(sources=[{"part": "all", "source": "random (tests)"}]))
+    return directory

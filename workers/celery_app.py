@@ -7,8 +7,11 @@ from celery import Celery
 from service.settings import Settings
 from workers.embedded_broker import kombu_url
 
-CAPTION_QUEUE = "caption"
+CAPTION_QUEUE = "caption"  # GPU work: one model per worker process
 CAPTION_TASK = "medcap.caption_study"
+DISPATCH_QUEUE = "dispatch"  # network work: never waits behind a model
+DISPATCH_TASK = "medcap.send_report"
+QUEUES = (CAPTION_QUEUE, DISPATCH_QUEUE)
 
 app = Celery("medcap", include=["workers.tasks"])
 
@@ -19,7 +22,7 @@ def configure(settings: Settings) -> Celery:
         broker_url=kombu_url(settings.effective_broker_url),
         broker_connection_retry_on_startup=True,
         task_default_queue=CAPTION_QUEUE,
-        task_routes={CAPTION_TASK: {"queue": CAPTION_QUEUE}},
+        task_routes={CAPTION_TASK: {"queue": CAPTION_QUEUE}, DISPATCH_TASK: {"queue": DISPATCH_QUEUE}},
         # Acknowledge after the task ran, and hand it back if the worker process dies,
         # one task at a time per process: a crash never swallows a queued study.
         task_acks_late=True,
@@ -28,6 +31,10 @@ def configure(settings: Settings) -> Celery:
         task_ignore_result=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # The soft limit raises inside the task (the job is retried with backoff); the hard
+        # limit kills a process stuck in native code, and the job is taken over once stale.
+        task_soft_time_limit=settings.job_time_limit_seconds,
+        task_time_limit=settings.job_time_limit_seconds + 30,
         broker_transport_options={"visibility_timeout": int(settings.job_redeliver_seconds)}
         if settings.effective_broker_url.startswith("redis")
         else {},
@@ -37,11 +44,17 @@ def configure(settings: Settings) -> Celery:
 
 
 class CeleryPublisher:
-    """Publishes caption jobs by task name (the producer does not import the task code)."""
+    """Publishes caption jobs and dispatches by task name (the producer does not import the task code)."""
 
     def __init__(self, celery: Celery) -> None:
         self.celery = celery
 
     def publish(self, job_id: int) -> None:
-        self.celery.send_task(CAPTION_TASK, args=[job_id], queue=CAPTION_QUEUE, retry=True,
+        self._send(CAPTION_TASK, CAPTION_QUEUE, job_id)
+
+    def publish_dispatch(self, dispatch_id: int) -> None:
+        self._send(DISPATCH_TASK, DISPATCH_QUEUE, dispatch_id)
+
+    def _send(self, task: str, queue: str, object_id: int) -> None:
+        self.celery.send_task(task, args=[object_id], queue=queue, retry=True,
                               retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})  # fmt: skip

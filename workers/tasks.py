@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+from typing import Any
 
+from celery.signals import worker_process_init
+
+from dicom_io.dispatch import send
+from dicom_io.key_slices import KeySliceSpec
 from service import audit
 from service.clock import SystemClock
 from service.database import Database
 from service.settings import Settings, load_settings
-from workers.celery_app import CAPTION_TASK, app, configure
+from workers.celery_app import CAPTION_TASK, DISPATCH_TASK, app, configure
+from workers.dispatching import DispatchRunner
+from workers.drafting import Drafter, DraftOptions, PermanentJobError
 from workers.jobs import JobRunner
 
 LOG = logging.getLogger(__name__)
 _db: Database | None = None
+_captioner: Any = None
+_captioner_lock = threading.Lock()
+
+
+def _settings() -> Settings:
+    # Set by `medcap worker`; a worker started with `celery -A workers.celery_app` reads the environment.
+    return getattr(app, "medcap_settings", None) or configure(load_settings()).medcap_settings  # type: ignore[attr-defined,no-any-return]
 
 
 def _database(settings: Settings) -> Database:
@@ -24,11 +39,66 @@ def _database(settings: Settings) -> Database:
     return _db
 
 
+def captioner(settings: Settings) -> Any:
+    """The model, loaded once per worker process and warmed up (after the fork: CUDA and
+    OpenMP state do not survive one)."""
+    global _captioner
+    with _captioner_lock:
+        if _captioner is None:
+            if settings.model is None:
+                raise PermanentJobError("no captioning model is configured (MEDCAP_MODEL)")
+            from models.captioner import Captioner
+
+            LOG.info("loading the model from %s on %s", settings.model, settings.device)
+            loaded = Captioner.load(settings.model, settings.device)
+            loaded.warm_up()
+            LOG.info("model ready: %s", loaded.describe())
+            _captioner = loaded
+        return _captioner
+
+
+@worker_process_init.connect
+def _load_model_at_start(**_: object) -> None:
+    if getattr(app, "medcap_load_model", False):
+        try:
+            captioner(_settings())
+        except Exception:
+            LOG.exception("cannot load the model; caption jobs will fail and be retried")
+
+
+def _actor() -> str:
+    return audit.worker_actor(socket.gethostname())
+
+
 @app.task(name=CAPTION_TASK, acks_late=True, reject_on_worker_lost=True)
 def caption_study(job_id: int) -> str:
-    # Set by `medcap worker`; a worker started with `celery -A workers.celery_app` reads the environment.
-    settings: Settings = getattr(app, "medcap_settings", None) or configure(load_settings()).medcap_settings  # type: ignore[attr-defined]
-    runner = JobRunner(_database(settings), SystemClock(), audit.worker_actor(socket.gethostname()), settings.job_redeliver_seconds)
-    outcome = runner.run(job_id)
+    settings = _settings()
+    db = _database(settings)
+    runner = JobRunner(db, SystemClock(), _actor(), settings.job_redeliver_seconds, max_attempts=settings.job_max_attempts,
+                       retry_delay=settings.retry_delay)  # fmt: skip
+
+    def work(claimed_job_id: int) -> str:
+        options = DraftOptions(
+            generation_preset=settings.generation_preset, key_slices=KeySliceSpec(strategy=settings.key_slice_strategy, n=settings.key_slices),  # type: ignore[arg-type]
+            batch_size=settings.caption_batch_size, destinations=tuple(str(d) for d in settings.destination_list),
+            reports_dir=settings.reports_dir,
+        )  # fmt: skip
+        return Drafter(db, SystemClock(), captioner(settings), options, _actor()).draft(claimed_job_id)
+
+    outcome = runner.run(job_id, work)
     LOG.info("job %d: %s", job_id, outcome)
     return outcome
+
+
+@app.task(name=DISPATCH_TASK, acks_late=True, reject_on_worker_lost=True)
+def send_report(dispatch_id: int) -> str:
+    settings = _settings()
+    runner = DispatchRunner(
+        _database(settings), SystemClock(), _actor(), resolve=settings.destination,
+        sender=lambda destination, paths: send(destination, paths, calling_ae=settings.dicom_ae_title, timeout=settings.dispatch_timeout_seconds),
+        max_attempts=settings.dispatch_max_attempts, retry_delay=settings.retry_delay, stale_seconds=settings.dispatch_stale_seconds,
+    )  # fmt: skip
+    outcome = runner.run(dispatch_id)
+    LOG.info("dispatch %d: %s", dispatch_id, outcome)
+    return outcome
+

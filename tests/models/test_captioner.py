@@ -7,40 +7,26 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from dicom_io.model_input import prepare_series
 from models import checkpoint
 from models.captioner import Captioner, summarise
-from models.msmedcap import MedCapModel
-from models.tiny import tiny_config
 from tests.conftest import SHARED_DATA
-from tests.models.parts import tiny_tokenizers
 from tests.processes import run
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    tokenizers = tiny_tokenizers()
-    torch.manual_seed(0)
-    model = MedCapModel(tiny_config("msmedcap", lm_vocab=len(tokenizers.lm), qformer_vocab=len(tokenizers.qformer)))
-    directory = tmp_path_factory.mktemp("ckpt") / "tiny"
-    checkpoint.save(model, tokenizers, directory, checkpoint.Provenance(sources=[{"part": "all", "source": "random"}]))
-    return directory
-
-
-def test_captions_are_deterministic_and_independent_of_batching(tiny_checkpoint):
-    captioner = Captioner.load(tiny_checkpoint, "cpu")
+def test_captions_are_deterministic_and_independent_of_batching(tiny_model):
+    captioner = Captioner.load(tiny_model, "cpu")
     (series,) = prepare_series(SHARED_DATA / "ct-head-ge", clip_size=64, sam_size=64)
     inputs = {"clip": series.clip, "sam": series.sam}
     one_by_one = captioner.caption(inputs, batch_size=1)
     assert one_by_one == captioner.caption(inputs, batch_size=3) == captioner.caption(inputs, batch_size=3)
     assert len(one_by_one) == len(series.sop_instance_uids) == 3
-    assert captioner.describe()["weights_sha256"] == checkpoint.sha256_file(tiny_checkpoint / "model.safetensors")
+    assert captioner.describe()["weights_sha256"] == checkpoint.sha256_file(tiny_model / "model.safetensors")
 
 
-def test_inputs_are_checked(tiny_checkpoint):
-    captioner = Captioner.load(tiny_checkpoint, "cpu")
+def test_inputs_are_checked(tiny_model):
+    captioner = Captioner.load(tiny_model, "cpu")
     with pytest.raises(ValueError, match="missing"):
         captioner.caption({"clip": np.zeros((1, 3, 64, 64), np.float32)})
     with pytest.raises(ValueError, match="disagree"):
@@ -56,16 +42,16 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MEDCAP_") or k.startswith("MEDCAP_TEST_")}
 
 
-def test_medcap_caption_command_on_a_study_folder(tiny_checkpoint):
+def test_medcap_caption_command_on_a_study_folder(tiny_model):
     env = _env()
-    result = run(["caption", str(SHARED_DATA), "--model", str(tiny_checkpoint), "--json"], env, timeout=300)
+    result = run(["caption", str(SHARED_DATA), "--model", str(tiny_model), "--json"], env, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["status"].startswith("PRELIMINARY")
     assert {s["modality"] for s in report["series"]} == {"CT", "MR"} and len(report["series"]) == 3
     for series in report["series"]:
         assert len(series["key_images"]) == 3 and series["draft"]
-    text = run(["caption", str(SHARED_DATA / "mr-t1-brain-uih"), "--model", str(tiny_checkpoint)], env, timeout=300)
+    text = run(["caption", str(SHARED_DATA / "mr-t1-brain-uih"), "--model", str(tiny_model)], env, timeout=300)
     assert text.returncode == 0 and "AI draft — preliminary, unverified" in text.stdout
 
 

@@ -4,42 +4,15 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 from sqlalchemy import select, update
 
-from service.assembly import Assembler, ForceResult
+from service.assembly import ForceResult
 from service.database import Database
 from service.schema import Association, AuditEvent, Instance, Job, StudyVersion
 from service.study_status import list_studies
-from tests.conftest import open_association, send_raw, series_files, storescu
+from tests.conftest import make_assembler, open_association, send_raw, series_files, storescu
 
 CT = "ct-head-ge"
-
-
-class RecordingPublisher:
-    def __init__(self) -> None:
-        self.published: list[int] = []
-        self.fail = False
-
-    def publish(self, job_id: int) -> None:
-        if self.fail:
-            raise ConnectionError("broker down")
-        self.published.append(job_id)
-
-
-@pytest.fixture
-def publisher() -> RecordingPublisher:
-    return RecordingPublisher()
-
-
-@pytest.fixture
-def assembler(db, clock, settings, publisher) -> Assembler:  # type: ignore[no-untyped-def]
-    return make_assembler(db, clock, settings, publisher)
-
-
-def make_assembler(db, clock, settings, publisher) -> Assembler:  # type: ignore[no-untyped-def]
-    return Assembler(db, clock, publisher, quiet_seconds=settings.quiet_seconds, max_wait_seconds=settings.max_wait_seconds,
-                     redeliver_seconds=settings.job_redeliver_seconds)  # fmt: skip
 
 
 def versions(db: Database) -> list[StudyVersion]:

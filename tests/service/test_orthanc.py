@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -28,7 +27,7 @@ from service.schema import (
     Study,
     StudyVersion,
 )
-from tests.conftest import ORTHANC_AET, Orthanc, series_files, wait_until
+from tests.conftest import ORTHANC_AET, wait_until
 
 pytestmark = pytest.mark.orthanc
 
@@ -36,26 +35,6 @@ CT = "ct-head-ge"
 MR = "mr-t1-brain-uih"
 
 
-@dataclass(frozen=True)
-class UploadedStudy:
-    orthanc_id: str  # Orthanc's own identifier, what /modalities/.../store takes
-    study_uid: str
-    files: dict[str, Path]  # SOP Instance UID -> source file
-
-
-@pytest.fixture(scope="session")
-def pacs_studies(orthanc: Orthanc) -> dict[str, UploadedStudy]:
-    """The CT and MR series, uploaded to Orthanc once per session."""
-    studies = {}
-    for name in (CT, MR):
-        files = series_files(name)
-        parents = {orthanc.request("POST", "/instances", path.read_bytes())["ParentStudy"] for path in files}
-        assert len(parents) == 1, f"{name} should be one study in Orthanc, got {parents}"
-        headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in files}
-        study_uids = {str(h.StudyInstanceUID) for h in headers.values()}
-        assert len(study_uids) == 1
-        studies[name] = UploadedStudy(parents.pop(), study_uids.pop(), {str(h.SOPInstanceUID): p for p, h in headers.items()})
-    return studies
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -1,11 +1,17 @@
-"""Job claims: a job runs once, however often it is delivered."""
+"""Job claims, retries and failures: a job runs once however often it is delivered, a transient
+failure comes back after a backoff, and a job that keeps failing ends visibly failed."""
 
 from __future__ import annotations
+
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, update
 
+from service.reports import RequeueError, list_reports, retry_job
 from service.schema import AuditEvent, Job, Study, StudyVersion
+from tests.conftest import RecordingPublisher, make_assembler
+from workers.drafting import PermanentJobError
 from workers.jobs import JobRunner
 
 
@@ -27,7 +33,11 @@ def job_id(db, clock) -> int:
 
 @pytest.fixture
 def runner(db, clock) -> JobRunner:
-    return JobRunner(db, clock, "worker:test", stale_seconds=900)
+    return JobRunner(db, clock, "worker:test", stale_seconds=900, max_attempts=3, retry_delay=lambda attempts: 10.0 * 2 ** (attempts - 1))
+
+
+def succeed(job_id: int) -> str:
+    return "succeeded"  # the real work (tests/workers/test_drafting.py) commits the job's success itself
 
 
 def status(db, job_id: int) -> tuple[str, int]:
@@ -37,9 +47,16 @@ def status(db, job_id: int) -> tuple[str, int]:
 
 
 def test_a_redelivered_job_runs_once(db, runner, job_id):
-    assert runner.run(job_id) == "succeeded"
-    assert runner.run(job_id) == "skipped"
-    assert status(db, job_id) == ("succeeded", 1)
+    runs: list[int] = []
+
+    def work(claimed: int) -> str:
+        runs.append(claimed)
+        runner.finish(claimed)
+        return "succeeded"
+
+    assert runner.run(job_id, work) == "succeeded"
+    assert runner.run(job_id, work) == "skipped"
+    assert runs == [job_id] and status(db, job_id) == ("succeeded", 1)
     with db.session() as s:
         acts = list(s.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
         started = s.scalars(select(AuditEvent).where(AuditEvent.action == "job.started")).one()
@@ -50,7 +67,7 @@ def test_a_redelivered_job_runs_once(db, runner, job_id):
 def test_a_superseded_job_does_not_run(db, runner, job_id):
     with db.session() as s:
         s.execute(update(Job).values(status="superseded"))
-    assert runner.run(job_id) == "skipped"
+    assert runner.run(job_id, succeed) == "skipped"
     assert status(db, job_id) == ("superseded", 0)
 
 
@@ -79,3 +96,58 @@ def test_failure_is_recorded_with_its_reason(db, runner, job_id):
     assert (job.status, job.error) == ("failed", "model crashed")
     assert event.details["error"] == "model crashed"
     assert job.finished_at is not None
+
+
+def crash(job_id: int) -> str:
+    raise OSError("CUDA out of memory (or the database went away)")
+
+
+def test_a_transient_failure_comes_back_after_a_growing_backoff_then_fails(db, runner, clock, job_id, settings):
+    assembler = make_assembler(db, clock, settings, publisher := RecordingPublisher())
+    assert runner.run(job_id, crash) == "retrying"
+    with db.session() as s:
+        job = s.get(Job, job_id)
+    assert (job.status, job.attempts) == ("queued", 1) and "out of memory" in job.error
+    assert job.not_before == clock.now() + timedelta(seconds=10)
+    assert assembler.publish_pending() == 0, "not before the backoff has passed"
+    clock.advance(10)
+    assert assembler.publish_pending() == 1 and publisher.published == [job_id]
+    assert runner.run(job_id, crash) == "retrying"
+    with db.session() as s:
+        assert s.get(Job, job_id).not_before == clock.now() + timedelta(seconds=20)
+    clock.advance(20)
+    assert runner.run(job_id, crash) == "failed"
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        acts = list(s.scalars(select(AuditEvent.action).where(AuditEvent.object_type == "job").order_by(AuditEvent.id)))
+    assert (job.status, job.attempts) == ("failed", 3) and "out of memory" in job.error
+    assert acts == ["job.started", "job.retry_scheduled", "job.enqueued", "job.started", "job.retry_scheduled", "job.started", "job.failed"]
+    (report,) = list_reports(db, failed_only=True)
+    assert (report.job_id, report.job_status) == (job_id, "failed") and "out of memory" in report.job_error
+
+
+def test_a_permanent_error_fails_at_once_and_retry_queues_it_again(db, runner, clock, job_id):
+    def unreadable(job_id: int) -> str:
+        raise PermanentJobError("cannot read the study's images: not DICOM")
+
+    assert runner.run(job_id, unreadable) == "failed"
+    assert status(db, job_id) == ("failed", 1)
+    with pytest.raises(RequeueError, match="no job 999"):
+        retry_job(db, clock, 999, "cli:test")
+    retry_job(db, clock, job_id, "cli:test")
+    assert status(db, job_id) == ("queued", 0)
+    with pytest.raises(RequeueError, match="only failed jobs"):
+        retry_job(db, clock, job_id, "cli:test")
+    with db.session() as s:
+        event = s.scalars(select(AuditEvent).where(AuditEvent.action == "job.retry_requested")).one()
+    assert event.actor == "cli:test" and "not DICOM" in event.details["previous_error"]
+
+
+def test_a_job_that_keeps_killing_its_worker_ends_failed(db, runner, clock, job_id):
+    for _ in range(3):
+        assert runner.claim(job_id)  # ...and the worker dies: no finish, no retry
+        clock.advance(901)
+    assert not runner.claim(job_id)
+    with db.session() as s:
+        job = s.get(Job, job_id)
+    assert job.status == "failed" and "abandoned by a worker 3 times" in job.error

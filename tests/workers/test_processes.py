@@ -1,54 +1,114 @@
-"""The queue hand-off with real processes: `medcap serve` on the embedded default, and
-`medcap listen` + `medcap worker` as separate processes on PostgreSQL and Redis."""
+"""The whole pipeline as real processes, with Orthanc as the PACS at both ends.
+
+Orthanc pushes the CT and MR studies to MedCap; MedCap's workers draft SRs with a (tiny, real)
+model and send them back. Run on the embedded default (`medcap serve`: SQLite, embedded broker)
+and on PostgreSQL + Redis with `medcap listen` and `medcap worker` as separate processes,
+including a worker killed with SIGKILL in the middle of a job, a PACS that is down when the SR
+is ready, and a PACS that refuses it.
+"""
 
 from __future__ import annotations
 
+import io
+import signal
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from dicom_io.sr import read_findings
 from service.database import Database
-from service.schema import AuditEvent, Job
-from tests.conftest import free_port, series_files, storescu, wait_until
+from service.schema import AuditEvent, Dispatch, Draft, Job, SRDocument
+from service.settings import Settings
+from tests.conftest import ORTHANC_AET, Orthanc, UploadedStudy, delete_srs, free_port, series_files, storescu, wait_until
 from tests.processes import Process, run, settings_env
+from tests.workers.test_dispatching import StoreSCP
 
-CT = series_files("ct-head-ge")[:6]
+pytestmark = pytest.mark.orthanc
+
 FAST = dict(quiet_seconds=1, max_wait_seconds=60, assembly_interval_seconds=0.2)
 
 
-def job_statuses(db: Database) -> list[str]:
-    with db.session() as s:
-        return list(s.scalars(select(Job.status).order_by(Job.id)))
+def pipeline_env(settings: Settings, model: Path, destinations: str, **extra: str) -> dict[str, str]:
+    env = settings_env(settings, MEDCAP_MODEL=str(model), MEDCAP_DESTINATIONS=destinations, MEDCAP_DEVICE="cpu",
+                       MEDCAP_RETRY_BASE_SECONDS="1", MEDCAP_RETRY_MAX_SECONDS="2", MEDCAP_DISPATCH_TIMEOUT_SECONDS="5", **extra)  # fmt: skip
+    return env
 
 
 def wait_listening(proc: Process, port: int) -> None:
-    import socket
-
     def accepting() -> bool:
-        assert proc.proc.poll() is None, f"process exited early:\n{proc.output()}"
+        assert proc.proc.poll() is None, f"process exited early:\n{proc.output()[-3000:]}"
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
 
     wait_until(accepting, "the listener to accept connections", timeout=60)
 
 
+def rows(db: Database, column) -> list:  # type: ignore[no-untyped-def]
+    with db.session() as s:
+        return list(s.scalars(select(column).order_by(column)))
+
+
+def orthanc_srs(orthanc: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
+    found = orthanc.request("POST", "/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}})
+    datasets = []
+    for instance in found:
+        with urllib.request.urlopen(f"{orthanc.url}/instances/{instance}/file", timeout=30) as response:
+            datasets.append(pydicom.dcmread(io.BytesIO(response.read())))
+    return datasets
+
+
+def check_sr_in_pacs(orthanc: Orthanc, study: UploadedStudy, db: Database) -> pydicom.Dataset:
+    """Exactly one draft SR for the study in the PACS, flagged preliminary, citing the study's images."""
+    (sr,) = orthanc_srs(orthanc, study.study_uid)
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == ("PARTIAL", "UNVERIFIED", "PRELIMINARY")
+    assert sr.StudyInstanceUID == study.study_uid
+    findings = read_findings(sr)
+    assert findings and all(ref.sop_instance_uid in study.files for f in findings for ref in f.key_images)
+    with db.session() as s:
+        doc = s.scalars(select(SRDocument).where(SRDocument.sop_instance_uid == sr.SOPInstanceUID)).one()
+        drafts = s.scalars(select(Draft).where(Draft.sr_document_id == doc.id)).all()
+        job = s.get(Job, doc.job_id)
+    assert sorted(d.text for d in drafts) == sorted(f.text for f in findings)
+    assert job.status == "succeeded" and job.created_at <= job.started_at <= job.inferred_at <= job.sr_written_at <= job.acknowledged_at
+    return sr
+
+
+@pytest.fixture
+def clean_pacs(orthanc: Orthanc) -> Iterator[Orthanc]:
+    delete_srs(orthanc)
+    yield orthanc
+    delete_srs(orthanc)
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_serve_runs_listener_assembler_and_worker_on_the_embedded_default(make_settings, tmp_path):
+def test_embedded_default_ct_and_mr_from_the_pacs_come_back_as_draft_srs(make_settings, tmp_path, tiny_model, clean_pacs, pacs_studies):
+    orthanc = clean_pacs
     settings = make_settings(database_url="", broker_url="", **FAST)  # SQLite + embedded broker under the data dir
-    env = settings_env(settings)
+    env = pipeline_env(settings, tiny_model, f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom_port}")
     env.pop("MEDCAP_DATABASE_URL"), env.pop("MEDCAP_BROKER_URL")
     serve = Process(["serve"], env, tmp_path / "serve.log")
     try:
         wait_listening(serve, settings.dicom_port)
-        assert storescu(settings.dicom_port, CT).returncode == 0
+        orthanc.register("medcap", "MEDCAP", settings.dicom_port)
+        for study in pacs_studies.values():
+            orthanc.push("medcap", study.orthanc_id)
         db = Database(settings.effective_database_url)
-        wait_until(lambda: job_statuses(db) == ["succeeded"], "the job to be run by the worker", timeout=60)
+        wait_until(lambda: rows(db, Dispatch.status) == ["delivered", "delivered"], "both SRs to reach the PACS", timeout=120)
+        for study in pacs_studies.values():
+            check_sr_in_pacs(orthanc, study, db)
         with db.session() as s:
-            acts = list(s.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
-            worker_actor = s.scalar(select(AuditEvent.actor).where(AuditEvent.action == "job.succeeded"))
-        assert acts == ["association.accepted", "study.receiving", "association.ended", "study.version_created",
-                        "job.created", "job.enqueued", "job.started", "job.succeeded"]  # fmt: skip
-        assert worker_actor.startswith("worker:")
+            story = list(s.scalars(select(AuditEvent.action).where(AuditEvent.study_uid == pacs_studies["ct-head-ge"].study_uid)
+                                  .order_by(AuditEvent.id)))  # fmt: skip
+        assert story == ["study.receiving", "study.version_created", "job.created", "job.enqueued", "job.started", "sr.written",
+                         "dispatch.queued", "job.succeeded", "dispatch.enqueued", "dispatch.delivered"]  # fmt: skip
+        report = run(["reports"], env)
+        assert report.returncode == 0 and report.stdout.count(": delivered after 1 attempt(s)") == 2, report.stdout
         db.dispose()
     finally:
         serve.stop()
@@ -65,30 +125,101 @@ def redis_url():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_listener_and_worker_as_separate_processes_on_postgresql_and_redis(make_settings, redis_url, tmp_path):
+def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and_redis(make_settings, redis_url, tmp_path, tiny_model,
+                                                                                        clean_pacs, pacs_studies):  # fmt: skip
+    orthanc = clean_pacs
     settings = make_settings(broker_url=redis_url, **FAST)
-    env = settings_env(settings)
+    # Slow the job down (every slice, beam search, one image per pass) so that it is surely mid-way when killed.
+    env = pipeline_env(settings, tiny_model, f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom_port}", MEDCAP_KEY_SLICES="64",
+                       MEDCAP_GENERATION_PRESET="paper", MEDCAP_CAPTION_BATCH_SIZE="1", MEDCAP_JOB_TIME_LIMIT_SECONDS="30",
+                       MEDCAP_JOB_REDELIVER_SECONDS="31")  # fmt: skip
     listen = Process(["listen"], env, tmp_path / "listen.log")
-    worker = None
+    workers: list[Process] = []
     try:
         wait_listening(listen, settings.dicom_port)
-        assert storescu(settings.dicom_port, CT).returncode == 0
         db = Database(settings.effective_database_url)
-        # No worker yet: the job waits in the broker.
-        wait_until(lambda: job_statuses(db) == ["enqueued"], "the job to be enqueued", timeout=30)
+        orthanc.register("medcap", "MEDCAP", settings.dicom_port)
+        orthanc.push("medcap", pacs_studies["ct-head-ge"].orthanc_id)
+        wait_until(lambda: rows(db, Job.status) == ["enqueued"], "the job to wait in Redis", timeout=30)
         assert redis.Redis.from_url(redis_url).llen("caption") == 1
-        worker = Process(["worker"], env, tmp_path / "worker.log")
-        wait_until(lambda: job_statuses(db) == ["succeeded"], "the worker to run the job", timeout=60)
+        workers.append(Process(["worker", "--queues", "caption", "--device", "cpu"], env, tmp_path / "worker1.log"))
+        wait_until(lambda: rows(db, Job.status) == ["running"], "the worker to start the job", timeout=60)
+        workers[0].stop(signal.SIGKILL)
+        assert rows(db, Job.status) == ["running"], "the job must have been cut off mid-way"
+        assert rows(db, SRDocument.id) == []
+
+        workers.append(Process(["worker", "--queues", "caption,dispatch"], env, tmp_path / "worker2.log"))
+        wait_until(lambda: rows(db, Dispatch.status) == ["delivered"], "the restarted worker to finish and send the SR", timeout=150)
+        check_sr_in_pacs(orthanc, pacs_studies["ct-head-ge"], db)
+        with db.session() as s:
+            job = s.scalars(select(Job)).one()
+            started = s.scalar(select(func.count()).where(AuditEvent.action == "job.started"))
+        assert job.attempts == 2 and started == 2
+        assert len(list(settings.reports_dir.rglob("*.dcm"))) == 1
         db.dispose()
     finally:
         listen.stop()
-        if worker:
+        for worker in workers:
             worker.stop()
     assert "Traceback" not in listen.output()
 
 
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_pacs_down_then_back_and_a_refusing_pacs_with_resend(make_settings, redis_url, tmp_path, tiny_model):
+    settings = make_settings(broker_url=redis_url, **FAST)
+    down, refusing = StoreSCP(free_port(), tmp_path / "down"), StoreSCP(free_port(), tmp_path / "refusing")
+    destinations = f"PACS@127.0.0.1:{down.port},PACS@127.0.0.1:{refusing.port}"
+    env = pipeline_env(settings, tiny_model, destinations, MEDCAP_DISPATCH_MAX_ATTEMPTS="100")
+    listen = Process(["listen"], env, tmp_path / "listen.log")
+    worker = Process(["worker"], env, tmp_path / "worker.log")
+    try:
+        refusing.start("--refuse")
+        wait_listening(listen, settings.dicom_port)
+        db = Database(settings.effective_database_url)
+        assert storescu(settings.dicom_port, series_files("ct-head-ge")).returncode == 0
+
+        def statuses() -> dict[str, str]:
+            with db.session() as s:
+                return {d: st for d, st in s.execute(select(Dispatch.destination, Dispatch.status))}
+
+        wait_until(lambda: statuses().get(f"PACS@127.0.0.1:{refusing.port}") == "failed", "the refusal to be recorded", timeout=90)
+        with db.session() as s:
+            retries = s.scalar(select(func.count()).where(AuditEvent.action == "dispatch.retry_scheduled"))
+        assert retries >= 1 and statuses()[f"PACS@127.0.0.1:{down.port}"] in ("retrying", "enqueued", "sending")
+        failed = run(["reports", "--failed"], env)
+        assert f"PACS@127.0.0.1:{refusing.port}: failed" in failed.stdout and "rejected" in failed.stdout, failed.stdout
+
+        down.start()  # the PACS is back: the next retry delivers
+        wait_until(lambda: statuses()[f"PACS@127.0.0.1:{down.port}"] == "delivered", "delivery once the PACS is back", timeout=60)
+        refusing.stop()
+        refusing.start()  # fixed by its administrator
+        (sr_uid,) = rows(db, SRDocument.sop_instance_uid)
+        resend = run(["resend", sr_uid], env)
+        assert resend.returncode == 0, resend.stderr
+        wait_until(lambda: set(statuses().values()) == {"delivered"}, "the resent SR to be delivered", timeout=60)
+        assert [p.name.split(".", 1)[1] for p in refusing.directory.iterdir()] == [sr_uid]
+        assert run(["reports", "--failed"], env).stdout.strip() == "no failed jobs or dispatches"
+        db.dispose()
+    finally:
+        listen.stop()
+        worker.stop()
+        down.stop()
+        refusing.stop()
+    assert "Traceback" not in worker.output()
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_worker_refuses_to_start_on_an_unmigrated_database(make_settings, tmp_path):
+def test_worker_refuses_to_start_on_an_unmigrated_database(make_settings, tmp_path, tiny_model):
     settings = make_settings(database_url=f"sqlite:///{tmp_path / 'empty.sqlite'}", dicom_port=free_port())
-    result = run(["worker"], settings_env(settings), timeout=60)
+    result = run(["worker"], settings_env(settings, MEDCAP_MODEL=str(tiny_model)), timeout=60)
     assert result.returncode == 1 and "medcap db upgrade" in result.stderr
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_caption_workers_and_serve_need_a_model_and_say_how_to_get_one(make_settings):
+    env = settings_env(make_settings())
+    for args in (["serve"], ["worker"], ["worker", "--queues", "caption"]):
+        result = run(args, env, timeout=60)
+        assert result.returncode == 1 and "medcap model demo" in result.stderr, (args, result.stderr)
+    result = run(["worker", "--queues", "gpu"], env, timeout=60)
+    assert result.returncode == 1 and "unknown queue(s) gpu" in result.stderr

@@ -1,0 +1,137 @@
+"""What became of each caption job and its SR, and the operator's two levers: retry and resend.
+
+``medcap reports`` shows jobs with their draft SR and where it went; ``medcap retry`` queues a
+failed job again; ``medcap resend`` queues an SR for its destinations again. Both are audited in
+the transaction that changes the state, and the assembler publishes what they queued.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import exists, or_, select, update
+
+from service import audit
+from service.audit import Action
+from service.clock import Clock
+from service.database import Database
+from service.schema import Dispatch, DispatchStatus, Job, JobStatus, SRDocument, Study, StudyVersion
+
+
+class RequeueError(ValueError):
+    """The job or SR cannot be queued again (unknown, or in a state that forbids it)."""
+
+
+@dataclass(frozen=True)
+class DispatchState:
+    destination: str
+    status: str
+    attempts: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ReportStatus:
+    job_id: int
+    study_uid: str
+    accession_number: str | None
+    version: int
+    job_status: str
+    job_error: str | None
+    created_at: datetime
+    acknowledged_at: datetime | None
+    sr_uid: str | None
+    dispatches: list[DispatchState] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        line = f"job {self.job_id}  study {self.study_uid} v{self.version}  accession {self.accession_number or '-'}  {self.job_status}"
+        if self.job_error:
+            line += f": {self.job_error}"
+        if self.sr_uid:
+            line += f"\n    SR {self.sr_uid}"
+        for d in self.dispatches:
+            line += f"\n    -> {d.destination}: {d.status} after {d.attempts} attempt(s)" + (f": {d.error}" if d.error else "")
+        return line
+
+
+def list_reports(db: Database, *, failed_only: bool = False, limit: int = 50) -> list[ReportStatus]:
+    with db.session() as s:
+        query = (
+            select(Job, Study.study_uid, Study.accession_number, StudyVersion.number, SRDocument.id, SRDocument.sop_instance_uid)
+            .join(StudyVersion, StudyVersion.id == Job.study_version_id)
+            .join(Study, Study.id == StudyVersion.study_id)
+            .outerjoin(SRDocument, (SRDocument.job_id == Job.id) & (SRDocument.kind == "draft"))
+            .order_by(Job.id.desc())
+            .limit(limit)
+        )
+        if failed_only:
+            failed_dispatch = exists().where(Dispatch.sr_document_id == SRDocument.id, Dispatch.status == DispatchStatus.FAILED)
+            query = query.where(or_(Job.status == JobStatus.FAILED, failed_dispatch))
+        rows = s.execute(query).all()
+        doc_ids = [row[4] for row in rows if row[4] is not None]
+        dispatches: dict[int, list[DispatchState]] = {}
+        for d in s.scalars(select(Dispatch).where(Dispatch.sr_document_id.in_(doc_ids)).order_by(Dispatch.id)):
+            dispatches.setdefault(d.sr_document_id, []).append(DispatchState(d.destination, d.status, d.attempts, d.error))
+    return [
+        ReportStatus(job.id, study_uid, accession, number, job.status, job.error, job.created_at, job.acknowledged_at, sr_uid,
+                     dispatches.get(doc_id, []) if doc_id else [])  # fmt: skip
+        for job, study_uid, accession, number, doc_id, sr_uid in rows
+    ]
+
+
+def retry_job(db: Database, clock: Clock, job_id: int, actor: str) -> None:
+    """Queue a failed job again with fresh attempts."""
+    now = clock.now()
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise RequeueError(f"there is no job {job_id}")
+        if job.status != JobStatus.FAILED:
+            raise RequeueError(f"job {job_id} is {job.status}; only failed jobs are retried")
+        study_uid = s.scalar(select(Study.study_uid).join(StudyVersion, StudyVersion.study_id == Study.id).where(StudyVersion.id == job.study_version_id))
+        s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.FAILED)
+                  .values(status=JobStatus.QUEUED.value, attempts=0, not_before=None, finished_at=None))  # fmt: skip
+        audit.record(s, now, actor, Action.JOB_RETRY_REQUESTED, "job", job_id, study_uid=study_uid, previous_error=job.error)
+
+
+def resend_report(db: Database, clock: Clock, sop_instance_uid: str, destinations: Sequence[str], actor: str, *,
+                  force: bool = False) -> list[str]:  # fmt: skip
+    """Queue an SR for ``destinations``: ones never tried get a new dispatch; failed (or, with
+    ``force``, any finished) dispatches start over. Returns the destinations queued."""
+    now = clock.now()
+    if not destinations:
+        raise RequeueError("no destination: set MEDCAP_DESTINATIONS or pass --destination AE@host:port")
+    with db.session() as s:
+        doc = s.scalar(select(SRDocument).where(SRDocument.sop_instance_uid == sop_instance_uid))
+        if doc is None:
+            raise RequeueError(f"there is no SR {sop_instance_uid}")
+        study_uid = s.scalar(select(Study.study_uid).where(Study.id == doc.study_id))
+        existing = {d.destination: d for d in s.scalars(select(Dispatch).where(Dispatch.sr_document_id == doc.id))}
+        restartable = {DispatchStatus.FAILED, DispatchStatus.DELIVERED} if force else {DispatchStatus.FAILED}
+        queued = []
+        for destination in destinations:
+            dispatch = existing.get(destination)
+            if dispatch is None:
+                dispatch = Dispatch(sr_document_id=doc.id, destination=destination, status=DispatchStatus.PENDING.value, attempts=0,
+                                    created_at=now)  # fmt: skip
+                s.add(dispatch)
+                s.flush()
+            elif dispatch.status in restartable:
+                previous = dispatch.status
+                s.execute(update(Dispatch).where(Dispatch.id == dispatch.id, Dispatch.status == previous)
+                          .values(status=DispatchStatus.PENDING.value, attempts=0, next_attempt_at=None, delivered_at=None))  # fmt: skip
+            else:
+                continue
+            audit.record(s, now, actor, Action.DISPATCH_RESEND_REQUESTED, "dispatch", dispatch.id, study_uid=study_uid,
+                         sr=sop_instance_uid, destination=destination)  # fmt: skip
+            queued.append(destination)
+        if not queued:
+            states = ", ".join(f"{d}: {existing[d].status}" for d in destinations if d in existing)
+            raise RequeueError(f"SR {sop_instance_uid}: nothing to resend ({states}); pass --destination to send a delivered SR again")
+    return queued

@@ -1,0 +1,125 @@
+"""Drafting with real parts: instances received by the listener, a tiny real model, the SR on disk
+and its rows in the database (SQLite and PostgreSQL), with the races a redelivered job can run into."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pydicom
+import pytest
+from sqlalchemy import select, update
+
+from dicom_io.sr import read_findings
+from models.captioner import Captioner
+from service.schema import AuditEvent, Dispatch, Draft, Job, SRDocument
+from tests.conftest import storescu
+from tests.workers.conftest import CT, MR, make_drafter, runner
+from workers.drafting import Drafter, NotOurs
+
+
+def test_a_study_becomes_one_draft_sr_with_its_rows_and_audit_trail(db, clock, settings, captioner, job_id):
+    outcome = runner(db, clock).run(job_id, make_drafter(db, clock, captioner, settings).draft)
+    assert outcome == "succeeded"
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        doc = s.scalars(select(SRDocument)).one()
+        drafts = list(s.scalars(select(Draft)))
+        dispatch = s.scalars(select(Dispatch)).one()
+        actions = list(s.scalars(select(AuditEvent.action).where(AuditEvent.at >= job.started_at).order_by(AuditEvent.id)))
+    assert job.status == "succeeded" and job.inferred_at and job.sr_written_at and job.acknowledged_at is None
+    assert job.started_at <= job.inferred_at <= job.sr_written_at
+    assert (doc.kind, doc.completion_flag, doc.verification_flag, doc.job_id) == ("draft", "PARTIAL", "UNVERIFIED", job_id)
+    assert [d.series_uid for d in drafts] == [pydicom.dcmread(CT[0]).SeriesInstanceUID]
+    assert len(drafts[0].key_images) == 3 and drafts[0].weights_sha256 == captioner.identity.weights_sha256
+    assert (dispatch.destination, dispatch.status) == ("ORTHANC@127.0.0.1:4242", "pending")
+    assert actions[actions.index("job.started") :] == ["job.started", "sr.written", "dispatch.queued", "job.succeeded"]
+
+    sr = pydicom.dcmread(doc.path)
+    assert sr.SOPInstanceUID == doc.sop_instance_uid and sr.StudyInstanceUID == pydicom.dcmread(CT[0]).StudyInstanceUID
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == ("PARTIAL", "UNVERIFIED", "PRELIMINARY")
+    (finding,) = read_findings(sr)
+    assert finding.text == drafts[0].text
+    assert [r.sop_instance_uid for r in finding.key_images] == [k["sop_instance_uid"] for k in drafts[0].key_images]
+    check = subprocess.run(["dciodvfy", "-new", doc.path], capture_output=True, text=True)
+    assert " Error " not in check.stdout + check.stderr, check.stderr
+
+
+def test_a_redelivered_job_never_yields_a_second_sr(db, clock, settings, captioner, job_id):
+    drafter = make_drafter(db, clock, captioner, settings)
+    assert runner(db, clock).run(job_id, drafter.draft) == "succeeded"
+    assert runner(db, clock).run(job_id, drafter.draft) == "skipped"  # the broker delivers it again
+    with db.session() as s:  # an operator re-queues it by hand: the SR for this version and model exists
+        s.execute(update(Job).where(Job.id == job_id).values(status="queued"))
+    assert runner(db, clock).run(job_id, drafter.draft) == "succeeded"
+    with db.session() as s:
+        assert s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id)) is not None
+        assert len(s.scalars(select(SRDocument)).all()) == 1
+    assert len(list(settings.reports_dir.rglob("*.dcm"))) == 1
+
+
+class RacingModel:
+    """The real model, but while it runs, a second worker that took over the (stale) job finishes first."""
+
+    def __init__(self, model: Captioner, other: Drafter, job_id: int) -> None:
+        self.model, self.other, self.job_id = model, other, job_id
+        self.identity, self.image_sizes = model.identity, model.image_sizes
+
+    def caption(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        assert self.other.draft(self.job_id) == "succeeded"
+        return self.model.caption(*args, **kwargs)
+
+
+def test_two_workers_racing_on_one_job_commit_one_sr_and_leave_no_orphan_file(db, clock, settings, captioner, job_id):
+    assert runner(db, clock).claim(job_id)
+    other = make_drafter(db, clock, captioner, settings, actor="worker:other")
+    mine = make_drafter(db, clock, RacingModel(captioner, other, job_id), settings)  # type: ignore[arg-type]
+    with pytest.raises(NotOurs):
+        mine.draft(job_id)
+    with db.session() as s:
+        (doc,) = s.scalars(select(SRDocument)).all()
+        assert s.get(Job, job_id).worker == "worker:other"
+    assert [p.name for p in settings.reports_dir.rglob("*.dcm")] == [f"{doc.sop_instance_uid}.dcm"]
+
+
+def test_a_job_superseded_while_it_ran_writes_no_sr(db, clock, settings, captioner, job_id):
+    assert runner(db, clock).claim(job_id)
+    with db.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(status="superseded"))
+    with pytest.raises(NotOurs):
+        make_drafter(db, clock, captioner, settings).draft(job_id)
+    with db.session() as s:
+        assert s.scalars(select(SRDocument)).all() == []
+    assert list(settings.reports_dir.rglob("*.dcm")) == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_every_key_image_of_a_study_goes_to_the_model_in_one_call_for_ct_and_mr(db, listener, clock, assembler, settings, captioner):
+    assert storescu(listener, CT).returncode == 0
+    assert storescu(listener, MR).returncode == 0
+    clock.advance(settings.quiet_seconds + 1)
+    job_ids = assembler.tick()
+    assert len(job_ids) == 2  # two studies: one job each
+    calls: list[int] = []
+
+    class Counting:
+        identity, image_sizes = captioner.identity, captioner.image_sizes
+
+        def caption(self, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(len(inputs["clip"]))
+            return captioner.caption(inputs, *args, **kwargs)
+
+    for job in job_ids:
+        assert runner(db, clock).run(job, make_drafter(db, clock, Counting(), settings).draft) == "succeeded"
+    assert calls == [3, 3]  # every key image of a study in one call, batched inside the model
+    with db.session() as s:
+        modalities = sorted(s.scalars(select(Draft.modality)))
+    assert modalities == ["CT", "MR"]
+
+
+def test_missing_instance_files_fail_the_job_at_once_with_the_reason(db, clock, settings, captioner, job_id):
+    for f in settings.instances_dir.rglob("*.dcm"):
+        f.unlink()
+    assert runner(db, clock).run(job_id, make_drafter(db, clock, captioner, settings).draft) == "failed"
+    with db.session() as s:
+        job = s.get(Job, job_id)
+    assert job.status == "failed" and "missing" in job.error and job.attempts == 1

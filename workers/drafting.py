@@ -1,0 +1,272 @@
+"""From a study version to a draft SR: captions per series, the SR on disk, its rows in the database.
+
+The SR file is written first (atomically), then one transaction records the SR, the text per
+series, a dispatch per destination and the job's success with their audit events. That
+transaction is the point of no return: a worker killed before it leaves an orphan file and a
+job that runs again; two workers racing on one job (a stale job taken over) both try to commit,
+and the unique idempotency key plus the conditional job update let exactly one through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pydicom
+from pydicom import Dataset
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from dicom_io.atomic import write_atomic
+from dicom_io.key_slices import KeySliceSpec
+from dicom_io.model_input import SeriesInput, prepare_series
+from dicom_io.sr import AlgorithmInfo, SeriesFinding, write_draft_sr
+from service import audit
+from service.audit import Action
+from service.clock import Clock
+from service.database import Database
+from service.schema import (
+    Dispatch,
+    DispatchStatus,
+    Draft,
+    Instance,
+    Job,
+    JobStatus,
+    SRDocument,
+    SRKind,
+    Study,
+    StudyVersion,
+)
+
+LOG = logging.getLogger(__name__)
+
+
+class PermanentJobError(Exception):
+    """Retrying cannot help (unreadable input, an SR that cannot be built): the job fails at once."""
+
+
+class CaptionModel(Protocol):
+    """What drafting needs of :class:`models.captioner.Captioner` (kept as a protocol so this module
+    imports no torch)."""
+
+    @property
+    def identity(self) -> object: ...  # ModelIdentity: name, model_type, version, weights_sha256
+
+    @property
+    def image_sizes(self) -> tuple[int, int]: ...  # (clip, sam)
+
+    def caption(self, inputs: dict[str, np.ndarray], generation: str = ..., *, batch_size: int = ..., seed: int = ...) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class DraftOptions:
+    generation_preset: str = "fast"
+    key_slices: KeySliceSpec = KeySliceSpec()
+    batch_size: int = 8
+    destinations: tuple[str, ...] = ()
+    reports_dir: Path = Path("medcap-data/reports")
+
+
+@dataclass(frozen=True)
+class _Source:
+    study_id: int
+    study_uid: str
+    version_id: int
+    version_number: int
+    instances: dict[str, tuple[str, Path]]  # sop_instance_uid -> (sop_class_uid, path), captionable only
+
+
+class Drafter:
+    def __init__(self, db: Database, clock: Clock, model: CaptionModel, options: DraftOptions, actor: str) -> None:
+        self.db = db
+        self.clock = clock
+        self.model = model
+        self.options = options
+        self.actor = actor
+
+    def draft(self, job_id: int) -> str:
+        """Caption the job's study version and commit the draft SR. The job must be claimed (running)."""
+        source = self._source(job_id)
+        identity = self.model.identity
+        key = f"draft:{source.version_id}:{identity.weights_sha256}"  # type: ignore[attr-defined]
+        if self._already_written(key):
+            return self._finish_without_sr(job_id, source, "a draft SR for this study version and model exists already")
+        series = self._prepare(source)
+        if not series:
+            return self._finish_without_sr(job_id, source, "no CT or MR image series to caption")
+        texts, captions = self._caption(series)
+        inferred_at = self.clock.now()
+        algorithm = AlgorithmInfo(identity.name, identity.version, identity.weights_sha256, self.options.generation_preset)  # type: ignore[attr-defined]
+        findings = [
+            SeriesFinding(s.series_uid, text, [(source.instances[uid][0], uid, frame) for uid, frame in zip(s.sop_instance_uids, s.key_slices.frames, strict=True)])
+            for s, text in zip(series, texts, strict=True)
+        ]  # fmt: skip
+        evidence = self._evidence(source, {s.series_uid for s in series})
+        try:
+            sr = write_draft_sr(findings, _impression(texts), algorithm, evidence, created_at=inferred_at)
+        except ValueError as exc:
+            raise PermanentJobError(f"cannot build the draft SR: {exc}") from exc
+        path, digest = self._store(sr, source.study_uid)
+        try:
+            return self._commit(job_id, source, key, sr, path, digest, series, texts, captions, inferred_at)
+        except BaseException:
+            path.unlink(missing_ok=True)  # not recorded, so never sent: remove the orphan
+            raise
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _source(self, job_id: int) -> _Source:
+        with self.db.session() as s:
+            row = s.execute(
+                select(Study.id, Study.study_uid, StudyVersion.id, StudyVersion.number)
+                .join(StudyVersion, StudyVersion.study_id == Study.id)
+                .join(Job, Job.study_version_id == StudyVersion.id)
+                .where(Job.id == job_id)
+            ).one()
+            instances = s.execute(
+                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.path).where(
+                    Instance.study_id == row[0], Instance.captionable, Instance.version_number <= row[3]
+                )
+            ).all()
+        return _Source(row[0], row[1], row[2], row[3], {uid: (cls, Path(path)) for uid, cls, path in instances})
+
+    def _already_written(self, key: str) -> bool:
+        with self.db.session() as s:
+            return s.scalar(select(SRDocument.id).where(SRDocument.idempotency_key == key)) is not None
+
+    def _prepare(self, source: _Source) -> list[SeriesInput]:
+        paths = [path for _, path in source.instances.values()]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise PermanentJobError(f"{len(missing)} stored instance file(s) are missing, e.g. {missing[0]}")
+        clip_size, sam_size = self.model.image_sizes
+        try:
+            return prepare_series(paths, key_slices=self.options.key_slices, clip_size=clip_size, sam_size=sam_size) if paths else []
+        except (ValueError, pydicom.errors.InvalidDicomError) as exc:
+            raise PermanentJobError(f"cannot read the study's images: {exc}") from exc
+
+    def _caption(self, series: Sequence[SeriesInput]) -> tuple[list[str], list[list[str]]]:
+        """All key images of the study through the model in batches; one text per series."""
+        from models.captioner import summarise
+
+        inputs = {"clip": np.concatenate([s.clip for s in series]), "sam": np.concatenate([s.sam for s in series])}
+        flat = self.model.caption(inputs, self.options.generation_preset, batch_size=self.options.batch_size)
+        captions, start = [], 0
+        for s in series:
+            captions.append(flat[start : start + len(s.key_slices)])
+            start += len(s.key_slices)
+        captions = [[printable(c) for c in series_captions] for series_captions in captions]
+        texts = [summarise(c) or "(the model produced no text for this series)" for c in captions]
+        return texts, captions
+
+    def _evidence(self, source: _Source, series_uids: set[str]) -> list[Dataset]:
+        headers = []
+        for _, path in source.instances.values():
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if str(ds.get("SeriesInstanceUID", "")) in series_uids:
+                headers.append(ds)
+        return headers
+
+    def _store(self, sr: Dataset, study_uid: str) -> tuple[Path, str]:
+        buffer = io.BytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+        data = buffer.getvalue()
+        path = self.options.reports_dir / study_uid / f"{sr.SOPInstanceUID}.dcm"
+        write_atomic(path, data)
+        return path, hashlib.sha256(data).hexdigest()
+
+    def _commit(self, job_id: int, source: _Source, key: str, sr: Dataset, path: Path, digest: str, series: Sequence[SeriesInput],
+                texts: Sequence[str], captions: Sequence[Sequence[str]], inferred_at: object) -> str:  # fmt: skip
+        identity = self.model.identity
+        now = self.clock.now()
+        try:
+            with self.db.session() as s:
+                done = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                    .values(status=JobStatus.SUCCEEDED.value, finished_at=now, inferred_at=inferred_at, sr_written_at=now,
+                            worker=self.actor, error=None)
+                ).rowcount  # type: ignore[attr-defined]  # fmt: skip
+                if not done:
+                    raise NotOurs
+                doc = SRDocument(
+                    kind=SRKind.DRAFT.value, idempotency_key=key, study_id=source.study_id, study_version_id=source.version_id,
+                    job_id=job_id, sop_instance_uid=str(sr.SOPInstanceUID), series_uid=str(sr.SeriesInstanceUID),
+                    completion_flag=str(sr.CompletionFlag), verification_flag=str(sr.VerificationFlag), path=str(path),
+                    sha256=digest, created_at=now, created_by=self.actor,
+                )  # fmt: skip
+                s.add(doc)
+                s.flush()
+                for item, text, item_captions in zip(series, texts, captions, strict=True):
+                    s.add(Draft(
+                        sr_document_id=doc.id, job_id=job_id, series_uid=item.series_uid, modality=item.modality, text=text,
+                        key_images=[{"sop_instance_uid": u, "frame": f, "caption": c}
+                                    for u, f, c in zip(item.sop_instance_uids, item.key_slices.frames, item_captions, strict=True)],
+                        model_name=identity.name, model_type=identity.model_type, model_version=identity.version,  # type: ignore[attr-defined]
+                        weights_sha256=identity.weights_sha256, generation_preset=self.options.generation_preset,  # type: ignore[attr-defined]
+                        created_at=now,
+                    ))  # fmt: skip
+                audit.record(s, now, self.actor, Action.SR_WRITTEN, "sr_document", doc.sop_instance_uid, study_uid=source.study_uid,
+                             kind="draft", job_id=job_id, study_version=source.version_number, series=len(series),
+                             model=identity.name, model_version=identity.version, weights_sha256=identity.weights_sha256,  # type: ignore[attr-defined]
+                             generation_preset=self.options.generation_preset)  # fmt: skip
+                queue_dispatches(s, now, self.actor, doc, source.study_uid, self.options.destinations)
+                audit.record(s, now, self.actor, Action.JOB_SUCCEEDED, "job", job_id, study_uid=source.study_uid,
+                             sr=doc.sop_instance_uid, seconds_inference=(inferred_at - s.get(Job, job_id).started_at).total_seconds())  # type: ignore[operator]  # fmt: skip
+        except NotOurs:
+            LOG.info("job %d: no longer ours (superseded or finished elsewhere); draft discarded", job_id)
+            raise
+        except IntegrityError:
+            LOG.info("job %d: a draft SR for %s was committed concurrently; ours is discarded", job_id, key)
+            raise NotOurs from None
+        LOG.info("job %d: draft SR %s for study %s (%d series)", job_id, sr.SOPInstanceUID, source.study_uid, len(series))
+        return "succeeded"
+
+    def _finish_without_sr(self, job_id: int, source: _Source, why: str) -> str:
+        now = self.clock.now()
+        with self.db.session() as s:
+            done = s.execute(
+                update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                .values(status=JobStatus.SUCCEEDED.value, finished_at=now, worker=self.actor, error=None)
+            ).rowcount  # type: ignore[attr-defined]  # fmt: skip
+            if done:
+                audit.record(s, now, self.actor, Action.JOB_SUCCEEDED, "job", job_id, study_uid=source.study_uid, result=why)
+        LOG.info("job %d: %s", job_id, why)
+        return "succeeded"
+
+
+class NotOurs(Exception):
+    """The job was superseded or completed by another worker while this one ran."""
+
+
+def queue_dispatches(s: object, now: object, actor: str, doc: SRDocument, study_uid: str, destinations: Sequence[str]) -> list[Dispatch]:
+    """One pending dispatch per destination, in the caller's transaction."""
+    created = []
+    for destination in destinations:
+        dispatch = Dispatch(sr_document_id=doc.id, destination=destination, status=DispatchStatus.PENDING.value, attempts=0, created_at=now)
+        s.add(dispatch)  # type: ignore[attr-defined]
+        s.flush()  # type: ignore[attr-defined]
+        audit.record(s, now, actor, Action.DISPATCH_QUEUED, "dispatch", dispatch.id, study_uid=study_uid,  # type: ignore[arg-type]
+                     sr=doc.sop_instance_uid, destination=destination)  # fmt: skip
+        created.append(dispatch)
+    return created
+
+
+def printable(text: str) -> str:
+    """Model output as DICOM text: no control characters (an SR value may not hold them), no
+    undecodable-byte markers, single spaces."""
+    kept = "".join(ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" and ch != "\ufffd" else " " for ch in text)
+    return " ".join(kept.split())
+
+
+def _impression(texts: Sequence[str]) -> str:
+    from models.captioner import summarise
+
+    return summarise(texts) or "(no impression)"
