@@ -43,6 +43,23 @@ class Action(enum.StrEnum):
     DISPATCH_FAILED = "dispatch.failed"
     DISPATCH_SKIPPED = "dispatch.skipped"
     DISPATCH_RESEND_REQUESTED = "dispatch.resend_requested"
+    USER_ADDED = "user.added"
+    USER_DISABLED = "user.disabled"
+    USER_ENABLED = "user.enabled"
+    USER_PASSWORD_RESET = "user.password_reset"
+    LOGIN_SUCCEEDED = "auth.login"
+    LOGIN_FAILED = "auth.login_failed"
+    LOGIN_THROTTLED = "auth.login_throttled"
+    LOGOUT = "auth.logout"
+    ACCESS_DENIED = "auth.access_denied"
+    WORKLIST_VIEWED = "worklist.viewed"
+    STUDY_VIEWED = "study.viewed"
+    DRAFT_APPROVED = "draft.approved"
+    DRAFT_REJECTED = "draft.rejected"
+    REVIEW_CONFLICT = "draft.review_conflict"
+    AUDIT_SEARCHED = "audit.searched"
+    AUDIT_EXPORTED = "audit.exported"
+    FEEDBACK_EXPORTED = "feedback.exported"
     LISTENER_STARTED = "listener.started"
     LISTENER_STOPPED = "listener.stopped"
     DATABASE_UPGRADED = "database.upgraded"
@@ -62,6 +79,10 @@ def worker_actor(hostname: str) -> str:
 
 def cli_actor(user: str) -> str:
     return f"cli:{user}"
+
+
+def web_actor(username: str) -> str:
+    return f"user:{username}"
 
 
 def record(

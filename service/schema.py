@@ -101,6 +101,16 @@ class SRKind(enum.StrEnum):
     VERIFIED = "verified"  # COMPLETE / VERIFIED, written when a radiologist approves
 
 
+class Role(enum.StrEnum):
+    RADIOLOGIST = "radiologist"  # reviews drafts: edits, approves, rejects
+    ADMIN = "admin"  # audit, failed work, users; does not sign reports
+
+
+class Decision(enum.StrEnum):
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
 class Association(Base):
     __tablename__ = "associations"
 
@@ -292,6 +302,56 @@ class DispatchAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     instances: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{sop_instance_uid, status, category, error}]
     worker: Mapped[str] = mapped_column(String(128))
+
+
+class User(Base):
+    """A local account of the web app. Passwords are argon2 hashes; nobody exists until an admin is added."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(324))  # DICOM person name, Family^Given: the SR's verifying observer
+    role: Mapped[str] = mapped_column(String(16))  # Role
+    password_hash: Mapped[str] = mapped_column(Text)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    password_changed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WebSession(Base):
+    """A signed-in browser. The cookie holds a random token; only its hash is stored."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    address: Mapped[str] = mapped_column(String(45))
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Review(Base):
+    """A radiologist's decision on a draft SR: one per draft (a second approval is a conflict)."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    draft_sr_id: Mapped[int] = mapped_column(ForeignKey("sr_documents.id"), unique=True)
+    decision: Mapped[str] = mapped_column(String(16))  # Decision
+    reason: Mapped[str | None] = mapped_column(Text)  # why rejected
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    verified_sr_id: Mapped[int | None] = mapped_column(ForeignKey("sr_documents.id"))
+    findings: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # [{series_uid, draft, final}]
+    impression: Mapped[str | None] = mapped_column(Text)
+    edited: Mapped[bool] = mapped_column(Boolean, default=False)
+    edit_distance: Mapped[int] = mapped_column(Integer, default=0)  # characters changed, draft → final, all texts
+    draft_characters: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class AuditEvent(Base):

@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     retry_max_seconds: float = Field(600.0, gt=0, description="Longest delay between retries.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of `medcap listen`/`serve` (0: off).")
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of `medcap worker` (0: off).")
+    web_port: int = Field(8080, ge=1, le=65535, description="Port of the review web app (`medcap web`, `medcap serve`).")
+    web_bind_address: str = Field("127.0.0.1", description="Address the web app binds to; put it behind TLS before opening it up.")
+    web_tls_cert_file: Path | None = Field(None, description="PEM certificate: the web app serves HTTPS itself (with the key).")
+    web_tls_key_file: Path | None = Field(None, description="PEM key of the web app's certificate.")
+    session_hours: float = Field(8.0, gt=0, le=24 * 7, description="A signed-in session ends this long after sign-in.")
+    login_max_failures: int = Field(5, ge=1, le=1000, description="Failed sign-ins per user name or address in 15 minutes before sign-in is refused.")
+    verifier_organization: str = Field("MedCap", min_length=1, max_length=64, description="Verifying organization written into verified SRs.")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
 
     @field_validator("dicom_ae_title")
@@ -143,6 +150,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"TLS file {path} does not exist")
         if self.job_redeliver_seconds <= self.job_time_limit_seconds:
             raise ValueError("job_redeliver_seconds must be longer than job_time_limit_seconds (a running job is taken over only once it cannot still be running)")
+        if (self.web_tls_cert_file is None) != (self.web_tls_key_file is None):
+            raise ValueError("web_tls_cert_file and web_tls_key_file must be set together")
         if self.retry_max_seconds < self.retry_base_seconds:
             raise ValueError("retry_max_seconds must be at least retry_base_seconds")
         self.destination_list  # noqa: B018 -- parse now, so a bad destination or TLS file stops start-up

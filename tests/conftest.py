@@ -21,7 +21,7 @@ import pytest
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
 from service.assembly import Assembler
 from service.clock import ManualClock
@@ -394,3 +394,32 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("model") / "tiny"
     checkpoint.save(model, tokenizers, directory, checkpoint.Provenance(sources=[{"part": "all", "source": "random (tests)"}]))
     return directory
+
+
+@pytest.fixture(scope="session")
+def captioner(tiny_model: Path):  # type: ignore[no-untyped-def]
+    from models.captioner import Captioner
+
+    return Captioner.load(tiny_model, "cpu")
+
+
+@pytest.fixture
+def job_id(db, listener, clock, assembler, settings) -> int:  # type: ignore[no-untyped-def]
+    """A CT study received by the listener and assembled into version 1 with its job."""
+    from tests.pipeline import CT
+
+    assert storescu(listener, CT).returncode == 0
+    clock.advance(settings.quiet_seconds + 1)
+    (created,) = assembler.tick()
+    return created
+
+
+@pytest.fixture
+def draft_id(db, clock, settings, captioner, job_id) -> int:  # type: ignore[no-untyped-def]
+    """The draft SR of that study, written by the drafting step (no destinations)."""
+    from service.schema import SRDocument
+    from tests.pipeline import make_drafter, runner
+
+    assert runner(db, clock).run(job_id, make_drafter(db, clock, captioner, settings, destinations=()).draft) == "succeeded"
+    with db.session() as s:
+        return s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id))  # type: ignore[no-any-return]

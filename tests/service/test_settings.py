@@ -1,6 +1,7 @@
 import pytest
 
 from service.settings import AllowedPeer, SettingsError, load_settings
+from tests.pki import make_ca
 
 
 def test_defaults(tmp_path, monkeypatch):
@@ -31,6 +32,14 @@ def test_environment_variables(monkeypatch):
         ("MEDCAP_QUIET_SECONDS", "0", "MEDCAP_QUIET_SECONDS"),
         ("MEDCAP_MAX_WAIT_SECONDS", "10", "max_wait_seconds must be at least quiet_seconds"),
         ("MEDCAP_QUIET_SECOND", "1", "unknown setting MEDCAP_QUIET_SECOND .did you mean MEDCAP_QUIET_SECONDS"),
+        ("MEDCAP_DESTINATIONS", "ORTHANC@127.0.0.1", "MEDCAP_DESTINATIONS"),
+        ("MEDCAP_DESTINATIONS", "ORTHANC@127.0.0.1:99999", "MEDCAP_DESTINATIONS"),
+        ("MEDCAP_JOB_TIME_LIMIT_SECONDS", "900", "job_redeliver_seconds must be longer than job_time_limit_seconds"),
+        ("MEDCAP_DEVICE", "gpu0", "MEDCAP_DEVICE"),
+        ("MEDCAP_GENERATION_PRESET", "greedy", "MEDCAP_GENERATION_PRESET"),
+        ("MEDCAP_DISPATCH_TLS_CA_FILE", "/nonexistent/ca.pem", "dispatch_tls: ClientTLS.ca_file"),
+        ("MEDCAP_DISPATCH_TLS_CERT_FILE", "/etc/hostname", "need dispatch_tls_ca_file"),
+        ("MEDCAP_MODEL", "/tmp", "not a MedCap checkpoint directory"),
     ],
 )
 def test_bad_values_name_the_setting(monkeypatch, variable, value, message):
@@ -71,3 +80,21 @@ def test_missing_or_malformed_config_file(tmp_path):
 )
 def test_allowed_peer_matching(entry, calling, address, admitted):
     assert AllowedPeer.parse(entry).admits(calling, address) is admitted
+
+
+def test_destinations_carry_the_dispatch_tls_settings(tmp_path, monkeypatch):
+    ca_cert, _ = make_ca(tmp_path, "pacs-ca")
+    monkeypatch.setenv("MEDCAP_DESTINATIONS", "ORTHANC@127.0.0.1:4242, PACS@[::1]:104")
+    monkeypatch.setenv("MEDCAP_DISPATCH_TLS_CA_FILE", str(ca_cert))
+    s = load_settings()
+    assert [str(d) for d in s.destination_list] == ["ORTHANC@127.0.0.1:4242", "PACS@[::1]:104"]
+    assert all(d.tls is not None and d.tls.ca_file == ca_cert for d in s.destination_list)
+    # A stored destination no longer configured is still sent to, with today's TLS settings.
+    assert s.destination("OLD@10.0.0.9:104").tls is not None
+
+
+def test_retry_delay_doubles_up_to_the_cap(monkeypatch):
+    monkeypatch.setenv("MEDCAP_RETRY_BASE_SECONDS", "2")
+    monkeypatch.setenv("MEDCAP_RETRY_MAX_SECONDS", "10")
+    s = load_settings()
+    assert [s.retry_delay(n) for n in range(1, 6)] == [2, 4, 8, 10, 10]

@@ -3,6 +3,7 @@ comes back, or refuses; every attempt and transition in the database."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
@@ -31,8 +32,12 @@ class StoreSCP:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(self.directory), *options, str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        wait_until(lambda: subprocess.run(["echoscu", "-aec", "PACS", "127.0.0.1", str(self.port)], capture_output=True).returncode == 0
-                   or bool(options), "storescp to listen", timeout=15)  # fmt: skip
+        wait_until(self._accepting, "storescp to listen", timeout=30)
+
+    def _accepting(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, "storescp exited"
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

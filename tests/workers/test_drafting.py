@@ -14,7 +14,7 @@ from models.captioner import Captioner
 from service.schema import AuditEvent, Dispatch, Draft, Job, SRDocument
 from tests.conftest import storescu
 from tests.workers.conftest import CT, MR, make_drafter, runner
-from workers.drafting import Drafter, NotOurs
+from workers.drafting import Drafter, NotOurs, printable
 
 
 def test_a_study_becomes_one_draft_sr_with_its_rows_and_audit_trail(db, clock, settings, captioner, job_id):
@@ -123,3 +123,8 @@ def test_missing_instance_files_fail_the_job_at_once_with_the_reason(db, clock, 
     with db.session() as s:
         job = s.get(Job, job_id)
     assert job.status == "failed" and "missing" in job.error and job.attempts == 1
+
+
+def test_model_output_becomes_valid_dicom_text():
+    assert printable("\ufffd\x00small\x1b lesion,\n\n  left\x7f.") == "small lesion, left ."
+    assert printable("\x00\ufffd") == ""

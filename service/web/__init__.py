@@ -1,0 +1,1 @@
+"""The review web app (FastAPI, server-rendered pages, JSON API): see app.py."""

@@ -1,0 +1,115 @@
+"""The radiologists' worklist: draft SRs with their review state, oldest first, filtered and searched."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from service.database import Database
+from service.review import ReviewState, state_of
+from service.schema import Draft, Review, SRDocument, SRKind, Study, StudyVersion
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    state: ReviewState | None = ReviewState.AWAITING
+    modality: str | None = None
+    received_from: date | None = None  # the draft's date, inclusive
+    received_to: date | None = None
+    search: str | None = None  # accession number, patient ID or patient name (substring, any case)
+    limit: int = 100
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.modality is not None and (not self.modality.isalnum() or len(self.modality) > 16):
+            raise ValueError(f"modality {self.modality!r} is not a DICOM modality code")
+        if self.search is not None and len(self.search) > 64:
+            raise ValueError("search: at most 64 characters")
+        if not 1 <= self.limit <= 1000 or self.offset < 0:
+            raise ValueError("limit must be 1-1000 and offset at least 0")
+        if self.received_from and self.received_to and self.received_from > self.received_to:
+            raise ValueError("received_from is after received_to")
+
+
+@dataclass(frozen=True)
+class WorklistRow:
+    draft_id: int
+    sop_instance_uid: str
+    study_uid: str
+    accession_number: str | None
+    patient_id: str | None
+    patient_name: str | None
+    study_description: str | None
+    study_version: int
+    modalities: str
+    created_at: datetime
+    state: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _latest() -> Any:
+    return select(StudyVersion.study_id, func.max(StudyVersion.number).label("latest")).group_by(StudyVersion.study_id).subquery()
+
+
+def _state_condition(state: ReviewState, latest: Any) -> ColumnElement[bool]:
+    if state in (ReviewState.APPROVED, ReviewState.REJECTED):
+        return Review.decision == state.value
+    undecided = Review.id.is_(None)
+    if state is ReviewState.SUPERSEDED:
+        return and_(undecided, StudyVersion.number < latest.c.latest)
+    return and_(undecided, StudyVersion.number >= latest.c.latest)
+
+
+def list_drafts(db: Database, where: WorklistFilter) -> tuple[list[WorklistRow], dict[str, int]]:
+    """The page of drafts matching ``where`` (oldest first) and the count per state under the other filters."""
+    latest = _latest()
+    base = (
+        select(SRDocument.id)
+        .join(Study, Study.id == SRDocument.study_id)
+        .join(StudyVersion, StudyVersion.id == SRDocument.study_version_id)
+        .join(latest, latest.c.study_id == SRDocument.study_id)
+        .outerjoin(Review, Review.draft_sr_id == SRDocument.id)
+        .where(SRDocument.kind == SRKind.DRAFT)
+    )
+    filters: list[ColumnElement[bool]] = []
+    if where.modality:
+        filters.append(exists().where(Draft.sr_document_id == SRDocument.id, Draft.modality == where.modality.upper()))
+    if where.received_from:
+        filters.append(SRDocument.created_at >= datetime.combine(where.received_from, time.min, UTC))
+    if where.received_to:
+        filters.append(SRDocument.created_at < datetime.combine(where.received_to + timedelta(days=1), time.min, UTC))
+    if where.search:
+        pattern = f"%{where.search.strip().lower()}%"
+        filters.append(or_(func.lower(Study.accession_number).like(pattern), func.lower(Study.patient_id).like(pattern),
+                           func.lower(Study.patient_name).like(pattern)))  # fmt: skip
+    with db.session() as s:
+        counts = {}
+        for state in ReviewState:
+            counts[state.value] = s.scalar(select(func.count()).select_from(base.where(*filters, _state_condition(state, latest)).subquery())) or 0
+        page_filters = [*filters, _state_condition(where.state, latest)] if where.state else filters
+        rows = s.execute(
+            base.with_only_columns(
+                SRDocument.id, SRDocument.sop_instance_uid, Study.study_uid, Study.accession_number, Study.patient_id, Study.patient_name,
+                Study.study_description, StudyVersion.number, latest.c.latest, Review.decision, SRDocument.created_at,
+            )
+            .where(*page_filters)
+            .order_by(SRDocument.created_at, SRDocument.id)
+            .limit(where.limit)
+            .offset(where.offset)
+        ).all()  # fmt: skip
+        all_modalities: dict[int, list[str]] = {}
+        ids = [r[0] for r in rows]
+        for doc_id, modality in s.execute(select(Draft.sr_document_id, Draft.modality).where(Draft.sr_document_id.in_(ids))):
+            if modality and modality not in all_modalities.setdefault(doc_id, []):
+                all_modalities[doc_id].append(modality)
+    return [
+        WorklistRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], "/".join(sorted(all_modalities.get(r[0], []))), r[10],
+                    state_of(r[9], r[7], r[8]).value)  # fmt: skip
+        for r in rows
+    ], counts

@@ -1,0 +1,20 @@
+"""The pipeline's parts for tests: a received study's files, a drafter and a job runner built like the workers build them."""
+
+from __future__ import annotations
+
+from dicom_io.key_slices import KeySliceSpec
+from tests.conftest import series_files
+from workers.drafting import Drafter, DraftOptions
+from workers.jobs import JobRunner
+
+CT = series_files("ct-head-ge")[:8]
+MR = series_files("mr-t1-brain-uih")[:6]
+
+
+def make_drafter(db, clock, model, settings, destinations=("ORTHANC@127.0.0.1:4242",), actor="worker:test") -> Drafter:  # type: ignore[no-untyped-def]
+    options = DraftOptions(key_slices=KeySliceSpec(strategy="uniform", n=3), destinations=tuple(destinations), reports_dir=settings.reports_dir)
+    return Drafter(db, clock, model, options, actor)
+
+
+def runner(db, clock) -> JobRunner:  # type: ignore[no-untyped-def]
+    return JobRunner(db, clock, "worker:test", stale_seconds=900, max_attempts=3, retry_delay=lambda n: 10.0 * n)

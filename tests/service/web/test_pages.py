@@ -1,0 +1,45 @@
+"""The pages a radiologist uses, end to end over HTTP on the real database: worklist, review, key images, approval."""
+
+from __future__ import annotations
+
+import re
+
+import pydicom
+from sqlalchemy import select
+
+from service.schema import AuditEvent, SRDocument
+from tests.service.web.conftest import sign_in
+
+
+def test_a_radiologist_reviews_edits_and_approves_a_draft(client, accounts, draft_id, db):
+    sign_in(client, "smith")
+    worklist = client.get("/worklist")
+    assert worklist.status_code == 200 and f'href="/drafts/{draft_id}"' in worklist.text
+    assert re.search(r'data-state="awaiting review">1<', worklist.text)
+    page = client.get(f"/drafts/{draft_id}")
+    assert page.status_code == 200 and "AI draft — preliminary, not verified" in page.text
+    images = re.findall(r'<img src="([^"]+)"', page.text)
+    assert len(images) == 3
+    png = client.get(images[0].replace("&amp;", "&"))
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    series_field = re.search(r'name="(finding:[0-9.]+)"', page.text).group(1)
+    approved = client.post(f"/drafts/{draft_id}/approve", data={"csrf_token": csrf, series_field: "Edited finding.", "impression": "Normal."})
+    assert approved.status_code == 303
+    after = client.get(approved.headers["location"])
+    assert "Approved by a radiologist" in after.text and 'id="review-state">approved<' in after.text
+    with db.session() as s:
+        verified = s.scalars(select(SRDocument).where(SRDocument.kind == "verified")).one()
+        viewed = s.scalars(select(AuditEvent).where(AuditEvent.action == "study.viewed")).first()
+    assert pydicom.dcmread(verified.path).VerificationFlag == "VERIFIED"
+    assert viewed.actor == "user:smith" and viewed.details["address"] == "testclient"
+
+
+def test_approval_without_the_csrf_token_is_refused_and_recorded(client, accounts, draft_id, db):
+    sign_in(client, "smith")
+    response = client.post(f"/drafts/{draft_id}/approve", data={"impression": "Normal."})
+    assert response.status_code == 403
+    with db.session() as s:
+        denied = s.scalars(select(AuditEvent).where(AuditEvent.action == "auth.access_denied")).one()
+        assert s.scalars(select(SRDocument).where(SRDocument.kind == "verified")).all() == []
+    assert denied.details["reason"] == "missing or wrong CSRF token"
