@@ -196,38 +196,7 @@ class Assembler:
     def publish_dispatches(self) -> int:
         """The same doorbell for SRs on their way to a PACS: new ones, retries that are due, and
         ones whose worker went quiet."""
-        now = self.clock.now()
-        stale = now - self.dispatch_stale
-        with self.db.session() as s:
-            rows = s.execute(
-                select(Dispatch.id, Dispatch.status, Study.study_uid)
-                .join(SRDocument, SRDocument.id == Dispatch.sr_document_id)
-                .join(Study, Study.id == SRDocument.study_id)
-                .where(
-                    or_(
-                        Dispatch.status == DispatchStatus.PENDING,
-                        and_(Dispatch.status == DispatchStatus.RETRYING, Dispatch.next_attempt_at <= now),
-                        and_(Dispatch.status == DispatchStatus.ENQUEUED, Dispatch.enqueued_at < stale),
-                        and_(Dispatch.status == DispatchStatus.SENDING, Dispatch.started_at < stale),
-                    )
-                ).order_by(Dispatch.id)
-            ).all()  # fmt: skip
-        published = 0
-        for dispatch_id, status, study_uid in rows:
-            try:
-                self.publisher.publish_dispatch(dispatch_id)
-            except Exception:
-                LOG.exception("cannot publish dispatch %d; will retry", dispatch_id)
-                break
-            with self.db.session() as s:
-                values: dict[str, object] = {"enqueued_at": now}
-                if status in (DispatchStatus.PENDING, DispatchStatus.RETRYING):
-                    values["status"] = DispatchStatus.ENQUEUED.value
-                s.execute(update(Dispatch).where(Dispatch.id == dispatch_id, Dispatch.status == status).values(**values))
-                audit.record(s, now, audit.SYSTEM_ASSEMBLER, Action.DISPATCH_ENQUEUED, "dispatch", dispatch_id, study_uid=study_uid,
-                             previous_status=status)  # fmt: skip
-            published += 1
-        return published
+        return publish_dispatches(self.db, self.clock, self.publisher, self.dispatch_stale)
 
     def request_force(self, study_uid: str, actor: str) -> ForceResult:
         """Mark a study for processing now; the next tick (anywhere) makes the version."""
@@ -242,6 +211,48 @@ class Assembler:
             s.execute(update(Study).where(Study.id == study_id).values(force_requested_at=now))
             audit.record(s, now, actor, Action.STUDY_FORCE_REQUESTED, "study", study_uid, study_uid=study_uid, pending=pending)
         return ForceResult.REQUESTED
+
+
+def publish_dispatches(db: Database, clock: Clock, publisher: JobPublisher, stale_after: timedelta, *, sr_document_id: int | None = None,
+                       actor: str = audit.SYSTEM_ASSEMBLER) -> int:  # fmt: skip
+    """Publish the dispatches that are due (all, or one SR's: a caption worker sends its new SR's
+    at once rather than waiting for the assembler's next pass). Returns how many were published."""
+    now = clock.now()
+    stale = now - stale_after
+    with db.session() as s:
+        query = (
+            select(Dispatch.id, Dispatch.status, Study.study_uid)
+            .join(SRDocument, SRDocument.id == Dispatch.sr_document_id)
+            .join(Study, Study.id == SRDocument.study_id)
+            .where(
+                or_(
+                    Dispatch.status == DispatchStatus.PENDING,
+                    and_(Dispatch.status == DispatchStatus.RETRYING, Dispatch.next_attempt_at <= now),
+                    and_(Dispatch.status == DispatchStatus.ENQUEUED, Dispatch.enqueued_at < stale),
+                    and_(Dispatch.status == DispatchStatus.SENDING, Dispatch.started_at < stale),
+                )
+            )
+            .order_by(Dispatch.id)
+        )
+        if sr_document_id is not None:
+            query = query.where(Dispatch.sr_document_id == sr_document_id)
+        rows = s.execute(query).all()
+    published = 0
+    for dispatch_id, status, study_uid in rows:
+        try:
+            publisher.publish_dispatch(dispatch_id)
+        except Exception:
+            LOG.exception("cannot publish dispatch %d; will retry", dispatch_id)
+            break
+        with db.session() as s:
+            values: dict[str, object] = {"enqueued_at": now}
+            if status in (DispatchStatus.PENDING, DispatchStatus.RETRYING):
+                values["status"] = DispatchStatus.ENQUEUED.value
+            moved = s.execute(update(Dispatch).where(Dispatch.id == dispatch_id, Dispatch.status == status).values(**values)).rowcount  # type: ignore[attr-defined]
+            if moved:  # someone else may have published it in between: one audit event per transition
+                audit.record(s, now, actor, Action.DISPATCH_ENQUEUED, "dispatch", dispatch_id, study_uid=study_uid, previous_status=status)
+        published += 1
+    return published
 
 
 class ForceResult(enum.Enum):

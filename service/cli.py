@@ -75,6 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study_uid")
     p.set_defaults(func=cmd_force)
 
+    p = sub.add_parser("web", help="run the review web app (worklist, review, admin; JSON API under /api)")
+    p.set_defaults(func=cmd_web)
+
+    p = sub.add_parser("users", help="manage the web app's users (passwords are read from stdin, never from the command line)")
+    usub = p.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    q = usub.add_parser("add", help="add a user; the password is read from stdin")
+    q.add_argument("username")
+    q.add_argument("--role", required=True, choices=["radiologist", "admin"])
+    q.add_argument("--display-name", required=True, help="DICOM person name Family^Given: the verifying observer in signed reports")
+    q.set_defaults(func=cmd_users_add)
+    for action, helptext in (("disable", "stop a user from signing in (their sessions end at once)"), ("enable", "let a disabled user sign in again")):
+        q = usub.add_parser(action, help=helptext)
+        q.add_argument("username")
+        q.set_defaults(func=cmd_users_disable, disable=action == "disable")
+    q = usub.add_parser("reset-password", help="set a new password, read from stdin")
+    q.add_argument("username")
+    q.set_defaults(func=cmd_users_reset_password)
+    usub.add_parser("list", help="list users and their roles").set_defaults(func=cmd_users_list)
+
     p = sub.add_parser("reports", help="list the SRs written and where each was sent")
     p.add_argument("--failed", action="store_true", help="only failed jobs and SRs that failed to reach a destination")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -89,6 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sr", help="SOP Instance UID of the SR (see `medcap reports`)")
     p.add_argument("--destination", action="append", default=[], help="AE@host:port; repeatable; also resends a delivered copy")
     p.set_defaults(func=cmd_resend)
+
+    p = sub.add_parser("export-feedback", help="write the approved reports' key images and final texts as a training table (DIR/table.csv)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for table.csv and images/ (made if missing)")
+    p.add_argument("--since", metavar="DATE", help="only reports approved on or after this day (YYYY-MM-DD, UTC)")
+    p.set_defaults(func=cmd_export_feedback)
+
+    p = sub.add_parser("audit", help="the audit trail and report statistics: search, turnaround, quality, failed work")
+    asub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    search = asub.add_parser("search", help="audit events, newest first (the search itself is audited)")
+    search.add_argument("--study", help="Study Instance UID")
+    search.add_argument("--accession", help="accession number")
+    search.add_argument("--patient", help="patient ID, or words of the patient's name")
+    search.add_argument("--user", help="actor: user:NAME, cli:NAME, worker:HOST, dicom:AE@ADDRESS ...; a bare NAME means user:NAME")
+    search.add_argument("--action", help="an action (draft.approved), or a family ending in '.' (job.)")
+    search.add_argument("--limit", type=int, default=100)
+    search.add_argument("--offset", type=int, default=0)
+    for q in (search, asub.add_parser("turnaround", help="received -> draft -> approved, median and 90th percentile per model version"),
+              asub.add_parser("quality", help="drafts approved unchanged and edit distance, per model version")):
+        q.add_argument("--since", help="YYYY-MM-DD or an ISO time (UTC unless it names a zone); inclusive")
+        q.add_argument("--until", help="YYYY-MM-DD (through that day) or an ISO time; exclusive")
+    asub.add_parser("failed", help="failed jobs and failed dispatches (see `medcap retry`, `medcap resend`)")
+    for q in asub.choices.values():
+        q.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
+        q.set_defaults(func=cmd_audit)
 
     models_cli.register(sub)  # caption, model, train, evaluate, data
     return parser
@@ -133,6 +176,20 @@ def make_assembler(settings: Settings, db: Any) -> Any:
     )  # fmt: skip
 
 
+def start_metrics(settings: Settings, *, worker: bool = False, children: bool = False) -> dict[str, str]:
+    """Prometheus metrics (service/metrics.py) on the configured port, if any; returns the environment for worker children."""
+    from service import metrics
+
+    port = settings.worker_metrics_port if worker else settings.metrics_port
+    try:
+        if worker:
+            metrics.start_worker(settings)
+            return {}
+        return metrics.start_service(settings, children=children)
+    except OSError as exc:
+        raise CommandError(f"cannot serve metrics on port {port}: {exc}") from None
+
+
 def start_listening(settings: Settings, db: Any) -> tuple[Any, Any]:
     from service.assembly import AssemblyLoop
     from service.clock import SystemClock
@@ -150,6 +207,7 @@ def start_listening(settings: Settings, db: Any) -> tuple[Any, Any]:
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     db = open_database(settings)
+    start_metrics(settings)
     stop = _stop_on_signals()
     listener, loop = start_listening(settings, db)
     stop.wait()
@@ -169,11 +227,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     require_model(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = open_database(settings, upgrade=True)
+    worker_env = {**os.environ, **start_metrics(settings, children=True)}  # the workers' metrics are served here
     stop = _stop_on_signals()
     listener, loop = start_listening(settings, db)
-    base = [sys.executable, "-m", "service.cli"] + (["--config", str(args.config)] if args.config else []) + ["worker"]
+    medcap = [sys.executable, "-m", "service.cli"] + (["--config", str(args.config)] if args.config else [])
     # Separate workers, so an SR is never sent late because the model is busy with the next study.
-    commands = {"caption": base + ["--queues", "caption"], "dispatch": base + ["--queues", "dispatch", "--concurrency", "1"]}
+    commands = {"caption": medcap + ["worker", "--queues", "caption"],
+                "dispatch": medcap + ["worker", "--queues", "dispatch", "--concurrency", "1"], "web": medcap + ["web"]}  # fmt: skip
     workers: dict[str, subprocess.Popen[bytes]] = {}
     try:
         while not stop.is_set():
@@ -182,7 +242,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                 if worker is None or worker.poll() is not None:
                     if worker is not None:
                         LOG.error("%s worker exited with status %s; restarting it", name, worker.returncode)
-                    workers[name] = subprocess.Popen(command)
+                    workers[name] = subprocess.Popen(command, env=worker_env)
             stop.wait(1.0)
     finally:
         LOG.info("stopping")
@@ -211,6 +271,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if "caption" in queues:
         require_model(settings)
     open_database(settings).dispose()  # fail fast on a missing or outdated schema
+    start_metrics(settings, worker=True)  # before the pool forks
     app = configure(settings)
     app.medcap_load_model = "caption" in queues  # type: ignore[attr-defined]  # loaded once per worker process
     concurrency = args.concurrency or settings.worker_concurrency
@@ -272,6 +333,82 @@ def cmd_force(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.web.app import create_app
+
+    app = create_app(settings, open_database(settings))
+    tls = {"ssl_certfile": str(settings.web_tls_cert_file), "ssl_keyfile": str(settings.web_tls_key_file)} if settings.web_tls_cert_file else {}
+    scheme = "https" if tls else "http"
+    LOG.info("review app on %s://%s:%d/ (API schema at /api/openapi.json)", scheme, settings.web_bind_address, settings.web_port)
+    uvicorn.run(app, host=settings.web_bind_address, port=settings.web_port, log_level=settings.log_level.lower(), access_log=False,
+                proxy_headers=False, server_header=False, **tls)  # type: ignore[arg-type]  # fmt: skip
+    return 0
+
+
+def _read_password(confirm: bool = True) -> str:
+    """From the terminal (asked twice), or the first line of piped stdin: never from argv, where `ps` would show it."""
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Again: ") != first:
+            raise CommandError("the two passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\n")
+
+
+def _users(settings: Settings) -> Any:
+    from service.clock import SystemClock
+    from service.users import Users
+
+    return Users(open_database(settings), SystemClock())
+
+
+def cmd_users_add(settings: Settings, args: argparse.Namespace) -> int:
+    from service import audit
+    from service.users import UserError
+
+    try:
+        account = _users(settings).add(args.username, args.display_name, args.role, _read_password(), audit.cli_actor(getpass.getuser()))
+    except UserError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"user {account.username} added as {account.role.value}")
+    return 0
+
+
+def cmd_users_disable(settings: Settings, args: argparse.Namespace) -> int:
+    from service import audit
+    from service.users import UserError
+
+    try:
+        _users(settings).set_disabled(args.username, args.disable, audit.cli_actor(getpass.getuser()))
+    except UserError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"user {args.username} {'disabled' if args.disable else 'enabled'}")
+    return 0
+
+
+def cmd_users_reset_password(settings: Settings, args: argparse.Namespace) -> int:
+    from service import audit
+    from service.users import UserError
+
+    try:
+        _users(settings).reset_password(args.username, _read_password(), audit.cli_actor(getpass.getuser()))
+    except UserError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"password of {args.username} changed")
+    return 0
+
+
+def cmd_users_list(settings: Settings, args: argparse.Namespace) -> int:
+    users = _users(settings).list()
+    if not users:
+        print("no users yet: add the first admin with `medcap users add NAME --role admin --display-name Family^Given`")
+    for account, disabled in users:
+        print(f"{account.username:<24} {account.role.value:<12} {account.display_name}{'  (disabled)' if disabled else ''}")
+    return 0
+
+
 def cmd_reports(settings: Settings, args: argparse.Namespace) -> int:
     from service.reports import list_reports
 
@@ -317,6 +454,89 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     make_assembler(settings, db).publish_dispatches()
     print(f"SR {args.sr}: queued for {', '.join(queued)}")
+    return 0
+
+
+def cmd_export_feedback(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import UTC, date, datetime, time
+
+    from service import audit
+    from service.clock import SystemClock
+    from service.feedback import export_feedback
+
+    try:
+        since = datetime.combine(date.fromisoformat(args.since), time.min, UTC) if args.since else None
+    except ValueError:
+        raise CommandError(f"--since {args.since!r}: give a day as YYYY-MM-DD") from None
+    if args.out.exists() and not args.out.is_dir():
+        raise CommandError(f"--out {args.out}: not a folder")
+    result = export_feedback(open_database(settings), SystemClock(), args.out, actor=audit.cli_actor(getpass.getuser()), since=since)
+    for why in result.skipped:
+        print(f"skipped {why}", file=sys.stderr)
+    print(f"{result.images} key image(s) from {result.reports} approved report(s) written to {result.table}")
+    return 0
+
+
+def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    from service import audit
+    from service import audit_queries as aq
+    from service.audit import Action
+    from service.clock import SystemClock
+
+    db = open_database(settings)
+    try:
+        since = aq.parse_time(getattr(args, "since", None))
+        until = aq.parse_time(getattr(args, "until", None), end=True)
+        if args.audit_command == "search":
+            search = aq.AuditSearch(study_uid=args.study, accession=args.accession, patient=args.patient, user=args.user,
+                                    action=args.action, since=since, until=until, limit=args.limit, offset=args.offset)  # fmt: skip
+            page = aq.search_audit(db, search)
+            with db.session() as s:
+                audit.record(s, SystemClock().now(), audit.cli_actor(getpass.getuser()), Action.AUDIT_EXPORTED if args.csv else Action.AUDIT_SEARCHED,
+                             "audit", "events", filters=search.filters(), offset=search.offset, shown=len(page.rows), via="cli")  # fmt: skip
+            if args.csv:
+                aq.write_audit_csv(page.rows, sys.stdout)
+                return 0
+            print(aq.text_table(["AT (UTC)", "ACTOR", "ACTION", "OBJECT", "ACCESSION", "PATIENT", "DETAILS"], [
+                (r.at.strftime("%Y-%m-%d %H:%M:%S"), r.actor, r.action, f"{r.object_type} {r.object_id}", r.accession_number,
+                 r.patient_id, json.dumps(r.details, sort_keys=True)[:80]) for r in page.rows]))  # fmt: skip
+            if page.more:
+                print(f"(more: --offset {search.offset + search.limit})")
+        elif args.audit_command == "turnaround":
+            header = ["MODEL", "VERSION", "WEIGHTS", "STUDIES", "APPROVED", "DRAFT P50", "DRAFT P90", "APPROVAL P50", "APPROVAL P90",
+                      "TOTAL P50", "TOTAL P90"]  # fmt: skip
+            stats = aq.turnaround_by_model(db, since=since, until=until)
+            if args.csv:
+                print(aq.rows_csv(list(aq.TurnaroundStats.__dataclass_fields__), [tuple(t.as_dict().values()) for t in stats]), end="")
+            else:
+                print(aq.text_table(header, [(t.model_name, t.model_version, t.weights_sha256[:12], t.studies, t.approved, *map(aq.duration, (
+                    t.draft_median_seconds, t.draft_p90_seconds, t.approval_median_seconds, t.approval_p90_seconds, t.total_median_seconds,
+                    t.total_p90_seconds))) for t in stats]))  # fmt: skip
+        elif args.audit_command == "quality":
+            header = ["MODEL", "VERSION", "WEIGHTS", "DRAFTS", "REVIEWED", "APPROVED", "UNCHANGED", "REJECTED", "UNCHANGED RATE",
+                      "MEAN EDIT", "MEDIAN EDIT", "NORMALISED EDIT"]  # fmt: skip
+            quality = aq.model_quality(db, since=since, until=until)
+            if args.csv:
+                print(aq.rows_csv(list(aq.ModelQuality.__dataclass_fields__), [tuple(m.as_dict().values()) for m in quality]), end="")
+            else:
+                pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+                num = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+                print(aq.text_table(header, [(m.model_name, m.model_version, m.weights_sha256[:12], m.drafts, m.reviewed, m.approved,
+                                              m.approved_unchanged, m.rejected, pct(m.approved_unchanged_rate), num(m.mean_edit_distance),
+                                              m.median_edit_distance, pct(m.normalised_edit_distance)) for m in quality]))  # fmt: skip
+        else:
+            failed = aq.failed_work(db, limit=1000)
+            if args.csv:
+                print(aq.rows_csv(list(aq.FailedWork.__dataclass_fields__), [tuple(f.as_dict().values()) for f in failed]), end="")
+            elif not failed:
+                print("no failed jobs or dispatches")
+            else:
+                print(aq.text_table(["KIND", "JOB", "SR", "DESTINATION", "ACCESSION", "ATTEMPTS", "FAILED AT (UTC)", "ERROR"], [
+                    (f.kind, f.job_id, f.sr_uid, f.destination, f.accession_number, f.attempts,
+                     f.failed_at.strftime("%Y-%m-%d %H:%M:%S") if f.failed_at else "", (f.error or "")[:80]) for f in failed]))  # fmt: skip
+                print("run a failed job again with `medcap retry JOB`, send an SR again with `medcap resend SR`")
+    except aq.QueryError as exc:
+        raise CommandError(str(exc)) from None
     return 0
 
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from service import audit
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
-from service.schema import Role, User
+from service.schema import Role, User, WebSession
 
 MIN_PASSWORD_LENGTH = 12
 _USERNAME = re.compile(r"^[a-z][a-z0-9._-]{1,63}$")
@@ -52,7 +54,7 @@ class Account:
 
 
 def check_username(username: str) -> str:
-    if not isinstance(username, str) or not _USERNAME.match(username):
+    if not isinstance(username, str) or not _USERNAME.fullmatch(username):
         raise UserError(f"user name {username!r}: use 2-64 lower-case letters, digits, '.', '_' or '-', starting with a letter")
     return username
 
@@ -81,6 +83,11 @@ def check_password(password: str) -> str:
     return password
 
 
+def _end_sessions(s: Session, username: str, now: datetime) -> None:
+    user_id = select(User.id).where(User.username == username).scalar_subquery()
+    s.execute(update(WebSession).where(WebSession.user_id == user_id, WebSession.revoked_at.is_(None)).values(revoked_at=now))
+
+
 class Users:
     def __init__(self, db: Database, clock: Clock) -> None:
         self.db = db
@@ -107,6 +114,8 @@ class Users:
             changed = s.execute(update(User).where(User.username == username).values(disabled=disabled)).rowcount  # type: ignore[attr-defined]
             if not changed:
                 raise UserError(f"there is no user {username!r}")
+            if disabled:  # ended for good: enabling the user again does not revive them
+                _end_sessions(s, username, now)
             audit.record(s, now, actor, Action.USER_DISABLED if disabled else Action.USER_ENABLED, "user", username)
 
     def reset_password(self, username: str, password: str, actor: str) -> None:
@@ -116,6 +125,7 @@ class Users:
             changed = s.execute(update(User).where(User.username == username).values(password_hash=hashed, password_changed_at=now)).rowcount  # type: ignore[attr-defined]  # fmt: skip
             if not changed:
                 raise UserError(f"there is no user {username!r}")
+            _end_sessions(s, username, now)  # whoever knew the old password is signed out
             audit.record(s, now, actor, Action.USER_PASSWORD_RESET, "user", username)
 
     def authenticate(self, username: str, password: str) -> Account | None:

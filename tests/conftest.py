@@ -121,7 +121,7 @@ def make_settings(tmp_path: Path, database_url: str):  # type: ignore[no-untyped
     def make(**overrides: object) -> Settings:
         values: dict[str, object] = dict(
             data_dir=tmp_path / "data", database_url=database_url, dicom_bind_address="127.0.0.1",
-            dicom_port=free_port(), allowed_peers="*@127.0.0.1/32", quiet_seconds=30, max_wait_seconds=600,
+            dicom_port=free_port(), web_port=free_port(), allowed_peers="*@127.0.0.1/32", quiet_seconds=30, max_wait_seconds=600,
             min_free_disk_mb=1, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
         )  # fmt: skip
         values.update(overrides)

@@ -27,6 +27,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         MEDCAP_MAX_WAIT_SECONDS=str(settings.max_wait_seconds),
         MEDCAP_MIN_FREE_DISK_MB=str(settings.min_free_disk_mb),
         MEDCAP_ASSEMBLY_INTERVAL_SECONDS=str(settings.assembly_interval_seconds),
+        MEDCAP_WEB_PORT=str(settings.web_port),
     )
     env.update(extra)
     return env

@@ -12,6 +12,7 @@ CAPTION_TASK = "medcap.caption_study"
 DISPATCH_QUEUE = "dispatch"  # network work: never waits behind a model
 DISPATCH_TASK = "medcap.send_report"
 QUEUES = (CAPTION_QUEUE, DISPATCH_QUEUE)
+MODEL_LOAD_SECONDS = 900.0  # the longest a pool process may take to load its model (multi-GB checkpoints from network storage)
 
 app = Celery("medcap", include=["workers.tasks"])
 
@@ -34,6 +35,9 @@ def configure(settings: Settings) -> Celery:
         # The soft limit raises inside the task (the job is retried with backoff); the hard
         # limit kills a process stuck in native code, and the job is taken over once stale.
         task_soft_time_limit=settings.job_time_limit_seconds,
+        # A pool process loads and warms the model before it reports ready; Celery's 4 s default
+        # would kill every replacement process of a GPU worker, which then never captions again.
+        worker_proc_alive_timeout=MODEL_LOAD_SECONDS,
         task_time_limit=settings.job_time_limit_seconds + 30,
         broker_transport_options={"visibility_timeout": int(settings.job_redeliver_seconds)}
         if settings.effective_broker_url.startswith("redis")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from datetime import timedelta
 from typing import Any
 
 from celery.signals import worker_process_init
 
 from dicom_io.dispatch import send
 from dicom_io.key_slices import KeySliceSpec
-from service import audit
+from service import audit, metrics
 from service.clock import SystemClock
 from service.database import Database
 from service.settings import Settings, load_settings
@@ -71,6 +72,7 @@ def _actor() -> str:
 
 
 @app.task(name=CAPTION_TASK, acks_late=True, reject_on_worker_lost=True)
+@metrics.timed_task(CAPTION_TASK)
 def caption_study(job_id: int) -> str:
     settings = _settings()
     db = _database(settings)
@@ -87,10 +89,31 @@ def caption_study(job_id: int) -> str:
 
     outcome = runner.run(job_id, work)
     LOG.info("job %d: %s", job_id, outcome)
+    if outcome == "succeeded":
+        try:
+            _send_now(settings, db, job_id)
+        except Exception:  # the assembler publishes it on its next pass anyway
+            LOG.exception("job %d: could not hand the SR to the dispatch queue now", job_id)
     return outcome
 
 
+def _send_now(settings: Settings, db: Database, job_id: int) -> None:
+    """Hand the new SR to the dispatch queue at once (the assembler would, on its next pass)."""
+    from sqlalchemy import select
+
+    from service.assembly import publish_dispatches
+    from service.schema import SRDocument
+    from workers.celery_app import CeleryPublisher
+
+    with db.session() as s:
+        doc_id = s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id))
+    if doc_id is not None:
+        publish_dispatches(db, SystemClock(), CeleryPublisher(app), timedelta(seconds=settings.dispatch_stale_seconds),
+                           sr_document_id=doc_id, actor=_actor())  # fmt: skip
+
+
 @app.task(name=DISPATCH_TASK, acks_late=True, reject_on_worker_lost=True)
+@metrics.timed_task(DISPATCH_TASK)
 def send_report(dispatch_id: int) -> str:
     settings = _settings()
     runner = DispatchRunner(

@@ -111,12 +111,13 @@ def wants_json(request: Request) -> bool:
 
 def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> FastAPI:
     from service.web import admin as admin_routes
-    from service.web import api, pages
+    from service.web import admin_api, api, pages
 
     clock = clock or SystemClock()
     users = Users(db, clock)
     app = FastAPI(title="MedCap", summary="AI report drafts for CT and MR: review, approval and audit.", version="1",
-                  docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")  # fmt: skip
+                  # No Swagger UI: it loads scripts from a CDN, which hospital networks (and our CSP) refuse.
+                  docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")  # fmt: skip
     app.state.ctx = WebContext(
         settings, db, clock, users,
         Sessions(db, clock, users, hours=settings.session_hours, max_failures=settings.login_max_failures),
@@ -127,6 +128,7 @@ def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> 
     app.include_router(pages.router)
     app.include_router(admin_routes.router)
     app.include_router(api.router, prefix="/api")
+    app.include_router(admin_api.router, prefix="/api/admin")
 
     @app.exception_handler(NotSignedIn)
     async def _not_signed_in(request: Request, exc: NotSignedIn) -> Response:

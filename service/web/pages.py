@@ -29,7 +29,9 @@ LOGIN_CSRF_COOKIE = "medcap_login_csrf"
 
 def _safe_next(target: str | None) -> str:
     # Only same-site paths: an attacker's link must not turn sign-in into a redirect to elsewhere.
-    return target if target and target.startswith("/") and not target.startswith("//") else "/"
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target or any(ord(c) < 32 for c in target):
+        return "/"
+    return target
 
 
 @router.get("/login", response_class=HTMLResponse)

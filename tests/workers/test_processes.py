@@ -109,6 +109,15 @@ def test_embedded_default_ct_and_mr_from_the_pacs_come_back_as_draft_srs(make_se
                          "dispatch.queued", "job.succeeded", "dispatch.enqueued", "dispatch.delivered"]  # fmt: skip
         report = run(["reports"], env)
         assert report.returncode == 0 and report.stdout.count(": delivered after 1 attempt(s)") == 2, report.stdout
+
+        def web_up() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/login", timeout=5) as page:
+                    return page.status == 200 and b"Sign in" in page.read()
+            except OSError:
+                return False
+
+        wait_until(web_up, "serve's review web app to answer", timeout=60)
         db.dispose()
     finally:
         serve.stop()
@@ -129,10 +138,11 @@ def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and
                                                                                         clean_pacs, pacs_studies):  # fmt: skip
     orthanc = clean_pacs
     settings = make_settings(broker_url=redis_url, **FAST)
-    # Slow the job down (every slice, beam search, one image per pass) so that it is surely mid-way when killed.
-    env = pipeline_env(settings, tiny_model, f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom_port}", MEDCAP_KEY_SLICES="64",
-                       MEDCAP_GENERATION_PRESET="paper", MEDCAP_CAPTION_BATCH_SIZE="1", MEDCAP_JOB_TIME_LIMIT_SECONDS="30",
-                       MEDCAP_JOB_REDELIVER_SECONDS="31")  # fmt: skip
+    # Slow the job down (16 slices, beam search, one image per pass: seconds, not milliseconds) so that it is
+    # surely mid-way when killed; the time limit leaves room for a loaded 2-core machine.
+    env = pipeline_env(settings, tiny_model, f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom_port}", MEDCAP_KEY_SLICES="16",
+                       MEDCAP_GENERATION_PRESET="paper", MEDCAP_CAPTION_BATCH_SIZE="1", MEDCAP_JOB_TIME_LIMIT_SECONDS="60",
+                       MEDCAP_JOB_REDELIVER_SECONDS="61")  # fmt: skip
     listen = Process(["listen"], env, tmp_path / "listen.log")
     workers: list[Process] = []
     try:
@@ -149,7 +159,7 @@ def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and
         assert rows(db, SRDocument.id) == []
 
         workers.append(Process(["worker", "--queues", "caption,dispatch"], env, tmp_path / "worker2.log"))
-        wait_until(lambda: rows(db, Dispatch.status) == ["delivered"], "the restarted worker to finish and send the SR", timeout=150)
+        wait_until(lambda: rows(db, Dispatch.status) == ["delivered"], "the restarted worker to finish and send the SR", timeout=240)
         check_sr_in_pacs(orthanc, pacs_studies["ct-head-ge"], db)
         with db.session() as s:
             job = s.scalars(select(Job)).one()
