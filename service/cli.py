@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,15 +236,25 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     commands = {"caption": medcap + ["worker", "--queues", "caption"],
                 "dispatch": medcap + ["worker", "--queues", "dispatch", "--concurrency", "1"], "web": medcap + ["web"]}  # fmt: skip
     workers: dict[str, subprocess.Popen[bytes]] = {}
+    started: dict[str, float] = {}
+    delay = dict.fromkeys(commands, 1.0)  # restart backoff: a child that cannot start (port taken) must not spin
+    due = dict.fromkeys(commands, 0.0)
     try:
         while not stop.is_set():
+            now = time.monotonic()
             for name, command in commands.items():
                 worker = workers.get(name)
-                if worker is None or worker.poll() is not None:
-                    if worker is not None:
-                        LOG.error("%s worker exited with status %s; restarting it", name, worker.returncode)
-                    workers[name] = subprocess.Popen(command, env=worker_env)
-            stop.wait(1.0)
+                if worker is not None and worker.poll() is None:
+                    if now - started[name] > 60:
+                        delay[name] = 1.0  # it has run for a while: the next exit restarts at once
+                    continue
+                if worker is not None and due[name] == 0.0:  # its exit, just noticed
+                    due[name] = now + delay[name]
+                    LOG.error("%s exited with status %s; restarting it in %.0f s", name, worker.returncode, delay[name])
+                    delay[name] = min(delay[name] * 2, 60.0)
+                if now >= due[name]:
+                    workers[name], started[name], due[name] = subprocess.Popen(command, env=worker_env), now, 0.0
+            stop.wait(0.5)
     finally:
         LOG.info("stopping")
         listener.stop()

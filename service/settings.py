@@ -99,6 +99,7 @@ class Settings(BaseSettings):
     key_slices: int = Field(3, ge=1, le=64, description="Key slices captioned per series.")
     key_slice_strategy: str = Field("uniform", pattern=r"^(central|uniform|content)$", description="How key slices are chosen.")
     caption_batch_size: int = Field(8, ge=1, le=256, description="Images per forward pass of the model.")
+    torch_threads: int = Field(0, ge=0, le=256, description="CPU threads of each caption worker process (0: torch's default, one per core).")
     job_time_limit_seconds: float = Field(600.0, gt=0, description="A caption job running longer is stopped and retried.")
     job_max_attempts: int = Field(3, ge=1, le=100, description="Attempts of a caption job before it ends as failed.")
     destinations: str = Field("", description="Comma-separated PACS that receive our SRs, as AE@host:port; empty keeps SRs local.")

@@ -48,9 +48,13 @@ def captioner(settings: Settings) -> Any:
         if _captioner is None:
             if settings.model is None:
                 raise PermanentJobError("no captioning model is configured (MEDCAP_MODEL)")
+            import torch
+
             from models.captioner import Captioner
 
-            LOG.info("loading the model from %s on %s", settings.model, settings.device)
+            if settings.torch_threads:
+                torch.set_num_threads(settings.torch_threads)
+            LOG.info("loading the model from %s on %s (%d CPU threads)", settings.model, settings.device, torch.get_num_threads())
             loaded = Captioner.load(settings.model, settings.device)
             loaded.warm_up()
             LOG.info("model ready: %s", loaded.describe())

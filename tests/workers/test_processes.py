@@ -233,3 +233,21 @@ def test_caption_workers_and_serve_need_a_model_and_say_how_to_get_one(make_sett
         assert result.returncode == 1 and "medcap model demo" in result.stderr, (args, result.stderr)
     result = run(["worker", "--queues", "gpu"], env, timeout=60)
     assert result.returncode == 1 and "unknown queue(s) gpu" in result.stderr
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_serve_restarts_a_failing_child_with_backoff(make_settings, tmp_path, tiny_model):
+    settings = make_settings(**FAST)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", settings.web_port))  # the web app cannot start: its port is in use
+    taken.listen()
+    serve = Process(["serve"], pipeline_env(settings, tiny_model, ""), tmp_path / "serve.log")
+    try:
+        wait_until(lambda: "web exited with status" in serve.output() and "restarting it in 4 s" in serve.output(),
+                   "the third restart of the web app", timeout=120)  # fmt: skip
+        delays = [line.rsplit("restarting it in ", 1)[1] for line in serve.output().splitlines() if "web exited" in line]
+        assert delays[:3] == ["1 s", "2 s", "4 s"]
+        wait_listening(serve, settings.dicom_port)  # the rest of serve carries on
+    finally:
+        serve.stop()
+        taken.close()
