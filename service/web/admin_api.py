@@ -73,56 +73,14 @@ class AuditPage(BaseModel):
     offset: int
 
 
-class TurnaroundStats(BaseModel):
-    model_name: str
-    model_version: str
-    weights_sha256: str
-    studies: int
-    approved: int
-    draft_median_seconds: float | None
-    draft_p90_seconds: float | None
-    approval_median_seconds: float | None
-    approval_p90_seconds: float | None
-    total_median_seconds: float | None
-    total_p90_seconds: float | None
-
-
-class ModelQuality(BaseModel):
-    model_name: str
-    model_version: str
-    weights_sha256: str
-    drafts: int
-    reviewed: int
-    approved: int
-    approved_unchanged: int
-    rejected: int
-    approved_unchanged_rate: float | None
-    mean_edit_distance: float | None
-    median_edit_distance: int | None
-    normalised_edit_distance: float | None
 
 
 class Stats(BaseModel):
     since: datetime | None
     until: datetime | None
-    turnaround: list[TurnaroundStats]
-    quality: list[ModelQuality]
+    turnaround: list[aq.TurnaroundStats]
+    quality: list[aq.ModelQuality]
 
-
-class StudyTurnaround(BaseModel):
-    study_uid: str
-    accession_number: str | None
-    study_version: int
-    draft_sr_uid: str
-    model_name: str
-    model_version: str
-    weights_sha256: str
-    received_at: datetime
-    drafted_at: datetime
-    approved_at: datetime | None
-    draft_seconds: float
-    approval_seconds: float | None
-    total_seconds: float | None
 
 
 class Resend(BaseModel):
@@ -194,16 +152,16 @@ def stats(ctx: Context, who: Admin, since: str | None = None, until: str | None 
     """Turnaround (studies received in the window) and draft quality (drafts written in it), per model version."""
     start, end = _window(since, until)
     return Stats(since=start, until=end,
-                 turnaround=[TurnaroundStats(**t.as_dict()) for t in aq.turnaround_by_model(ctx.db, since=start, until=end)],
-                 quality=[ModelQuality(**q.as_dict()) for q in aq.model_quality(ctx.db, since=start, until=end)])  # fmt: skip
+                 turnaround=aq.turnaround_by_model(ctx.db, since=start, until=end),
+                 quality=aq.model_quality(ctx.db, since=start, until=end))  # fmt: skip
 
 
-@router.get("/turnaround", response_model=list[StudyTurnaround])
+@router.get("/turnaround", response_model=list[aq.StudyTurnaround])
 def turnaround(ctx: Context, who: Admin, since: str | None = None, until: str | None = None,
-               limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0) -> list[StudyTurnaround]:  # fmt: skip
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0) -> list[aq.StudyTurnaround]:  # fmt: skip
     """Per study, newest received first: received, drafted, approved."""
     start, end = _window(since, until)
-    return [StudyTurnaround(**t.as_dict()) for t in aq.study_turnaround(ctx.db, since=start, until=end, limit=limit, offset=offset)]
+    return aq.study_turnaround(ctx.db, since=start, until=end, limit=limit, offset=offset)
 
 
 @router.post("/jobs/{job_id}/retry", status_code=204)

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from service.audit import Action
 from service.review import ReviewConflict, ReviewError, ReviewState
 from service.web.app import Anyone, Context, Radiologist, audit_event, client_address, require_csrf
-from service.worklist import WorklistFilter, list_drafts
+from service.worklist import WorklistFilter, WorklistRow, list_drafts
 
 router = APIRouter(tags=["review"])
 
@@ -24,23 +24,10 @@ class Me(BaseModel):
     csrf_token: str = Field(description="Send as X-CSRF-Token on every POST")
 
 
-class WorklistItem(BaseModel):
-    draft_id: int
-    sop_instance_uid: str
-    study_uid: str
-    accession_number: str | None
-    patient_id: str | None
-    patient_name: str | None
-    study_description: str | None
-    study_version: int
-    modalities: str
-    created_at: datetime
-    state: str
-
 
 class Worklist(BaseModel):
     counts: dict[str, int]
-    drafts: list[WorklistItem]
+    drafts: list[WorklistRow]
 
 
 class DraftDetail(BaseModel):
@@ -88,7 +75,7 @@ def drafts(request: Request, ctx: Context, who: Radiologist, state: ReviewState 
         raise HTTPException(400, str(exc)) from None
     rows, counts = list_drafts(ctx.db, where)
     audit_event(request, Action.WORKLIST_VIEWED, "worklist", state.value if state else "all", shown=len(rows), api=True)
-    return Worklist(counts=counts, drafts=[WorklistItem(**r.as_dict()) for r in rows])
+    return Worklist(counts=counts, drafts=rows)
 
 
 @router.get("/drafts/{draft_id}", response_model=DraftDetail)
