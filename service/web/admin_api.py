@@ -4,7 +4,7 @@ send ``X-CSRF-Token`` (from ``/api/me``) on every POST. Searches of the audit tr
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
@@ -20,54 +20,16 @@ from service.web.auth import SignedIn
 router = APIRouter(tags=["admin"])
 
 
-class Overview(BaseModel):
-    studies: int
-    draft_srs: int
-    undecided_drafts: int
-    approved: int
-    rejected: int
-    failed_jobs: int
-    failed_dispatches: int
-    active_users: int
-    events_last_24h: int
-
-
-class FailedWork(BaseModel):
-    kind: str = Field(description="job (retry it) or dispatch (resend its SR)")
-    job_id: int | None
-    dispatch_id: int | None
-    study_uid: str
-    accession_number: str | None
-    study_version: int
-    sr_uid: str | None
-    sr_kind: str | None
-    destination: str | None
-    attempts: int
-    error: str | None
-    failed_at: datetime | None
 
 
 class AdminOverview(BaseModel):
-    counts: Overview
-    failed: list[FailedWork]
+    counts: aq.Overview
+    failed: list[aq.FailedWork]
 
-
-class AuditEvent(BaseModel):
-    id: int
-    at: datetime
-    actor: str
-    action: str
-    object_type: str
-    object_id: str
-    study_uid: str | None
-    accession_number: str | None
-    patient_id: str | None
-    patient_name: str | None
-    details: dict[str, Any]
 
 
 class AuditPage(BaseModel):
-    events: list[AuditEvent]
+    events: list[aq.AuditRow]
     more: bool = Field(description="more events match: ask again with offset + limit")
     limit: int
     offset: int
@@ -123,13 +85,13 @@ def _user_error(exc: UserError) -> HTTPException:
 
 @router.get("/overview", response_model=AdminOverview)
 def overview(ctx: Context, who: Admin) -> AdminOverview:
-    return AdminOverview(counts=Overview(**aq.overview(ctx.db, ctx.clock.now()).as_dict()),
-                         failed=[FailedWork(**f.as_dict()) for f in aq.failed_work(ctx.db)])  # fmt: skip
+    return AdminOverview(counts=aq.overview(ctx.db, ctx.clock.now()),
+                         failed=aq.failed_work(ctx.db))  # fmt: skip
 
 
-@router.get("/failed", response_model=list[FailedWork])
-def failed(ctx: Context, who: Admin, limit: Annotated[int, Query(ge=1, le=10_000)] = 200) -> list[FailedWork]:
-    return [FailedWork(**f.as_dict()) for f in aq.failed_work(ctx.db, limit=limit)]
+@router.get("/failed", response_model=list[aq.FailedWork])
+def failed(ctx: Context, who: Admin, limit: Annotated[int, Query(ge=1, le=10_000)] = 200) -> list[aq.FailedWork]:
+    return aq.failed_work(ctx.db, limit=limit)
 
 
 @router.get("/audit", response_model=AuditPage)
@@ -144,7 +106,7 @@ def audit(request: Request, ctx: Context, who: Admin, study: str | None = None, 
         raise HTTPException(400, str(exc)) from None
     page = aq.search_audit(ctx.db, search)
     audit_event(request, Action.AUDIT_SEARCHED, "audit", "events", filters=search.filters(), offset=offset, shown=len(page.rows), api=True)
-    return AuditPage(events=[AuditEvent(**r.as_dict()) for r in page.rows], more=page.more, limit=limit, offset=offset)
+    return AuditPage(events=page.rows, more=page.more, limit=limit, offset=offset)
 
 
 @router.get("/stats", response_model=Stats)
