@@ -25,9 +25,9 @@ class SeriesInput:
     modality: str
     key_slices: KeySlices
     window: Window  # the intensity mapping actually used, in modality units (for the audit trail)
-    clip: np.ndarray  # (N, 3, S, S) float32, CLIP-normalised
-    sam: np.ndarray  # (N, 3, L, L) float32, SAM-normalised and zero-padded
-    sam_sizes: tuple[tuple[int, int], ...]  # (h, w) of each SAM image before padding
+    clip: np.ndarray  # (N, 3, S, S) float32, CLIP-normalised; (N, 3, 0, 0) when the model reads no CLIP view
+    sam: np.ndarray  # (N, 3, L, L) float32, SAM-normalised and zero-padded; (N, 3, 0, 0) when not read
+    sam_sizes: tuple[tuple[int, int], ...]  # (h, w) of each SAM image before padding ((0, 0) when not read)
 
     def __post_init__(self) -> None:
         n = len(self.key_slices)
@@ -50,30 +50,35 @@ class SeriesInput:
 
 
 def prepare(series: Series, *, key_slices: KeySliceSpec | Strategy = DEFAULT_KEY_SLICES, window: str | Intensity | None = None,
-            clip_size: int = 224, sam_size: int = 1024) -> SeriesInput:  # fmt: skip
-    """Key slices of one series as CLIP and SAM inputs.
+            clip_size: int | None = 224, sam_size: int | None = 1024) -> SeriesInput:  # fmt: skip
+    """Key slices of one series as CLIP and SAM inputs (a size of None: the model does not read that view).
 
     ``window`` is as for :func:`dicom_io.intensity.resolve_intensity` (None: modality default).
     Only the key slices are decoded, except where percentiles or content selection need them all.
     """
     for name, size in (("clip_size", clip_size), ("sam_size", sam_size)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"{name} must be a positive integer, got {size!r}")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {size!r}")
+    if clip_size is None and sam_size is None:
+        raise ValueError("clip_size, sam_size: at least one view is needed")
     chosen = select_key_slices(series, key_slices)
     mapping = series_window(series, window)
-    clip = np.empty((len(chosen), 3, clip_size, clip_size), dtype=np.float32)
-    sam = np.empty((len(chosen), 3, sam_size, sam_size), dtype=np.float32)
+    clip = np.empty((len(chosen), 3, clip_size or 0, clip_size or 0), dtype=np.float32)
+    sam = np.empty((len(chosen), 3, sam_size or 0, sam_size or 0), dtype=np.float32)
     sizes = []
     for k, index in enumerate(chosen.indices):
         image = mapping.apply(series.slices[index].pixels)
-        clip[k] = clip_input(image, clip_size)
-        sam[k], size = sam_input(image, sam_size)  # from the unit image, never from the CLIP tensor
+        if clip_size:
+            clip[k] = clip_input(image, clip_size)
+        size = (0, 0)
+        if sam_size:
+            sam[k], size = sam_input(image, sam_size)  # from the unit image, never from the CLIP tensor
         sizes.append(size)
     return SeriesInput(series.series_uid, series.study_uid, series.modality, chosen, mapping, clip, sam, tuple(sizes))
 
 
 def prepare_series(paths: PathLike | Iterable[PathLike], *, key_slices: KeySliceSpec | Strategy = DEFAULT_KEY_SLICES,
-                   window: str | Intensity | None = None, clip_size: int = 224, sam_size: int = 1024) -> list[SeriesInput]:  # fmt: skip
+                   window: str | Intensity | None = None, clip_size: int | None = 224, sam_size: int | None = 1024) -> list[SeriesInput]:  # fmt: skip
     """Load every CT/MR series in ``paths`` (files or folders) and prepare each with :func:`prepare`.
 
     Files that are not CT/MR images are logged and left out. About 4·N·3·(S² + L²) bytes per

@@ -1,6 +1,6 @@
-"""A loaded captioner: checkpoint in, captions out, in batches, deterministically.
+"""A loaded captioner of any family: checkpoint in, captions out, in batches, deterministically.
 
-This is what ``medcap caption`` and (later) the GPU workers use; the model is loaded once and
+This is what ``medcap caption``, ``medcap evaluate`` and the caption workers use; the model is loaded once and
 warmed, then every key image of a study goes through it in batches.
 """
 
@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from models import checkpoint
+from models.families import CaptionModel
 from models.generation import GenerationPreset, default_dtype, preset, select_device
-from models.msmedcap import MedCapModel
-from models.tokenizers import Tokenizers
 
 
 @dataclass(frozen=True)
@@ -32,34 +31,35 @@ class ModelIdentity:
 
 
 class Captioner:
-    def __init__(self, model: MedCapModel, tokenizers: Tokenizers, identity: ModelIdentity, device: torch.device) -> None:
-        self.model = model.eval()
-        self.tokenizers = tokenizers
+    """Any captioner family (models/families.py) behind one call: image views in, captions out."""
+
+    def __init__(self, model: CaptionModel, text: Any, identity: ModelIdentity, device: torch.device) -> None:
+        self.model = model.eval()  # type: ignore[attr-defined]
+        self.text = text
         self.identity = identity
         self.device = device
-        self.eos_id = tokenizers.eos_id(model.config.eos_text)
 
     @classmethod
     def load(cls, directory: Path | str, device: str = "auto", dtype: torch.dtype | None = None) -> Captioner:
         target = select_device(device)
-        model, tokenizers, provenance = checkpoint.load(Path(directory), target, dtype or default_dtype(target))
+        model, text, provenance = checkpoint.load(Path(directory), target, dtype or default_dtype(target))
         identity = ModelIdentity(model.config.display_name, model.config.model_type, model.config.version,
                                  str(provenance.get("weights_sha256", "unknown")), str(Path(directory).resolve()))  # fmt: skip
-        return cls(model, tokenizers, identity, target)
+        return cls(model, text, identity, target)
 
     @property
-    def image_sizes(self) -> tuple[int, int]:
-        """(CLIP, SAM) input sizes the model expects."""
-        return self.model.config.clip_image_size, self.model.config.sam_image_size
+    def image_sizes(self) -> tuple[int | None, int | None]:
+        """(CLIP view, SAM view) sizes the model reads; None for a view it does not read."""
+        return self.model.config.image_sizes  # type: ignore[no-any-return]
 
     @property
     def branches(self) -> tuple[str, ...]:
-        return self.model.config.branches
+        return self.model.config.branches  # type: ignore[no-any-return]
 
     def caption(
         self, inputs: dict[str, np.ndarray], generation: GenerationPreset | str = "fast", *, batch_size: int = 8, seed: int = 0,
     ) -> list[str]:  # fmt: skip
-        """Caption N images given as {branch: (N, 3, S, S)} arrays (the branch transforms' output)."""
+        """Caption N images given as {view: (N, 3, S, S)} arrays (the view transforms' output)."""
         settings = preset(generation) if isinstance(generation, str) else generation
         missing = set(self.branches) - set(inputs)
         if missing:
@@ -72,18 +72,14 @@ class Captioner:
         total = count.pop()
         for start in range(0, total, batch_size):
             pixels = {b: torch.from_numpy(np.ascontiguousarray(inputs[b][start : start + batch_size])).to(self.device) for b in self.branches}
-            n = pixels[self.branches[0]].shape[0]
-            prompt = {k: v.to(self.device) for k, v in self.tokenizers.prompt_batch(self.model.config.prompt, n).items()}
-            ids = self.model.generate(pixels, prompt["input_ids"], prompt["attention_mask"], settings, self.eos_id,
-                                      int(self.tokenizers.lm.pad_token_id))  # fmt: skip
-            captions.extend(text.strip() for text in self.tokenizers.lm.batch_decode(ids, skip_special_tokens=True))
+            with torch.no_grad():
+                captions.extend(self.model.generate_captions(self.model.encode(pixels), self.text, settings))
         return captions
 
     def warm_up(self) -> None:
         """One tiny generation, so the first study does not pay for lazy initialisation."""
-        c = self.model.config
-        sizes = {"clip": c.clip_image_size, "sam": c.sam_image_size}
-        self.caption({b: np.zeros((1, 3, sizes[b], sizes[b]), dtype=np.float32) for b in self.branches}, "fast")
+        sizes = dict(zip(("clip", "sam"), self.image_sizes, strict=True))
+        self.caption({b: np.zeros((1, 3, sizes[b], sizes[b]), dtype=np.float32) for b in self.branches}, "fast")  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.identity.name, "type": self.identity.model_type, "version": self.identity.version,

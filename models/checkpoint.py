@@ -1,9 +1,8 @@
 """MedCap checkpoints: a directory that a captioner is loaded from, and only from.
 
-    config.json           MedCapConfig
-    model.safetensors     every weight (encoders, Q-Formers, projections, LM)
-    lm_tokenizer/         the LM's tokenizer
-    qformer_tokenizer/    the Q-Former's tokenizer
+    config.json           the family's config; its ``model_type`` picks the family (models/families.py)
+    model.safetensors     every weight (encoders, adapters, decoder or LM)
+    <text files>          the family's tokenizer(s) or vocabulary, e.g. lm_tokenizer/ + qformer_tokenizer/
     MODEL_CARD.md         where the parts came from, with sha256 of each source and of the weights
     provenance.json       the same, machine-readable
 
@@ -22,9 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
-from models.config import MedCapConfig
-from models.msmedcap import MedCapModel
-from models.tokenizers import Tokenizers
+from models.families import family, read_config
 
 WEIGHTS = "model.safetensors"
 
@@ -53,12 +50,12 @@ class Provenance:
         return {"sources": self.sources, "initialised": self.initialised, "history": self.history}
 
 
-def save(model: MedCapModel, tokenizers: Tokenizers, directory: Path, provenance: Provenance) -> str:
-    """Write a checkpoint; returns the sha256 of the weights file."""
+def save(model: torch.nn.Module, text: Any, directory: Path, provenance: Provenance) -> str:
+    """Write a checkpoint of any family (``text``: its tokenizer(s) or vocabulary); returns the sha256 of the weights."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(model.config.to_json())
-    save_model(model, str(directory / WEIGHTS))  # handles the tied Q-Former LM head
-    tokenizers.save(directory)
+    save_model(model, str(directory / WEIGHTS))  # stores tied weights (Q-Former LM head, GPT-2 lm_head) once
+    text.save(directory)
     weights_sha = sha256_file(directory / WEIGHTS)
     record = provenance.to_dict() | {"weights_sha256": weights_sha, "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
     (directory / "provenance.json").write_text(json.dumps(record, indent=2))
@@ -66,14 +63,16 @@ def save(model: MedCapModel, tokenizers: Tokenizers, directory: Path, provenance
     return weights_sha
 
 
-def load(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> tuple[MedCapModel, Tokenizers, dict[str, Any]]:
-    """Load a checkpoint strictly. ``dtype`` applies to encoders and LM; Q-Formers stay fp32."""
+def load(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Load a checkpoint strictly: (model, text codec, provenance). ``dtype`` applies to the frozen
+    parts where the family allows (MSMedCap: encoders and LM; Q-Formers stay fp32)."""
     directory = Path(directory)
     for name in ("config.json", WEIGHTS):
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory / name} is missing: {directory} is not a MedCap checkpoint")
-    config = MedCapConfig.load(directory / "config.json")
-    model = MedCapModel(config)
+    config = read_config(directory / "config.json")
+    kind = family(config.model_type)
+    model = kind.model(config)
     # load_model knows which tensors save_model stored once for several tied names.
     missing, unexpected = load_model(model, str(directory / WEIGHTS), strict=False)
     if missing or unexpected:
@@ -81,28 +80,17 @@ def load(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype
             f"{directory / WEIGHTS} does not match its config: {len(missing)} missing weight(s) "
             f"{sorted(missing)[:5]}, {len(unexpected)} unexpected {sorted(unexpected)[:5]}"
         )
-    place(model, torch.device(device), dtype)
+    model.place(torch.device(device), dtype)
+    model.eval()  # loaded for inference; training switches it back
     provenance = json.loads((directory / "provenance.json").read_text()) if (directory / "provenance.json").is_file() else {}
-    return model, Tokenizers.load(directory), provenance
+    return model, kind.text.load(directory), provenance
 
 
-def place(model: MedCapModel, device: torch.device, dtype: torch.dtype | None) -> MedCapModel:
-    """Move to ``device``; frozen encoders and the LM in ``dtype``, Q-Formers in fp32 (as HF BLIP-2)."""
-    model.to(device)
-    if dtype is not None and dtype != torch.float32:
-        model.lm.to(dtype)
-        for encoder in model.encoders.values():
-            encoder.to(dtype)
-    return model
-
-
-def model_card(config: MedCapConfig, record: dict[str, Any]) -> str:
+def model_card(config: Any, record: dict[str, Any]) -> str:
     lines = [
         f"# {config.display_name} — MedCap checkpoint",
         "",
-        f"- model type: `{config.model_type}` (branches: {', '.join(config.branches)}), version {config.version}",
-        f"- SAM token layout: `{config.sam_layout}`" if "sam" in config.branches else "- no SAM branch",
-        f"- queries per branch: {config.num_query_tokens}; prompt: {config.prompt!r}",
+        *config.summary(),
         f"- weights sha256: `{record['weights_sha256']}`",
         "",
         "Drafts from this model are **preliminary and unverified**: a radiologist must review them.",

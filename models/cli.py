@@ -8,12 +8,15 @@ service code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from models.families import MODULES
 
 LOG = logging.getLogger("medcap.models")
 
@@ -55,14 +58,23 @@ def register(sub: Any) -> None:
 
     model = sub.add_parser("model", help="build and inspect captioner checkpoints")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    p = msub.add_parser("compose", help="build a checkpoint from pretrained BLIP-2 and SAM weights")
-    p.add_argument("--blip2", required=True, help="BLIP-2 (HF format) hub id or directory, e.g. Salesforce/blip2-opt-2.7b")
-    p.add_argument("--sam", help="SAM: HF hub id or directory (facebook/sam-vit-base, wanglab/medsam-vit-base) or an original .pth")
+    p = msub.add_parser("compose", help="build a checkpoint of any captioner from pretrained parts (hub ids or local directories)")
+    p.add_argument("--model-type", default="msmedcap", choices=list(MODULES))
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--model-type", default="msmedcap", choices=["msmedcap", "blip2", "sam_blip2"])
+    p.add_argument("--blip2", help="msmedcap, blip2, sam_blip2: BLIP-2 (HF format) hub id or directory, e.g. Salesforce/blip2-opt-2.7b")
+    p.add_argument("--sam", help="msmedcap, sam_blip2: SAM hub id or directory (facebook/sam-vit-base, wanglab/medsam-vit-base) or a .pth")
     p.add_argument("--qformer-tokenizer", default="bert-base-uncased", help="BERT tokenizer (id or directory) for the Q-Former text side")
     p.add_argument("--sam-layout", default="channel", choices=["channel", "spatial"])
-    p.add_argument("--prompt", default="", help="text before every caption, in training and inference")
+    p.add_argument("--prompt", default="", help="text before every caption, in training and inference (MSMedCap family)")
+    p.add_argument("--clip", help="clipcap, sbg, clip_transformer: CLIPModel hub id or directory, e.g. openai/clip-vit-large-patch14")
+    p.add_argument("--gpt2", help="clipcap, sbg: GPT-2 hub id or directory with its tokenizer, e.g. gpt2")
+    p.add_argument("--mobilenet", help="cnn_lstm: MobileNetV2 hub id or directory, e.g. google/mobilenet_v2_1.0_224")
+    p.add_argument("--mapper", default="mlp", choices=["mlp", "transformer"], help="clipcap: mapping network (paper: MLP with GPT-2 "
+                                                                                   "fine-tuned, transformer with GPT-2 frozen)")  # fmt: skip
+    p.add_argument("--lm", choices=["frozen", "finetuned"], help="clipcap: override the mapper's GPT-2 default")
+    p.add_argument("--data", action="append", metavar="SPEC", help="sbg, cnn_lstm, clip_transformer: training captions (same specs as "
+                                                                    "train) for the keyword or word vocabulary")  # fmt: skip
+    p.add_argument("--min-word-count", type=int, default=5, help="cnn_lstm, clip_transformer: words seen fewer times become <UNK>")
     p.add_argument("--name", default="")
     p.set_defaults(func=_friendly(cmd_compose))
     p = msub.add_parser("demo", help="train the tiny demo MSMedCap on synthetic slices (CPU, a few minutes)")
@@ -98,6 +110,26 @@ def register(sub: Any) -> None:
         p.add_argument("--device", default="auto")
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=_friendly(cmd_train))
+    p = tsub.add_parser("caption", help="train any captioner on its caption loss, early stopping on validation loss "
+                                         "(MSMedCap family: stage 2); defaults are each model's paper recipe")  # fmt: skip
+    _model_arg(p)
+    _data_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory (the best epoch's weights)")
+    p.add_argument("--validation-split", default="validation", help="split for early stopping (default validation)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["adam", "adamw"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float, help="max gradient norm (0: no clipping)")
+    p.add_argument("--patience", type=int, help="epochs without a better validation loss before stopping (0: never stop early)")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out at its next epoch")
+    p.add_argument("--feature-cache", default="memory", choices=["memory", "disk"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_friendly(cmd_train_caption))
 
     p = sub.add_parser("evaluate", help="score captioners side by side (BLEU-1..4, METEOR, ROUGE-L, CIDEr)")
     p.add_argument("--model", type=Path, action="append", required=True, help="checkpoint directory; repeat for several")
@@ -108,6 +140,8 @@ def register(sub: Any) -> None:
     p.add_argument("--detail-words", choices=["synthetic"], help="also score the synthetic benchmark's detail words")
     p.add_argument("--bertscore-model", type=Path, help="local model directory for BERTScore (optional)")
     p.add_argument("--bleurt-model", type=Path, help="local checkpoint directory for BLEURT (optional)")
+    p.add_argument("--candidates", default="",
+                   help="for captioners that rerank (SBG): comma-separated candidate counts, one row each, e.g. 1,2,5")  # fmt: skip
     _generation_args(p)
     p.set_defaults(func=_friendly(cmd_evaluate))
 
@@ -137,7 +171,7 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", required=True, metavar="[GROUP=]SPEC",
-                   help="table.csv|table.jsonl, roco:DIR, medicat:DIR or coco:ANNOTATIONS.json:IMAGES_DIR; "
+                   help="table.csv|table.jsonl, roco:DIR, medicat:DIR, flickr:DIR (Flickr8k/30k) or coco:ANNOTATIONS.json:IMAGES_DIR; "
                         "prefix G= (general) or M= (medical) for mixes; repeatable")  # fmt: skip
 
 
@@ -156,6 +190,16 @@ def _model_dir(settings: Any, args: argparse.Namespace) -> Path:
     if not Path(directory).is_dir():
         raise ModelCommandError(f"model directory {directory} does not exist")
     return Path(directory)
+
+
+def _candidates(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ModelCommandError(f"--candidates {text}: expected comma-separated whole numbers, e.g. 1,2,5") from None
+    if any(v < 1 for v in values):
+        raise ModelCommandError(f"--candidates {text}: counts must be at least 1")
+    return values
 
 
 def _generation(args: argparse.Namespace) -> Any:
@@ -185,6 +229,8 @@ def load_data(specs: list[str]) -> dict[str, dict[str, list[Any]]]:
             records, name = ds.read_roco(Path(rest)), f"roco:{rest}"
         elif kind == "medicat":
             records, name = ds.read_medicat(Path(rest)), f"medicat:{rest}"
+        elif kind == "flickr":
+            records, name = ds.read_flickr(Path(rest)), f"flickr:{rest}"
         elif kind == "coco":
             annotations, _, images = rest.partition(":")
             if not images:
@@ -221,9 +267,9 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     if not args.path.exists():
         raise ModelCommandError(f"{args.path} does not exist")
     captioner = Captioner.load(_model_dir(settings, args), args.device)
-    config = captioner.model.config
+    clip_size, sam_size = captioner.image_sizes
     series = prepare_series(args.path, key_slices=KeySliceSpec(strategy=args.key_strategy, n=args.key_slices), window=args.window,
-                            clip_size=config.clip_image_size, sam_size=config.sam_image_size)  # fmt: skip
+                            clip_size=clip_size, sam_size=sam_size)  # fmt: skip
     if not series:
         raise ModelCommandError(f"no CT or MR image series under {args.path}")
     drafts = []
@@ -244,12 +290,42 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+#: What each model type is composed from: the flags it needs.
+COMPOSE_NEEDS = {"msmedcap": ("blip2", "sam"), "blip2": ("blip2",), "sam_blip2": ("blip2", "sam"), "clipcap": ("clip", "gpt2"),
+                 "sbg": ("clip", "gpt2", "data"), "cnn_lstm": ("mobilenet", "data"), "clip_transformer": ("clip", "data")}  # fmt: skip
+
+
 def cmd_compose(settings: Any, args: argparse.Namespace) -> int:
     _quiet_transformers()
-    from models.compose import compose
+    kind = args.model_type
+    missing = [f"--{flag}" for flag in COMPOSE_NEEDS[kind] if not getattr(args, flag)]
+    if missing:
+        raise ModelCommandError(f"model compose --model-type {kind} needs {' and '.join(missing)}")
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    captions = [r.caption for r in select_records(load_data(args.data), "train", None)] if args.data else []
+    if kind in ("msmedcap", "blip2", "sam_blip2"):
+        from models.compose import compose
 
-    compose(blip2=args.blip2, sam=args.sam, out=args.out, model_type=args.model_type, qformer_tokenizer=args.qformer_tokenizer,
-            sam_layout=args.sam_layout, prompt=args.prompt, name=args.name, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+        compose(blip2=args.blip2, sam=args.sam, out=args.out, model_type=kind, qformer_tokenizer=args.qformer_tokenizer,
+                sam_layout=args.sam_layout, prompt=args.prompt, name=args.name, log=log)  # fmt: skip
+    elif kind == "clipcap":
+        from models.clipcap import compose_clipcap
+
+        compose_clipcap(args.out, clip=args.clip, gpt2=args.gpt2, mapper=args.mapper, freeze_lm=None if args.lm is None else args.lm == "frozen",
+                        name=args.name, log=log)  # fmt: skip
+    elif kind == "sbg":
+        from models.sbg import compose_sbg
+
+        compose_sbg(args.out, clip=args.clip, gpt2=args.gpt2, captions=captions, name=args.name, log=log)
+    elif kind == "cnn_lstm":
+        from models.cnn_lstm import compose_cnn_lstm
+
+        compose_cnn_lstm(args.out, mobilenet=args.mobilenet, captions=captions, min_word_count=args.min_word_count, name=args.name, log=log)
+    else:
+        from models.clip_transformer import compose_clip_transformer
+
+        compose_clip_transformer(args.out, clip=args.clip, captions=captions, min_word_count=args.min_word_count, name=args.name, log=log)
+    print(f"wrote {args.out}; train it with: medcap train caption --model {args.out} --data SPEC --out DIR")
     return 0
 
 
@@ -293,6 +369,43 @@ def cmd_train(settings: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_caption(settings: Any, args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from models import checkpoint
+    from models.fitting import FitSettings, fit
+    from models.generation import select_device
+
+    source = args.out if args.resume else _model_dir(settings, args)
+    model, text, provenance = checkpoint.load(source, select_device(args.device))
+    groups = load_data(args.data)
+    records = select_records(groups, "train", None)
+    validation = [r for g in groups.values() for rs in g.values() for r in rs if r.split == args.validation_split]
+    fit_settings = FitSettings.for_model(
+        model.config.model_type, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, patience=args.patience or None,
+        warmup_steps=args.warmup_steps, seed=args.seed, feature_cache=args.feature_cache,
+    )  # fmt: skip
+    disabled: dict[str, Any] = {}
+    if args.grad_clip == 0:
+        disabled["grad_clip"] = None
+    if args.patience == 0 or (args.patience is None and not validation):
+        disabled["patience"] = None  # an explicit --patience without validation data is refused by fit, with the reason
+    if disabled:
+        fit_settings = dataclasses.replace(fit_settings, **disabled)
+    if not validation:
+        print(f"note: no {args.validation_split} records: no early stopping, the last epoch is kept", file=sys.stderr)
+    history = provenance.get("history", [])
+    if args.resume and history and not history[-1].get("final", True):
+        history = history[:-1]
+    prov = checkpoint.Provenance(provenance.get("sources", []), provenance.get("initialised", []),
+                                 history + [{"data": args.data, "records": len(records), "validation_records": len(validation)}])  # fmt: skip
+    result = fit(model, text, records, fit_settings, args.out, prov, validation_records=validation, resume=args.resume)
+    best = f", best epoch {result.best_epoch}" if result.best_epoch else ""
+    stopped = " (stopped early)" if result.stopped_early else ""
+    print(f"{model.config.display_name}: {result.steps} steps, {result.epochs} epochs{stopped}{best}; checkpoint {args.out}")
+    return 0
+
+
 def cmd_evaluate(settings: Any, args: argparse.Namespace) -> int:
     _quiet_transformers()
     from models.evaluation import evaluate_checkpoints
@@ -302,7 +415,7 @@ def cmd_evaluate(settings: Any, args: argparse.Namespace) -> int:
         records = records[: args.limit]
     report = evaluate_checkpoints(args.model, records, generation=_generation(args), device=args.device, batch_size=args.gen_batch_size,
                             out_dir=args.out, detail_words=args.detail_words, bertscore_model=args.bertscore_model,
-                            bleurt_model=args.bleurt_model)  # fmt: skip
+                            bleurt_model=args.bleurt_model, candidates=_candidates(args.candidates))  # fmt: skip
     print(report.table())
     for note in report.notes:
         print(f"note: {note}")

@@ -20,8 +20,41 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
 
 
+class JsonConfig:
+    """JSON round trip and shared checks for the dataclass configs of every captioner family."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        known = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: Path) -> Any:
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def require_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {value!r}")
+
+    def require_format(self, understood: int) -> None:
+        version = int(getattr(self, "format_version", 1))
+        if version > understood:
+            raise ConfigError(f"format_version: {version} is newer than this MedCap understands ({understood})")
+
+
 @dataclass
-class MedCapConfig:
+class MedCapConfig(JsonConfig):
     model_type: str
     #: ``transformers.Blip2VisionConfig`` arguments (EVA ViT-g for real models); None without a CLIP branch.
     clip_vision: dict[str, Any] | None
@@ -59,11 +92,8 @@ class MedCapConfig:
             raise ConfigError(f"sam_vision: required for model_type {self.model_type}")
         if self.sam_layout not in SAM_LAYOUTS:
             raise ConfigError(f"sam_layout: {self.sam_layout!r} is not one of {SAM_LAYOUTS}")
-        for name in ("num_query_tokens", "clip_image_size", "sam_image_size", "itc_dim", "max_text_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name}: must be at least 1")
-        if self.format_version > FORMAT_VERSION:
-            raise ConfigError(f"format_version: {self.format_version} is newer than this MedCap understands ({FORMAT_VERSION})")
+        self.require_positive("num_query_tokens", "clip_image_size", "sam_image_size", "itc_dim", "max_text_tokens")
+        self.require_format(FORMAT_VERSION)
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -83,20 +113,13 @@ class MedCapConfig:
             values["sam_vision"] = None
         return MedCapConfig(**values)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+    @property
+    def image_sizes(self) -> tuple[int, int | None]:
+        return self.clip_image_size if "clip" in self.branches else None, self.sam_image_size if "sam" in self.branches else None
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MedCapConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(values) - known
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
-        return cls(**values)
-
-    @classmethod
-    def load(cls, path: Path) -> MedCapConfig:
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+    def summary(self) -> list[str]:
+        return [
+            f"- model type: `{self.model_type}` (branches: {', '.join(self.branches)}), version {self.version}",
+            f"- SAM token layout: `{self.sam_layout}`" if "sam" in self.branches else "- no SAM branch",
+            f"- queries per branch: {self.num_query_tokens}; prompt: {self.prompt!r}",
+        ]

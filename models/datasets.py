@@ -1,5 +1,5 @@
-"""Caption datasets: readers for ROCO, MedICaT, COCO captions and plain tables, data mixes, and a
-torch ``Dataset`` that hands Pillow-decoded arrays to a model-supplied transform.
+"""Caption datasets: readers for ROCO, MedICaT, COCO captions, Flickr8k/30k and plain tables, data
+mixes, and a torch ``Dataset`` that hands Pillow-decoded arrays to a model-supplied transform.
 
 Every reader returns ``list[CaptionRecord]`` (one record per caption, so an image with five COCO
 captions gives five records). Records whose image file is missing are skipped with one
@@ -39,6 +39,7 @@ __all__ = [
     "normalise_split",
     "parse_mix_spec",
     "read_coco_captions",
+    "read_flickr",
     "read_medicat",
     "read_roco",
     "read_table",
@@ -206,10 +207,7 @@ def read_medicat(
     """
     jsonl = _medicat_jsonl(Path(root))
     figures = jsonl.parent / "figures"
-    if not 0 <= validation_fraction < 1 or not 0 <= test_fraction < 1 or validation_fraction + test_fraction >= 1:
-        raise ValueError(
-            f"validation_fraction and test_fraction must be in [0, 1) with a sum below 1, got {validation_fraction}, {test_fraction}"
-        )
+    _check_fractions(validation_fraction, test_fraction)
     assigned = _read_split_file(Path(split_file)) if split_file is not None else None
     candidates: list[CaptionRecord] = []
     with jsonl.open(encoding="utf-8") as handle:
@@ -255,6 +253,13 @@ def _read_split_file(path: Path) -> dict[str, str]:
     if not isinstance(mapping, dict):
         raise ValueError(f"{path}: expected a JSON object mapping figure names or pdf hashes to splits")
     return {str(key): normalise_split(str(value)) for key, value in mapping.items()}
+
+
+def _check_fractions(validation_fraction: float, test_fraction: float) -> None:
+    if not 0 <= validation_fraction < 1 or not 0 <= test_fraction < 1 or validation_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"validation_fraction and test_fraction must be in [0, 1) with a sum below 1, got {validation_fraction}, {test_fraction}"
+        )
 
 
 def _hash_split(key: str, validation_fraction: float, test_fraction: float) -> str:
@@ -342,6 +347,218 @@ def references_by_image(records: Iterable[CaptionRecord], preprocess: Callable[[
     for record in records:
         references.setdefault(record.image_id, []).append(preprocess(record.caption) if preprocess else record.caption)
     return references
+
+
+# -- Flickr8k / Flickr30k ------------------------------------------------------------------------
+
+FLICKR_KARPATHY_FILES: tuple[str, ...] = ("dataset_flickr8k.json", "dataset_flickr30k.json")
+FLICKR_TOKEN_FILES: tuple[str, ...] = ("Flickr8k.token.txt", "results_20130124.token")
+FLICKR_CSV_FILES: tuple[str, ...] = ("captions.txt", "results.csv")
+FLICKR8K_SPLIT_LISTS: dict[str, str] = {
+    "train": "Flickr_8k.trainImages.txt",
+    "validation": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
+# Folders that may hold the text files, relative to root: the original Flickr8k text zip, and
+# Kaggle's Flickr30k download (flickr30k_images/results.csv next to flickr30k_images/flickr30k_images/).
+_FLICKR_TEXT_DIRS: tuple[str, ...] = (".", "Flickr8k_text", "flickr30k_images")
+# The nested Kaggle folder comes before its parent, which holds results.csv rather than images.
+_FLICKR_IMAGE_DIRS: tuple[str, ...] = (
+    "Images",
+    "images",
+    "Flicker8k_Dataset",  # sic: the name inside the original Flickr8k_Dataset.zip
+    "Flickr8k_Dataset",
+    "flickr30k_images/flickr30k_images",
+    "flickr30k_images",
+    "flickr30k-images",  # the original Flickr30k tarball
+)
+_KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
+_RESULTS_CSV_FUSED = re.compile(r"^\s*(\d+)\s+(\S.*)$")
+
+
+def read_flickr(
+    root: str | Path,
+    split: str | Iterable[str] | None = None,
+    *,
+    source: str = "flickr",
+    images_dir: str | Path | None = None,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    strict: bool = False,
+) -> list[CaptionRecord]:
+    """Read Flickr8k or Flickr30k (five captions per image) from whichever layout ``root`` holds.
+
+    Captions, in order of preference:
+
+    1. Karpathy's split file ``dataset_flickr8k.json`` / ``dataset_flickr30k.json`` (captions from
+       ``sentences[].raw``, splits from ``split``; ``restval`` counts as train);
+    2. the original ``Flickr8k.token.txt`` (``NAME.jpg#N<TAB>caption``; Flickr30k's
+       ``results_20130124.token`` has the same format);
+    3. Kaggle's ``captions.txt`` (CSV with header ``image,caption``) or Flickr30k's ``results.csv``
+       (``image_name| comment_number| comment``).
+
+    Text files are looked for in ``root``, ``root/Flickr8k_text`` and ``root/flickr30k_images``.
+    For layouts 2 and 3 the split comes from the official lists ``Flickr_8k.{train,dev,test}Images.txt``
+    when present (images they do not list are left out), else from a SHA-1 hash of the file name
+    (as in `read_medicat`), so all captions of an image share a split. ``image_id`` is the file name,
+    so `references_by_image` gives each image's five references. Images are looked for next to the
+    captions file, then in ``root``: ``Images/``, ``images/``, ``Flicker8k_Dataset/``,
+    ``flickr30k_images/`` (or ``images_dir``). ``split`` selects one split, several, or all (None).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Flickr root {root} is not a folder")
+    wanted = (normalise_split(split),) if isinstance(split, str) else _selected_splits(split)
+    _check_fractions(validation_fraction, test_fraction)
+    text_dirs = list(dict.fromkeys(root / d for d in _FLICKR_TEXT_DIRS if (root / d).is_dir()))
+    captions_file = _flickr_captions_file(root, text_dirs)
+    entries: list[tuple[str, str, str]] = []  # (file name, split, caption)
+    if captions_file.name in FLICKR_KARPATHY_FILES:
+        entries = _karpathy_entries(captions_file)
+    else:
+        pairs = _flickr_token_pairs(captions_file) if captions_file.name in FLICKR_TOKEN_FILES else _flickr_csv_pairs(captions_file)
+        assigned = _flickr8k_split_lists(text_dirs)
+        for name, caption in pairs:
+            image_split = assigned.get(name) if assigned is not None else _hash_split(name, validation_fraction, test_fraction)
+            if image_split is not None:  # with the official lists, unlisted images are not in any split
+                entries.append((name, image_split, caption))
+    images = Path(images_dir) if images_dir is not None else _flickr_images_dir(root, captions_file.parent)
+    candidates = [CaptionRecord(images / name, caption, s, name, source) for name, s, caption in entries if s in wanted]
+    return _existing(candidates, f"Flickr {captions_file.name}", strict)
+
+
+def _flickr_captions_file(root: Path, text_dirs: Sequence[Path]) -> Path:
+    karpathy = [d / n for d in text_dirs for n in FLICKR_KARPATHY_FILES if (d / n).is_file()]
+    if len(karpathy) > 1:
+        raise ValueError(f"{root}: several Karpathy split files ({', '.join(map(str, karpathy))}); keep one per Flickr root")
+    if karpathy:
+        return karpathy[0]
+    for names in (FLICKR_TOKEN_FILES, FLICKR_CSV_FILES):
+        for folder in text_dirs:
+            for name in names:
+                if (folder / name).is_file():
+                    return folder / name
+    expected = ", ".join((*FLICKR_KARPATHY_FILES, *FLICKR_TOKEN_FILES, *FLICKR_CSV_FILES))
+    raise FileNotFoundError(f"no Flickr captions under {root} (looked for {expected} in {', '.join(_FLICKR_TEXT_DIRS)})")
+
+
+def _flickr_images_dir(root: Path, captions_dir: Path) -> Path:
+    bases = list(dict.fromkeys((captions_dir, root)))
+    for base in bases:
+        for name in _FLICKR_IMAGE_DIRS:
+            if (base / name).is_dir():
+                return base / name
+    raise FileNotFoundError(f"no Flickr image folder ({', '.join(_FLICKR_IMAGE_DIRS)}) in {' or '.join(map(str, bases))}; pass images_dir")
+
+
+def _karpathy_entries(path: Path) -> list[tuple[str, str, str]]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise ValueError(f"{path}: expected Karpathy's format {{'images': [{{'filename', 'split', 'sentences'}}, ...]}}")
+    entries: list[tuple[str, str, str]] = []
+    for i, image in enumerate(images):
+        if not isinstance(image, dict):
+            raise ValueError(f"{path}: images[{i}] must be an object, got {type(image).__name__}")
+        for key in ("filename", "split", "sentences"):
+            if key not in image:
+                raise ValueError(f"{path}: images[{i}]: missing field {key!r}")
+        name, sentences = str(image["filename"]).strip(), image["sentences"]
+        split = _KARPATHY_SPLITS.get(str(image["split"]))
+        if not name:
+            raise ValueError(f"{path}: images[{i}]: empty 'filename'")
+        if split is None:
+            raise ValueError(f"{path}: images[{i}] ({name}): split must be train, val, test or restval, got {image['split']!r}")
+        if not isinstance(sentences, list) or not all(isinstance(s, dict) for s in sentences):
+            raise ValueError(f"{path}: images[{i}] ({name}): 'sentences' must be a list of objects")
+        for sentence in sentences:
+            caption = str(sentence.get("raw") or " ".join(map(str, sentence.get("tokens") or ()))).strip()
+            if caption:
+                entries.append((name, split, caption))
+    return entries
+
+
+def _flickr_token_pairs(path: Path) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        key, tab, caption = line.partition("\t")
+        name, hash_sign, number = key.strip().rpartition("#")
+        if not tab or not hash_sign or not name or not number.isdigit():
+            raise ValueError(f"{path}:{line_no}: expected 'IMAGE.jpg#N<TAB>caption', got {line[:80]!r}")
+        if caption.strip():
+            pairs.append((name, caption.strip()))
+    return pairs
+
+
+def _flickr_csv_pairs(path: Path) -> list[tuple[str, str]]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        header = handle.readline()
+        if "|" in header:
+            return _flickr_results_csv(path, header, handle)
+        if [c.strip().lower() for c in next(csv.reader([header]), [])] != ["image", "caption"]:
+            raise ValueError(f"{path}:1: expected the header 'image,caption', got {header.strip()[:80]!r}")
+        pairs: list[tuple[str, str]] = []
+        reader = csv.reader(handle)
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            line_no = reader.line_num + 1  # the header was read before the reader started counting
+            if len(row) < 2 or not row[0].strip():
+                raise ValueError(f"{path}:{line_no}: expected 'image,caption', got {','.join(row)[:80]!r}")
+            # A caption with an unquoted comma splits into more cells; file names have no commas.
+            caption = ",".join(row[1:]).strip()
+            if caption:
+                pairs.append((row[0].strip(), caption))
+    return pairs
+
+
+def _flickr_results_csv(path: Path, header: str, lines: Iterable[str]) -> list[tuple[str, str]]:
+    """Kaggle's Flickr30k ``results.csv``: ``|``-separated and unquoted (captions keep their quotes)."""
+    if [c.strip().lower() for c in header.split("|")] != ["image_name", "comment_number", "comment"]:
+        raise ValueError(f"{path}:1: expected the header 'image_name| comment_number| comment', got {header.strip()[:80]!r}")
+    pairs: list[tuple[str, str]] = []
+    for line_no, line in enumerate(lines, 2):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.rstrip("\r\n").split("|", 2)]
+        if len(parts) == 2:
+            # One row of the Kaggle file lacks its second '|' ("2199200615.jpg| 4   A dog runs ..."): split after the number.
+            fused = _RESULTS_CSV_FUSED.match(parts[1])
+            parts = [parts[0], *fused.groups()] if fused else parts
+        if len(parts) != 3 or not parts[0] or not parts[1].isdigit():
+            raise ValueError(f"{path}:{line_no}: expected 'image_name| comment_number| comment', got {line.strip()[:80]!r}")
+        if parts[2]:
+            pairs.append((parts[0], parts[2]))
+    return pairs
+
+
+def _flickr8k_split_lists(text_dirs: Sequence[Path]) -> dict[str, str] | None:
+    """``file name → split`` from the official Flickr8k lists, or None when there are none."""
+    found = {s: next((d / n for d in text_dirs if (d / n).is_file()), None) for s, n in FLICKR8K_SPLIT_LISTS.items()}
+    if all(p is None for p in found.values()):
+        return None
+    missing = [FLICKR8K_SPLIT_LISTS[s] for s, p in found.items() if p is None]
+    if missing:
+        # A partial set would silently drop a whole split; the lists come together in Flickr8k_text.zip.
+        raise FileNotFoundError(
+            f"found some official Flickr8k split lists but not {', '.join(missing)} (in {', '.join(map(str, text_dirs))})"
+        )
+    assigned: dict[str, str] = {}
+    for split, path in ((s, p) for s, p in found.items() if p is not None):
+        for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            name = line.strip()
+            if not name:
+                continue
+            if len(name.split()) != 1:
+                raise ValueError(f"{path}:{line_no}: expected one image file name per line, got {line[:80]!r}")
+            if assigned.setdefault(name, split) != split:
+                raise ValueError(f"{path}:{line_no}: {name} is also listed for {assigned[name]}")
+    return assigned
 
 
 # -- data mixes (paper: CLIP Q-Former on G, SAM Q-Former on G+M) ---------------------------------

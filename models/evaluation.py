@@ -37,19 +37,27 @@ def caption_records(captioner: Captioner, records: Sequence[CaptionRecord], gene
 def evaluate_checkpoints(
     model_dirs: Sequence[Path], records: Sequence[CaptionRecord], *, generation: GenerationPreset, device: str = "auto",
     batch_size: int = 16, out_dir: Path | None = None, detail_words: str | None = None, bertscore_model: Path | None = None,
-    bleurt_model: Path | None = None, names: Sequence[str] | None = None, progress: bool = True,
+    bleurt_model: Path | None = None, names: Sequence[str] | None = None, progress: bool = True, candidates: Sequence[int] = (),
 ) -> Any:  # fmt: skip
-    """Returns the metrics report (``.results``, ``.table()``); writes markdown + JSON to ``out_dir``."""
+    """Returns the metrics report (``.results``, ``.table()``); writes markdown + JSON to ``out_dir``.
+
+    A captioner that reranks candidates (SBG) is scored once per count in ``candidates`` (rows
+    "SBG (top-2)" ...), the others once.
+    """
     references = references_by_image(records)
     predictions: dict[str, dict[str, str]] = {}
     identities = {}
     for i, directory in enumerate(model_dirs):
         captioner = Captioner.load(directory, device)
-        name = names[i] if names else captioner.identity.name
-        if name in predictions:
-            name = f"{name} ({Path(directory).name})"
-        predictions[name] = caption_records(captioner, records, generation, batch_size=batch_size, progress=progress)
-        identities[name] = captioner.describe() | {"path": str(directory)}
+        base = names[i] if names else captioner.identity.name
+        if base in predictions:
+            base = f"{base} ({Path(directory).name})"
+        reranks = bool(getattr(captioner.model.config, "reranks", False))
+        for count in candidates if reranks and candidates else (None,):
+            name = base if count is None else f"{base} (top-{count})"
+            settings = generation if count is None else generation.with_candidates(count)
+            predictions[name] = caption_records(captioner, records, settings, batch_size=batch_size, progress=progress)
+            identities[name] = captioner.describe() | {"path": str(directory), "candidates": count}
     vocabulary = None
     if detail_words == "synthetic":
         from models.synthetic import DETAIL_WORDS

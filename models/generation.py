@@ -19,6 +19,9 @@ class GenerationPreset:
     min_new_tokens: int
     repetition_penalty: float
     length_penalty: float
+    #: Captioners that rerank (SBG): how many candidate captions the image embedding chooses from;
+    #: None keeps the model's own default. Others ignore it.
+    candidates: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_beams < 1:
@@ -27,9 +30,14 @@ class GenerationPreset:
             raise ValueError("min_new_tokens: must be between 0 and max_new_tokens")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty: must be positive")
+        if self.candidates is not None and self.candidates < 1:
+            raise ValueError("candidates: must be at least 1")
 
     def with_beams(self, num_beams: int) -> GenerationPreset:
         return replace(self, num_beams=num_beams)
+
+    def with_candidates(self, candidates: int | None) -> GenerationPreset:
+        return replace(self, candidates=candidates)
 
 
 PRESETS = {

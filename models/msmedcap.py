@@ -7,14 +7,18 @@ queries and projections with the LM loss (stage 1 is in ``models/stage1.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, OPTForCausalLM, SamVisionConfig
 
 from models.config import MedCapConfig
 from models.encoders import ClipEncoder, SamEncoder, freeze
+from models.families import Family
 from models.generation import GenerationPreset
 from models.qformer import QFormerBranch
+from models.tokenizers import Tokenizers
 
 IGNORE = -100
 
@@ -88,10 +92,10 @@ class MedCapModel(nn.Module):
     @torch.no_grad()
     def generate(
         self, pixels: dict[str, torch.Tensor], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, preset: GenerationPreset,
-        eos_token_id: int, pad_token_id: int,
+        eos_token_id: int, pad_token_id: int, image_tokens: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """New token ids only (the prompt is given as embeddings, so it is not echoed)."""
-        prefix = self.soft_prompt(self.image_tokens(pixels))
+        prefix = self.soft_prompt(image_tokens if image_tokens is not None else self.image_tokens(pixels))
         embeds = torch.cat([prefix, self.lm.get_input_embeddings()(prompt_ids)], dim=1)
         mask = torch.cat([torch.ones(prefix.shape[:2], dtype=prompt_mask.dtype, device=prompt_mask.device), prompt_mask], 1)
         return self.lm.generate(
@@ -101,9 +105,38 @@ class MedCapModel(nn.Module):
             eos_token_id=eos_token_id, pad_token_id=pad_token_id,
         )  # fmt: skip
 
+    # -- the captioner interface (models/families.py) ----------------------------------------
+
+    def encode(self, pixels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Encoder tokens of the views given that this model reads (stage 1 encodes one branch only)."""
+        return self.image_tokens({b: v for b, v in pixels.items() if b in self.encoders})
+
+    def caption_loss(self, features: dict[str, torch.Tensor], captions: Sequence[str], text: Tokenizers) -> torch.Tensor:
+        """Stage 2's LM loss."""
+        device = next(self.lm.parameters()).device
+        batch = text.lm_batch(list(captions), self.config.prompt, self.config.eos_text, self.config.max_text_tokens)
+        return self(pixels={}, image_tokens=features, **{k: v.to(device) for k, v in batch.items()})
+
+    @torch.no_grad()
+    def generate_captions(self, features: dict[str, torch.Tensor], text: Tokenizers, preset: GenerationPreset) -> list[str]:
+        count = next(iter(features.values())).shape[0]
+        device = next(self.lm.parameters()).device
+        prompt = {k: v.to(device) for k, v in text.prompt_batch(self.config.prompt, count).items()}
+        ids = self.generate({}, prompt["input_ids"], prompt["attention_mask"], preset, text.eos_id(self.config.eos_text),
+                            int(text.lm.pad_token_id), image_tokens=features)  # fmt: skip
+        return [caption.strip() for caption in text.lm.batch_decode(ids, skip_special_tokens=True)]
+
+    def place(self, device: torch.device, dtype: torch.dtype | None) -> None:
+        """Frozen encoders and the LM in ``dtype``, Q-Formers in fp32 (as HF BLIP-2)."""
+        self.to(device)
+        if dtype is not None and dtype != torch.float32:
+            self.lm.to(dtype)
+            for encoder in self.encoders.values():
+                encoder.to(dtype)
+
     # -- bookkeeping -----------------------------------------------------------------------
 
-    def trainable_parameters(self, stage: str, branch: str | None = None) -> list[nn.Parameter]:
+    def trainable_parameters(self, stage: str = "stage2", branch: str | None = None) -> list[nn.Parameter]:
         """Stage 1: one Q-Former branch (queries, Q-Former, text side, heads). Stage 2: every
         branch's queries, Q-Former and projection; encoders and LM never."""
         if stage == "stage1":
@@ -115,3 +148,11 @@ class MedCapModel(nn.Module):
             keep = ("query_tokens", "qformer.", "language_projection.")
             return [p for b in self.branches.values() for n, p in b.named_parameters() if n.startswith(keep)]
         raise ValueError(f"stage: {stage!r} is not stage1 or stage2")
+
+
+FAMILY = Family(
+    config=MedCapConfig, model=MedCapModel, text=Tokenizers,
+    description="BLIP-2 family: frozen CLIP and/or SAM ViT, one Q-Former per encoder, frozen OPT (MSMedCap, BLIP-2, SAM-BLIP2)",
+    # Stage 2 as LAVIS runs it (AdamW, cosine from 1e-4, weight decay 0.05); stage 1 has its own command.
+    fit_defaults={"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "batch_size": 16, "epochs": 5, "grad_clip": 1.0, "patience": None},
+)  # fmt: skip

@@ -7,15 +7,22 @@ One recipe for all three family members, so that they differ only in their encod
 2. the tiny LM's stand-in for pretraining (text only), then frozen (``pretrain_language_model``);
 3. stage 1 for each Q-Former on its data mix (here both see the same synthetic data);
 4. stage 2 for each member, same steps, batch, learning rate and seed.
+
+The other captioners (``train_tiny_captioner``) get the same width, CLIP view size, caption-loss
+budget (``stage2_steps`` at ``batch_size``, lr cosine to a tenth) and seed; a GPT-2 gets the same
+text-only stand-in for pretraining as the OPT; each keeps its paper's optimiser and, where its
+recipe has one (CNN-LSTM, CLIP-Transformer), early stopping on the validation split.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +31,7 @@ from models.datasets import CaptionRecord
 from models.msmedcap import MedCapModel
 from models.tiny import tiny_config
 from models.tokenizers import build_small_tokenizers
-from models.training import TrainSettings, pretrain_language_model, train
+from models.training import TrainSettings, pretrain_causal_lm, pretrain_language_model, train
 
 
 @dataclass(frozen=True)
@@ -71,4 +78,49 @@ def train_tiny_family(train_records: Sequence[CaptionRecord], out_root: Path, re
         out[model_type] = out_root / model_type
         train(member, tokenizers, train_records, settings, out[model_type], provenance, progress=progress)
     (out_root / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    return out
+
+
+#: The other captioners of the benchmark: (module, tiny builder, config overrides). Prefix and
+#: queries have the same length as one MSMedCap branch's queries.
+OTHER_CAPTIONERS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "clipcap_mlp": ("models.clipcap", "tiny_clipcap", {"mapper": "mlp", "freeze_lm": False}),
+    "clipcap_transformer": ("models.clipcap", "tiny_clipcap", {"mapper": "transformer", "freeze_lm": True}),
+    "sbg": ("models.sbg", "tiny_sbg", {}),
+    "cnn_lstm": ("models.cnn_lstm", "tiny_cnn_lstm", {}),
+    "clip_transformer": ("models.clip_transformer", "tiny_clip_transformer", {}),
+}
+
+
+def train_tiny_captioner(kind: str, train_records: Sequence[CaptionRecord], validation_records: Sequence[CaptionRecord], out: Path,
+                         recipe: TinyRecipe, progress: bool = True) -> Path:  # fmt: skip
+    """Build one of ``OTHER_CAPTIONERS`` from scratch and train it with the recipe's budget; returns its checkpoint."""
+    from models.fitting import FitSettings, fit
+
+    try:
+        module, builder, overrides = OTHER_CAPTIONERS[kind]
+    except KeyError:
+        raise ValueError(f"kind: {kind!r} is not one of {sorted(OTHER_CAPTIONERS)}") from None
+    if module == "models.clipcap":
+        overrides = overrides | {"prefix_length": recipe.num_query_tokens, "clip_length": recipe.num_query_tokens}
+    captions = [r.caption for r in train_records]
+    model, text = getattr(importlib.import_module(module), builder)(captions, image_size=recipe.clip_image_size, width=recipe.width,
+                                                                     seed=recipe.seed, **overrides)  # fmt: skip
+    history: list[dict[str, Any]] = [{"recipe": asdict(recipe), "train_images": len(train_records), "builder": f"{builder}({overrides})"}]
+    lm = getattr(model, "lm", None)
+    if lm is not None:  # GPT-2: the same text-only stand-in for pretraining as the MSMedCap family's OPT
+        gpt2 = getattr(text, "gpt2", text)
+        sequences = [gpt2.caption_ids(c, 64) for c in captions]
+        losses = pretrain_causal_lm(lm, sequences, pad=gpt2.pad_id, bos=None, steps=recipe.lm_steps, lr=recipe.lr, seed=recipe.seed,
+                                    max_context=2 * recipe.num_query_tokens, progress=progress)  # fmt: skip
+        history.append({"stage": "lm stand-in", "steps": recipe.lm_steps, "last_loss": losses[-1]})
+    defaults = FitSettings.for_model(model.config.model_type)
+    early = defaults.patience is not None and bool(validation_records)
+    settings = FitSettings.for_model(model.config.model_type, epochs=10_000, max_steps=recipe.stage2_steps, batch_size=recipe.batch_size,
+                                     lr=recipe.lr, min_lr=recipe.lr / 10, warmup_steps=0, seed=recipe.seed)  # fmt: skip
+    if not early:
+        settings = FitSettings(**(asdict(settings) | {"patience": None}))
+    provenance = checkpoint.Provenance(sources=[{"part": "all", "source": "tiny recipe, random init", "sha256": "n/a"}],
+                                       initialised=["everything (tiny synthetic benchmark model)"], history=history)  # fmt: skip
+    fit(model, text, train_records, settings, out, provenance, validation_records=validation_records if early else (), progress=progress)
     return out

@@ -73,18 +73,18 @@ class TrainResult:
     out_dir: Path | None = None
 
 
-def image_transform_for(model: MedCapModel) -> ImageTransform:
-    """Each branch's own input transform from the raw [0,1] image (never one from the other's)."""
+def image_transform_for(model: torch.nn.Module) -> ImageTransform:
+    """Each view's own input transform from the raw [0,1] image (never one from the other's)."""
     from dicom_io.transforms import clip_input, sam_input
 
-    config = model.config
+    clip_size, sam_size = model.config.image_sizes
 
     def transform(image: np.ndarray) -> dict[str, np.ndarray]:
         out = {}
-        if "clip" in config.branches:
-            out["clip"] = clip_input(image, size=config.clip_image_size)
-        if "sam" in config.branches:
-            out["sam"] = sam_input(image, longest=config.sam_image_size)[0]
+        if clip_size:
+            out["clip"] = clip_input(image, size=clip_size)
+        if sam_size:
+            out["sam"] = sam_input(image, longest=sam_size)[0]
         return out
 
     return transform
@@ -94,18 +94,22 @@ def image_transform_for(model: MedCapModel) -> ImageTransform:
 class Features:
     """Frozen-encoder outputs, one row per distinct image, and each record's row."""
 
-    by_branch: dict[str, Any]  # branch -> torch.Tensor (memory) or np.memmap (disk), (images, tokens, width)
+    by_name: dict[str, Any]  # feature name -> torch.Tensor (memory) or np.memmap (disk), (images, ...)
     rows: list[int]
 
-    def batch(self, branch: str, records: Sequence[int], device: torch.device) -> torch.Tensor:
+    def batch(self, name: str, records: Sequence[int], device: torch.device) -> torch.Tensor:
         rows = [self.rows[i] for i in records]
-        return torch.as_tensor(np.asarray(self.by_branch[branch][rows]), dtype=torch.float32).to(device)
+        return torch.as_tensor(np.asarray(self.by_name[name][rows]), dtype=torch.float32).to(device)
+
+    def batches(self, records: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+        return {name: self.batch(name, records, device) for name in self.by_name}
 
 
 @torch.no_grad()
-def encode_images(model: MedCapModel, records: Sequence[CaptionRecord], transform: ImageTransform, branches: Sequence[str],
+def encode_images(model: torch.nn.Module, records: Sequence[CaptionRecord], transform: ImageTransform, branches: Sequence[str],
                   batch_size: int, progress: bool = True, cache_dir: Path | None = None) -> Features:  # fmt: skip
-    """Encode each distinct image once (COCO-style data has several captions per image).
+    """Encode each distinct image once (COCO-style data has several captions per image) with the
+    model's frozen ``encode``, reading the views in ``branches``.
 
     In memory by default (fp32). With ``cache_dir``, rows go to fp16 memory-mapped ``.npy`` files
     there, read back batch by batch: real encoders produce 1.4 MB (EVA, 224 px) to 4 MB (SAM,
@@ -118,8 +122,8 @@ def encode_images(model: MedCapModel, records: Sequence[CaptionRecord], transfor
     for start in tqdm(range(0, len(unique), batch_size), desc="encoding images", unit="batch", disable=not progress):
         chunk = unique[start : start + batch_size]
         inputs = [transform(load_image(path, color="L")) for path in chunk]
-        tokens = model.image_tokens({b: torch.from_numpy(np.stack([i[b] for i in inputs])) for b in branches})
-        for b in branches:
+        tokens = model.encode({b: torch.from_numpy(np.stack([i[b] for i in inputs])) for b in branches})
+        for b in tokens:
             value = tokens[b].float().cpu()
             if b not in store:
                 shape = (len(unique), *value.shape[1:])
@@ -274,32 +278,44 @@ def pretrain_language_model(model: MedCapModel, tokenizers: Tokenizers, texts: S
     MSMedCap keeps a *pretrained* LM frozen and steers it with a soft prompt placed before BOS.
     A large LM reads whatever context precedes the text; a tiny one trained only on captions
     learns to ignore anything before BOS, so no soft prompt can steer it. So the tiny LM also
-    learns to read a context: most captions come after a shuffled, partly dropped bag of their
-    own tokens (up to ``max_context``, the soft prompt's length), a quarter come after nothing.
-    No image is involved; the LM is frozen again afterwards, as in the real recipe.
+    learns to read a context (see :func:`pretrain_causal_lm`). No image is involved; the LM is
+    frozen again afterwards, as in the real recipe.
     """
-    lm = model.lm
+    pad = int(tokenizers.lm.pad_token_id)
+    encoded = [tokenizers.lm_batch([t], "", model.config.eos_text, model.config.max_text_tokens)["input_ids"][0].tolist() for t in texts]
+    bodies = [[i for i in ids[1:] if i != pad] for ids in encoded]  # without OPT's BOS, added back after the context
+    return pretrain_causal_lm(model.lm, bodies, pad=pad, bos=int(tokenizers.lm.bos_token_id), steps=steps, batch_size=batch_size, lr=lr,
+                              seed=seed, max_context=max_context, progress=progress)  # fmt: skip
+
+
+def pretrain_causal_lm(lm: torch.nn.Module, sequences: Sequence[list[int]], *, pad: int, bos: int | None, steps: int, batch_size: int = 32,
+                       lr: float = 1e-3, seed: int = 0, max_context: int = 16, progress: bool = True) -> list[float]:  # fmt: skip
+    """Train a tiny causal LM (OPT, GPT-2) on token sequences, then freeze it and return the losses.
+
+    Most sequences come after a shuffled, partly dropped bag of their own tokens (up to
+    ``max_context``, the length of the image prefix a captioner will put there), a quarter after
+    nothing, so that the LM learns to read what precedes the text; ``bos`` (if any) separates the
+    two. Only the sequence itself is scored.
+    """
     for p in lm.parameters():
         p.requires_grad_(True)
     lm.train()
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
     rng = random.Random(seed)
     device = next(lm.parameters()).device
-    pad, bos = int(tokenizers.lm.pad_token_id), int(tokenizers.lm.bos_token_id)
-    encoded = [tokenizers.lm_batch([t], "", model.config.eos_text, model.config.max_text_tokens)["input_ids"][0].tolist() for t in texts]
+    head = [] if bos is None else [bos]
     losses = []
     for _ in tqdm(range(steps), desc="language model", unit="step", disable=not progress):
         rows, label_rows = [], []
         for _ in range(batch_size):
-            ids = encoded[rng.randrange(len(encoded))]
-            body = [i for i in ids[1:] if i != pad]
+            body = list(sequences[rng.randrange(len(sequences))])
             context: list[int] = []
             if rng.random() < 0.75:
                 context = [i for i in dict.fromkeys(body[:-1]) if rng.random() > 0.2]
                 rng.shuffle(context)
                 context = context[:max_context]
-            rows.append(context + [bos] + body)
-            label_rows.append([-100] * (len(context) + 1) + body)
+            rows.append(context + head + body)
+            label_rows.append([-100] * (len(context) + len(head)) + body)
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
         labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows], device=device)

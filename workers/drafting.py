@@ -60,7 +60,7 @@ class CaptionModel(Protocol):
     def identity(self) -> object: ...  # ModelIdentity: name, model_type, version, weights_sha256
 
     @property
-    def image_sizes(self) -> tuple[int, int]: ...  # (clip, sam)
+    def image_sizes(self) -> tuple[int | None, int | None]: ...  # (clip, sam); None: a view the model does not read
 
     def caption(self, inputs: dict[str, np.ndarray], generation: str = ..., *, batch_size: int = ..., seed: int = ...) -> list[str]: ...
 

@@ -47,9 +47,22 @@ def test_multiframe_input_references_frames_of_one_instance(multiframe):
     assert item.sam.shape == (3, 3, 256, 256)
 
 
+def test_a_view_the_model_does_not_read_is_not_computed():
+    series = read_series(series_files("ct-head-ge"))[0]
+    clip_only = prepare(series, key_slices=KeySliceSpec("uniform", 2), clip_size=64, sam_size=None)
+    assert clip_only.clip.shape == (2, 3, 64, 64) and clip_only.sam.shape == (2, 3, 0, 0) and clip_only.sam_sizes == ((0, 0),) * 2
+    both = prepare(series, key_slices=KeySliceSpec("uniform", 2), clip_size=64, sam_size=128)
+    np.testing.assert_array_equal(clip_only.clip, both.clip)
+    sam_only = prepare(series, key_slices=KeySliceSpec("uniform", 2), clip_size=None, sam_size=128)
+    assert sam_only.clip.shape == (2, 3, 0, 0)
+    np.testing.assert_array_equal(sam_only.sam, both.sam)
+    with pytest.raises(ValueError, match="at least one view"):
+        prepare(series, clip_size=None, sam_size=None)
+
+
 def test_bad_arguments_fail_before_any_work():
     series = read_series(series_files("ct-phantom-philips")[:2])[0]
-    with pytest.raises(ValueError, match="clip_size must be a positive integer"):
+    with pytest.raises(ValueError, match="clip_size must be a positive integer or None"):
         prepare(series, clip_size=0)
     with pytest.raises(ValueError, match="KeySliceSpec.strategy"):
         prepare(series, key_slices="middle")  # type: ignore[arg-type]

@@ -53,3 +53,34 @@ def test_stage1_mix_without_its_data_is_an_error(tmp_path):
     result = run(["train", "stage1", "--qformer", "sam", "--model", str(tmp_path), "--data", "x.jsonl", "--out", str(tmp_path / "o")],
                  _env(), timeout=120)  # fmt: skip
     assert result.returncode == 1 and "medcap:" in result.stderr
+
+
+def test_another_family_through_the_same_commands(tmp_path):
+    """CNN-LSTM from a local pretrained MobileNetV2: compose → train caption (early stopping) → evaluate → caption DICOM."""
+    from tests.conftest import SHARED_DATA
+    from tests.models.test_cnn_lstm import save_tiny_mobilenet
+
+    env = _env()
+
+    def medcap(*args: str) -> str:
+        result = run(list(args), env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    medcap("data", "synthetic", "--out", str(tmp_path / "syn"), "--train", "24", "--validation", "8", "--test", "6", "--size", "64")
+    data = str(tmp_path / "syn" / "captions.jsonl")
+    save_tiny_mobilenet(tmp_path / "mobilenet", {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "crop_size": {"height": 48, "width": 48}})
+    refused = run(["model", "compose", "--model-type", "cnn_lstm", "--out", str(tmp_path / "x")], env, timeout=120)
+    assert refused.returncode == 1 and "needs --mobilenet and --data" in refused.stderr
+    medcap("model", "compose", "--model-type", "cnn_lstm", "--mobilenet", str(tmp_path / "mobilenet"), "--data", data,
+           "--min-word-count", "1", "--out", str(tmp_path / "base"))  # fmt: skip
+    out = medcap("train", "caption", "--model", str(tmp_path / "base"), "--data", data, "--out", str(tmp_path / "trained"),
+                 "--epochs", "3", "--batch-size", "8", "--device", "cpu")  # fmt: skip
+    assert "CNN-LSTM: 9 steps, 3 epochs" in out and "best epoch" in out
+    card = medcap("model", "info", "--model", str(tmp_path / "trained"))
+    assert "MobileNetV2" in card and '"stage": "caption"' in card and '"validation_records": 8' in card
+    table = medcap("evaluate", "--model", str(tmp_path / "trained"), "--model", str(tmp_path / "base"), "--data", data, "--device", "cpu")
+    assert "| CNN-LSTM |" in table and "| CNN-LSTM (base) |" in table and "BLEU-4" in table
+    drafted = json.loads(medcap("caption", str(SHARED_DATA / "ct-head-ge"), "--model", str(tmp_path / "trained"), "--json", "--device", "cpu"))
+    assert drafted["model"]["name"] == "CNN-LSTM" and drafted["model"]["type"] == "cnn_lstm"
+    assert len(drafted["series"]) == 1 and len(drafted["series"][0]["key_images"]) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from models.datasets import (
     load_image,
     parse_mix_spec,
     read_coco_captions,
+    read_flickr,
     read_medicat,
     read_roco,
     read_table,
@@ -222,6 +224,225 @@ def test_read_table_fails_fast_on_bad_rows(tmp_path: Path) -> None:
     (tmp_path / "t.csv").write_text("image,caption,split\nnope.png,text,train\n")
     with pytest.raises(FileNotFoundError, match="nope.png"):
         read_table(tmp_path / "t.csv", strict=True)
+
+
+# -- Flickr8k / Flickr30k ------------------------------------------------------------------------
+
+FLICKR_IMAGES = [f"{1000268201 + 7919 * i}_{i:010x}.jpg" for i in range(20)]
+
+
+def _flickr_captions(name: str) -> list[str]:
+    n = FLICKR_IMAGES.index(name)
+    return [
+        f"A child, number {n}, climbs the stairs .",
+        f'A girl in a shirt that says "hello, world" ({n}) .',
+        f'Dog {n} jumps ; it\'s a "good" dog .',
+        f"A man, a woman and dog {n} , walking",
+        f"Plain caption {n}",
+    ]
+
+
+def _flickr_tree(folder: Path, names: list[str] = FLICKR_IMAGES) -> Path:
+    for i, name in enumerate(names):
+        _png(folder / name, 10 * i % 256, size=(4, 3))
+    return folder
+
+
+def _kaggle_flickr(root: Path) -> Path:
+    """Kaggle's Flickr8k/Flickr30k layout: ``captions.txt`` (quoted where needed) and ``Images/``."""
+    root.mkdir(parents=True)
+    with (root / "captions.txt").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "caption"])
+        for name in FLICKR_IMAGES:
+            writer.writerows([name, caption] for caption in _flickr_captions(name))
+    _flickr_tree(root / "Images")
+    return root
+
+
+def _token_lines(names: list[str]) -> str:
+    return "".join(f"{name}#{k}\t{caption}\n" for name in names for k, caption in enumerate(_flickr_captions(name)))
+
+
+def _original_flickr8k(root: Path) -> Path:
+    """The original release: ``Flickr8k_text/`` (token file and split lists) and ``Flicker8k_Dataset/``."""
+    text = root / "Flickr8k_text"
+    text.mkdir(parents=True)
+    # the real token file also captions an image that no split list names ("2258277193_586949ec62.jpg.1")
+    (text / "Flickr8k.token.txt").write_text(_token_lines(FLICKR_IMAGES) + "unlisted.jpg#0\tNot in any split.\n", encoding="utf-8")
+    (text / "Flickr_8k.trainImages.txt").write_text("\n".join(FLICKR_IMAGES[:14]) + "\n")
+    (text / "Flickr_8k.devImages.txt").write_text("\n".join(FLICKR_IMAGES[14:17]) + "\n\n")
+    (text / "Flickr_8k.testImages.txt").write_text("\n".join(FLICKR_IMAGES[17:]))
+    _flickr_tree(root / "Flicker8k_Dataset", [*FLICKR_IMAGES, "unlisted.jpg"])
+    return root
+
+
+def _assert_five_references_in_one_split(records: list[CaptionRecord]) -> dict[str, str]:
+    references = references_by_image(records)
+    assert all(len(refs) == 5 for refs in references.values())
+    splits = {r.image_id: r.split for r in records}
+    assert all(r.split == splits[r.image_id] for r in records)  # no image straddles two splits
+    return splits
+
+
+def test_read_flickr_kaggle_captions_txt_with_hash_split(tmp_path: Path) -> None:
+    root = _kaggle_flickr(tmp_path / "flickr8k")
+    records = read_flickr(root)
+    assert len(records) == 100
+    assert references_by_image(records) == {name: _flickr_captions(name) for name in FLICKR_IMAGES}  # commas and quotes intact
+    first = records[0]
+    assert (first.image_id, first.image_path, first.source) == (FLICKR_IMAGES[0], root / "Images" / FLICKR_IMAGES[0], "flickr")
+    splits = _assert_five_references_in_one_split(records)
+    assert set(splits.values()) == {"train", "validation", "test"}
+    assert records == read_flickr(root)  # the hash split is deterministic
+    validation = read_flickr(root, "val", source="flickr8k")
+    assert {r.split for r in validation} == {"validation"} and validation[0].source == "flickr8k"
+    assert {r.image_id for r in validation} == {k for k, v in splits.items() if v == "validation"}
+    assert {r.split for r in read_flickr(root, ["train", "test"])} == {"train", "test"}
+    assert {r.split for r in read_flickr(root, validation_fraction=0, test_fraction=0)} == {"train"}
+    with pytest.raises(ValueError, match="split must be one of"):
+        read_flickr(root, "holdout")
+
+
+def test_read_flickr_captions_txt_with_an_unquoted_comma_and_official_lists(tmp_path: Path) -> None:
+    root = tmp_path / "flickr8k"
+    _flickr_tree(root / "images", FLICKR_IMAGES[:2])
+    lines = ["image,caption", f"{FLICKR_IMAGES[0]},A dog, brown and white, runs .", "", f'{FLICKR_IMAGES[1]},"Two dogs, ""playing"" ."']
+    (root / "captions.txt").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    records = read_flickr(root)
+    assert [(r.image_id, r.caption) for r in records] == [
+        (FLICKR_IMAGES[0], "A dog, brown and white, runs ."),
+        (FLICKR_IMAGES[1], 'Two dogs, "playing" .'),
+    ]
+    assert records[0].image_path == root / "images" / FLICKR_IMAGES[0]
+    # the official Flickr8k lists override the hash split for the Kaggle layout too
+    (root / "Flickr_8k.trainImages.txt").write_text(FLICKR_IMAGES[1] + "\n")
+    (root / "Flickr_8k.devImages.txt").write_text("")
+    (root / "Flickr_8k.testImages.txt").write_text(FLICKR_IMAGES[0] + "\n")
+    assert [(r.image_id, r.split) for r in read_flickr(root)] == [(FLICKR_IMAGES[0], "test"), (FLICKR_IMAGES[1], "train")]
+
+
+def test_read_flickr_original_release_uses_the_official_split_lists(tmp_path: Path) -> None:
+    root = _original_flickr8k(tmp_path / "Flickr8k")
+    records = read_flickr(root, strict=True)
+    assert len(records) == 100 and "unlisted.jpg" not in {r.image_id for r in records}  # listed in no split
+    splits = _assert_five_references_in_one_split(records)
+    assert splits == {name: "train" if i < 14 else "validation" if i < 17 else "test" for i, name in enumerate(FLICKR_IMAGES)}
+    assert references_by_image(records)[FLICKR_IMAGES[3]] == _flickr_captions(FLICKR_IMAGES[3])
+    assert records[0].image_path == root / "Flicker8k_Dataset" / FLICKR_IMAGES[0]
+    assert [r.image_id for r in read_flickr(root, "test")] == [name for name in FLICKR_IMAGES[17:] for _ in range(5)]
+
+
+def test_read_flickr_karpathy_json_maps_restval_to_train(tmp_path: Path) -> None:
+    root = tmp_path / "flickr30k"
+    _flickr_tree(root / "flickr30k_images" / "flickr30k_images")  # Kaggle's nested Flickr30k folders
+    (root / "flickr30k_images" / "results.csv").write_text("image_name| comment_number| comment\n")  # ignored: JSON comes first
+    kinds = ["train", "restval", "val", "test"]
+    doc = {
+        "dataset": "flickr30k",
+        "images": [
+            {
+                "filename": name,
+                "imgid": i,
+                "split": kinds[i % 4],
+                "sentences": [{"raw": c, "tokens": c.lower().split()} for c in _flickr_captions(name)],
+            }
+            for i, name in enumerate(FLICKR_IMAGES)
+        ],
+    }
+    (root / "dataset_flickr30k.json").write_text(json.dumps(doc))
+    records = read_flickr(root, source="flickr30k")
+    splits = _assert_five_references_in_one_split(records)
+    expected = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
+    assert splits == {name: expected[kinds[i % 4]] for i, name in enumerate(FLICKR_IMAGES)}
+    assert references_by_image(records)[FLICKR_IMAGES[5]] == _flickr_captions(FLICKR_IMAGES[5])
+    assert records[0].image_path == root / "flickr30k_images" / "flickr30k_images" / FLICKR_IMAGES[0]
+    assert len(read_flickr(root, "train")) == 50
+    (root / "dataset_flickr8k.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="several Karpathy split files"):
+        read_flickr(root)
+
+
+def test_read_flickr_kaggle_flickr30k_results_csv(tmp_path: Path) -> None:
+    root = tmp_path / "flickr-image-dataset"
+    folder = root / "flickr30k_images"
+    _flickr_tree(folder / "flickr30k_images", FLICKR_IMAGES[:2])
+    lines = ["image_name| comment_number| comment"]
+    lines += [f"{name}| {k}| {c}" for name in FLICKR_IMAGES[:2] for k, c in enumerate(_flickr_captions(name))]
+    lines[-1] = f"{FLICKR_IMAGES[1]}| 4   A dog runs across the grass ."  # the Kaggle file's row without its second '|'
+    (folder / "results.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for records in (read_flickr(root), read_flickr(folder)):  # the download folder or the one holding results.csv
+        references = references_by_image(records)
+        assert references[FLICKR_IMAGES[0]] == _flickr_captions(FLICKR_IMAGES[0])
+        assert references[FLICKR_IMAGES[1]][-1] == "A dog runs across the grass ." and len(references[FLICKR_IMAGES[1]]) == 5
+        assert records[0].image_path == folder / "flickr30k_images" / FLICKR_IMAGES[0]
+    (folder / "results.csv").write_text(lines[0] + "\n" + lines[1] + "\nno separators here\n")
+    with pytest.raises(ValueError, match=r"results.csv:3: expected 'image_name\| comment_number\| comment'"):
+        read_flickr(root)
+
+
+def test_read_flickr_missing_images_are_counted_or_raised(tmp_path: Path) -> None:
+    root = _kaggle_flickr(tmp_path / "flickr8k")
+    (root / "Images" / FLICKR_IMAGES[2]).unlink()
+    with pytest.warns(MissingImagesWarning, match="skipped 5 of 100"):
+        records = read_flickr(root)
+    assert len(records) == 95 and FLICKR_IMAGES[2] not in references_by_image(records)
+    with pytest.raises(FileNotFoundError, match=FLICKR_IMAGES[2]):
+        read_flickr(root, strict=True)
+    other = tmp_path / "elsewhere"
+    _flickr_tree(other)
+    assert len(read_flickr(root, images_dir=other, strict=True)) == 100
+
+
+def test_read_flickr_rejects_malformed_files_with_the_line(tmp_path: Path) -> None:
+    root = tmp_path / "f"
+    _flickr_tree(root / "Images", FLICKR_IMAGES[:1])
+    captions = root / "captions.txt"
+    captions.write_text("image\tcaption\n")
+    with pytest.raises(ValueError, match=r"captions.txt:1: expected the header 'image,caption'"):
+        read_flickr(root)
+    captions.write_text(f'image,caption\n{FLICKR_IMAGES[0]},"A caption, quoted"\n\njust-an-image.jpg\n')
+    with pytest.raises(ValueError, match=r"captions.txt:4: expected 'image,caption', got 'just-an-image.jpg'"):
+        read_flickr(root)
+    token = root / "Flickr8k.token.txt"  # preferred over captions.txt
+    for bad_line in (f"{FLICKR_IMAGES[0]}#0 no tab", f"{FLICKR_IMAGES[0]}\tno caption number", f"{FLICKR_IMAGES[0]}#x\tbad number"):
+        token.write_text(f"{FLICKR_IMAGES[0]}#0\tfine\n{bad_line}\n")
+        with pytest.raises(ValueError, match=r"Flickr8k.token.txt:2: expected 'IMAGE.jpg#N<TAB>caption'"):
+            read_flickr(root)
+    token.unlink()
+    captions.unlink()
+    karpathy = root / "dataset_flickr8k.json"
+    for images, message in (
+        ([{"filename": "a.jpg", "split": "train"}], r"images\[0\]: missing field 'sentences'"),
+        ([{"filename": "a.jpg", "split": "train", "sentences": []}, {"filename": "b.jpg", "split": "dev", "sentences": []}], "b.jpg.*dev"),
+        ([{"filename": "a.jpg", "split": "train", "sentences": "a caption"}], "list of objects"),
+    ):
+        karpathy.write_text(json.dumps({"images": images}))
+        with pytest.raises(ValueError, match=message):
+            read_flickr(root)
+    karpathy.write_text("{not json")
+    with pytest.raises(ValueError, match="dataset_flickr8k.json: not valid JSON"):
+        read_flickr(root)
+
+
+def test_read_flickr_split_lists_and_layout_errors(tmp_path: Path) -> None:
+    root = _original_flickr8k(tmp_path / "Flickr8k")
+    lists = root / "Flickr8k_text"
+    (lists / "Flickr_8k.testImages.txt").write_text(f"{FLICKR_IMAGES[18]}\n{FLICKR_IMAGES[3]}\n")
+    with pytest.raises(ValueError, match=rf"Flickr_8k.testImages.txt:2: {FLICKR_IMAGES[3]} is also listed for train"):
+        read_flickr(root)
+    (lists / "Flickr_8k.devImages.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"but not Flickr_8k.devImages.txt"):
+        read_flickr(root)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no Flickr captions under"):
+        read_flickr(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        read_flickr(tmp_path / "nowhere")
+    (tmp_path / "no-images" / "captions.txt").parent.mkdir()
+    (tmp_path / "no-images" / "captions.txt").write_text("image,caption\na.jpg,A caption\n")
+    with pytest.raises(FileNotFoundError, match="no Flickr image folder"):
+        read_flickr(tmp_path / "no-images")
 
 
 # -- data mixes ----------------------------------------------------------------------------------

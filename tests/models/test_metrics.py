@@ -82,6 +82,78 @@ def test_normalise_removes_parentheses_the_ptb_tokenizer_would_keep(scorer: Capt
     assert raw.score(preds, refs)["BLEU-4"] < 0.9  # PTB turns "(" into "-lrb-", which then counts as a word
 
 
+# Flickr-style evaluation: five references per image (`references_by_image` on `read_flickr` records).
+FIVE_REFS = {
+    "img1.jpg": [
+        "A child in a red coat climbs the steps of a wooden house .",
+        "A girl walks into a small cabin .",
+        "A little girl climbing up to a playhouse .",
+        "Kid on the stairs of a treehouse .",
+        "A young girl in red is going up wooden stairs .",
+    ],
+    "img2.jpg": [
+        "Two dogs, one black and one spotted, fight on the road .",
+        "A black dog and a white dog play together on the street .",
+        'Dogs of different breeds look at each other, "curious" .',
+        "Two dogs on the pavement moving toward each other .",
+        "A black dog is snarling at a spotted dog .",
+    ],
+    "img3.jpg": [
+        "A man in a blue shirt rides a bicycle down a dirt hill .",
+        "A cyclist jumps over a mound of dirt .",
+        "Someone on a mountain bike in the woods .",
+        "A biker catches air on a trail .",
+        "The man is riding his bike fast on a rough path .",
+    ],
+}
+MATCHED = {"img1.jpg": 0, "img2.jpg": 3, "img3.jpg": 4}  # which reference each prediction repeats
+ONE_OF_FIVE = {key: FIVE_REFS[key][k] for key, k in MATCHED.items()}
+NONE_OF_FIVE = {
+    "img1.jpg": "A cat sleeps on a sofa near the window .",
+    "img2.jpg": "An old man reads a newspaper in a park .",
+    "img3.jpg": "Two women are cooking dinner in a kitchen .",
+}
+EXACT_WITH_ONE_REFERENCE = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L")
+
+
+def test_prediction_equal_to_any_one_of_five_references_scores_perfectly(scorer: CaptionScorer) -> None:
+    scores = scorer.score_models({"one": ONE_OF_FIVE, "none": NONE_OF_FIVE}, FIVE_REFS)
+    for metric in EXACT_WITH_ONE_REFERENCE:  # clipped counts and the closest length come from the matching reference
+        assert scores["one"][metric] == pytest.approx(1.0, abs=1e-6), metric
+    for metric in COCO_METRICS:
+        assert scores["one"][metric] > scores["none"][metric], metric
+
+
+def test_adding_the_matching_reference_raises_the_scores(scorer: CaptionScorer) -> None:
+    others = {key: [r for k, r in enumerate(refs) if k != MATCHED[key]] for key, refs in FIVE_REFS.items()}
+    without = scorer.score(ONE_OF_FIVE, others)
+    last = scorer.score(ONE_OF_FIVE, {key: [*refs, ONE_OF_FIVE[key]] for key, refs in others.items()})
+    first = scorer.score(ONE_OF_FIVE, {key: [ONE_OF_FIVE[key], *refs] for key, refs in others.items()})
+    for metric in (*EXACT_WITH_ONE_REFERENCE, "METEOR"):
+        assert without[metric] < last[metric], metric
+    for metric in EXACT_WITH_ONE_REFERENCE:  # found as the fifth reference: every reference is used, not just the first
+        assert last[metric] == pytest.approx(1.0, abs=1e-6), metric
+    assert last == pytest.approx(first, abs=1e-9)  # and their order does not matter
+
+
+def test_multi_reference_scores_equal_pycocoevalcap_on_ptb_tokens() -> None:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    predictions = {key: f"{ONE_OF_FIVE[key]} and {NONE_OF_FIVE[key]}" for key in FIVE_REFS}  # partial overlap: no score is 0 or 1
+    gts = PTBTokenizer().tokenize({key: [{"caption": r} for r in refs] for key, refs in FIVE_REFS.items()})
+    res = PTBTokenizer().tokenize({key: [{"caption": text}] for key, text in predictions.items()})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    upstream = {f"BLEU-{n}": b for n, b in enumerate(bleu, 1)}
+    upstream["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
+    upstream["CIDEr"] = Cider().compute_score(gts, res)[0]
+    report = evaluate_models({"m": predictions}, FIVE_REFS, meteor=False, normalise=False)
+    assert report.results["m"] == pytest.approx(upstream, abs=1e-12)
+    assert all(0 < v < 1 for k, v in upstream.items() if k != "CIDEr")
+
+
 def test_tokenizer_fallback_for_a_read_only_package_matches_upstream(monkeypatch: pytest.MonkeyPatch) -> None:
     captions = {
         ("r", "1"): [{"caption": "Axial CT (arrow), left-sided mass."}, {"caption": ""}],

@@ -131,7 +131,7 @@ def test_each_distinct_image_is_encoded_once_and_can_live_on_disk(synthetic, tmp
     records = [synthetic[0], replace(synthetic[0], caption="another caption of the same image"), synthetic[1]]
     transform = image_transform_for(model)
     memory = encode_images(model, records, transform, ["sam"], 2, progress=False)
-    assert memory.rows == [0, 0, 1] and memory.by_branch["sam"].shape[0] == 2
+    assert memory.rows == [0, 0, 1] and memory.by_name["sam"].shape[0] == 2
     disk = encode_images(model, records, transform, ["sam"], 2, progress=False, cache_dir=tmp_path / "features")
     assert (tmp_path / "features" / "sam.npy").is_file()
     assert torch.allclose(disk.batch("sam", [0, 1, 2], torch.device("cpu")), memory.batch("sam", [0, 1, 2], torch.device("cpu")),

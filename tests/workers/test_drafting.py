@@ -128,3 +128,35 @@ def test_missing_instance_files_fail_the_job_at_once_with_the_reason(db, clock, 
 def test_model_output_becomes_valid_dicom_text():
     assert printable("\ufffd\x00small\x1b lesion,\n\n  left\x7f.") == "small lesion, left ."
     assert printable("\x00\ufffd") == ""
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_any_captioner_family_drafts_and_the_sr_names_it(db, clock, settings, job_id, tmp_path):
+    """A CNN-LSTM checkpoint (MEDCAP_MODEL could point at it) goes through the same drafting; it reads no SAM view."""
+    from models import checkpoint
+    from models.cnn_lstm import tiny_cnn_lstm
+    from tests.models.parts import CAPTIONS
+
+    model, vocab = tiny_cnn_lstm(CAPTIONS, image_size=64)
+    checkpoint.save(model, vocab, tmp_path / "cnn-lstm", checkpoint.Provenance(sources=[{"part": "all", "source": "random (tests)"}]))
+    loaded = Captioner.load(tmp_path / "cnn-lstm", "cpu")
+    assert loaded.image_sizes == (64, None)
+    views: list[tuple[int, ...]] = []
+
+    class Recording:
+        identity, image_sizes = loaded.identity, loaded.image_sizes
+
+        def caption(self, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
+            views.append(inputs["sam"].shape)
+            return loaded.caption(inputs, *args, **kwargs)
+
+    assert runner(db, clock).run(job_id, make_drafter(db, clock, Recording(), settings).draft) == "succeeded"
+    assert views == [(3, 3, 0, 0)]  # no 1024-px SAM input computed for a model that does not read it
+    with db.session() as s:
+        doc = s.scalars(select(SRDocument)).one()
+        draft = s.scalars(select(Draft)).one()
+    assert (draft.model_name, draft.model_type) == ("CNN-LSTM", "cnn_lstm")
+    assert draft.weights_sha256 == loaded.identity.weights_sha256
+    sr = pydicom.dcmread(doc.path)
+    assert sr.ContributingEquipmentSequence[-1].ManufacturerModelName == "CNN-LSTM"
+    assert (sr.CompletionFlag, sr.VerificationFlag) == ("PARTIAL", "UNVERIFIED")
