@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +63,16 @@ def save(model: torch.nn.Module, text: Any, directory: Path, provenance: Provena
     (directory / "provenance.json").write_text(json.dumps(record, indent=2))
     (directory / "MODEL_CARD.md").write_text(model_card(model.config, record))
     return weights_sha
+
+
+def swap_in(written: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` with the fully written sibling ``written``: a reader never sees half a checkpoint."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(written, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load(directory: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> tuple[Any, Any, dict[str, Any]]:

@@ -21,16 +21,16 @@ from transformers import CLIPVisionConfig
 
 from models.beam import evaluating, search
 from models.clip_parts import ClipImageEncoder, tiny_clip_vision_config
-from models.config import ConfigError, JsonConfig
+from models.config import ClipViewConfig, ConfigError
 from models.families import Family
 from models.generation import GenerationPreset
-from models.word_vocab import EOS, PAD, SOS, SPECIALS, WordVocab, vocabulary_source
+from models.word_vocab import EOS, PAD, SOS, WordVocab, check_vocabulary_fields, vocabulary_source
 
 FORMAT_VERSION = 1
 
 
 @dataclass
-class ClipTransformerConfig(JsonConfig):
+class ClipTransformerConfig(ClipViewConfig):
     #: Words in the vocabulary, the four specials included (``len(WordVocab)``).
     vocab_size: int
     #: ``transformers.CLIPVisionConfig`` arguments, ``projection_dim`` included.
@@ -51,36 +51,19 @@ class ClipTransformerConfig(JsonConfig):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.model_type != "clip_transformer":
-            raise ConfigError(f"model_type: {self.model_type!r} is not clip_transformer")
+        self.require_model_type("clip_transformer")
         self.require_positive("vocab_size", "d_model", "num_layers", "num_heads", "ffn_dim", "max_caption_tokens", "min_word_count")
-        if self.vocab_size <= len(SPECIALS):
-            raise ConfigError(f"vocab_size: {self.vocab_size} leaves no word beside the {len(SPECIALS)} special tokens")
-        if self.max_caption_tokens < 2:
-            raise ConfigError(f"max_caption_tokens: must be at least 2 (<SOS> and <EOS>), got {self.max_caption_tokens}")
+        check_vocabulary_fields(self.vocab_size, self.max_caption_tokens)
         if self.d_model % self.num_heads:
             raise ConfigError(f"num_heads: {self.num_heads} does not divide d_model {self.d_model}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.clip_vision, dict) or not self.clip_vision:
-            raise ConfigError("clip_vision: must be a non-empty dict of CLIPVisionConfig arguments")
-        try:
-            CLIPVisionConfig(**self.clip_vision)
-        except Exception as exc:  # ValueError, TypeError or huggingface_hub's StrictDataclassError, by version
-            raise ConfigError(f"clip_vision: {exc}") from None
+        self.require_arguments("clip_vision", CLIPVisionConfig)
         self.require_format(FORMAT_VERSION)
 
     @property
     def display_name(self) -> str:
         return self.name or "CLIP-Transformer"
-
-    @property
-    def branches(self) -> tuple[str, ...]:
-        return ("clip",)
-
-    @property
-    def image_sizes(self) -> tuple[int, int | None]:
-        return int(self.clip_vision.get("image_size", 224)), None
 
     def summary(self) -> list[str]:
         vision = self.clip_vision

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from models.clip_parts import ClipImageEncoder, tiny_clip_vision_config
-from models.config import ConfigError, JsonConfig
+from models.config import ClipViewConfig, ConfigError
 from models.encoders import freeze
 from models.families import Family
 from models.generation import GenerationPreset
@@ -48,7 +48,7 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class ClipCapConfig(JsonConfig):
+class ClipCapConfig(ClipViewConfig):
     #: ``transformers.CLIPVisionConfig`` arguments, ``projection_dim`` included.
     clip_vision: dict[str, Any]
     #: ``transformers.GPT2Config`` arguments.
@@ -72,13 +72,11 @@ class ClipCapConfig(JsonConfig):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.model_type != "clipcap":
-            raise ConfigError(f"model_type: {self.model_type!r} is not clipcap")
+        self.require_model_type("clipcap")
         if self.mapper not in MAPPERS:
             raise ConfigError(f"mapper: {self.mapper!r} is not one of {MAPPERS}")
-        for name in ("clip_vision", "gpt2"):
-            if not isinstance(getattr(self, name), dict) or not getattr(self, name):
-                raise ConfigError(f"{name}: must be a non-empty dict of transformers config arguments")
+        self.require_arguments("clip_vision")
+        self.require_arguments("gpt2")
         for name, value in PAPER_DEFAULTS[self.mapper].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -106,14 +104,6 @@ class ClipCapConfig(JsonConfig):
     @property
     def display_name(self) -> str:
         return self.name or f"ClipCap ({'MLP' if self.mapper == 'mlp' else 'Transformer'})"
-
-    @property
-    def branches(self) -> tuple[str, ...]:
-        return ("clip",)
-
-    @property
-    def image_sizes(self) -> tuple[int, int | None]:
-        return int(self.clip_vision.get("image_size", 224)), None
 
     def summary(self) -> list[str]:
         layers = f", {self.mapper_layers} layers, {self.clip_length} CLIP tokens" if self.mapper == "transformer" else ""

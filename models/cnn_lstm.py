@@ -26,17 +26,17 @@ from transformers import MobileNetV2Config, MobileNetV2Model
 
 from dicom_io.transforms import CLIP_MEAN, CLIP_STD
 from models.beam import evaluating, search
-from models.config import ConfigError, JsonConfig
+from models.config import ClipViewConfig, ConfigError
 from models.encoders import freeze
 from models.families import Family
 from models.generation import GenerationPreset
-from models.word_vocab import EOS, PAD, SOS, SPECIALS, WordVocab, vocabulary_source
+from models.word_vocab import EOS, PAD, SOS, WordVocab, check_vocabulary_fields, vocabulary_source
 
 FORMAT_VERSION = 1
 
 
 @dataclass
-class CnnLstmConfig(JsonConfig):
+class CnnLstmConfig(ClipViewConfig):
     #: Words in the vocabulary, the four specials included (``len(WordVocab)``).
     vocab_size: int
     #: ``transformers.MobileNetV2Config`` arguments.
@@ -60,19 +60,10 @@ class CnnLstmConfig(JsonConfig):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.model_type != "cnn_lstm":
-            raise ConfigError(f"model_type: {self.model_type!r} is not cnn_lstm")
+        self.require_model_type("cnn_lstm")
         self.require_positive("vocab_size", "image_size", "embed_dim", "hidden_dim", "num_layers", "max_caption_tokens", "min_word_count")
-        if self.vocab_size <= len(SPECIALS):
-            raise ConfigError(f"vocab_size: {self.vocab_size} leaves no word beside the {len(SPECIALS)} special tokens")
-        if self.max_caption_tokens < 2:
-            raise ConfigError(f"max_caption_tokens: must be at least 2 (<SOS> and <EOS>), got {self.max_caption_tokens}")
-        if not isinstance(self.mobilenet, dict) or not self.mobilenet:
-            raise ConfigError("mobilenet: must be a non-empty dict of MobileNetV2Config arguments")
-        try:
-            MobileNetV2Config(**self.mobilenet)
-        except Exception as exc:  # ValueError, TypeError or huggingface_hub's StrictDataclassError, by version
-            raise ConfigError(f"mobilenet: {exc}") from None
+        check_vocabulary_fields(self.vocab_size, self.max_caption_tokens)
+        self.require_arguments("mobilenet", MobileNetV2Config)
         for name in ("pixel_mean", "pixel_std"):
             value = getattr(self, name)
             if (
@@ -91,12 +82,8 @@ class CnnLstmConfig(JsonConfig):
         return self.name or "CNN-LSTM"
 
     @property
-    def branches(self) -> tuple[str, ...]:
-        return ("clip",)
-
-    @property
-    def image_sizes(self) -> tuple[int, int | None]:
-        return self.image_size, None
+    def view_size(self) -> int:
+        return self.image_size
 
     def summary(self) -> list[str]:
         width = self.mobilenet.get("depth_multiplier", 1.0)

@@ -47,10 +47,41 @@ class JsonConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {value!r}")
 
+    def require_model_type(self, expected: str) -> None:
+        if getattr(self, "model_type", None) != expected:
+            raise ConfigError(f"model_type: {getattr(self, 'model_type', None)!r} is not {expected}")
+
+    def require_arguments(self, name: str, config_class: type | None = None) -> None:
+        """Field ``name`` is a non-empty dict of a transformers config's arguments (checked by building it)."""
+        value = getattr(self, name)
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"{name}: must be a non-empty dict of transformers config arguments")
+        if config_class is not None:
+            try:
+                config_class(**value)
+            except Exception as exc:  # ValueError, TypeError or huggingface_hub's StrictDataclassError, by version
+                raise ConfigError(f"{name}: {exc}") from None
+
     def require_format(self, understood: int) -> None:
         version = int(getattr(self, "format_version", 1))
         if version > understood:
             raise ConfigError(f"format_version: {version} is newer than this MedCap understands ({understood})")
+
+
+class ClipViewConfig(JsonConfig):
+    """A captioner that reads the CLIP view only (every family but MSMedCap's SAM branches)."""
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return ("clip",)
+
+    @property
+    def view_size(self) -> int:
+        return int(getattr(self, "clip_vision", {}).get("image_size", 224))
+
+    @property
+    def image_sizes(self) -> tuple[int, int | None]:
+        return self.view_size, None
 
 
 @dataclass

@@ -13,7 +13,6 @@ plus ``fit_state.pt`` for ``--resume`` at the next epoch.
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 from collections.abc import Sequence
@@ -224,12 +223,7 @@ def _save(model: Any, text: Any, out_dir: Path, provenance: checkpoint.Provenanc
     if not final:
         torch.save({"settings": asdict(settings), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "result": asdict(result) | {"out_dir": None}, "best": best, "torch_rng": torch.get_rng_state()}, tmp / STATE)  # fmt: skip
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    checkpoint.swap_in(tmp, out_dir)
 
 
 def _resume(out_dir: Path, settings: FitSettings, optimizer: Any, scheduler: Any, result: FitResult) -> tuple[FitResult, dict[str, Any]]:

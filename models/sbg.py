@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, GPT2Config, GPT2LMHeadModel, PreTrained
 
 from models.captions import pre_caption, word_tokens
 from models.clip_parts import ClipImageEncoder, ClipTextEncoder, tiny_clip_vision_config
-from models.config import ConfigError, JsonConfig
+from models.config import ClipViewConfig, ConfigError
 from models.encoders import freeze
 from models.families import Family
 from models.generation import GenerationPreset
@@ -98,7 +98,7 @@ def caption_keywords(caption: str, vocabulary: Iterable[str]) -> list[str]:
 
 
 @dataclass
-class SbgConfig(JsonConfig):
+class SbgConfig(ClipViewConfig):
     #: ``transformers.CLIPVisionConfig`` / ``CLIPTextConfig`` arguments, ``projection_dim`` included.
     clip_vision: dict[str, Any]
     clip_text: dict[str, Any]
@@ -134,11 +134,9 @@ class SbgConfig(JsonConfig):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.model_type != "sbg":
-            raise ConfigError(f"model_type: {self.model_type!r} is not sbg")
+        self.require_model_type("sbg")
         for name in ("clip_vision", "clip_text", "gpt2"):
-            if not isinstance(getattr(self, name), dict) or not getattr(self, name):
-                raise ConfigError(f"{name}: must be a non-empty dict of transformers config arguments")
+            self.require_arguments(name)
         if not isinstance(self.keywords, list) or not self.keywords or not all(isinstance(k, str) and k.strip() for k in self.keywords):
             raise ConfigError("keywords: must be a non-empty list of words (build_keywords on the training captions)")
         if len(set(self.keywords)) != len(self.keywords):
@@ -171,14 +169,6 @@ class SbgConfig(JsonConfig):
     def reranks(self) -> bool:
         """It picks among candidate captions (``GenerationPreset.candidates``): evaluation scores each count."""
         return True
-
-    @property
-    def branches(self) -> tuple[str, ...]:
-        return ("clip",)
-
-    @property
-    def image_sizes(self) -> tuple[int, int | None]:
-        return int(self.clip_vision.get("image_size", 224)), None
 
     @property
     def prompt_tokens(self) -> int:

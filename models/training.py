@@ -10,7 +10,6 @@ The output directory *is* a MedCap checkpoint (loadable with ``--model DIR``), p
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 from collections.abc import Callable, Sequence
@@ -263,12 +262,7 @@ def _save(model: MedCapModel, tokenizers: Tokenizers, out_dir: Path, provenance:
     checkpoint.save(model, tokenizers, tmp, record)
     torch.save({"settings": asdict(settings), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "losses": losses, "torch_rng": torch.get_rng_state()}, tmp / STATE)  # fmt: skip
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    checkpoint.swap_in(tmp, out_dir)
 
 
 def pretrain_language_model(model: MedCapModel, tokenizers: Tokenizers, texts: Sequence[str], *, steps: int, batch_size: int = 32,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from models.captions import pre_caption
+from models.config import ConfigError
 
 PAD, SOS, EOS, UNK = 0, 1, 2, 3
 SPECIALS: tuple[str, ...] = ("<PAD>", "<SOS>", "<EOS>", "<UNK>")
@@ -32,6 +33,14 @@ class VocabError(ValueError):
 def tokenize(text: str) -> list[str]:
     """The words of a caption as the vocabulary sees them."""
     return pre_caption(text).split()
+
+
+def check_vocabulary_fields(vocab_size: int, max_caption_tokens: int) -> None:
+    """The config fields every word-level decoder shares: room for words, and for <SOS> and <EOS>."""
+    if vocab_size <= len(SPECIALS):
+        raise ConfigError(f"vocab_size: {vocab_size} leaves no word beside the {len(SPECIALS)} special tokens")
+    if max_caption_tokens < 2:
+        raise ConfigError(f"max_caption_tokens: must be at least 2 (<SOS> and <EOS>), got {max_caption_tokens}")
 
 
 def vocabulary_source(captions: Sequence[str], min_count: int) -> dict[str, str]:

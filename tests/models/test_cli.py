@@ -18,18 +18,18 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MEDCAP_") or k.startswith("MEDCAP_TEST_")} | {"HF_HUB_OFFLINE": "1"}
 
 
+def medcap(*args: str) -> str:
+    """Run ``medcap ARGS`` as an operator would; it must succeed. Returns stdout."""
+    result = run(list(args), _env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 def test_data_train_evaluate_and_info(tmp_path):
     tokenizers = tiny_tokenizers()
     torch.manual_seed(0)
     model = MedCapModel(tiny_config("msmedcap", lm_vocab=len(tokenizers.lm), qformer_vocab=len(tokenizers.qformer)))
     checkpoint.save(model, tokenizers, tmp_path / "base", checkpoint.Provenance(sources=[{"part": "all", "source": "random"}]))
-    env = _env()
-
-    def medcap(*args: str) -> str:
-        result = run(list(args), env, timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout
-
     medcap("data", "synthetic", "--out", str(tmp_path / "syn"), "--train", "24", "--validation", "0", "--test", "6", "--size", "64")
     data = str(tmp_path / "syn" / "captions.jsonl")
     out = medcap("train", "stage1", "--qformer", "sam", "--model", str(tmp_path / "base"), "--data", f"M={data}", "--mix", "G+M",
@@ -58,19 +58,12 @@ def test_stage1_mix_without_its_data_is_an_error(tmp_path):
 def test_another_family_through_the_same_commands(tmp_path):
     """CNN-LSTM from a local pretrained MobileNetV2: compose → train caption (early stopping) → evaluate → caption DICOM."""
     from tests.conftest import SHARED_DATA
-    from tests.models.test_cnn_lstm import save_tiny_mobilenet
-
-    env = _env()
-
-    def medcap(*args: str) -> str:
-        result = run(list(args), env, timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout
+    from tests.models.parts import save_tiny_mobilenet
 
     medcap("data", "synthetic", "--out", str(tmp_path / "syn"), "--train", "24", "--validation", "8", "--test", "6", "--size", "64")
     data = str(tmp_path / "syn" / "captions.jsonl")
     save_tiny_mobilenet(tmp_path / "mobilenet", {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "crop_size": {"height": 48, "width": 48}})
-    refused = run(["model", "compose", "--model-type", "cnn_lstm", "--out", str(tmp_path / "x")], env, timeout=120)
+    refused = run(["model", "compose", "--model-type", "cnn_lstm", "--out", str(tmp_path / "x")], _env(), timeout=120)
     assert refused.returncode == 1 and "needs --mobilenet and --data" in refused.stderr
     medcap("model", "compose", "--model-type", "cnn_lstm", "--mobilenet", str(tmp_path / "mobilenet"), "--data", data,
            "--min-word-count", "1", "--out", str(tmp_path / "base"))  # fmt: skip

@@ -6,12 +6,10 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from dicom_io.transforms import clip_input
 from models import checkpoint
 from models.captions import pre_caption
 from models.clip_parts import tiny_clip_vision_config
@@ -26,55 +24,23 @@ from models.compose import ComposeError
 from models.config import ConfigError
 from models.families import family
 from models.generation import GenerationPreset
-from models.synthetic import SliceAttributes, caption_for, render_slice
 from models.word_vocab import WordVocab
+from tests.models.parts import FIT_KEYS, WORD_ATTRIBUTES, presets, train, training_captions, training_set
 
 SIZE = 64
-ATTRIBUTES = [
-    SliceAttributes("ct", "head", "axial", False),
-    SliceAttributes("mr", "chest", "coronal", True, "left", "large", "hyperintense"),
-    SliceAttributes("ct", "abdomen", "sagittal", True, "anterior", "small", "hypodense"),
-    SliceAttributes("mr", "head", "sagittal", False),
-    SliceAttributes("ct", "chest", "axial", True, "right", "large", "hyperdense"),
-    SliceAttributes("mr", "abdomen", "axial", False),
-]
-CAPTIONS = [caption_for(a) for a in ATTRIBUTES]
-GREEDY = GenerationPreset("greedy", num_beams=1, max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0)
-BEAM = GenerationPreset("beam", num_beams=3, max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0)
+CAPTIONS = training_captions(WORD_ATTRIBUTES)
+GREEDY, BEAM = presets(30)  # whole-word tokens: fewer than GPT-2's 40
 
 
 def pixels(size: int = SIZE) -> dict[str, torch.Tensor]:
-    return {
-        "clip": torch.from_numpy(np.stack([clip_input(render_slice(a, size=64, seed=i).image, size) for i, a in enumerate(ATTRIBUTES)]))
-    }
-
-
-def train(model: ClipTransformerModel, vocab: WordVocab, steps: int = 100, lr: float = 3e-3) -> list[float]:
-    torch.manual_seed(0)
-    features = model.encode(pixels())
-    optimiser = torch.optim.Adam(model.trainable_parameters(), lr=lr)
-    model.train()
-    losses = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread costs more than it gives on a shared machine
-    try:
-        for _ in range(steps):
-            loss = model.caption_loss(features, CAPTIONS, vocab)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    return losses
+    return training_set(WORD_ATTRIBUTES, size)[1]
 
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[ClipTransformerModel, WordVocab, list[float], list[str]]:
     model, vocab = tiny_clip_transformer(CAPTIONS)
     before = model.generate_captions(model.encode(pixels()), vocab, GREEDY)
-    return model, vocab, train(model, vocab), before
+    return model, vocab, train(model, vocab, model.encode(pixels()), CAPTIONS, steps=100, lr=3e-3), before
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -114,7 +80,7 @@ def test_family_registration_and_fit_defaults() -> None:
     from models.fitting import FitSettings
 
     assert family("clip_transformer") is FAMILY and FAMILY.text is WordVocab
-    assert set(FAMILY.fit_defaults) <= {"epochs", "batch_size", "lr", "optimizer", "weight_decay", "grad_clip", "patience", "warmup_steps"}
+    assert set(FAMILY.fit_defaults) <= FIT_KEYS
     settings = FitSettings(**FAMILY.fit_defaults)
     assert (settings.optimizer, settings.batch_size, settings.patience, settings.grad_clip) == ("adamw", 32, 2, 1.0)
 

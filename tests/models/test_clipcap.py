@@ -6,12 +6,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel
 
-from dicom_io.transforms import clip_input
 from models import checkpoint
 from models.captions import pre_caption
 from models.clip_parts import tiny_clip_vision_config
@@ -20,93 +17,16 @@ from models.compose import ComposeError
 from models.config import ConfigError
 from models.families import CaptionModel, family
 from models.generation import GenerationPreset
-from models.gpt2_text import (
-    IGNORE,
-    build_small_clip_tokenizer,
-    build_small_gpt2_tokenizer,
-    tiny_clip_text_config,
-    tiny_gpt2_config,
-)
-from models.synthetic import SliceAttributes, caption_for, render_slice
-
-ATTRIBUTES = [
-    SliceAttributes("ct", "head", "axial", True, "left", "small", "hyperdense"),
-    SliceAttributes("mr", "chest", "coronal", False),
-    SliceAttributes("ct", "abdomen", "sagittal", True, "anterior", "large", "hypodense"),
-    SliceAttributes("mr", "head", "axial", True, "right", "large", "hyperintense"),
-    SliceAttributes("ct", "chest", "axial", False),
-]
-GREEDY = GenerationPreset("greedy", num_beams=1, max_new_tokens=40, min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0)
-BEAM = GREEDY.with_beams(3)
-FIT_KEYS = {"epochs", "batch_size", "lr", "optimizer", "weight_decay", "grad_clip", "patience", "warmup_steps"}
-
-
-# -- helpers shared with test_sbg ----------------------------------------------------------------
-
-
-def training_set(size: int = 64) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """Five synthetic slices with distinct captions, as the CLIP view."""
-    captions = [caption_for(a) for a in ATTRIBUTES]
-    images = [clip_input(render_slice(a, size=64, seed=i).image, size) for i, a in enumerate(ATTRIBUTES)]
-    return captions, {"clip": torch.from_numpy(np.stack(images))}
-
-
-def train(model: torch.nn.Module, text: object, features: dict[str, torch.Tensor], captions: Sequence[str], steps: int,
-          lr: float = 1e-3) -> tuple[float, float]:  # fmt: skip
-    """A plain Adam loop on ``trainable_parameters``: (first loss, last loss)."""
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=lr)  # type: ignore[operator]
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model.caption_loss(features, captions, text)  # type: ignore[operator]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses[0], losses[-1]
-
-
-def reproduced(generated: Sequence[str], captions: Sequence[str]) -> list[bool]:
-    return [pre_caption(g) == pre_caption(c) for g, c in zip(generated, captions, strict=True)]
-
-
-def save_tiny_clip(directory: Path, captions: Sequence[str], width: int = 32, image_size: int = 64) -> CLIPModel:
-    """A tiny ``CLIPModel`` and its tokenizer saved as the hub serves them (one folder)."""
-    tokenizer = build_small_clip_tokenizer(captions)
-    text = tiny_clip_text_config(tokenizer, width)
-    vision = tiny_clip_vision_config(image_size, width)
-    config = CLIPConfig(text_config={k: v for k, v in text.items() if k != "projection_dim"},
-                        vision_config={k: v for k, v in vision.items() if k != "projection_dim"}, projection_dim=width)  # fmt: skip
-    torch.manual_seed(3)
-    model = CLIPModel(config)
-    with torch.no_grad():
-        model.logit_scale.fill_(4.0)  # not the initial value: compose must copy it
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return model
-
-
-def save_tiny_gpt2(directory: Path, captions: Sequence[str], width: int = 32) -> GPT2LMHeadModel:
-    tokenizer = build_small_gpt2_tokenizer(captions)
-    torch.manual_seed(4)
-    model = GPT2LMHeadModel(GPT2Config(**tiny_gpt2_config(len(tokenizer), tokenizer.eos_token_id, width)))
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return model
-
+from models.gpt2_text import IGNORE, tiny_gpt2_config
+from tests.models.parts import BEAM, FIT_KEYS, GREEDY, one_thread, reproduced, save_tiny_clip, save_tiny_gpt2, train, training_set
 
 # -- fixtures ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: thread hand-offs cost far more than they save (10x here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +41,8 @@ def trained_mlp(data):
     model, text = tiny_clipcap(captions)
     features = model.encode(pixels)
     before = model.generate_captions(features, text, GREEDY)
-    first, last = train(model, text, features, captions, steps=300)
-    return model, text, features, before, (first, last)
+    losses = train(model, text, features, captions, steps=300, lr=1e-3)
+    return model, text, features, before, (losses[0], losses[-1])
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -262,7 +182,8 @@ def test_transformer_mapper_learns_against_a_frozen_gpt2(data):
     lm_before = {k: v.clone() for k, v in model.lm.state_dict().items()}
     clip_before = {k: v.clone() for k, v in model.clip.state_dict().items()}
     assert not all(reproduced(model.generate_captions(features, text, GREEDY), captions))
-    first, last = train(model, text, features, captions, steps=300, lr=3e-3)
+    losses = train(model, text, features, captions, steps=300, lr=3e-3)
+    first, last = losses[0], losses[-1]
     assert last < 0.2 * first
     assert all(torch.equal(v, lm_before[k]) for k, v in model.lm.state_dict().items())  # only the mapper learned
     assert all(torch.equal(v, clip_before[k]) for k, v in model.clip.state_dict().items())

@@ -6,71 +6,34 @@ import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import MobileNetV2Config, MobileNetV2ForImageClassification, MobileNetV2Model
 
 from dicom_io.transforms import clip_input
 from models import checkpoint
 from models.captions import pre_caption
-from models.cnn_lstm import FAMILY, CnnLstmConfig, CnnLstmModel, calibrate_batchnorm, compose_cnn_lstm, tiny_cnn_lstm, tiny_mobilenet_config
+from models.cnn_lstm import FAMILY, CnnLstmConfig, CnnLstmModel, compose_cnn_lstm, tiny_cnn_lstm, tiny_mobilenet_config
 from models.compose import ComposeError
 from models.config import ConfigError
 from models.families import family
-from models.generation import GenerationPreset
-from models.synthetic import SliceAttributes, caption_for, render_slice
 from models.word_vocab import PAD, WordVocab
+from tests.models.parts import FIT_KEYS, WORD_ATTRIBUTES, presets, save_tiny_mobilenet, slice_images, train, training_captions, training_set
 
 SIZE = 64
-ATTRIBUTES = [
-    SliceAttributes("ct", "head", "axial", False),
-    SliceAttributes("mr", "chest", "coronal", True, "left", "large", "hyperintense"),
-    SliceAttributes("ct", "abdomen", "sagittal", True, "anterior", "small", "hypodense"),
-    SliceAttributes("mr", "head", "sagittal", False),
-    SliceAttributes("ct", "chest", "axial", True, "right", "large", "hyperdense"),
-    SliceAttributes("mr", "abdomen", "axial", False),
-]
-CAPTIONS = [caption_for(a) for a in ATTRIBUTES]
-GREEDY = GenerationPreset("greedy", num_beams=1, max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0)
-BEAM = GenerationPreset("beam", num_beams=3, max_new_tokens=30, min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0)
-
-
-def images() -> list[np.ndarray]:
-    return [render_slice(a, size=SIZE, seed=i).image for i, a in enumerate(ATTRIBUTES)]
+CAPTIONS = training_captions(WORD_ATTRIBUTES)
+GREEDY, BEAM = presets(30)  # whole-word tokens: fewer than GPT-2's 40
 
 
 def pixels() -> dict[str, torch.Tensor]:
-    return {"clip": torch.from_numpy(np.stack([clip_input(image, SIZE) for image in images()]))}
-
-
-def train(model: CnnLstmModel, vocab: WordVocab, steps: int = 150, lr: float = 1e-2) -> list[float]:
-    torch.manual_seed(0)
-    features = model.encode(pixels())
-    optimiser = torch.optim.Adam(model.trainable_parameters(), lr=lr)
-    model.train()
-    losses = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: a second thread costs more than it gives on a shared machine
-    try:
-        for _ in range(steps):
-            loss = model.caption_loss(features, CAPTIONS, vocab)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    return losses
+    return training_set(WORD_ATTRIBUTES, SIZE)[1]
 
 
 @pytest.fixture(scope="module")
 def trained() -> tuple[CnnLstmModel, WordVocab, list[float], list[str]]:
     model, vocab = tiny_cnn_lstm(CAPTIONS)
     before = model.generate_captions(model.encode(pixels()), vocab, GREEDY)
-    return model, vocab, train(model, vocab), before
+    return model, vocab, train(model, vocab, model.encode(pixels()), CAPTIONS, steps=150, lr=1e-2), before
 
 
 def encoder_state(model: CnnLstmModel) -> dict[str, torch.Tensor]:
@@ -115,7 +78,7 @@ def test_family_registration_and_fit_defaults() -> None:
     from models.fitting import FitSettings
 
     assert family("cnn_lstm") is FAMILY and FAMILY.text is WordVocab
-    assert set(FAMILY.fit_defaults) <= {"epochs", "batch_size", "lr", "optimizer", "weight_decay", "grad_clip", "patience", "warmup_steps"}
+    assert set(FAMILY.fit_defaults) <= FIT_KEYS
     settings = FitSettings(**FAMILY.fit_defaults)
     assert (settings.optimizer, settings.lr, settings.batch_size, settings.patience, settings.grad_clip) == ("adam", 1e-3, 64, 2, None)
 
@@ -125,7 +88,7 @@ def test_family_registration_and_fit_defaults() -> None:
 
 def test_encode_renormalises_the_clip_view_for_mobilenet() -> None:
     model, _ = tiny_cnn_lstm(CAPTIONS, pixel_mean=[0.2, 0.3, 0.4], pixel_std=[0.6, 0.5, 0.4])
-    image = images()[1]
+    image = slice_images(WORD_ATTRIBUTES)[1]
     features = model.encode({"clip": torch.from_numpy(clip_input(image, SIZE))[None]})["pooled"]
     resized = (torch.from_numpy(clip_input(image, SIZE)) * torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
                + torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None])  # fmt: skip
@@ -259,19 +222,6 @@ def test_bfloat16_encoder_still_generates_on_cpu(trained, tmp_path: Path) -> Non
 
 
 # -- compose -----------------------------------------------------------------------------------
-
-
-def save_tiny_mobilenet(directory: Path, preprocessor: dict[str, object] | None, classifier: bool = True) -> MobileNetV2Model:
-    """A tiny checkpoint: a classifier laid out as google/mobilenet_v2_1.0_224 is on the hub, or a bare MobileNetV2Model."""
-    torch.manual_seed(3)
-    config = MobileNetV2Config(**tiny_mobilenet_config(48), num_labels=5)
-    source = MobileNetV2ForImageClassification(config) if classifier else MobileNetV2Model(config)
-    backbone = source.mobilenet_v2 if classifier else source
-    calibrate_batchnorm(backbone, torch.randn(4, 3, 48, 48))  # non-default running statistics to carry over
-    source.save_pretrained(directory)
-    if preprocessor is not None:
-        (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor))
-    return backbone
 
 
 def test_compose_from_a_local_pretrained_mobilenet(tmp_path: Path) -> None:

@@ -16,16 +16,13 @@ from models.config import ConfigError
 from models.families import CaptionModel, family
 from models.gpt2_text import CLIP_FOLDER, ClipTokens, tiny_clip_text_config, tiny_gpt2_config
 from models.sbg import SbgConfig, SbgModel, SbgText, build_keywords, caption_keywords, compose_sbg, tiny_sbg
-from tests.models.test_clipcap import BEAM, FIT_KEYS, GREEDY, reproduced, save_tiny_clip, save_tiny_gpt2, train, training_set
+from tests.models.parts import BEAM, FIT_KEYS, GREEDY, one_thread, reproduced, save_tiny_clip, save_tiny_gpt2, train, training_set
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: thread hand-offs cost far more than they save."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +36,8 @@ def trained(data):
     model, text = tiny_sbg(captions)
     features = model.encode(pixels)
     before = model.generate_captions(features, text, GREEDY.with_candidates(1))
-    first, last = train(model, text, features, captions, steps=450)
-    return model, text, features, before, (first, last)
+    losses = train(model, text, features, captions, steps=450, lr=1e-3)
+    return model, text, features, before, (losses[0], losses[-1])
 
 
 # -- keywords ------------------------------------------------------------------------------------
