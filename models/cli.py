@@ -120,6 +120,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--min-lr", type=float, help="cosine decay to this rate over the run (default: constant after warm-up)")
     p.add_argument("--optimizer", choices=["adam", "adamw"])
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float, help="max gradient norm (0: no clipping)")
@@ -381,7 +382,7 @@ def cmd_train_caption(settings: Any, args: argparse.Namespace) -> int:
     records = select_records(groups, "train", None)
     validation = [r for g in groups.values() for rs in g.values() for r in rs if r.split == args.validation_split]
     fit_settings = FitSettings.for_model(
-        model.config.model_type, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        model.config.model_type, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
         optimizer=args.optimizer, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, patience=args.patience or None,
         warmup_steps=args.warmup_steps, seed=args.seed, feature_cache=args.feature_cache,
     )  # fmt: skip

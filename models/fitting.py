@@ -74,8 +74,7 @@ class FitSettings:
     def for_model(cls, model_type: str, **overrides: Any) -> FitSettings:
         """The family's paper defaults, then every override that is not None."""
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in family(model_type).fit_defaults.items() if k in known}
-        values |= {k: v for k, v in overrides.items() if v is not None}
+        values = dict(family(model_type).fit_defaults) | {k: v for k, v in overrides.items() if v is not None}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown training setting(s): {', '.join(sorted(unknown))}")

@@ -154,5 +154,5 @@ FAMILY = Family(
     config=MedCapConfig, model=MedCapModel, text=Tokenizers,
     description="BLIP-2 family: frozen CLIP and/or SAM ViT, one Q-Former per encoder, frozen OPT (MSMedCap, BLIP-2, SAM-BLIP2)",
     # Stage 2 as LAVIS runs it (AdamW, cosine from 1e-4, weight decay 0.05); stage 1 has its own command.
-    fit_defaults={"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "batch_size": 16, "epochs": 5, "grad_clip": 1.0, "patience": None},
+    fit_defaults={"optimizer": "adamw", "lr": 1e-4, "min_lr": 1e-5, "weight_decay": 0.05, "batch_size": 16, "epochs": 5, "grad_clip": 1.0, "patience": None},
 )  # fmt: skip

@@ -122,3 +122,20 @@ def test_an_interrupted_run_resumes_to_the_same_weights(records, tmp_path):
     final, _, _ = checkpoint.load(tmp_path / "run")
     for key, value in expected.state_dict().items():
         assert torch.allclose(final.state_dict()[key], value, atol=1e-6), key
+
+
+def test_the_msmedcap_family_trains_its_stage_2_parts_through_the_same_loop(records, tmp_path):
+    from models.msmedcap import MedCapModel
+    from models.tiny import tiny_config
+    from models.tokenizers import build_small_tokenizers
+
+    train, validation = records
+    tokenizers = build_small_tokenizers([r.caption for r in train], lm_vocab=300, qformer_vocab=200)
+    model = MedCapModel(tiny_config("blip2", lm_vocab=len(tokenizers.lm), qformer_vocab=len(tokenizers.qformer), image_size=32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = FitSettings.for_model("blip2", epochs=1, batch_size=8, patience=1)
+    result = fit(model, tokenizers, train, settings, tmp_path / "run", checkpoint.Provenance(), validation_records=validation, progress=False)
+    assert result.steps == 2 and result.best_epoch == 1
+    changed = {k for k, v in checkpoint.load(tmp_path / "run")[0].state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("branches.clip.") for k in changed)
+    assert any("query_tokens" in k for k in changed) and any("language_projection" in k for k in changed)
