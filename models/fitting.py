@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from models import checkpoint
 from models.datasets import CaptionRecord
 from models.families import family
-from models.training import Features, encode_images, image_transform_for
+from models.training import Features, encode_images, image_transform_for, restore_state
 
 STATE = "fit_state.pt"
 OPTIMIZERS = ("adam", "adamw")
@@ -127,7 +127,7 @@ def fit(
     result = FitResult(steps=0, epochs=0, out_dir=out_dir)
     best: dict[str, Any] = {"loss": math.inf, "state": None, "bad": 0}
     if resume:
-        result, best = _resume(out_dir, settings, optimizer, scheduler, result)
+        result, best = _resume(out_dir, settings, optimizer, scheduler)
     captions = [r.caption for r in records]
     bar = tqdm(total=total, initial=result.steps, desc=f"training {model.config.display_name}", unit="step", disable=not progress)
     while result.steps < total and result.epochs < settings.epochs and not result.stopped_early:
@@ -225,14 +225,6 @@ def _save(model: Any, text: Any, out_dir: Path, provenance: checkpoint.Provenanc
     checkpoint.swap_in(tmp, out_dir)
 
 
-def _resume(out_dir: Path, settings: FitSettings, optimizer: Any, scheduler: Any, result: FitResult) -> tuple[FitResult, dict[str, Any]]:
-    path = out_dir / STATE
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} does not exist (the run finished, or never saved an epoch)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["settings"] != asdict(settings):
-        raise ValueError("--resume: the training settings differ from the interrupted run's")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+def _resume(out_dir: Path, settings: FitSettings, optimizer: Any, scheduler: Any) -> tuple[FitResult, dict[str, Any]]:
+    state = restore_state(out_dir / STATE, asdict(settings), optimizer, scheduler, " (the run finished, or never saved an epoch)")
     return FitResult(**(state["result"] | {"out_dir": out_dir})), state["best"]

@@ -209,6 +209,8 @@ class SbgModel(nn.Module):
     def __init__(self, config: SbgConfig) -> None:
         super().__init__()
         self.config = config
+        self._keywords: torch.Tensor | None = None  # keyword embeddings cached at inference (keyword_embeddings)
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_keywords", None))
         self.clip = ClipImageEncoder(config.clip_vision)  # frozen by construction
         self.clip_text = ClipTextEncoder(config.clip_text)
         self.lm = GPT2LMHeadModel(GPT2Config(**config.gpt2))
@@ -249,7 +251,20 @@ class SbgModel(nn.Module):
 
     def keyword_logits(self, image: torch.Tensor, text: SbgText) -> torch.Tensor:
         """(B, K) keyword scores from unit image embeddings: scaled cosine plus bias (sigmoid: probability)."""
-        return self.keyword_scale.exp() * image @ self.text_embedding(self.config.keywords, text).T + self.keyword_bias
+        return self.keyword_scale.exp() * image @ self.keyword_embeddings(text).T + self.keyword_bias
+
+    def keyword_embeddings(self, text: SbgText) -> torch.Tensor:
+        """(K, D) text embeddings of the keyword vocabulary. Fixed at inference, so computed once per
+        placement rather than once per batch (hundreds of keywords through the text tower)."""
+        if self.training or torch.is_grad_enabled():
+            return self.text_embedding(self.config.keywords, text)
+        if self._keywords is None:
+            self._keywords = self.text_embedding(self.config.keywords, text)
+        return self._keywords
+
+    def train(self, mode: bool = True) -> SbgModel:
+        self._keywords = None  # weights may change from here on
+        return super().train(mode)
 
     def select_keywords(self, logits: torch.Tensor) -> list[list[str]]:
         """The top_k keywords per image, best first; with a trained CLIP those below the threshold are dropped."""
@@ -372,6 +387,7 @@ class SbgModel(nn.Module):
 
     def place(self, device: torch.device, dtype: torch.dtype | None) -> None:
         """The vision tower (and a frozen text tower) in ``dtype``; GPT-2 and everything trained stay fp32."""
+        self._keywords = None
         self.to(device)
         if dtype is not None and dtype != torch.float32:
             self.clip.to(dtype)

@@ -138,6 +138,20 @@ def encode_images(model: torch.nn.Module, records: Sequence[CaptionRecord], tran
     return Features(store, rows)
 
 
+def restore_state(path: Path, settings: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, why: str = "") -> dict[str, Any]:
+    """``--resume``: the interrupted run's state file, its optimiser, schedule and RNG restored; the
+    settings must be the interrupted run's."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist{why}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["settings"] != settings:
+        raise ValueError("--resume: the training settings differ from the interrupted run's")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state  # type: ignore[no-any-return]
+
+
 def _schedule(settings: TrainSettings, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up, then cosine from lr to min_lr (LAVIS linear_warmup_cosine_lr), as a factor of lr."""
 
@@ -178,15 +192,8 @@ def train(
     step, losses = 0, []
     state_path = out_dir / STATE
     if resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"--resume: {state_path} does not exist")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["settings"] != asdict(settings):
-            raise ValueError("--resume: the training settings differ from the interrupted run's")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = restore_state(state_path, asdict(settings), optimizer, scheduler)
         step, losses = state["step"], state["losses"]
-        torch.set_rng_state(state["torch_rng"])
 
     model.train()
     generator = torch.Generator().manual_seed(settings.seed)

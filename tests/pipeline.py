@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from sqlalchemy import select
+
 from dicom_io.key_slices import KeySliceSpec
-from tests.conftest import series_files
+from service.schema import SRDocument
+from tests.conftest import series_files, storescu
 from workers.drafting import Drafter, DraftOptions
 from workers.jobs import JobRunner
 
@@ -18,3 +21,13 @@ def make_drafter(db, clock, model, settings, destinations=("ORTHANC@127.0.0.1:42
 
 def runner(db, clock) -> JobRunner:  # type: ignore[no-untyped-def]
     return JobRunner(db, clock, "worker:test", stale_seconds=900, max_attempts=3, retry_delay=lambda n: 10.0 * n)
+
+
+def draft_study(db, clock, settings, listener, assembler, captioner, files) -> int:  # type: ignore[no-untyped-def]
+    """Send ``files`` to the listener, let the study settle and draft it (no destinations): the draft SR's id."""
+    assert storescu(listener, files).returncode == 0
+    clock.advance(settings.quiet_seconds + 1)
+    (job,) = assembler.tick()
+    assert runner(db, clock).run(job, make_drafter(db, clock, captioner, settings, destinations=()).draft) == "succeeded"
+    with db.session() as s:
+        return int(s.scalar(select(SRDocument.id).where(SRDocument.job_id == job)))

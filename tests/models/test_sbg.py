@@ -327,3 +327,18 @@ def test_compose_refuses_what_cannot_work(parts, data, tmp_path):
     with pytest.raises(ComposeError, match="eos_token_id"):
         compose_sbg(tmp_path / "b", clip=str(wrong), gpt2=str(root / "gpt2"), captions=captions, log=lambda _: None)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_keyword_embeddings_are_computed_once_at_inference_and_never_stale():
+    captions, pixels = training_set()
+    model, text = tiny_sbg(captions)
+    model.eval()
+    with torch.no_grad():
+        first = model.keyword_embeddings(text)
+        assert model.keyword_embeddings(text) is first  # cached: not recomputed per batch
+        model.clip_text.model.text_projection.weight.add_(torch.randn_like(model.clip_text.model.text_projection.weight))
+        model.load_state_dict(model.state_dict())  # new weights: the cache goes
+        assert not torch.allclose(model.keyword_embeddings(text), first)
+    model.train()
+    assert model._keywords is None
+    assert model.keyword_embeddings(text).requires_grad  # training always recomputes, with gradients

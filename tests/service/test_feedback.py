@@ -18,10 +18,9 @@ from models.cli import load_data, select_records
 from models.datasets import load_image, read_table
 from service.feedback import TABLE, export_feedback
 from service.review import Reviews
-from service.schema import AuditEvent, Draft, Instance, SRDocument, Study
+from service.schema import AuditEvent, Draft, Instance, Study
 from service.users import Users
-from tests.conftest import storescu
-from tests.pipeline import MR, make_drafter, runner
+from tests.pipeline import MR, draft_study
 from tests.processes import run, settings_env
 
 EDITED = "Edited by the radiologist: no acute intracranial abnormality, comma, and a \"quote\"."
@@ -98,12 +97,7 @@ def test_only_approved_reports_since_the_date_are_exported(db, clock, settings, 
                                                            captioner, tmp_path):  # fmt: skip
     reviews.approve(draft_id, smith)  # as drafted, on 2026-01-01
     clock.advance(2 * 86400)
-    assert storescu(listener, MR).returncode == 0
-    clock.advance(settings.quiet_seconds + 1)
-    (job,) = assembler.tick()
-    assert runner(db, clock).run(job, make_drafter(db, clock, captioner, settings, destinations=()).draft) == "succeeded"
-    with db.session() as s:
-        mr = s.scalar(select(SRDocument.id).where(SRDocument.job_id == job))
+    mr = draft_study(db, clock, settings, listener, assembler, captioner, MR)
     reviews.reject(mr, smith, "Wrong sequence.")
 
     everything = read_table(export_feedback(db, clock, tmp_path / "all", actor="cli:test").table)

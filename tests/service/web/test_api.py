@@ -10,8 +10,7 @@ from sqlalchemy import select
 
 from dicom_io.sr import read_findings, read_impression
 from service.schema import AuditEvent, Review, SRDocument
-from tests.conftest import storescu
-from tests.pipeline import MR, make_drafter, runner
+from tests.pipeline import MR, draft_study
 from tests.service.web.conftest import sign_in
 from tests.service.web.test_authorization import clone_draft
 
@@ -26,12 +25,7 @@ def radiologist(client, accounts) -> dict[str, str]:
 def two_drafts(db, clock, settings, listener, assembler, captioner, draft_id) -> dict[str, int]:
     """The CT draft (drafted on 2026-01-01) and an MR draft of another patient drafted three days later."""
     clock.advance(3 * 86400)
-    assert storescu(listener, MR).returncode == 0
-    clock.advance(settings.quiet_seconds + 1)
-    (job,) = assembler.tick()
-    assert runner(db, clock).run(job, make_drafter(db, clock, captioner, settings, destinations=()).draft) == "succeeded"
-    with db.session() as s:
-        mr = s.scalar(select(SRDocument.id).where(SRDocument.job_id == job))
+    mr = draft_study(db, clock, settings, listener, assembler, captioner, MR)
     return {"CT": draft_id, "MR": mr}
 
 
