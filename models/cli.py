@@ -32,8 +32,8 @@ def _friendly(handler: Any) -> Any:
     def run(settings: Any, args: argparse.Namespace) -> int:
         try:
             from models.checkpoint import CheckpointError
-            from models.compose import ComposeError
             from models.config import ConfigError
+            from models.sources import ComposeError
         except ImportError as exc:
             raise ModelCommandError(f"the captioner needs the model extra ({exc.name} is missing): pip install -e '.[model]'") from exc
 
@@ -305,7 +305,7 @@ def cmd_compose(settings: Any, args: argparse.Namespace) -> int:
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     captions = [r.caption for r in select_records(load_data(args.data), "train", None)] if args.data else []
     if kind in ("msmedcap", "blip2", "sam_blip2"):
-        from models.compose import compose
+        from models.msmedcap.compose import compose
 
         compose(blip2=args.blip2, sam=args.sam, out=args.out, model_type=kind, qformer_tokenizer=args.qformer_tokenizer,
                 sam_layout=args.sam_layout, prompt=args.prompt, name=args.name, log=log)  # fmt: skip
@@ -351,7 +351,7 @@ def cmd_train(settings: Any, args: argparse.Namespace) -> int:
     _quiet_transformers()
     from models import checkpoint
     from models.generation import select_device
-    from models.training import TrainSettings, train
+    from models.msmedcap.training import TrainSettings, train
 
     source = args.out if args.resume else _model_dir(settings, args)
     model, tokenizers, provenance = checkpoint.load(source, select_device(args.device))

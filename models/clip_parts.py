@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from models.encoders import freeze
+from models.frozen import freeze
 
 
 class ClipImageEncoder(nn.Module):
@@ -62,9 +62,9 @@ def load_clip(source: str | Path, flag: str = "--clip") -> Any:
     """A pretrained ``CLIPModel`` (hub id or local directory), every weight present or an error."""
     from transformers import CLIPModel
 
-    from models.compose import _from_pretrained, _resolve
+    from models.sources import from_pretrained_strict, resolve
 
-    return _from_pretrained(CLIPModel, _resolve(str(source), flag), flag, "CLIP")
+    return from_pretrained_strict(CLIPModel, resolve(str(source), flag), flag, "CLIP")
 
 
 def tower_from(clip: Any, tower: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -185,7 +185,7 @@ def compose_clip_transformer(
     hub) and a vocabulary of ``captions``; projection and decoder start untrained."""
     from models.checkpoint import Provenance, save
     from models.clip_parts import load_clip, tower_from
-    from models.compose import _resolve, _source_sha
+    from models.sources import resolve, source_sha
 
     log(f"loading CLIP from {clip}")
     vision, weights = tower_from(load_clip(clip, "--clip"), "vision")
@@ -197,7 +197,7 @@ def compose_clip_transformer(
     model.encoder.model.load_state_dict(weights, strict=True)
     provenance = Provenance(
         sources=[
-            {"part": "CLIP ViT (vision tower)", "source": clip, "sha256": _source_sha(_resolve(clip, "--clip"))},
+            {"part": "CLIP ViT (vision tower)", "source": clip, "sha256": source_sha(resolve(clip, "--clip"))},
             vocabulary_source(captions, min_word_count),
         ],
         initialised=[

@@ -25,8 +25,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from models.clip_parts import ClipImageEncoder, tiny_clip_vision_config
 from models.config import ClipViewConfig, ConfigError
-from models.encoders import freeze
 from models.families import Family
+from models.frozen import freeze
 from models.generation import GenerationPreset
 from models.gpt2_text import (
     IGNORE,
@@ -237,7 +237,7 @@ def compose_clipcap(
     local directories); the mapper starts untrained."""
     from models.checkpoint import Provenance, save
     from models.clip_parts import load_clip, tower_from
-    from models.compose import _resolve, _source_sha
+    from models.sources import resolve, source_sha
 
     log(f"loading CLIP from {clip}")
     vision, vision_weights = tower_from(load_clip(clip, "--clip"), "vision")
@@ -251,8 +251,8 @@ def compose_clipcap(
     model.lm.load_state_dict(lm.state_dict(), strict=True)
     provenance = Provenance(
         sources=[
-            {"part": "CLIP ViT (vision tower and projection)", "source": clip, "sha256": _source_sha(_resolve(clip, "--clip"))},
-            {"part": "GPT-2 and its tokenizer", "source": gpt2, "sha256": _source_sha(_resolve(gpt2, "--gpt2"))},
+            {"part": "CLIP ViT (vision tower and projection)", "source": clip, "sha256": source_sha(resolve(clip, "--clip"))},
+            {"part": "GPT-2 and its tokenizer", "source": gpt2, "sha256": source_sha(resolve(gpt2, "--gpt2"))},
         ],
         initialised=[f"{mapper} mapping network (train it: medcap train caption)"],
     )

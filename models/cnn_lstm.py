@@ -27,8 +27,8 @@ from transformers import MobileNetV2Config, MobileNetV2Model
 from dicom_io.transforms import CLIP_MEAN, CLIP_STD
 from models.beam import evaluating, search
 from models.config import ClipViewConfig, ConfigError
-from models.encoders import freeze
 from models.families import Family
+from models.frozen import freeze
 from models.generation import GenerationPreset
 from models.word_vocab import EOS, PAD, SOS, WordVocab, check_vocabulary_fields, vocabulary_source
 
@@ -261,11 +261,11 @@ def compose_cnn_lstm(
     """A CNN-LSTM checkpoint from a pretrained MobileNetV2 (``google/mobilenet_v2_1.0_224`` or a local copy,
     classifier checkpoints included) and a vocabulary of ``captions``; everything after the encoder starts untrained."""
     from models.checkpoint import Provenance, save
-    from models.compose import _from_pretrained, _resolve, _source_sha
+    from models.sources import from_pretrained_strict, resolve, source_sha
 
-    resolved = _resolve(mobilenet, "--mobilenet")
+    resolved = resolve(mobilenet, "--mobilenet")
     log(f"loading MobileNetV2 from {mobilenet}")
-    source = _from_pretrained(MobileNetV2Model, resolved, "--mobilenet", "MobileNetV2")
+    source = from_pretrained_strict(MobileNetV2Model, resolved, "--mobilenet", "MobileNetV2")
     values: dict[str, Any] = {"image_size": int(source.config.image_size)}
     processor = _preprocessor(resolved)
     if processor is None:
@@ -287,7 +287,7 @@ def compose_cnn_lstm(
     model.encoder.load_state_dict(source.state_dict(), strict=True)  # BatchNorm running statistics included
     provenance = Provenance(
         sources=[
-            {"part": "MobileNetV2 image encoder", "source": mobilenet, "sha256": _source_sha(resolved)},
+            {"part": "MobileNetV2 image encoder", "source": mobilenet, "sha256": source_sha(resolved)},
             vocabulary_source(captions, min_word_count),
         ],
         initialised=["image embedding (Linear + BatchNorm1d), word embeddings, LSTM and output layer (train them: medcap train caption)"],

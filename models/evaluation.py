@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 
 from models.captioner import Captioner
 from models.datasets import CaptionRecord, load_image, references_by_image
+from models.features import image_transform_for
 from models.generation import GenerationPreset
 from models.metrics import evaluate_models
-from models.training import image_transform_for
 
 
 def caption_records(captioner: Captioner, records: Sequence[CaptionRecord], generation: GenerationPreset, *, batch_size: int = 16,

@@ -27,10 +27,24 @@ from tqdm.auto import tqdm
 from models import checkpoint
 from models.datasets import CaptionRecord
 from models.families import family
-from models.training import Features, encode_images, image_transform_for, restore_state
+from models.features import Features, encode_images, image_transform_for
 
 STATE = "fit_state.pt"
 OPTIMIZERS = ("adam", "adamw")
+
+
+def restore_state(path: Path, settings: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, why: str = "") -> dict[str, Any]:
+    """``--resume``: the interrupted run's state file, its optimiser, schedule and RNG restored; the
+    settings must be the interrupted run's."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist{why}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["settings"] != settings:
+        raise ValueError("--resume: the training settings differ from the interrupted run's")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return state  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -225,10 +225,10 @@ def load_gpt2(source: str, flag: str = "--gpt2") -> tuple[Any, Gpt2Text]:
     """A pretrained ``GPT2LMHeadModel`` (hub id or local directory, every weight present) and its tokenizer."""
     from transformers import GPT2LMHeadModel
 
-    from models.compose import ComposeError, _from_pretrained, _resolve
+    from models.sources import ComposeError, from_pretrained_strict, resolve
 
-    resolved = _resolve(str(source), flag)
-    model = _from_pretrained(GPT2LMHeadModel, resolved, flag, "GPT-2")
+    resolved = resolve(str(source), flag)
+    model = from_pretrained_strict(GPT2LMHeadModel, resolved, flag, "GPT-2")
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as exc:

@@ -28,10 +28,11 @@ import torch
 
 from models import checkpoint
 from models.datasets import CaptionRecord
-from models.msmedcap import MedCapModel
-from models.tiny import tiny_config
-from models.tokenizers import build_small_tokenizers
-from models.training import TrainSettings, pretrain_causal_lm, pretrain_language_model, train
+from models.lm_pretraining import pretrain_causal_lm
+from models.msmedcap.model import MedCapModel
+from models.msmedcap.tiny import tiny_config
+from models.msmedcap.tokenizers import build_small_tokenizers
+from models.msmedcap.training import TrainSettings, pretrain_language_model, train
 
 
 @dataclass(frozen=True)

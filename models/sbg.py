@@ -35,8 +35,8 @@ from transformers import CLIPTextConfig, GPT2Config, GPT2LMHeadModel, PreTrained
 from models.captions import pre_caption, word_tokens
 from models.clip_parts import ClipImageEncoder, ClipTextEncoder, tiny_clip_vision_config
 from models.config import ClipViewConfig, ConfigError
-from models.encoders import freeze
 from models.families import Family
+from models.frozen import freeze
 from models.generation import GenerationPreset
 from models.gpt2_text import (
     CLIP_FOLDER,
@@ -418,7 +418,7 @@ def compose_sbg(
 
     from models.checkpoint import Provenance, save
     from models.clip_parts import load_clip, tower_from
-    from models.compose import ComposeError, _resolve, _source_sha
+    from models.sources import ComposeError, resolve, source_sha
 
     keywords = build_keywords(captions, max_keywords=max_keywords, min_count=min_count)
     if not keywords:
@@ -428,7 +428,7 @@ def compose_sbg(
     vision, vision_weights = tower_from(clip_model, "vision")
     text_tower, text_weights = tower_from(clip_model, "text")
     try:
-        clip_tokenizer = AutoTokenizer.from_pretrained(_resolve(clip, "--clip"))
+        clip_tokenizer = AutoTokenizer.from_pretrained(resolve(clip, "--clip"))
     except (OSError, ValueError) as exc:
         raise ComposeError(f"--clip {clip}: no CLIP tokenizer beside the weights ({exc})") from None
     try:
@@ -449,8 +449,8 @@ def compose_sbg(
     clip_part = "CLIP (vision and text towers, projections, logit scale) and its tokenizer"
     provenance = Provenance(
         sources=[
-            {"part": clip_part, "source": clip, "sha256": _source_sha(_resolve(clip, "--clip"))},
-            {"part": "GPT-2 and its tokenizer", "source": gpt2, "sha256": _source_sha(_resolve(gpt2, "--gpt2"))},
+            {"part": clip_part, "source": clip, "sha256": source_sha(resolve(clip, "--clip"))},
+            {"part": "GPT-2 and its tokenizer", "source": gpt2, "sha256": source_sha(resolve(gpt2, "--gpt2"))},
             {"part": f"keyword vocabulary ({len(keywords)} words)", "source": f"{len(captions)} captions", "sha256": vocabulary_sha},
         ],
         initialised=[

@@ -384,8 +384,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from models import checkpoint
-    from models.msmedcap import MedCapModel
-    from models.tiny import tiny_config
+    from models.msmedcap.model import MedCapModel
+    from models.msmedcap.tiny import tiny_config
     from tests.models.parts import tiny_tokenizers
 
     tokenizers = tiny_tokenizers()

@@ -34,11 +34,11 @@ from dicom_io.transforms import clip_input
 from models.captions import pre_caption
 from models.clip_parts import tiny_clip_vision_config
 from models.cnn_lstm import calibrate_batchnorm, tiny_mobilenet_config
-from models.compose import _SAM_RENAMES, SAM_PE_KEY_PTH
 from models.generation import GenerationPreset
 from models.gpt2_text import build_small_clip_tokenizer, build_small_gpt2_tokenizer, tiny_clip_text_config, tiny_gpt2_config
+from models.msmedcap.compose import _SAM_RENAMES, SAM_PE_KEY_PTH
+from models.msmedcap.tokenizers import Tokenizers, build_small_tokenizers
 from models.synthetic import SliceAttributes, caption_for, render_slice
-from models.tokenizers import Tokenizers, build_small_tokenizers
 
 CAPTIONS = [
     "axial ct of the head. small hyperdense lesion in the left hemisphere.",

@@ -8,8 +8,8 @@ import os
 import torch
 
 from models import checkpoint
-from models.msmedcap import MedCapModel
-from models.tiny import tiny_config
+from models.msmedcap.model import MedCapModel
+from models.msmedcap.tiny import tiny_config
 from tests.models.parts import tiny_tokenizers
 from tests.processes import run
 

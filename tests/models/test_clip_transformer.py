@@ -20,10 +20,10 @@ from models.clip_transformer import (
     compose_clip_transformer,
     tiny_clip_transformer,
 )
-from models.compose import ComposeError
 from models.config import ConfigError
 from models.families import family
 from models.generation import GenerationPreset
+from models.sources import ComposeError
 from models.word_vocab import WordVocab
 from tests.models.parts import FIT_KEYS, WORD_ATTRIBUTES, presets, train, training_captions, training_set
 

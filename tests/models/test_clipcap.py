@@ -13,11 +13,11 @@ from models import checkpoint
 from models.captions import pre_caption
 from models.clip_parts import tiny_clip_vision_config
 from models.clipcap import ClipCapConfig, ClipCapModel, compose_clipcap, tiny_clipcap
-from models.compose import ComposeError
 from models.config import ConfigError
 from models.families import CaptionModel, family
 from models.generation import GenerationPreset
 from models.gpt2_text import IGNORE, tiny_gpt2_config
+from models.sources import ComposeError
 from tests.models.parts import BEAM, FIT_KEYS, GREEDY, one_thread, reproduced, save_tiny_clip, save_tiny_gpt2, train, training_set
 
 # -- fixtures ------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from dicom_io.transforms import clip_input
 from models import checkpoint
 from models.captions import pre_caption
 from models.cnn_lstm import FAMILY, CnnLstmConfig, CnnLstmModel, compose_cnn_lstm, tiny_cnn_lstm, tiny_mobilenet_config
-from models.compose import ComposeError
 from models.config import ConfigError
 from models.families import family
+from models.sources import ComposeError
 from models.word_vocab import PAD, WordVocab
 from tests.models.parts import FIT_KEYS, WORD_ATTRIBUTES, presets, save_tiny_mobilenet, slice_images, train, training_captions, training_set
 

@@ -11,9 +11,9 @@ import torch
 from models import checkpoint
 from models.cnn_lstm import tiny_cnn_lstm
 from models.datasets import read_table
+from models.features import encode_images, image_transform_for
 from models.fitting import FitSettings, fit, validation_loss
 from models.synthetic import generate_dataset
-from models.training import encode_images, image_transform_for
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +125,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(records, tmp_path):
 
 
 def test_the_msmedcap_family_trains_its_stage_2_parts_through_the_same_loop(records, tmp_path):
-    from models.msmedcap import MedCapModel
-    from models.tiny import tiny_config
-    from models.tokenizers import build_small_tokenizers
+    from models.msmedcap.model import MedCapModel
+    from models.msmedcap.tiny import tiny_config
+    from models.msmedcap.tokenizers import build_small_tokenizers
 
     train, validation = records
     tokenizers = build_small_tokenizers([r.caption for r in train], lm_vocab=300, qformer_vocab=200)

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from models import checkpoint
 from models.captions import pre_caption
 from models.clip_parts import tiny_clip_vision_config
-from models.compose import ComposeError
 from models.config import ConfigError
 from models.families import CaptionModel, family
 from models.gpt2_text import CLIP_FOLDER, ClipTokens, tiny_clip_text_config, tiny_gpt2_config
 from models.sbg import SbgConfig, SbgModel, SbgText, build_keywords, caption_keywords, compose_sbg, tiny_sbg
+from models.sources import ComposeError
 from tests.models.parts import BEAM, FIT_KEYS, GREEDY, one_thread, reproduced, save_tiny_clip, save_tiny_gpt2, train, training_set
 
 

@@ -22,58 +22,19 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from models.checkpoint import Provenance, save, sha256_file
-from models.config import MODEL_TYPES, MedCapConfig
-from models.msmedcap import MedCapModel
-from models.tokenizers import QFORMER_BOS, Tokenizers
+from models.checkpoint import Provenance, save
+from models.msmedcap.config import MODEL_TYPES, MedCapConfig
+from models.msmedcap.model import MedCapModel
+from models.msmedcap.tokenizers import QFORMER_BOS, Tokenizers
+from models.sources import ComposeError, from_pretrained_strict, resolve, source_sha
 
 Log = Callable[[str], None]
-
-
-class ComposeError(RuntimeError):
-    pass
-
-
-def _resolve(source: str, what: str) -> Path | str:
-    """Local directories/files are checked first, with a message that says what is missing."""
-    path = Path(source).expanduser()
-    if path.exists() or source.startswith((".", "/", "~")):
-        if not path.exists():
-            raise ComposeError(f"{what}: {path} does not exist")
-        return path
-    return source  # a hub id; offline (HF_HUB_OFFLINE=1) it must be in the local cache
-
-
-def _source_sha(source: Path | str) -> str:
-    """sha256 of the weights files of a source (several files: hash of their hashes, sorted by name)."""
-    path = Path(source)
-    if path.is_file():
-        return sha256_file(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        if files:
-            if len(files) == 1:
-                return sha256_file(files[0])
-            joined = "".join(f"{f.name}:{sha256_file(f)}\n" for f in files)
-            return __import__("hashlib").sha256(joined.encode()).hexdigest()
-    return "unknown (hub cache)"
-
-
-def _from_pretrained(model_class: Any, resolved: Path | str, flag: str, what: str) -> Any:
-    """``from_pretrained`` that fails on any missing weight instead of initialising it at random."""
-    try:
-        model, info = model_class.from_pretrained(resolved, output_loading_info=True, dtype=torch.float32)
-    except OSError as exc:
-        raise ComposeError(f"{flag} {resolved}: cannot load a {what} checkpoint ({exc})") from None
-    if info["missing_keys"]:
-        raise ComposeError(f"{flag} {resolved}: {len(info['missing_keys'])} weight(s) missing, e.g. {sorted(info['missing_keys'])[:5]}")
-    return model
 
 
 def load_blip2(source: str) -> Any:
     from transformers import Blip2ForConditionalGeneration
 
-    return _from_pretrained(Blip2ForConditionalGeneration, _resolve(source, "--blip2"), "--blip2", "BLIP-2")
+    return from_pretrained_strict(Blip2ForConditionalGeneration, resolve(source, "--blip2"), "--blip2", "BLIP-2")
 
 
 # -- SAM ------------------------------------------------------------------------------------
@@ -126,14 +87,14 @@ def sam_config_from_weights(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 def load_sam(source: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]:
     """(SamVisionConfig kwargs, vision weights under ``vision_encoder.*``, positional gaussian or None)."""
-    resolved = _resolve(source, "--sam")
+    resolved = resolve(source, "--sam")
     if isinstance(resolved, Path) and resolved.is_file():
         state = torch.load(resolved, map_location="cpu", weights_only=True)
         weights, gaussian = sam_pth_to_hf(state)
         return sam_config_from_weights(weights), weights, gaussian
     from transformers import SamVisionConfig, SamVisionModel
 
-    model = _from_pretrained(SamVisionModel, resolved, "--sam", "SAM")
+    model = from_pretrained_strict(SamVisionModel, resolved, "--sam", "SAM")
     config = SamVisionConfig.to_dict(model.config)
     gaussian = _read_tensor(Path(resolved), SAM_PE_KEY_HF) if isinstance(resolved, Path) else None
     keep = set(SamVisionConfig().to_dict()) - {"transformers_version", "model_type", "architectures"}
@@ -186,15 +147,15 @@ def compose(
         raise ComposeError(f"--sam is required for {model_type}")
     log(f"loading BLIP-2 from {blip2}")
     blip = load_blip2(blip2)
-    provenance = Provenance(sources=[{"part": "CLIP ViT, CLIP Q-Former, projection, OPT", "source": blip2, "sha256": _source_sha(_resolve(blip2, "--blip2"))}])
+    provenance = Provenance(sources=[{"part": "CLIP ViT, CLIP Q-Former, projection, OPT", "source": blip2, "sha256": source_sha(resolve(blip2, "--blip2"))}])
     sam_kwargs, sam_weights, gaussian = (None, None, None)
     if "sam" in MODEL_TYPES[model_type]:
         log(f"loading SAM from {sam}")
         sam_kwargs, sam_weights, gaussian = load_sam(sam)  # type: ignore[arg-type]
-        provenance.sources.append({"part": "SAM image encoder", "source": sam, "sha256": _source_sha(_resolve(sam, "--sam"))})  # type: ignore[arg-type]
+        provenance.sources.append({"part": "SAM image encoder", "source": sam, "sha256": source_sha(resolve(sam, "--sam"))})  # type: ignore[arg-type]
 
-    lm_tok = AutoTokenizer.from_pretrained(_resolve(blip2, "--blip2"))
-    q_tok = AutoTokenizer.from_pretrained(_resolve(qformer_tokenizer, "--qformer-tokenizer"))
+    lm_tok = AutoTokenizer.from_pretrained(resolve(blip2, "--blip2"))
+    q_tok = AutoTokenizer.from_pretrained(resolve(qformer_tokenizer, "--qformer-tokenizer"))
     if QFORMER_BOS not in q_tok.get_vocab():
         q_tok.add_special_tokens({"bos_token": QFORMER_BOS})
     provenance.sources.append({"part": "Q-Former tokenizer", "source": qformer_tokenizer, "sha256": "n/a"})

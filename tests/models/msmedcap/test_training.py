@@ -12,11 +12,12 @@ from models import checkpoint
 from models.captioner import Captioner
 from models.captions import pre_caption
 from models.datasets import load_image, read_table
-from models.msmedcap import MedCapModel
+from models.features import image_transform_for
+from models.msmedcap.model import MedCapModel
+from models.msmedcap.tiny import tiny_config
+from models.msmedcap.tokenizers import build_small_tokenizers
+from models.msmedcap.training import TrainSettings, pretrain_language_model, train
 from models.synthetic import generate_dataset
-from models.tiny import tiny_config
-from models.tokenizers import build_small_tokenizers
-from models.training import TrainSettings, image_transform_for, pretrain_language_model, train
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_image_transforms_follow_each_branch(synthetic):
 def test_each_distinct_image_is_encoded_once_and_can_live_on_disk(synthetic, tmp_path):
     from dataclasses import replace
 
-    from models.training import encode_images
+    from models.features import encode_images
 
     model, _ = _model(synthetic)
     records = [synthetic[0], replace(synthetic[0], caption="another caption of the same image"), synthetic[1]]

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import checkpoint
-from models.compose import ComposeError, compose, sam_config_from_weights, sam_pth_to_hf
+from models.msmedcap.compose import compose, sam_config_from_weights, sam_pth_to_hf
+from models.sources import ComposeError
 from tests.models.parts import save_tiny_blip2, save_tiny_sam_hf, save_tiny_sam_pth, tiny_tokenizers
 
 

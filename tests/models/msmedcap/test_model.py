@@ -7,12 +7,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import checkpoint
-from models.config import ConfigError, MedCapConfig
+from models.config import ConfigError
 from models.generation import PRESETS, GenerationPreset, select_device
-from models.msmedcap import MedCapModel
-from models.qformer import unilm_mask
-from models.stage1 import stage1_losses
-from models.tiny import tiny_config
+from models.msmedcap.config import MedCapConfig
+from models.msmedcap.model import MedCapModel
+from models.msmedcap.qformer import unilm_mask
+from models.msmedcap.stage1 import stage1_losses
+from models.msmedcap.tiny import tiny_config
 from tests.models.parts import CAPTIONS, tiny_tokenizers
 
 

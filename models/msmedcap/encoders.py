@@ -71,10 +71,3 @@ class SamEncoder(nn.Module):
         return tokens + self.positional_encoding().to(tokens.dtype)
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    """Frozen encoders stay in eval mode (no dropout) and out of every optimiser."""
-    module.eval()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    module.train = lambda mode=True: module  # type: ignore[method-assign,assignment]
-    return module

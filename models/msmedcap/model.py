@@ -13,12 +13,13 @@ import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, OPTForCausalLM, SamVisionConfig
 
-from models.config import MedCapConfig
-from models.encoders import ClipEncoder, SamEncoder, freeze
 from models.families import Family
+from models.frozen import freeze
 from models.generation import GenerationPreset
-from models.qformer import QFormerBranch
-from models.tokenizers import Tokenizers
+from models.msmedcap.config import MedCapConfig
+from models.msmedcap.encoders import ClipEncoder, SamEncoder
+from models.msmedcap.qformer import QFormerBranch
+from models.msmedcap.tokenizers import Tokenizers
 
 IGNORE = -100
 

@@ -18,18 +18,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from models import checkpoint
-from models.datasets import CaptionRecord, load_image
-from models.msmedcap import MedCapModel
-from models.stage1 import stage1_losses
-from models.tokenizers import Tokenizers
+from models.datasets import CaptionRecord
+from models.features import Features, ImageTransform, encode_images, image_transform_for
+from models.fitting import restore_state
+from models.lm_pretraining import pretrain_causal_lm
+from models.msmedcap.model import MedCapModel
+from models.msmedcap.stage1 import stage1_losses
+from models.msmedcap.tokenizers import Tokenizers
 
 STATE = "training_state.pt"
-ImageTransform = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
 @dataclass
@@ -70,86 +71,6 @@ class TrainResult:
     steps: int
     losses: list[dict[str, float]] = field(default_factory=list)
     out_dir: Path | None = None
-
-
-def image_transform_for(model: torch.nn.Module) -> ImageTransform:
-    """Each view's own input transform from the raw [0,1] image (never one from the other's)."""
-    from dicom_io.transforms import clip_input, sam_input
-
-    clip_size, sam_size = model.config.image_sizes
-
-    def transform(image: np.ndarray) -> dict[str, np.ndarray]:
-        out = {}
-        if clip_size:
-            out["clip"] = clip_input(image, size=clip_size)
-        if sam_size:
-            out["sam"] = sam_input(image, longest=sam_size)[0]
-        return out
-
-    return transform
-
-
-@dataclass
-class Features:
-    """Frozen-encoder outputs, one row per distinct image, and each record's row."""
-
-    by_name: dict[str, Any]  # feature name -> torch.Tensor (memory) or np.memmap (disk), (images, ...)
-    rows: list[int]
-
-    def batch(self, name: str, records: Sequence[int], device: torch.device) -> torch.Tensor:
-        rows = [self.rows[i] for i in records]
-        return torch.as_tensor(np.asarray(self.by_name[name][rows]), dtype=torch.float32).to(device)
-
-    def batches(self, records: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-        return {name: self.batch(name, records, device) for name in self.by_name}
-
-
-@torch.no_grad()
-def encode_images(model: torch.nn.Module, records: Sequence[CaptionRecord], transform: ImageTransform, branches: Sequence[str],
-                  batch_size: int, progress: bool = True, cache_dir: Path | None = None) -> Features:  # fmt: skip
-    """Encode each distinct image once (COCO-style data has several captions per image) with the
-    model's frozen ``encode``, reading the views in ``branches``.
-
-    In memory by default (fp32). With ``cache_dir``, rows go to fp16 memory-mapped ``.npy`` files
-    there, read back batch by batch: real encoders produce 1.4 MB (EVA, 224 px) to 4 MB (SAM,
-    channel layout) per image in fp32, more than RAM for ROCO-sized data.
-    """
-    paths: dict[str, int] = {}
-    rows = [paths.setdefault(str(r.image_path), len(paths)) for r in records]
-    unique = list(paths)
-    store: dict[str, Any] = {}
-    for start in tqdm(range(0, len(unique), batch_size), desc="encoding images", unit="batch", disable=not progress):
-        chunk = unique[start : start + batch_size]
-        inputs = [transform(load_image(path, color="L")) for path in chunk]
-        tokens = model.encode({b: torch.from_numpy(np.stack([i[b] for i in inputs])) for b in branches})
-        for b in tokens:
-            value = tokens[b].float().cpu()
-            if b not in store:
-                shape = (len(unique), *value.shape[1:])
-                if cache_dir is None:
-                    store[b] = torch.empty(shape)
-                else:
-                    cache_dir.mkdir(parents=True, exist_ok=True)
-                    store[b] = np.lib.format.open_memmap(cache_dir / f"{b}.npy", mode="w+", dtype=np.float16, shape=shape)
-            store[b][start : start + len(chunk)] = value if cache_dir is None else value.numpy().astype(np.float16)
-    for b in store:
-        if cache_dir is not None:
-            store[b].flush()
-    return Features(store, rows)
-
-
-def restore_state(path: Path, settings: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, why: str = "") -> dict[str, Any]:
-    """``--resume``: the interrupted run's state file, its optimiser, schedule and RNG restored; the
-    settings must be the interrupted run's."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} does not exist{why}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["settings"] != settings:
-        raise ValueError("--resume: the training settings differ from the interrupted run's")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return state  # type: ignore[no-any-return]
 
 
 def _schedule(settings: TrainSettings, total_steps: int) -> Callable[[int], float]:
@@ -289,44 +210,3 @@ def pretrain_language_model(model: MedCapModel, tokenizers: Tokenizers, texts: S
                               seed=seed, max_context=max_context, progress=progress)  # fmt: skip
 
 
-def pretrain_causal_lm(lm: torch.nn.Module, sequences: Sequence[list[int]], *, pad: int, bos: int | None, steps: int, batch_size: int = 32,
-                       lr: float = 1e-3, seed: int = 0, max_context: int = 16, progress: bool = True) -> list[float]:  # fmt: skip
-    """Train a tiny causal LM (OPT, GPT-2) on token sequences, then freeze it and return the losses.
-
-    Most sequences come after a shuffled, partly dropped bag of their own tokens (up to
-    ``max_context``, the length of the image prefix a captioner will put there), a quarter after
-    nothing, so that the LM learns to read what precedes the text; ``bos`` (if any) separates the
-    two. Only the sequence itself is scored.
-    """
-    for p in lm.parameters():
-        p.requires_grad_(True)
-    lm.train()
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.01)
-    rng = random.Random(seed)
-    device = next(lm.parameters()).device
-    head = [] if bos is None else [bos]
-    losses = []
-    for _ in tqdm(range(steps), desc="language model", unit="step", disable=not progress):
-        rows, label_rows = [], []
-        for _ in range(batch_size):
-            body = list(sequences[rng.randrange(len(sequences))])
-            context: list[int] = []
-            if rng.random() < 0.75:
-                context = [i for i in dict.fromkeys(body[:-1]) if rng.random() > 0.2]
-                rng.shuffle(context)
-                context = context[:max_context]
-            rows.append(context + head + body)
-            label_rows.append([-100] * (len(context) + len(head)) + body)
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-        labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows], device=device)
-        mask = (torch.arange(width, device=device)[None, :] < torch.tensor([len(r) for r in rows], device=device)[:, None]).long()
-        loss = lm(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    for p in lm.parameters():
-        p.requires_grad_(False)
-    lm.eval()
-    return losses

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.qformer import QFormerBranch
+from models.msmedcap.qformer import QFormerBranch
 
 LABEL_SMOOTHING = 0.1
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.config import MedCapConfig
+from models.msmedcap.config import MedCapConfig
 
 
 def tiny_config(model_type: str = "msmedcap", *, lm_vocab: int, qformer_vocab: int, sam_layout: str = "channel",
