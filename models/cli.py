@@ -34,12 +34,13 @@ def _friendly(handler: Any) -> Any:
             from models.checkpoint import CheckpointError
             from models.config import ConfigError
             from models.sources import ComposeError
+            from models.weights import WeightsError
         except ImportError as exc:
             raise ModelCommandError(f"the captioner needs the model extra ({exc.name} is missing): pip install -e '.[model]'") from exc
 
         try:
             return int(handler(settings, args) or 0)
-        except (CheckpointError, ComposeError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        except (CheckpointError, ComposeError, ConfigError, WeightsError, FileNotFoundError, FileExistsError, ValueError) as exc:
             raise ModelCommandError(str(exc)) from exc
 
     return run
@@ -54,6 +55,7 @@ def register(sub: Any) -> None:
     p.add_argument("--key-slices", type=int, default=3, help="key slices per series (default 3)")
     p.add_argument("--key-strategy", default="uniform", choices=["central", "uniform", "content"])
     p.add_argument("--window", default=None, help="CT window preset (brain, subdural, stroke, bone, soft_tissue, lung, auto)")
+    _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_caption))
 
     model = sub.add_parser("model", help="build and inspect captioner checkpoints")
@@ -63,7 +65,14 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--blip2", help="msmedcap, blip2, sam_blip2: BLIP-2 (HF format) hub id or directory, e.g. Salesforce/blip2-opt-2.7b")
     p.add_argument("--sam", help="msmedcap, sam_blip2: SAM hub id or directory (facebook/sam-vit-base, wanglab/medsam-vit-base) or a .pth")
-    p.add_argument("--qformer-tokenizer", default="bert-base-uncased", help="BERT tokenizer (id or directory) for the Q-Former text side")
+    p.add_argument("--bert", default="bert-base-uncased", help="msmedcap family: BERT (id or directory, weights and tokenizer) that both "
+                                                              "Q-Formers' text side and the SAM Q-Former start from, as in LAVIS")  # fmt: skip
+    p.add_argument("--blip2-itm", help="msmedcap, blip2: BLIP-2's stage-1 checkpoint (Salesforce/blip2-itm-vit-g): the CLIP Q-Former's "
+                                       "text side and ITC/ITM heads from it instead of from --bert")  # fmt: skip
+    p.add_argument("--eval-image-size", type=int, help="msmedcap family: CLIP view when captioning (default: 364 for a ViT trained at "
+                                                       "224, as the paper evaluates; else its training size)")  # fmt: skip
+    p.add_argument("--frozen-dtype", choices=["source", "bf16", "fp16", "fp32"], default="source",
+                   help="msmedcap family: store the frozen encoders and the LM in this dtype (default: as the source stores them)")  # fmt: skip
     p.add_argument("--sam-layout", default="channel", choices=["channel", "spatial"])
     p.add_argument("--prompt", default="", help="text before every caption, in training and inference (MSMedCap family)")
     p.add_argument("--clip", help="clipcap, sbg, clip_transformer: CLIPModel hub id or directory, e.g. openai/clip-vit-large-patch14")
@@ -76,11 +85,19 @@ def register(sub: Any) -> None:
                                                                     "train) for the keyword or word vocabulary")  # fmt: skip
     p.add_argument("--min-word-count", type=int, default=5, help="cnn_lstm, clip_transformer: words seen fewer times become <UNK>")
     p.add_argument("--name", default="")
+    _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_compose))
+    p = msub.add_parser("export", help="msmedcap family: an inference checkpoint (frozen parts in bf16, no Q-Former text side, sharded)")
+    _model_arg(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="frozen encoders and LM (default bf16; Q-Formers stay fp32)")
+    p.add_argument("--shard-gb", type=float, default=2.0, help="largest weights file, in GiB (default 2)")
+    p.set_defaults(func=_friendly(cmd_export))
     p = msub.add_parser("demo", help="train the tiny demo MSMedCap on synthetic slices (CPU, a few minutes)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_demo))
     p = msub.add_parser("info", help="print a checkpoint's model card")
     _model_arg(p)
@@ -96,19 +113,23 @@ def register(sub: Any) -> None:
         _data_args(p)
         p.add_argument("--mix", help="data mix for this Q-Former: G, M or G+M (paper: CLIP G, SAM G+M); default: all given data")
         p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
-        p.add_argument("--epochs", type=int, default=1)
+        defaults = "stage 1: 3 epochs, batch 8, lr 1e-4 -> 1e-5, 5000 warm-up steps from 1e-6" if stage == "stage1" else \
+            "stage 2: 5 epochs, batch 8, lr 1e-4 -> 1e-5, 2000 warm-up steps from 1e-6"  # fmt: skip
+        p.add_argument("--epochs", type=int, help=f"defaults follow the paper and LAVIS ({defaults}; weight decay 0.05)")
         p.add_argument("--max-steps", type=int)
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--lr", type=float, default=1e-4)
-        p.add_argument("--min-lr", type=float, default=1e-5)
-        p.add_argument("--warmup-steps", type=int, default=0)
-        p.add_argument("--weight-decay", type=float, default=0.05)
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--min-lr", type=float)
+        p.add_argument("--warmup-steps", type=int)
+        p.add_argument("--warmup-lr", type=float, help="learning rate the warm-up starts from")
+        p.add_argument("--weight-decay", type=float, help="AdamW weight decay on weight matrices (biases, norms, temperature exempt)")
         p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
         p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
         p.add_argument("--feature-cache", default="memory", choices=["memory", "disk"],
                        help="frozen-encoder features in RAM, or fp16 memory-mapped on disk beside --out (large datasets)")  # fmt: skip
         p.add_argument("--device", default="auto")
         p.add_argument("--seed", type=int, default=0)
+        _threads_arg(p)
         p.set_defaults(func=_friendly(cmd_train))
     p = tsub.add_parser("caption", help="train any captioner on its caption loss, early stopping on validation loss "
                                          "(MSMedCap family: stage 2); defaults are each model's paper recipe")  # fmt: skip
@@ -130,6 +151,7 @@ def register(sub: Any) -> None:
     p.add_argument("--feature-cache", default="memory", choices=["memory", "disk"])
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_train_caption))
 
     p = sub.add_parser("evaluate", help="score captioners side by side (BLEU-1..4, METEOR, ROUGE-L, CIDEr)")
@@ -144,6 +166,7 @@ def register(sub: Any) -> None:
     p.add_argument("--candidates", default="",
                    help="for captioners that rerank (SBG): comma-separated candidate counts, one row each, e.g. 1,2,5")  # fmt: skip
     _generation_args(p)
+    _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_evaluate))
 
     data = sub.add_parser("data", help="datasets")
@@ -156,6 +179,10 @@ def register(sub: Any) -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_friendly(cmd_synthetic))
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: MEDCAP_TORCH_THREADS; 0 or unset: torch's default, one per core)")
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -176,12 +203,21 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                         "prefix G= (general) or M= (medical) for mixes; repeatable")  # fmt: skip
 
 
-def _quiet_transformers() -> None:
+def _prepare(settings: Any, args: argparse.Namespace) -> None:
+    """Before any torch work: quiet transformers, and pin torch's CPU threads (``--threads``, else
+    MEDCAP_TORCH_THREADS; 0 keeps torch's default of one per core). On small shared machines
+    few threads are much faster: `train caption` ran about 15x faster on 1 thread than on
+    torch's default on our 2 shared cores."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    threads = getattr(args, "threads", None) or int(getattr(settings, "torch_threads", 0) or 0)
+    if threads:
+        torch.set_num_threads(threads)
+    LOG.info("torch uses %d CPU thread(s)%s", torch.get_num_threads(), "" if threads else " (its default; --threads or MEDCAP_TORCH_THREADS to pin)")
 
 
 def _model_dir(settings: Any, args: argparse.Namespace) -> Path:
@@ -260,7 +296,7 @@ def select_records(groups: dict[str, dict[str, list[Any]]], split: str, mix: str
 
 
 def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
-    _quiet_transformers()
+    _prepare(settings, args)
     from dicom_io.key_slices import KeySliceSpec
     from dicom_io.model_input import prepare_series
     from models.captioner import Captioner, summarise
@@ -297,7 +333,7 @@ COMPOSE_NEEDS = {"msmedcap": ("blip2", "sam"), "blip2": ("blip2",), "sam_blip2":
 
 
 def cmd_compose(settings: Any, args: argparse.Namespace) -> int:
-    _quiet_transformers()
+    _prepare(settings, args)
     kind = args.model_type
     missing = [f"--{flag}" for flag in COMPOSE_NEEDS[kind] if not getattr(args, flag)]
     if missing:
@@ -306,9 +342,11 @@ def cmd_compose(settings: Any, args: argparse.Namespace) -> int:
     captions = [r.caption for r in select_records(load_data(args.data), "train", None)] if args.data else []
     if kind in ("msmedcap", "blip2", "sam_blip2"):
         from models.msmedcap.compose import compose
+        from models.weights import parse_dtype
 
-        compose(blip2=args.blip2, sam=args.sam, out=args.out, model_type=kind, qformer_tokenizer=args.qformer_tokenizer,
-                sam_layout=args.sam_layout, prompt=args.prompt, name=args.name, log=log)  # fmt: skip
+        compose(blip2=args.blip2, sam=args.sam, out=args.out, model_type=kind, bert=args.bert, blip2_itm=args.blip2_itm,
+                sam_layout=args.sam_layout, prompt=args.prompt, name=args.name, eval_image_size=args.eval_image_size,
+                frozen_dtype=None if args.frozen_dtype == "source" else parse_dtype(args.frozen_dtype), log=log)  # fmt: skip
     elif kind == "clipcap":
         from models.clipcap import compose_clipcap
 
@@ -330,6 +368,19 @@ def cmd_compose(settings: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(settings: Any, args: argparse.Namespace) -> int:
+    _prepare(settings, args)
+    from models.msmedcap.inference import export
+    from models.weights import parse_dtype
+
+    if args.shard_gb <= 0:
+        raise ModelCommandError("--shard-gb: must be positive")
+    source = _model_dir(settings, args)
+    sha = export(source, args.out, dtype=parse_dtype(args.dtype), shard_bytes=int(args.shard_gb * 1024**3), log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {args.out} (weights sha256 {sha}); use it with MEDCAP_MODEL={args.out}")
+    return 0
+
+
 def cmd_info(settings: Any, args: argparse.Namespace) -> int:
     card = _model_dir(settings, args) / "MODEL_CARD.md"
     if not card.is_file():
@@ -339,7 +390,7 @@ def cmd_info(settings: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(settings: Any, args: argparse.Namespace) -> int:
-    _quiet_transformers()
+    _prepare(settings, args)
     from models.demo import build_demo_model
 
     build_demo_model(args.out, steps=args.steps, seed=args.seed)
@@ -348,18 +399,19 @@ def cmd_demo(settings: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_train(settings: Any, args: argparse.Namespace) -> int:
-    _quiet_transformers()
+    _prepare(settings, args)
     from models import checkpoint
-    from models.generation import select_device
+    from models.generation import default_dtype, select_device
     from models.msmedcap.training import TrainSettings, train
 
     source = args.out if args.resume else _model_dir(settings, args)
-    model, tokenizers, provenance = checkpoint.load(source, select_device(args.device))
+    device = select_device(args.device)  # frozen parts in bf16 (fp16 on older GPUs) on CUDA, fp32 on CPU
+    model, tokenizers, provenance = checkpoint.load(source, device, default_dtype(device))
     records = select_records(load_data(args.data), "train", args.mix)
-    train_settings = TrainSettings(stage=args.stage, branch=getattr(args, "qformer", None), epochs=args.epochs, max_steps=args.max_steps,
-                                   batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                                   weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                                   feature_cache=args.feature_cache)  # fmt: skip
+    train_settings = TrainSettings.for_stage(args.stage, branch=getattr(args, "qformer", None), epochs=args.epochs, max_steps=args.max_steps,
+                                             batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                                             warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
+                                             seed=args.seed, feature_cache=args.feature_cache)  # fmt: skip
     history = provenance.get("history", [])
     if args.resume and history and not history[-1].get("final", True):
         history = history[:-1]
@@ -371,13 +423,14 @@ def cmd_train(settings: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_train_caption(settings: Any, args: argparse.Namespace) -> int:
-    _quiet_transformers()
+    _prepare(settings, args)
     from models import checkpoint
     from models.fitting import FitSettings, fit
-    from models.generation import select_device
+    from models.generation import default_dtype, select_device
 
     source = args.out if args.resume else _model_dir(settings, args)
-    model, text, provenance = checkpoint.load(source, select_device(args.device))
+    device = select_device(args.device)  # frozen parts in bf16 (fp16 on older GPUs) on CUDA, fp32 on CPU
+    model, text, provenance = checkpoint.load(source, device, default_dtype(device))
     groups = load_data(args.data)
     records = select_records(groups, "train", None)
     validation = [r for g in groups.values() for rs in g.values() for r in rs if r.split == args.validation_split]
@@ -408,7 +461,7 @@ def cmd_train_caption(settings: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(settings: Any, args: argparse.Namespace) -> int:
-    _quiet_transformers()
+    _prepare(settings, args)
     from models.evaluation import evaluate_checkpoints
 
     records = select_records(load_data(args.data), args.split, None)

@@ -21,11 +21,13 @@ from models.datasets import CaptionRecord, load_image
 ImageTransform = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
-def image_transform_for(model: torch.nn.Module) -> ImageTransform:
-    """Each view's own input transform from the raw [0,1] image (never one from the other's)."""
+def image_transform_for(model: torch.nn.Module, *, training: bool = False) -> ImageTransform:
+    """Each view's own input transform from the raw [0,1] image (never one from the other's), at
+    the sizes the model reads when captioning, or (``training``) in training where they differ."""
     from dicom_io.transforms import clip_input, sam_input
 
-    clip_size, sam_size = model.config.image_sizes
+    config = model.config
+    clip_size, sam_size = config.train_image_sizes if training and hasattr(config, "train_image_sizes") else config.image_sizes
 
     def transform(image: np.ndarray) -> dict[str, np.ndarray]:
         out = {}

@@ -33,6 +33,13 @@ STATE = "fit_state.pt"
 OPTIMIZERS = ("adam", "adamw")
 
 
+def decay_groups(params: Sequence[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimiser groups with weight decay on matrices and embeddings only: biases, norm scales and
+    scalars such as a temperature are exempt (LAVIS exempts every parameter with ndim < 2)."""
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+
+
 def restore_state(path: Path, settings: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, why: str = "") -> dict[str, Any]:
     """``--resume``: the interrupted run's state file, its optimiser, schedule and RNG restored; the
     settings must be the interrupted run's."""
@@ -120,7 +127,7 @@ def fit(
     if not params:
         raise ValueError(f"{model.config.display_name}: nothing to train (every part is frozen)")
     device = params[0].device
-    transform, branches = image_transform_for(model), list(model.config.branches)
+    transform, branches = image_transform_for(model, training=True), list(model.config.branches)
     cache = out_dir.with_name(out_dir.name + ".features") if settings.feature_cache == "disk" else None
     train_features = encode_images(model, records, transform, branches, settings.feature_batch_size, progress,
                                    cache_dir=cache / "train" if cache else None)  # fmt: skip
@@ -132,9 +139,9 @@ def fit(
     for p in params:
         p.requires_grad_(True)
     if settings.optimizer == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(decay_groups(params, settings.weight_decay), lr=settings.lr)
     else:
-        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        optimizer = torch.optim.AdamW(decay_groups(params, settings.weight_decay), lr=settings.lr)
     steps_per_epoch = math.ceil(len(records) / settings.batch_size)
     total = min(settings.max_steps or settings.epochs * steps_per_epoch, settings.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total))

@@ -74,5 +74,10 @@ def select_device(spec: str = "auto") -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA (the encoders and the LM; Q-Formers stay fp32), fp32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """The frozen parts' dtype on ``device`` (Q-Formers stay fp32): bf16 on GPUs that compute in it
+    (compute capability 8.0 and newer: A100, L4, H100, H200), fp16 on older ones (T4, V100: bf16
+    there is emulated or missing), fp32 on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if major >= 8 else torch.float16

@@ -19,14 +19,32 @@ class ComposeError(RuntimeError):
     pass
 
 
-def resolve(source: str, what: str) -> Path | str:
-    """Local directories/files are checked first, with a message that says what is missing."""
+#: What a hub snapshot needs for MedCap: configs, weights, tokenizers; never a second copy of the
+#: weights in the legacy format (``*.bin`` only when a repository has no safetensors).
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.*"]
+
+
+def resolve(source: str, what: str) -> Path:
+    """A local path for ``source``: a local directory or file (checked, with a message that says
+    what is missing), or a hub id's snapshot (offline, ``HF_HUB_OFFLINE=1``: the local hub cache).
+
+    Every part is then read from files on disk, so a hub id and a local copy load identically,
+    tensor by tensor (``models/weights.py``), and get the same sha256 in the model card.
+    """
     path = Path(source).expanduser()
-    if path.exists() or source.startswith((".", "/", "~")):
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         if not path.exists():
             raise ComposeError(f"{what}: {path} does not exist")
         return path
-    return source  # a hub id; offline (HF_HUB_OFFLINE=1) it must be in the local cache
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(source, allow_patterns=HUB_FILES))
+        if not any(snapshot.glob("*.safetensors")):
+            snapshot = Path(snapshot_download(source, allow_patterns=[*HUB_FILES, "*.bin"]))
+    except Exception as exc:  # offline and not cached, unknown repository, no network: all end here
+        raise ComposeError(f"{what}: {source} is not a local path, and the hub cannot provide it ({type(exc).__name__}: {exc})") from None
+    return snapshot
 
 
 def source_sha(source: Path | str) -> str:
@@ -34,17 +52,16 @@ def source_sha(source: Path | str) -> str:
     path = Path(source)
     if path.is_file():
         return sha256_file(path)
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-        if files:
-            if len(files) == 1:
-                return sha256_file(files[0])
-            joined = "".join(f"{f.name}:{sha256_file(f)}\n" for f in files)
-            return hashlib.sha256(joined.encode()).hexdigest()
-    return "unknown (hub cache)"
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) if path.is_dir() else []
+    if not files:
+        return "n/a (no weights files)"
+    if len(files) == 1:
+        return sha256_file(files[0])
+    joined = "".join(f"{f.name}:{sha256_file(f)}\n" for f in files)
+    return hashlib.sha256(joined.encode()).hexdigest()
 
 
-def from_pretrained_strict(model_class: Any, resolved: Path | str, flag: str, what: str) -> Any:
+def from_pretrained_strict(model_class: Any, resolved: Path, flag: str, what: str) -> Any:
     """``from_pretrained`` that fails on any missing weight instead of initialising it at random."""
     try:
         model, info = model_class.from_pretrained(resolved, output_loading_info=True, dtype=torch.float32)

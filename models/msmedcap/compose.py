@@ -1,15 +1,23 @@
-"""Build a MedCap checkpoint from real pretrained parts (``medcap model compose``).
+"""Build an MSMedCap-family checkpoint from real pretrained parts (``medcap model compose``).
 
-* CLIP branch, Q-Former, projection and OPT: a BLIP-2 checkpoint in Hugging Face format
-  (``Salesforce/blip2-opt-2.7b`` or a local copy), loaded as the full model and taken apart
-  (loading ``Blip2VisionModel`` from a full BLIP-2 checkpoint silently loads nothing).
-* SAM encoder: a Hugging Face SAM (``facebook/sam-vit-base``, ``wanglab/medsam-vit-base``) or an
+* ``--blip2`` (``Salesforce/blip2-opt-2.7b`` or a local copy, Hugging Face format): the EVA ViT
+  (with LAVIS' ``ln_vision`` as its ``post_layernorm``), the CLIP Q-Former's query path, its
+  queries and projection, and OPT.
+* ``--sam``: a Hugging Face SAM (``facebook/sam-vit-base``, ``wanglab/medsam-vit-base``) or an
   original segment-anything ``.pth`` (SAM, MedSAM), mapped key by key. No torchvision needed.
-* SAM Q-Former: new. Its self-attention and feed-forward weights start from the CLIP Q-Former
-  (itself BERT-initialised and stage-1 trained), its cross-attention is new (its input width
-  differs); stage 1 then trains it. Everything new is listed in the model card.
+* ``--bert`` (``bert-base-uncased``): the Q-Former tokenizer, and both Q-Formers' text side (word
+  and position embeddings, text feed-forward layers, the ITG head), as LAVIS initialises every
+  Q-Former from BERT. The SAM Q-Former is BERT throughout (self-attention, both feed-forward
+  layers, its embedding LayerNorm): LAVIS' ``init_sam_Qformer``; its cross-attention, queries,
+  ITC/ITM heads and projection are new, since its input is new.
+* ``--blip2-itm`` (optional, ``Salesforce/blip2-itm-vit-g``, BLIP-2's stage 1): the CLIP branch's
+  text side (embeddings, text feed-forward layers, ITC projections, ITM head) as BLIP-2's stage 1
+  trained it, instead of BERT's.
 
-Every expected weight of a loaded part must be present: a missing one is an error.
+Lean: the pretrained parts are built without memory and take each tensor from its file as it
+is read (``models/weights.py``), so composing the 4.13 B-parameter model holds one copy of it.
+Strict: every expected weight of a part must be in its source, and anything left without a
+weight at the end is an error; what starts untrained is listed in the model card.
 """
 
 from __future__ import annotations
@@ -20,22 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from torch import nn
 
-from models.checkpoint import Provenance, save
+from models import weights
+from models.checkpoint import Provenance, save, swap_in
 from models.msmedcap.config import MODEL_TYPES, MedCapConfig
 from models.msmedcap.model import MedCapModel
 from models.msmedcap.tokenizers import QFORMER_BOS, Tokenizers
-from models.sources import ComposeError, from_pretrained_strict, resolve, source_sha
+from models.sources import ComposeError, resolve, source_sha
+from models.weights import TensorFiles, prefixed
 
 Log = Callable[[str], None]
-
-
-def load_blip2(source: str) -> Any:
-    from transformers import Blip2ForConditionalGeneration
-
-    return from_pretrained_strict(Blip2ForConditionalGeneration, resolve(source, "--blip2"), "--blip2", "BLIP-2")
-
+#: The CLIP view for captioning when the ViT was trained at 224 px: the paper evaluates at 364.
+PAPER_EVAL_IMAGE_SIZE = 364
 
 # -- SAM ------------------------------------------------------------------------------------
 
@@ -85,144 +90,252 @@ def sam_config_from_weights(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def load_sam(source: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]:
+def load_sam(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]:
     """(SamVisionConfig kwargs, vision weights under ``vision_encoder.*``, positional gaussian or None)."""
-    resolved = resolve(source, "--sam")
-    if isinstance(resolved, Path) and resolved.is_file():
-        state = torch.load(resolved, map_location="cpu", weights_only=True)
-        weights, gaussian = sam_pth_to_hf(state)
-        return sam_config_from_weights(weights), weights, gaussian
-    from transformers import SamVisionConfig, SamVisionModel
+    files = TensorFiles(path)
+    if path.is_file():
+        weights_, gaussian = sam_pth_to_hf({k: files.get(k) for k in files.keys() if k.startswith("image_encoder.") or k == SAM_PE_KEY_PTH})
+        return sam_config_from_weights(weights_), weights_, gaussian
+    from transformers import SamVisionConfig
 
-    model = from_pretrained_strict(SamVisionModel, resolved, "--sam", "SAM")
-    config = SamVisionConfig.to_dict(model.config)
-    gaussian = _read_tensor(Path(resolved), SAM_PE_KEY_HF) if isinstance(resolved, Path) else None
+    config = SamVisionConfig.from_pretrained(path).to_dict()
     keep = set(SamVisionConfig().to_dict()) - {"transformers_version", "model_type", "architectures"}
-    return {k: v for k, v in config.items() if k in keep}, dict(model.state_dict()), gaussian
+    vision = files.take(lambda k: k if k.startswith("vision_encoder.") else None)
+    if not vision:
+        raise ComposeError(f"--sam {path}: no vision_encoder.* weights: not a SAM checkpoint")
+    return {k: v for k, v in config.items() if k in keep}, vision, files.get(SAM_PE_KEY_HF) if SAM_PE_KEY_HF in files else None
 
 
-def _read_tensor(directory: Path, key: str) -> torch.Tensor | None:
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            if key in f.keys():
-                return f.get_tensor(key)
-    return None
+# -- Q-Former names: BERT / LAVIS -> a MedCap branch --------------------------------------------
+
+
+def bert_names(key: str) -> str:
+    """A BERT or LAVIS ``Qformer`` parameter name without its model prefix and with today's norm names."""
+    key = re.sub(r"^(Qformer\.|sam_Qformer\.)?(bert\.)?", "", key)
+    return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
+
+
+def branch_name(key: str, *, query_path: bool, text_side: bool) -> list[str]:
+    """Where a BERT-named Q-Former weight (``bert_names``) goes in a branch: [] if nowhere.
+
+    ``query_path``: self-attention, cross-attention, the embedding LayerNorm and the query
+    feed-forward layers (from BERT: the text feed-forward layers, copied, as LAVIS does).
+    ``text_side``: word/position embeddings, text feed-forward layers, the ITG head.
+    """
+    if m := re.match(r"encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(.*)$", key):
+        return [f"qformer.encoder.layer.{m[1]}.{m[2]}.attention.{m[3]}"] if query_path else []
+    if m := re.match(r"encoder\.layer\.(\d+)\.(attention|crossattention)\.output\.(.*)$", key):
+        return [f"qformer.encoder.layer.{m[1]}.{m[2]}.output.{m[3]}"] if query_path else []
+    if m := re.match(r"encoder\.layer\.(\d+)\.(intermediate|output)_query\.(.*)$", key):
+        return [f"qformer.encoder.layer.{m[1]}.{m[2]}_query.{m[3]}"] if query_path else []
+    if m := re.match(r"encoder\.layer\.(\d+)\.(intermediate|output)\.(.*)$", key):
+        text = [f"qformer.encoder.layer.{m[1]}.{m[2]}.{m[3]}"] if text_side else []
+        return text + ([f"qformer.encoder.layer.{m[1]}.{m[2]}_query.{m[3]}"] if query_path else [])
+    if m := re.match(r"embeddings\.LayerNorm\.(.*)$", key):
+        return [f"qformer.layernorm.{m[1]}"] if query_path else []
+    if m := re.match(r"embeddings\.(word_embeddings|position_embeddings)\.weight$", key):
+        return [f"embeddings.{m[1]}.weight"] if text_side else []
+    head = {"cls.predictions.transform.dense.weight": "lm_head.dense.weight", "cls.predictions.transform.dense.bias": "lm_head.dense.bias",
+            "cls.predictions.transform.LayerNorm.weight": "lm_head.layer_norm.weight",
+            "cls.predictions.transform.LayerNorm.bias": "lm_head.layer_norm.bias", "cls.predictions.bias": "lm_head.bias"}  # fmt: skip
+    return [head[key]] if key in head and text_side else []
+
+
+#: Weights whose first dimension may differ from the source's: the vocabulary (BERT has no [DEC];
+#: its row keeps its initialisation) and the position table (the first rows are taken).
+_ROWS_MAY_DIFFER = re.compile(r"^(embeddings\.(word|position)_embeddings\.weight|lm_head\.bias)$")
+
+
+def fill(branch: nn.Module, values: dict[str, torch.Tensor], what: str) -> set[str]:
+    """Copy ``values`` into a (materialised) branch; returns the names filled. Shapes must match,
+    except the rows of a vocabulary or position table."""
+    own = branch.state_dict()
+    with torch.no_grad():
+        for name, value in values.items():
+            if name not in own:
+                raise ComposeError(f"{what}: the model has no weight {name}")
+            target = own[name]
+            if tuple(value.shape) != tuple(target.shape):
+                if not (_ROWS_MAY_DIFFER.match(name) and tuple(value.shape[1:]) == tuple(target.shape[1:])):
+                    raise ComposeError(f"{what}: {name} has shape {tuple(value.shape)} in the source, {tuple(target.shape)} here")
+                rows = min(value.shape[0], target.shape[0])
+                target[:rows].copy_(value[:rows])
+                continue
+            target.copy_(value)
+    return set(values)
+
+
+def bert_into_branch(files: TensorFiles, *, query_path: bool, text_side: bool) -> dict[str, torch.Tensor]:
+    """A branch's weights from a BERT checkpoint (any of BertModel, BertForPreTraining, BertLMHeadModel)."""
+    out: dict[str, torch.Tensor] = {}
+    for key in files.keys():
+        for target in branch_name(bert_names(key), query_path=query_path, text_side=text_side):
+            out[target] = files.get(key, torch.float32)
+    return out
+
+
+# -- what starts untrained, in words ------------------------------------------------------------------
+
+_PARTS = [
+    (r"\.crossattention\.", "cross-attention"), (r"^query_tokens$", "queries"), (r"^language_projection\.", "projection into the LM"),
+    (r"^(vision|text)_proj\.", "ITC projections"), (r"^itm_head\.", "ITM head"), (r"^temp$", "ITC temperature (0.07)"),
+    (r"^lm_head\.", "ITG head"), (r"^embeddings\.", "text embeddings"), (r"\.(intermediate|output)\.", "text feed-forward layers"),
+    (r"\.(intermediate|output)_query\.", "query feed-forward layers"), (r"\.attention\.(attention|output)\.", "self-attention"),
+    (r"^qformer\.layernorm\.", "embedding LayerNorm"),
+]  # fmt: skip
+
+
+def untrained(branch: nn.Module, filled: set[str]) -> list[str]:
+    """The parts of a branch that no source filled, named as a reader of the model card knows them."""
+    names: list[str] = []
+    for name in branch.state_dict():
+        if name in filled:
+            continue
+        part = next((label for pattern, label in _PARTS if re.search(pattern, name)), name)
+        if part not in names:
+            names.append(part)
+    return names
 
 
 # -- compose --------------------------------------------------------------------------------
 
 
-def _vision_kwargs(hf_config: Any) -> dict[str, Any]:
-    from transformers import Blip2VisionConfig
-
-    keep = set(Blip2VisionConfig().to_dict()) - {"transformers_version", "model_type", "architectures"}
-    return {k: v for k, v in hf_config.to_dict().items() if k in keep}
-
-
-def _qformer_kwargs(hf_config: Any) -> dict[str, Any]:
-    from transformers import Blip2QFormerConfig
-
-    drop = {"transformers_version", "model_type", "architectures", "encoder_hidden_size", "use_qformer_text_input"}
-    keep = set(Blip2QFormerConfig().to_dict()) - drop
-    return {k: v for k, v in hf_config.to_dict().items() if k in keep}
-
-
-def _lm_kwargs(hf_config: Any) -> dict[str, Any]:
-    from transformers import OPTConfig
-
-    keep = set(OPTConfig().to_dict()) - {"transformers_version", "model_type", "architectures"}
+def _config_kwargs(hf_config: Any, config_class: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    keep = set(config_class().to_dict()) - {"transformers_version", "model_type", "architectures", *drop}
     return {k: v for k, v in hf_config.to_dict().items() if k in keep}
 
 
 def compose(
-    *, blip2: str, sam: str | None, out: Path, model_type: str = "msmedcap", qformer_tokenizer: str, sam_layout: str = "channel",
-    prompt: str = "", name: str = "", log: Log = print,
+    *, blip2: str, sam: str | None, out: Path, model_type: str = "msmedcap", bert: str = "bert-base-uncased", blip2_itm: str | None = None,
+    sam_layout: str = "channel", prompt: str = "", name: str = "", eval_image_size: int | None = None, frozen_dtype: torch.dtype | None = None,
+    seed: int = 0, log: Log = print,
 ) -> str:  # fmt: skip
-    """Write a checkpoint to ``out``; returns the weights' sha256."""
-    from transformers import AutoTokenizer
+    """Write a checkpoint to ``out``; returns the weights' sha256.
+
+    ``eval_image_size``: the CLIP view when captioning (None: 364 if the ViT was trained at 224,
+    as in the paper, else its training size). ``frozen_dtype``: store the frozen encoders and the
+    LM in this dtype (None: as their source stores them).
+    """
+    from transformers import AutoTokenizer, BertConfig, Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
 
     if model_type not in MODEL_TYPES:
         raise ComposeError(f"--model-type: {model_type!r} is not one of {sorted(MODEL_TYPES)}")
-    if "sam" in MODEL_TYPES[model_type] and not sam:
+    branches = MODEL_TYPES[model_type]
+    if "sam" in branches and not sam:
         raise ComposeError(f"--sam is required for {model_type}")
-    log(f"loading BLIP-2 from {blip2}")
-    blip = load_blip2(blip2)
-    provenance = Provenance(sources=[{"part": "CLIP ViT, CLIP Q-Former, projection, OPT", "source": blip2, "sha256": source_sha(resolve(blip2, "--blip2"))}])
-    sam_kwargs, sam_weights, gaussian = (None, None, None)
-    if "sam" in MODEL_TYPES[model_type]:
-        log(f"loading SAM from {sam}")
-        sam_kwargs, sam_weights, gaussian = load_sam(sam)  # type: ignore[arg-type]
-        provenance.sources.append({"part": "SAM image encoder", "source": sam, "sha256": source_sha(resolve(sam, "--sam"))})  # type: ignore[arg-type]
+    if blip2_itm and "clip" not in branches:
+        raise ComposeError(f"--blip2-itm: {model_type} has no CLIP branch")
+    torch.manual_seed(seed)  # the new parts: the same sources give the same checkpoint
+    blip_dir, bert_dir = resolve(blip2, "--blip2"), resolve(bert, "--bert")
+    try:
+        blip_config = Blip2Config.from_pretrained(blip_dir)
+        bert_config = BertConfig.from_pretrained(bert_dir)
+    except (OSError, ValueError) as exc:
+        raise ComposeError(f"cannot read a config: {exc}") from None
+    blip_files, bert_files = TensorFiles(blip_dir), TensorFiles(bert_dir)
+    provenance = Provenance(sources=[
+        {"part": "CLIP ViT (EVA), CLIP Q-Former query path, queries, projection, OPT", "source": blip2, "sha256": source_sha(blip_dir)},
+        {"part": "Q-Former tokenizer; Q-Former text sides (embeddings, text feed-forward, ITG head); SAM Q-Former self-attention and "
+                 "feed-forward", "source": bert, "sha256": source_sha(bert_dir)},
+    ])  # fmt: skip
+    sam_kwargs, sam_weights, gaussian = None, None, None
+    if "sam" in branches:
+        sam_path = resolve(sam, "--sam")  # type: ignore[arg-type]
+        log(f"reading SAM from {sam}")
+        sam_kwargs, sam_weights, gaussian = load_sam(sam_path)
+        provenance.sources.append({"part": "SAM image encoder", "source": sam, "sha256": source_sha(sam_path)})
+        if gaussian is None and sam_layout == "spatial":
+            raise ComposeError(f"--sam {sam}: no positional encoding matrix ({SAM_PE_KEY_HF} or {SAM_PE_KEY_PTH}), which the spatial "
+                               "layout adds to every token: give a full SAM checkpoint (SamModel), or use --sam-layout channel")  # fmt: skip
 
-    lm_tok = AutoTokenizer.from_pretrained(resolve(blip2, "--blip2"))
-    q_tok = AutoTokenizer.from_pretrained(resolve(qformer_tokenizer, "--qformer-tokenizer"))
+    lm_tok = AutoTokenizer.from_pretrained(blip_dir)
+    q_tok = AutoTokenizer.from_pretrained(bert_dir)
     if QFORMER_BOS not in q_tok.get_vocab():
         q_tok.add_special_tokens({"bos_token": QFORMER_BOS})
-    provenance.sources.append({"part": "Q-Former tokenizer", "source": qformer_tokenizer, "sha256": "n/a"})
-
+    qformer_kwargs = _config_kwargs(blip_config.qformer_config, Blip2QFormerConfig, ("encoder_hidden_size", "use_qformer_text_input"))
+    for field_name, bert_field in (("hidden_size", "hidden_size"), ("num_hidden_layers", "num_hidden_layers"),
+                                   ("num_attention_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size")):  # fmt: skip
+        if qformer_kwargs[field_name] != getattr(bert_config, bert_field):
+            raise ComposeError(f"--bert {bert}: {bert_field} is {getattr(bert_config, bert_field)}, the BLIP-2 Q-Former's is "
+                               f"{qformer_kwargs[field_name]}: not the BERT the Q-Former was made from")  # fmt: skip
+    clip_size = int(blip_config.vision_config.image_size)
+    itc_dim = 256  # LAVIS' embed_dim; BLIP-2's stage 1 says its own
+    if blip2_itm:
+        try:
+            itc_dim = int(Blip2Config.from_pretrained(resolve(blip2_itm, "--blip2-itm")).image_text_hidden_size)
+        except (OSError, ValueError) as exc:
+            raise ComposeError(f"--blip2-itm {blip2_itm}: cannot read its config ({exc})") from None
     config = MedCapConfig(
-        model_type=model_type, clip_vision=_vision_kwargs(blip.config.vision_config), sam_vision=sam_kwargs,
-        qformer=_qformer_kwargs(blip.config.qformer_config) | {"vocab_size": len(q_tok)}, lm=_lm_kwargs(blip.config.text_config),
-        num_query_tokens=blip.config.num_query_tokens, sam_layout=sam_layout,
-        clip_image_size=blip.config.vision_config.image_size,
+        model_type=model_type, clip_vision=_config_kwargs(blip_config.vision_config, Blip2VisionConfig) if "clip" in branches else None,
+        sam_vision=sam_kwargs, qformer=qformer_kwargs | {"vocab_size": len(q_tok)}, lm=_config_kwargs(blip_config.text_config, OPTConfig),
+        num_query_tokens=blip_config.num_query_tokens, sam_layout=sam_layout, clip_image_size=clip_size, itc_dim=itc_dim,
+        eval_clip_image_size=eval_image_size or (PAPER_EVAL_IMAGE_SIZE if clip_size == 224 else None),
         sam_image_size=int(sam_kwargs["image_size"]) if sam_kwargs else 1024, prompt=prompt, name=name,
-    ).with_model_type(model_type)  # fmt: skip
-    log(f"building {config.display_name}")
-    model = MedCapModel(config)
-    _copy_exact(model.lm, blip.language_model.state_dict(), "OPT language model")
-    if "clip" in config.branches:
-        _copy_exact(model.encoders["clip"].model, blip.vision_model.state_dict(), "CLIP vision encoder")
-        branch = model.branches["clip"]
-        with torch.no_grad():
-            branch.query_tokens.copy_(blip.query_tokens)
-            branch.language_projection.load_state_dict(blip.language_projection.state_dict())
-        _copy_query_path(branch.qformer, blip.qformer.state_dict(), "CLIP Q-Former", include_cross_attention=True)
-        provenance.initialised.append("CLIP branch text side (embeddings, text feed-forward, ITC/ITM/ITG heads): stage 1 only")
-    if "sam" in config.branches:
-        encoder = model.encoders["sam"]
-        _copy_exact(encoder.model, sam_weights, "SAM image encoder")  # type: ignore[arg-type]
-        if gaussian is not None:
-            with torch.no_grad():
-                encoder.positional_gaussian.copy_(gaussian)
-        elif sam_layout == "spatial":
-            provenance.initialised.append("SAM positional encoding matrix (not in the SAM source)")
-        if "clip" in config.branches:
-            _copy_query_path(model.branches["sam"].qformer, blip.qformer.state_dict(), "SAM Q-Former from CLIP Q-Former",
-                             include_cross_attention=False)  # fmt: skip
-            provenance.initialised.append("SAM Q-Former cross-attention, queries, projection, text side (train stage 1, then 2)")
-        else:
-            provenance.initialised.append("SAM Q-Former entirely (train stage 1, then 2)")
-    if "clip" not in config.branches:
+    )  # fmt: skip
+
+    log(f"building {config.display_name} (pretrained parts without memory; the Q-Formers for real)")
+    with weights.empty_weights():
+        model = MedCapModel(config)
+    for branch in branches:
+        model.branches[branch] = model.new_branch(branch)
+    try:
+        log(f"reading OPT from {blip2}")
+        weights.assign(model.lm, blip_files.take(prefixed("language_model."), frozen_dtype), what="--blip2: OPT language model")
+        if "clip" in branches:
+            log(f"reading the EVA ViT and the CLIP Q-Former from {blip2}")
+            weights.assign(model.encoders["clip"].model, blip_files.take(prefixed("vision_model."), frozen_dtype),
+                           what="--blip2: CLIP vision encoder")  # fmt: skip
+            _compose_clip_branch(model, blip_files, bert_files, blip2_itm, provenance, log)
+        if "sam" in branches:
+            encoder = model.encoders["sam"]
+            sam_state = {f"model.{k}": v.to(frozen_dtype) if frozen_dtype else v for k, v in sam_weights.items()}  # type: ignore[union-attr]
+            sam_state["positional_gaussian"] = gaussian.float() if gaussian is not None else torch.zeros(2, encoder.channels // 2)
+            weights.assign(encoder, sam_state, what="--sam: SAM image encoder")
+            if gaussian is None:
+                provenance.initialised.append("SAM positional encoding matrix: zeros, absent from the source (unused by the channel layout)")
+            filled = fill(model.branches["sam"], bert_into_branch(bert_files, query_path=True, text_side=True), "--bert: SAM Q-Former")
+            provenance.initialised.append(f"SAM Q-Former: {', '.join(untrained(model.branches['sam'], filled))} (train stage 1, then 2)")
+    except weights.WeightsError as exc:
+        raise ComposeError(str(exc)) from None
+    left = weights.meta_names(model)
+    if left:
+        raise ComposeError(f"{len(left)} weight(s) have no source, e.g. {left[:5]}")
+    if "clip" not in branches:
         provenance.initialised.append("no CLIP branch (SAM-BLIP2)")
-    sha = save(model, Tokenizers(lm_tok, q_tok), out, provenance)
+
+    written = out.with_name(out.name + ".composing")
+    sha = save(model, Tokenizers(lm_tok, q_tok), written, provenance)
+    swap_in(written, out)
     log(f"wrote {out} (weights sha256 {sha})")
     return sha
 
 
-def _copy_exact(target: torch.nn.Module, source: dict[str, torch.Tensor], what: str) -> None:
-    expected = set(target.state_dict())
-    missing = expected - set(source)
-    if missing:
-        raise ComposeError(f"{what}: {len(missing)} weight(s) missing from the source, e.g. {sorted(missing)[:5]}")
-    target.load_state_dict({k: source[k] for k in expected}, strict=True)
+def _compose_clip_branch(model: MedCapModel, blip_files: TensorFiles, bert_files: TensorFiles, blip2_itm: str | None,
+                         provenance: Provenance, log: Log) -> None:  # fmt: skip
+    """The CLIP branch: BLIP-2's query path, queries and projection; its text side from BERT or BLIP-2's stage 1."""
+    branch = model.branches["clip"]
+    query_path = blip_files.take(prefixed("qformer."), torch.float32)
+    for key in ("query_tokens", "language_projection.weight", "language_projection.bias"):
+        query_path[key] = blip_files.get(key, torch.float32)
+    filled = fill(branch, {f"qformer.{k}" if not k.startswith(("query_tokens", "language_projection")) else k: v
+                           for k, v in query_path.items()}, "--blip2: CLIP Q-Former")  # fmt: skip
+    if model.config.qformer_text:
+        filled |= fill(branch, bert_into_branch(bert_files, query_path=False, text_side=True), "--bert: CLIP Q-Former text side")
+        if blip2_itm:
+            itm_dir = resolve(blip2_itm, "--blip2-itm")
+            log(f"reading the CLIP Q-Former's stage-1 text side from {blip2_itm}")
+            itm = TensorFiles(itm_dir)
+            renames = {"vision_projection.": "vision_proj.", "text_projection.": "text_proj.", "itm_head.": "itm_head.", "embeddings.": "embeddings."}
 
+            def stage1_name(key: str) -> str | None:
+                if re.match(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.", key):
+                    return key
+                return next((new + key[len(old) :] for old, new in renames.items() if key.startswith(old)), None)
 
-def _copy_query_path(target: torch.nn.Module, source: dict[str, torch.Tensor], what: str, include_cross_attention: bool) -> None:
-    """Copy a BLIP-2 Q-Former (query path only) into a branch Q-Former that also has a text path.
-
-    The text feed-forward layers, absent from stage-2 BLIP-2 checkpoints, start as copies of
-    the query ones (LAVIS initialises the query FFN from the text FFN; this is the reverse).
-    """
-    own = target.state_dict()
-    update = {}
-    for key in own:
-        if ".crossattention." in key and not include_cross_attention:
-            continue
-        text_ffn = re.sub(r"\.(intermediate|output)\.", lambda m: f".{m.group(1)}_query.", key)
-        src = key if key in source else text_ffn if text_ffn in source else None
-        if src is None:
-            raise ComposeError(f"{what}: weight {key} has no source")
-        if source[src].shape != own[key].shape:
-            raise ComposeError(f"{what}: {key} has shape {tuple(source[src].shape)} in the source, {tuple(own[key].shape)} here")
-        update[key] = source[src]
-    target.load_state_dict(update, strict=False)
+            stage1 = itm.take(stage1_name, torch.float32)
+            if not any(k.startswith("vision_proj.") for k in stage1):
+                raise ComposeError(f"--blip2-itm {blip2_itm}: no vision_projection.* weights: not a Blip2ForImageTextRetrieval checkpoint")
+            filled |= fill(branch, stage1, "--blip2-itm: CLIP Q-Former text side")
+            provenance.sources.append({"part": "CLIP Q-Former text side and ITC/ITM heads (BLIP-2 stage 1)", "source": blip2_itm,
+                                       "sha256": source_sha(itm_dir)})  # fmt: skip
+    provenance.initialised.append(f"CLIP Q-Former: {', '.join(untrained(branch, filled)) or 'nothing'} (stage 1 trains them)")

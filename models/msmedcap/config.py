@@ -32,15 +32,24 @@ class MedCapConfig(JsonConfig):
     #: ``channel``: the official code's 256 tokens x 4096 (each SAM neck channel's 64x64 map);
     #: ``spatial``: 4096 tokens x 256 with SAM's dense positional encoding added.
     sam_layout: str = "channel"
+    #: CLIP view in training (LAVIS: 224, EVA's own size).
     clip_image_size: int = 224
+    #: CLIP view when captioning and evaluating; None: as in training. The paper evaluates at 364
+    #: (``caption_coco_opt2.7b``) with 224 px weights; the ViT interpolates its position embeddings.
+    eval_clip_image_size: int | None = None
     sam_image_size: int = 1024
     #: Width of the ITC projections (stage 1).
     itc_dim: int = 256
     #: Text before the caption, in training and at inference alike (the official code mixes them).
     prompt: str = ""
-    max_text_tokens: int = 64
+    #: LM tokens of BOS + prompt + caption + eos in training (LAVIS/MSMedCap ``max_txt_len``: 320).
+    max_text_tokens: int = 320
     #: The LM token that ends a caption (OPT: "\n").
     eos_text: str = "\n"
+    #: Whether the Q-Formers carry their text side (word/position embeddings, text feed-forward
+    #: layers, ITC/ITM/ITG heads). Only stage 1 uses it; inference checkpoints leave it out, as
+    #: LAVIS deletes it for stage 2 (about 0.9 GB fp32 at full size).
+    qformer_text: bool = True
     version: str = "0.1.0"
     name: str = ""
     format_version: int = FORMAT_VERSION
@@ -56,6 +65,10 @@ class MedCapConfig(JsonConfig):
         if self.sam_layout not in SAM_LAYOUTS:
             raise ConfigError(f"sam_layout: {self.sam_layout!r} is not one of {SAM_LAYOUTS}")
         self.require_positive("num_query_tokens", "clip_image_size", "sam_image_size", "itc_dim", "max_text_tokens")
+        if self.eval_clip_image_size is not None:
+            self.require_positive("eval_clip_image_size")
+        if not isinstance(self.qformer_text, bool):
+            raise ConfigError(f"qformer_text: must be true or false, got {self.qformer_text!r}")
         self.require_format(FORMAT_VERSION)
 
     @property
@@ -77,7 +90,14 @@ class MedCapConfig(JsonConfig):
         return MedCapConfig(**values)
 
     @property
-    def image_sizes(self) -> tuple[int, int | None]:
+    def image_sizes(self) -> tuple[int | None, int | None]:
+        """(CLIP view, SAM view) sizes when captioning; None for a view this model does not read."""
+        clip = self.eval_clip_image_size or self.clip_image_size
+        return clip if "clip" in self.branches else None, self.sam_image_size if "sam" in self.branches else None
+
+    @property
+    def train_image_sizes(self) -> tuple[int | None, int | None]:
+        """(CLIP view, SAM view) sizes in training."""
         return self.clip_image_size if "clip" in self.branches else None, self.sam_image_size if "sam" in self.branches else None
 
     def summary(self) -> list[str]:
@@ -85,4 +105,6 @@ class MedCapConfig(JsonConfig):
             f"- model type: `{self.model_type}` (branches: {', '.join(self.branches)}), version {self.version}",
             f"- SAM token layout: `{self.sam_layout}`" if "sam" in self.branches else "- no SAM branch",
             f"- queries per branch: {self.num_query_tokens}; prompt: {self.prompt!r}",
+            f"- CLIP view: {self.clip_image_size} px in training, {self.image_sizes[0]} px when captioning" if "clip" in self.branches else "- no CLIP branch",
+            "- Q-Former text side: included (stage 1 can train it)" if self.qformer_text else "- Q-Former text side: left out (an inference checkpoint)",
         ]

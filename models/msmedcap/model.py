@@ -18,7 +18,7 @@ from models.frozen import freeze
 from models.generation import GenerationPreset
 from models.msmedcap.config import MedCapConfig
 from models.msmedcap.encoders import ClipEncoder, SamEncoder
-from models.msmedcap.qformer import QFormerBranch
+from models.msmedcap.qformer import TEXT_SIDE, QFormerBranch
 from models.msmedcap.tokenizers import Tokenizers
 
 IGNORE = -100
@@ -35,18 +35,17 @@ class MedCapModel(nn.Module):
         if "sam" in config.branches:
             encoders["sam"] = SamEncoder(SamVisionConfig(**config.sam_vision), config.sam_layout)  # type: ignore[arg-type]
         self.encoders = nn.ModuleDict(encoders)
-        self.branches = nn.ModuleDict(
-            {
-                name: QFormerBranch(
-                    Blip2QFormerConfig(**config.qformer, encoder_hidden_size=encoder.width, use_qformer_text_input=True),
-                    config.num_query_tokens, self.lm.config.hidden_size, config.itc_dim,
-                )  # fmt: skip
-                for name, encoder in encoders.items()
-            }
-        )
+        self.branches = nn.ModuleDict({name: self.new_branch(name) for name in encoders})
         freeze(self.lm)
         for encoder in self.encoders.values():
             freeze(encoder)
+
+    def new_branch(self, name: str) -> QFormerBranch:
+        """A freshly initialised Q-Former branch reading encoder ``name`` (compose builds the
+        pretrained parts without memory, then replaces the branches with real ones)."""
+        config = Blip2QFormerConfig(**self.config.qformer, encoder_hidden_size=self.encoders[name].width)
+        return QFormerBranch(config, self.config.num_query_tokens, self.lm.config.hidden_size, self.config.itc_dim,
+                             text_side=self.config.qformer_text)  # fmt: skip
 
     # -- images ----------------------------------------------------------------------------
 
@@ -128,26 +127,29 @@ class MedCapModel(nn.Module):
         return [caption.strip() for caption in text.lm.batch_decode(ids, skip_special_tokens=True)]
 
     def place(self, device: torch.device, dtype: torch.dtype | None) -> None:
-        """Frozen encoders and the LM in ``dtype``, Q-Formers in fp32 (as HF BLIP-2)."""
-        self.to(device)
-        if dtype is not None and dtype != torch.float32:
-            self.lm.to(dtype)
-            for encoder in self.encoders.values():
-                encoder.to(dtype)
+        """Frozen encoders and the LM in ``dtype``, Q-Formers, queries and projections in fp32 (as
+        HF BLIP-2 keeps them). Each part is cast where it lies, then moved: the device never
+        holds a part in a wider dtype than it runs in (a bf16 LM never passes through the GPU as fp32)."""
+        frozen_dtype = dtype or torch.float32
+        for part in [self.lm, *self.encoders.values()]:
+            part.to(dtype=frozen_dtype)
+            part.to(device)
+        self.branches.to(dtype=torch.float32)
+        self.branches.to(device)
 
     # -- bookkeeping -----------------------------------------------------------------------
 
     def trainable_parameters(self, stage: str = "stage2", branch: str | None = None) -> list[nn.Parameter]:
         """Stage 1: one Q-Former branch (queries, Q-Former, text side, heads). Stage 2: every
-        branch's queries, Q-Former and projection; encoders and LM never."""
+        branch's queries, query path of the Q-Former and projection; encoders and LM never."""
         if stage == "stage1":
             if branch not in self.branches:
                 raise ValueError(f"branch: {branch!r} is not one of {sorted(self.branches)}")
-            skip = ("language_projection.",)
-            return [p for n, p in self.branches[branch].named_parameters() if not n.startswith(skip)]
+            self.branches[branch].require_text_side()
+            return [p for n, p in self.branches[branch].named_parameters() if not n.startswith("language_projection.")]
         if stage == "stage2":
-            keep = ("query_tokens", "qformer.", "language_projection.")
-            return [p for b in self.branches.values() for n, p in b.named_parameters() if n.startswith(keep)]
+            # The query path only: the text side gets no gradient from the LM loss (LAVIS deletes it).
+            return [p for b in self.branches.values() for n, p in b.named_parameters() if not TEXT_SIDE.match(n)]
         raise ValueError(f"stage: {stage!r} is not stage1 or stage2")
 
 
@@ -155,5 +157,6 @@ FAMILY = Family(
     config=MedCapConfig, model=MedCapModel, text=Tokenizers,
     description="BLIP-2 family: frozen CLIP and/or SAM ViT, one Q-Former per encoder, frozen OPT (MSMedCap, BLIP-2, SAM-BLIP2)",
     # Stage 2 as LAVIS runs it (AdamW, cosine from 1e-4, weight decay 0.05); stage 1 has its own command.
-    fit_defaults={"optimizer": "adamw", "lr": 1e-4, "min_lr": 1e-5, "weight_decay": 0.05, "batch_size": 16, "epochs": 5, "grad_clip": 1.0, "patience": None},
+    fit_defaults={"optimizer": "adamw", "lr": 1e-4, "min_lr": 1e-5, "weight_decay": 0.05, "batch_size": 8, "epochs": 5, "warmup_steps": 2000,
+                  "grad_clip": 1.0, "patience": None},
 )  # fmt: skip

@@ -1,11 +1,15 @@
 """One Q-Former branch: learnable queries that read one frozen image encoder.
 
 Besides the query path used for captioning (queries -> Q-Former -> projection into the LM),
-a branch carries what stage 1 trains with: text embeddings, ITC projections and temperature,
-the ITM head, and a BERT LM head tied to the word embeddings for ITG (LAVIS ``Blip2Qformer``).
+a training branch carries what stage 1 trains with, its *text side*: word and position
+embeddings, the text feed-forward layers, ITC projections and temperature, the ITM head, and a
+BERT LM head tied to the word embeddings for ITG (LAVIS ``Blip2Qformer``). Inference branches
+are built without it (``text_side=False``), as LAVIS deletes it for stage 2.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -31,25 +35,33 @@ class QFormerLMHead(nn.Module):
         return hidden @ self.__dict__["_word_embeddings"].weight.t() + self.bias
 
 
+#: Parameter names of the text side (under a branch): used by stage 1 only.
+TEXT_SIDE = re.compile(r"^(embeddings\.|vision_proj\.|text_proj\.|itm_head\.|temp$|lm_head\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.)")
+
+
 class QFormerBranch(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig, num_query_tokens: int, lm_hidden_size: int, itc_dim: int) -> None:
+    def __init__(self, config: Blip2QFormerConfig, num_query_tokens: int, lm_hidden_size: int, itc_dim: int, text_side: bool = True) -> None:
         super().__init__()
+        config.use_qformer_text_input = text_side  # the text feed-forward layers exist only with it
         self.config = config
+        self.text_side = text_side
         # HF initialises query tokens to zeros, which leaves every query identical: use LAVIS' N(0, 0.02).
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, config.hidden_size) * config.initializer_range)
-        self.embeddings = Blip2TextEmbeddings(config)
         self.qformer = Blip2QFormerModel(config)
-        self.vision_proj = nn.Linear(config.hidden_size, itc_dim)
-        self.text_proj = nn.Linear(config.hidden_size, itc_dim)
-        self.itm_head = nn.Linear(config.hidden_size, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
-        self.lm_head = QFormerLMHead(config, self.embeddings.word_embeddings)
+        if text_side:
+            self.embeddings = Blip2TextEmbeddings(config)
+            self.vision_proj = nn.Linear(config.hidden_size, itc_dim)
+            self.text_proj = nn.Linear(config.hidden_size, itc_dim)
+            self.itm_head = nn.Linear(config.hidden_size, 2)
+            self.temp = nn.Parameter(torch.tensor(0.07))
+            self.lm_head = QFormerLMHead(config, self.embeddings.word_embeddings)
         self.language_projection = nn.Linear(config.hidden_size, lm_hidden_size)
         self._init_new_weights()
 
     def _init_new_weights(self) -> None:
         std = self.config.initializer_range
-        for module in (self.embeddings, self.vision_proj, self.text_proj, self.itm_head, self.lm_head, self.language_projection):
+        text = (self.embeddings, self.vision_proj, self.text_proj, self.itm_head, self.lm_head) if self.text_side else ()
+        for module in (*text, self.language_projection):
             for sub in module.modules():
                 if isinstance(sub, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(sub.weight, std=std)
@@ -81,8 +93,14 @@ class QFormerBranch(nn.Module):
         hidden = self.query_output(image_tokens)
         return self.language_projection(hidden.to(self.language_projection.weight.dtype))
 
+    def require_text_side(self) -> None:
+        if not self.text_side:
+            raise ValueError("this is an inference checkpoint: its Q-Formers have no text side, which stage 1 trains "
+                             "(start stage 1 from a checkpoint made by `medcap model compose`)")  # fmt: skip
+
     def text_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text alone through the Q-Former (bidirectional): (B, T, hidden)."""
+        self.require_text_side()
         embeds = self.embeddings(input_ids=input_ids)
         return self.qformer(query_embeds=embeds, query_length=0, attention_mask=attention_mask).last_hidden_state
 
@@ -94,6 +112,7 @@ class QFormerBranch(nn.Module):
         ``causal_text=False`` is the ITM mask (all bidirectional). ``causal_text=True`` is the
         ITG (UniLM) mask: queries see queries, text sees all queries and earlier text.
         """
+        self.require_text_side()
         batch, q = input_ids.shape[0], self.num_queries
         queries = self.query_tokens.expand(batch, -1, -1)
         embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)

@@ -45,12 +45,17 @@ class Tokenizers:
         """``BOS + prompt + caption + eos``, labels -100 on BOS, prompt and padding (LAVIS blip2_opt).
 
         Prompt and caption are tokenised apart, exactly as the prompt is at inference, so a BPE
-        merge across the boundary can neither shift the label mask nor change the prompt.
+        merge across the boundary can neither shift the label mask nor change the prompt. A caption
+        longer than ``max_tokens`` loses its last words, never its end token: a model that never
+        sees the end of a long caption never learns to stop.
         """
         head = self.prompt_ids(prompt)
+        eos = self.eos_id(eos_text)
+        room = max_tokens - len(head) - 1
+        if room < 1:
+            raise ValueError(f"max_text_tokens: {max_tokens} leaves no room for a caption after the prompt's {len(head)} tokens")
         sep = " " if prompt else ""
-        rows = [head + self.lm(sep + pre_caption(c) + eos_text, add_special_tokens=False).input_ids for c in captions]
-        rows = [row[:max_tokens] for row in rows]
+        rows = [head + self.lm(sep + pre_caption(c), add_special_tokens=False).input_ids[:room] + [eos] for c in captions]
         width = max(len(row) for row in rows)
         pad = int(self.lm.pad_token_id)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -80,9 +85,10 @@ class Tokenizers:
         return int(self.qformer.convert_tokens_to_ids(QFORMER_BOS))
 
 
-def build_small_tokenizers(corpus: Iterable[str], lm_vocab: int = 512, qformer_vocab: int = 512) -> Tokenizers:
+def build_small_tokenizers(corpus: Iterable[str], lm_vocab: int = 512, qformer_vocab: int = 512, dec_token: bool = True) -> Tokenizers:
     """Train a byte-level BPE (OPT layout: <s>=0, <pad>=1, </s>=2, <unk>=3) and a WordPiece
-    with [DEC] on the given captions. Seconds on CPU, no downloads."""
+    with [DEC] on the given captions. Seconds on CPU, no downloads. ``dec_token=False``: a
+    WordPiece without [DEC], as bert-base-uncased ships (compose appends it)."""
     texts = [pre_caption(t) for t in corpus] + ["\n"]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -97,11 +103,11 @@ def build_small_tokenizers(corpus: Iterable[str], lm_vocab: int = 512, qformer_v
     wp.normalizer = normalizers.BertNormalizer(lowercase=True)
     wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     wp.decoder = decoders.WordPiece()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", QFORMER_BOS]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + ([QFORMER_BOS] if dec_token else [])
     wp.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=qformer_vocab, special_tokens=specials, show_progress=False))
     wp.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", wp.token_to_id("[CLS]")), ("[SEP]", wp.token_to_id("[SEP]"))]
     )
     qformer = PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                      sep_token="[SEP]", mask_token="[MASK]", bos_token=QFORMER_BOS)  # fmt: skip
+                                      sep_token="[SEP]", mask_token="[MASK]", **({"bos_token": QFORMER_BOS} if dec_token else {}))  # fmt: skip
     return Tokenizers(lm, qformer)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from models import checkpoint
 from models.datasets import CaptionRecord
 from models.features import Features, ImageTransform, encode_images, image_transform_for
-from models.fitting import restore_state
+from models.fitting import decay_groups, restore_state
 from models.lm_pretraining import pretrain_causal_lm
 from models.msmedcap.model import MedCapModel
 from models.msmedcap.stage1 import stage1_losses
@@ -43,6 +43,9 @@ class TrainSettings:
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int = 0
+    #: Where the linear warm-up starts (LAVIS ``warmup_lr``).
+    warmup_lr: float = 1e-6
+    #: AdamW weight decay, on matrices only: biases, norms, the ITC temperature are exempt (LAVIS).
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     seed: int = 0
@@ -64,6 +67,22 @@ class TrainSettings:
             raise ValueError(f"feature_cache: {self.feature_cache!r} is not memory or disk")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError("lr/min_lr: need 0 <= min_lr <= lr and lr > 0")
+        if self.warmup_steps < 0 or not 0 <= self.warmup_lr <= self.lr:
+            raise ValueError("warmup_steps/warmup_lr: need warmup_steps >= 0 and 0 <= warmup_lr <= lr")
+
+    @classmethod
+    def for_stage(cls, stage: str, **overrides: Any) -> TrainSettings:
+        """The stage's defaults (:data:`STAGE_DEFAULTS`), then every override that is not None."""
+        return cls(stage=stage, **(STAGE_DEFAULTS[stage] | {k: v for k, v in overrides.items() if v is not None}))
+
+
+#: Each stage's defaults: the MSMedCap paper and its LAVIS configs (``pretrain_stage1.yaml``,
+#: ``pretrain_stage2.yaml``): cosine 1e-4 -> 1e-5 after a linear warm-up from 1e-6, AdamW with
+#: weight decay 0.05; batch 8 = the authors' 4-8 per GPU x 2 GPUs. docs/msmedcap.md has the table.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "stage1": {"epochs": 3, "batch_size": 8, "lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 5000, "warmup_lr": 1e-6, "weight_decay": 0.05},
+    "stage2": {"epochs": 5, "batch_size": 8, "lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 2000, "warmup_lr": 1e-6, "weight_decay": 0.05},
+}
 
 
 @dataclass
@@ -74,11 +93,12 @@ class TrainResult:
 
 
 def _schedule(settings: TrainSettings, total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up, then cosine from lr to min_lr (LAVIS linear_warmup_cosine_lr), as a factor of lr."""
+    """Linear warm-up from warmup_lr, then cosine from lr to min_lr (LAVIS linear_warmup_cosine_lr,
+    with the cosine over steps instead of epochs), as a factor of lr."""
 
     def factor(step: int) -> float:
         if settings.warmup_steps and step < settings.warmup_steps:
-            return (step + 1) / settings.warmup_steps
+            return (settings.warmup_lr + (settings.lr - settings.warmup_lr) * step / settings.warmup_steps) / settings.lr
         progress = (step - settings.warmup_steps) / max(1, total_steps - settings.warmup_steps)
         lr = settings.min_lr + (settings.lr - settings.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return lr / settings.lr
@@ -97,7 +117,7 @@ def train(
     random.seed(settings.seed)
     device = next(model.branches.parameters()).device
     branches = [settings.branch] if settings.stage == "stage1" else list(model.branches)
-    features = encode_images(model, records, transform or image_transform_for(model), branches, settings.feature_batch_size, progress,
+    features = encode_images(model, records, transform or image_transform_for(model, training=True), branches, settings.feature_batch_size, progress,
                              cache_dir=out_dir.with_name(out_dir.name + ".features") if settings.feature_cache == "disk" else None)  # fmt: skip
     captions = [r.caption for r in records]
 
@@ -106,7 +126,7 @@ def train(
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(decay_groups(params, settings.weight_decay), lr=settings.lr)
     steps_per_epoch = math.ceil(len(records) / settings.batch_size)
     total = settings.max_steps or settings.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total))

@@ -66,6 +66,33 @@ def save_tiny_blip2(directory: Path, tokenizers: Tokenizers, width: int = 32) ->
     return directory
 
 
+def save_tiny_bert(directory: Path, width: int = 32) -> Path:
+    """A tiny BERT laid out as bert-base-uncased is on the hub: BertForPreTraining weights and a
+    WordPiece tokenizer without [DEC], shaped like the tiny BLIP-2's Q-Former."""
+    from transformers import BertConfig, BertForPreTraining
+
+    tokenizer = build_small_tokenizers(CAPTIONS * 5, lm_vocab=300, qformer_vocab=200, dec_token=False).qformer
+    torch.manual_seed(5)
+    model = BertForPreTraining(BertConfig(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64))  # fmt: skip
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_blip2_itm(directory: Path, vocab_size: int, width: int = 32) -> Path:
+    """A tiny Blip2ForImageTextRetrieval (BLIP-2's stage 1, as Salesforce/blip2-itm-vit-g), with the text side."""
+    from transformers import Blip2ForImageTextRetrieval
+
+    vision = Blip2VisionConfig(hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    qformer = Blip2QFormerConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, cross_attention_frequency=1,
+                                 use_qformer_text_input=True, vocab_size=vocab_size)  # fmt: skip
+    torch.manual_seed(6)
+    Blip2ForImageTextRetrieval(Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), num_query_tokens=4,
+                                           image_text_hidden_size=width)).save_pretrained(directory)  # fmt: skip
+    return directory
+
+
 def tiny_sam_model(width: int = 32) -> SamModel:
     vision = SamVisionConfig(hidden_size=width, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                              patch_size=8, window_size=2, global_attn_indexes=[1], num_pos_feats=8, mlp_dim=64)  # fmt: skip

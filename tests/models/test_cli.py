@@ -18,10 +18,13 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MEDCAP_") or k.startswith("MEDCAP_TEST_")} | {"HF_HUB_OFFLINE": "1"}
 
 
-def medcap(*args: str) -> str:
-    """Run ``medcap ARGS`` as an operator would; it must succeed. Returns stdout."""
-    result = run(list(args), _env(), timeout=300)
+def medcap(*args: str, env: dict[str, str] | None = None, threads: int | None = None) -> str:
+    """Run ``medcap ARGS`` as an operator would; it must succeed. Returns stdout. ``threads``: the
+    torch CPU threads it must report using (``--threads`` or MEDCAP_TORCH_THREADS, pinned)."""
+    result = run(list(args), _env() | (env or {}), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    if threads is not None:
+        assert f"torch uses {threads} CPU thread(s)\n" in result.stderr, result.stderr[-2000:]
     return result.stdout
 
 
@@ -36,10 +39,10 @@ def test_data_train_evaluate_and_info(tmp_path):
                  "--out", str(tmp_path / "s1"), "--max-steps", "2", "--batch-size", "8", "--device", "cpu")  # fmt: skip
     assert "stage1: 2 steps" in out
     out = medcap("train", "stage2", "--model", str(tmp_path / "s1"), "--data", data, "--out", str(tmp_path / "s2"), "--max-steps", "3",
-                 "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu")  # fmt: skip
+                 "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu", "--threads", "1", threads=1)  # fmt: skip
     assert "stage2: 3 steps" in out
     table = medcap("evaluate", "--model", str(tmp_path / "s2"), "--data", data, "--split", "test", "--device", "cpu",
-                   "--detail-words", "synthetic", "--out", str(tmp_path / "eval"))  # fmt: skip
+                   "--detail-words", "synthetic", "--out", str(tmp_path / "eval"), env={"MEDCAP_TORCH_THREADS": "1"}, threads=1)  # fmt: skip
     assert "| MSMedCap |" in table and "CIDEr" in table and "Acc-presence" in table
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "MSMedCap" in json.dumps(results)
@@ -68,12 +71,13 @@ def test_another_family_through_the_same_commands(tmp_path):
     medcap("model", "compose", "--model-type", "cnn_lstm", "--mobilenet", str(tmp_path / "mobilenet"), "--data", data,
            "--min-word-count", "1", "--out", str(tmp_path / "base"))  # fmt: skip
     out = medcap("train", "caption", "--model", str(tmp_path / "base"), "--data", data, "--out", str(tmp_path / "trained"),
-                 "--epochs", "3", "--batch-size", "8", "--device", "cpu")  # fmt: skip
+                 "--epochs", "3", "--batch-size", "8", "--device", "cpu", env={"MEDCAP_TORCH_THREADS": "1"}, threads=1)  # fmt: skip
     assert "CNN-LSTM: 9 steps, 3 epochs" in out and "best epoch" in out
     card = medcap("model", "info", "--model", str(tmp_path / "trained"))
     assert "MobileNetV2" in card and '"stage": "caption"' in card and '"validation_records": 8' in card
     table = medcap("evaluate", "--model", str(tmp_path / "trained"), "--model", str(tmp_path / "base"), "--data", data, "--device", "cpu")
     assert "| CNN-LSTM |" in table and "| CNN-LSTM (base) |" in table and "BLEU-4" in table
-    drafted = json.loads(medcap("caption", str(SHARED_DATA / "ct-head-ge"), "--model", str(tmp_path / "trained"), "--json", "--device", "cpu"))
+    drafted = json.loads(medcap("caption", str(SHARED_DATA / "ct-head-ge"), "--model", str(tmp_path / "trained"), "--json", "--device", "cpu",
+                                "--threads", "1", threads=1))  # fmt: skip
     assert drafted["model"]["name"] == "CNN-LSTM" and drafted["model"]["type"] == "cnn_lstm"
     assert len(drafted["series"]) == 1 and len(drafted["series"][0]["key_images"]) == 3

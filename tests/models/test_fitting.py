@@ -76,7 +76,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(records, tmp_path):
     assert result.best_epoch == 1 + losses.index(min(losses)) and result.epochs == result.best_epoch + 2
     # The checkpoint holds the best epoch's weights, not the last epoch's.
     best, text, provenance = checkpoint.load(tmp_path / "run")
-    features = encode_images(best, validation, image_transform_for(best), list(best.config.branches), 8, progress=False)
+    features = encode_images(best, validation, image_transform_for(best, training=True), list(best.config.branches), 8, progress=False)
     reloaded = validation_loss(best, text, features, [r.caption for r in validation], 8, torch.device("cpu"))
     assert math.isclose(reloaded, min(losses), rel_tol=1e-4)
     assert reloaded < losses[-1]

@@ -165,3 +165,117 @@ def test_bf16_placement_runs_on_cpu(tokenizers, tmp_path):
     prompt = tokenizers.prompt_batch("", 2)
     out = model.generate(pixels(model, 2), prompt["input_ids"], prompt["attention_mask"], PRESETS["fast"], tokenizers.eos_id("\n"), 1)
     assert out.shape[0] == 2
+
+
+# -- issue 11: what toy sizes did not show ----------------------------------------------------------
+
+
+def test_a_long_caption_keeps_its_end_token(tokenizers):
+    """Truncation drops the caption's last words, never the EOS: otherwise the model never learns to stop."""
+    long = " ".join(CAPTIONS) * 3
+    batch = tokenizers.lm_batch([long, CAPTIONS[1]], "a photo of", "\n", 24)
+    eos = tokenizers.eos_id("\n")
+    assert batch["input_ids"].shape[1] == 24
+    for row, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
+        last = int(mask.sum()) - 1
+        assert int(row[last]) == eos and int(labels[last]) == eos
+    with pytest.raises(ValueError, match="max_text_tokens"):
+        tokenizers.lm_batch(CAPTIONS, "a photo of", "\n", 4)
+    assert MedCapConfig.__dataclass_fields__["max_text_tokens"].default == 320  # LAVIS/MSMedCap max_txt_len
+
+
+def test_stage2_trains_exactly_what_the_lm_loss_reaches(tokenizers):
+    """Every stage-2 parameter gets a gradient, and the text side (no gradient from the LM loss) is not listed."""
+    model = build(tokenizers)
+    params = model.trainable_parameters("stage2")
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in params:
+        p.requires_grad_(True)
+    model(pixels(model), **tokenizers.lm_batch(CAPTIONS, "", "\n", 64)).backward()
+    assert [names[id(p)] for p in params if p.grad is None or not p.grad.abs().sum() > 0] == []
+    text_ffn = model.branches["sam"].qformer.encoder.layer[0].intermediate.dense.weight
+    assert id(text_ffn) not in {id(p) for p in params}
+
+
+def test_weight_decay_spares_biases_norms_and_the_temperature(tokenizers):
+    from models.fitting import decay_groups
+
+    model = build(tokenizers)
+    groups = decay_groups(model.trainable_parameters("stage1", "sam"), 0.05)
+    decayed, spared = ({id(p) for p in g["params"]} for g in groups)
+    branch = model.branches["sam"]
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert {id(branch.temp), id(branch.itm_head.bias), id(branch.qformer.layernorm.weight)} <= spared
+    assert {id(branch.itm_head.weight), id(branch.query_tokens)} <= decayed
+
+
+def test_stage_defaults_follow_the_paper_and_the_warm_up_starts_at_warmup_lr():
+    from models.msmedcap.training import TrainSettings, _schedule
+
+    stage1 = TrainSettings.for_stage("stage1", branch="sam")
+    assert (stage1.epochs, stage1.warmup_steps, stage1.warmup_lr, stage1.lr, stage1.min_lr) == (3, 5000, 1e-6, 1e-4, 1e-5)
+    assert TrainSettings.for_stage("stage2").warmup_steps == 2000
+    assert TrainSettings.for_stage("stage1", branch="clip", epochs=1).epochs == 1
+    factor = _schedule(TrainSettings(stage="stage2", warmup_steps=100, warmup_lr=1e-6, lr=1e-4, min_lr=1e-5), 1000)
+    assert factor(0) * 1e-4 == pytest.approx(1e-6) and factor(50) * 1e-4 == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6))
+    assert factor(100) == pytest.approx(1.0) and factor(1000) * 1e-4 == pytest.approx(1e-5)
+
+
+def test_captioning_reads_the_clip_view_at_its_evaluation_size(tokenizers, tmp_path):
+    from models.captioner import Captioner
+    from models.features import image_transform_for
+
+    torch.manual_seed(0)
+    config = tiny_config("blip2", lm_vocab=len(tokenizers.lm), qformer_vocab=len(tokenizers.qformer), eval_clip_image_size=96)
+    checkpoint.save(MedCapModel(config), tokenizers, tmp_path / "ckpt", checkpoint.Provenance())
+    captioner = Captioner.load(tmp_path / "ckpt", "cpu")
+    assert captioner.image_sizes == (96, None)
+    image = torch.rand(64, 64).numpy()
+    assert image_transform_for(captioner.model)(image)["clip"].shape[-1] == 96
+    assert image_transform_for(captioner.model, training=True)(image)["clip"].shape[-1] == 64
+    assert len(captioner.caption({"clip": image_transform_for(captioner.model)(image)["clip"][None]}, "fast")) == 1
+
+
+def test_dtype_follows_the_devices_capability(monkeypatch):
+    from models.generation import default_dtype
+
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4
+    assert default_dtype(torch.device("cuda:0")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100/H200
+    assert default_dtype(torch.device("cuda:0")) == torch.bfloat16
+
+
+def test_placement_casts_before_it_moves(tokenizers, monkeypatch):
+    """Each frozen part reaches the device already in its run dtype (the GPU never holds the fp32 LM)."""
+    model = build(tokenizers)
+    moves: list[tuple[str, torch.dtype]] = []
+    original = torch.nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        device = kwargs.get("device") or next((a for a in args if isinstance(a, torch.device)), None)
+        if device is not None and self is model.lm:
+            moves.append(("lm", next(self.parameters()).dtype))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    model.place(torch.device("cpu"), torch.bfloat16)
+    assert moves == [("lm", torch.bfloat16)]
+    assert model.branches["clip"].query_tokens.dtype == torch.float32
+
+
+def test_loading_builds_no_random_copy(tokenizers, tmp_path, monkeypatch):
+    """The model is built on the meta device and takes the stored tensors: no initialiser ever runs on real memory."""
+    checkpoint.save(build(tokenizers), tokenizers, tmp_path / "ckpt", checkpoint.Provenance())
+    real_inits = []
+    original = torch.nn.init.normal_
+
+    def spy(tensor, *args, **kwargs):
+        if tensor.device.type != "meta":
+            real_inits.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", spy)
+    model, _, _ = checkpoint.load(tmp_path / "ckpt")
+    assert real_inits == [] and not any(p.device.type == "meta" for p in model.parameters())
+    assert model.lm.lm_head.weight is model.lm.get_input_embeddings().weight  # ties survive
