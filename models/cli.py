@@ -87,6 +87,22 @@ def register(sub: Any) -> None:
     p.add_argument("--name", default="")
     _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_compose))
+    p = msub.add_parser("import-lavis", help="msmedcap family: a checkpoint from the authors' LAVIS .pth files (key-coverage report "
+                                             "in IMPORT_REPORT.md)")  # fmt: skip
+    p.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT.pth", help="LAVIS checkpoint(s); later files win")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--blip2", required=True, help="BLIP-2 (HF format) for the frozen EVA ViT and OPT, and the OPT tokenizer")
+    p.add_argument("--sam", help="msmedcap, sam_blip2: the frozen SAM encoder (hub id, directory or .pth)")
+    p.add_argument("--bert", default="bert-base-uncased", help="the Q-Former tokenizer (and any text side the files lack)")
+    p.add_argument("--model-type", default="msmedcap", choices=["msmedcap", "blip2", "sam_blip2"])
+    p.add_argument("--sam-layout", default="channel", choices=["channel", "spatial"], help="the official code: channel")
+    p.add_argument("--eval-image-size", type=int, help="CLIP view when captioning (default 364 for a 224 px ViT, as the paper)")
+    p.add_argument("--keep-text-side", action="store_true", help="write a training checkpoint (with the Q-Former text side, fp32) "
+                                                                 "instead of an inference one")  # fmt: skip
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="inference checkpoint: frozen parts' dtype")
+    p.add_argument("--name", default="")
+    _threads_arg(p)
+    p.set_defaults(func=_friendly(cmd_import_lavis))
     p = msub.add_parser("export", help="msmedcap family: an inference checkpoint (frozen parts in bf16, no Q-Former text side, sharded)")
     _model_arg(p)
     p.add_argument("--out", type=Path, required=True)
@@ -365,6 +381,21 @@ def cmd_compose(settings: Any, args: argparse.Namespace) -> int:
 
         compose_clip_transformer(args.out, clip=args.clip, captions=captions, min_word_count=args.min_word_count, name=args.name, log=log)
     print(f"wrote {args.out}; train it with: medcap train caption --model {args.out} --data SPEC --out DIR")
+    return 0
+
+
+def cmd_import_lavis(settings: Any, args: argparse.Namespace) -> int:
+    _prepare(settings, args)
+    from models.msmedcap.lavis import import_lavis
+    from models.weights import parse_dtype
+
+    if args.model_type != "blip2" and not args.sam:
+        raise ModelCommandError(f"model import-lavis --model-type {args.model_type} needs --sam (the frozen SAM encoder)")
+    sha, coverage = import_lavis(args.checkpoints, out=args.out, blip2=args.blip2, sam=args.sam, model_type=args.model_type, bert=args.bert,
+                                 sam_layout=args.sam_layout, eval_image_size=args.eval_image_size, keep_text_side=args.keep_text_side,
+                                 dtype=parse_dtype(args.dtype), name=args.name, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
+    print(f"wrote {args.out} (weights sha256 {sha}): {len(coverage.by_target)} weights from the LAVIS file(s), "
+          f"{len(coverage.unused)} entries read by nothing on purpose; see {args.out / 'IMPORT_REPORT.md'}")
     return 0
 
 

@@ -115,11 +115,12 @@ def bert_names(key: str) -> str:
     return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
 
 
-def branch_name(key: str, *, query_path: bool, text_side: bool) -> list[str]:
+def branch_name(key: str, *, query_path: bool, text_side: bool, query_ffn_from_text: bool = True) -> list[str]:
     """Where a BERT-named Q-Former weight (``bert_names``) goes in a branch: [] if nowhere.
 
     ``query_path``: self-attention, cross-attention, the embedding LayerNorm and the query
-    feed-forward layers (from BERT: the text feed-forward layers, copied, as LAVIS does).
+    feed-forward layers (``query_ffn_from_text``, from BERT: the text feed-forward layers,
+    copied, as LAVIS does; a LAVIS Q-Former has its own ``*_query`` layers).
     ``text_side``: word/position embeddings, text feed-forward layers, the ITG head.
     """
     if m := re.match(r"encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.(.*)$", key):
@@ -130,7 +131,7 @@ def branch_name(key: str, *, query_path: bool, text_side: bool) -> list[str]:
         return [f"qformer.encoder.layer.{m[1]}.{m[2]}_query.{m[3]}"] if query_path else []
     if m := re.match(r"encoder\.layer\.(\d+)\.(intermediate|output)\.(.*)$", key):
         text = [f"qformer.encoder.layer.{m[1]}.{m[2]}.{m[3]}"] if text_side else []
-        return text + ([f"qformer.encoder.layer.{m[1]}.{m[2]}_query.{m[3]}"] if query_path else [])
+        return text + ([f"qformer.encoder.layer.{m[1]}.{m[2]}_query.{m[3]}"] if query_path and query_ffn_from_text else [])
     if m := re.match(r"embeddings\.LayerNorm\.(.*)$", key):
         return [f"qformer.layernorm.{m[1]}"] if query_path else []
     if m := re.match(r"embeddings\.(word_embeddings|position_embeddings)\.weight$", key):
@@ -146,9 +147,9 @@ def branch_name(key: str, *, query_path: bool, text_side: bool) -> list[str]:
 _ROWS_MAY_DIFFER = re.compile(r"^(embeddings\.(word|position)_embeddings\.weight|lm_head\.bias)$")
 
 
-def fill(branch: nn.Module, values: dict[str, torch.Tensor], what: str) -> set[str]:
+def fill(branch: nn.Module, values: dict[str, torch.Tensor], what: str, rows_may_differ: bool = True) -> set[str]:
     """Copy ``values`` into a (materialised) branch; returns the names filled. Shapes must match,
-    except the rows of a vocabulary or position table."""
+    except (``rows_may_differ``) the rows of a vocabulary or position table."""
     own = branch.state_dict()
     with torch.no_grad():
         for name, value in values.items():
@@ -156,7 +157,7 @@ def fill(branch: nn.Module, values: dict[str, torch.Tensor], what: str) -> set[s
                 raise ComposeError(f"{what}: the model has no weight {name}")
             target = own[name]
             if tuple(value.shape) != tuple(target.shape):
-                if not (_ROWS_MAY_DIFFER.match(name) and tuple(value.shape[1:]) == tuple(target.shape[1:])):
+                if not (rows_may_differ and _ROWS_MAY_DIFFER.match(name) and tuple(value.shape[1:]) == tuple(target.shape[1:])):
                     raise ComposeError(f"{what}: {name} has shape {tuple(value.shape)} in the source, {tuple(target.shape)} here")
                 rows = min(value.shape[0], target.shape[0])
                 target[:rows].copy_(value[:rows])
@@ -205,15 +206,25 @@ def _config_kwargs(hf_config: Any, config_class: Any, drop: tuple[str, ...] = ()
     return {k: v for k, v in hf_config.to_dict().items() if k in keep}
 
 
-def compose(
-    *, blip2: str, sam: str | None, out: Path, model_type: str = "msmedcap", bert: str = "bert-base-uncased", blip2_itm: str | None = None,
+def compose(*, out: Path, log: Log = print, **parts: Any) -> str:
+    """Write a checkpoint to ``out`` (``parts``: :func:`build`'s arguments); returns the weights' sha256."""
+    model, tokenizers, provenance = build(log=log, **parts)
+    written = out.with_name(out.name + ".composing")
+    sha = save(model, tokenizers, written, provenance)
+    swap_in(written, out)
+    log(f"wrote {out} (weights sha256 {sha})")
+    return sha
+
+
+def build(
+    *, blip2: str, sam: str | None, model_type: str = "msmedcap", bert: str = "bert-base-uncased", blip2_itm: str | None = None,
     sam_layout: str = "channel", prompt: str = "", name: str = "", eval_image_size: int | None = None, frozen_dtype: torch.dtype | None = None,
     seed: int = 0, log: Log = print,
-) -> str:  # fmt: skip
-    """Write a checkpoint to ``out``; returns the weights' sha256.
+) -> tuple[MedCapModel, Tokenizers, Provenance]:  # fmt: skip
+    """The model composed from its parts, its tokenizers and provenance (nothing written).
 
     ``eval_image_size``: the CLIP view when captioning (None: 364 if the ViT was trained at 224,
-    as in the paper, else its training size). ``frozen_dtype``: store the frozen encoders and the
+    as in the paper, else its training size). ``frozen_dtype``: keep the frozen encoders and the
     LM in this dtype (None: as their source stores them).
     """
     from transformers import AutoTokenizer, BertConfig, Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
@@ -302,12 +313,7 @@ def compose(
         raise ComposeError(f"{len(left)} weight(s) have no source, e.g. {left[:5]}")
     if "clip" not in branches:
         provenance.initialised.append("no CLIP branch (SAM-BLIP2)")
-
-    written = out.with_name(out.name + ".composing")
-    sha = save(model, Tokenizers(lm_tok, q_tok), written, provenance)
-    swap_in(written, out)
-    log(f"wrote {out} (weights sha256 {sha})")
-    return sha
+    return model, Tokenizers(lm_tok, q_tok), provenance
 
 
 def _compose_clip_branch(model: MedCapModel, blip_files: TensorFiles, bert_files: TensorFiles, blip2_itm: str | None,
