@@ -17,6 +17,7 @@ from models.families import Family
 from models.frozen import freeze
 from models.generation import GenerationPreset
 from models.msmedcap.config import MedCapConfig
+from models.msmedcap.decoding import Greedy, GreedyDecoder
 from models.msmedcap.encoders import ClipEncoder, SamEncoder
 from models.msmedcap.qformer import TEXT_SIDE, QFormerBranch
 from models.msmedcap.tokenizers import Tokenizers
@@ -36,6 +37,9 @@ class MedCapModel(nn.Module):
             encoders["sam"] = SamEncoder(SamVisionConfig(**config.sam_vision), config.sam_layout)  # type: ignore[arg-type]
         self.encoders = nn.ModuleDict(encoders)
         self.branches = nn.ModuleDict({name: self.new_branch(name) for name in encoders})
+        #: Greedy captions through :class:`GreedyDecoder` (False: transformers' ``generate``, the reference).
+        self.fast_greedy = True
+        self._greedy: GreedyDecoder | None = None
         freeze(self.lm)
         for encoder in self.encoders.values():
             freeze(encoder)
@@ -94,9 +98,18 @@ class MedCapModel(nn.Module):
         self, pixels: dict[str, torch.Tensor], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, preset: GenerationPreset,
         eos_token_id: int, pad_token_id: int, image_tokens: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """New token ids only (the prompt is given as embeddings, so it is not echoed)."""
+        """New token ids only (the prompt is given as embeddings, so it is not echoed).
+
+        Greedy presets run :class:`GreedyDecoder` (static KV cache; one CUDA graph replay per token
+        on a GPU); beam search runs transformers' ``generate``.
+        """
         prefix = self.soft_prompt(image_tokens if image_tokens is not None else self.image_tokens(pixels))
         embeds = torch.cat([prefix, self.lm.get_input_embeddings()(prompt_ids)], dim=1)
+        if preset.num_beams == 1 and self.fast_greedy and bool(prompt_mask.all()):
+            if self._greedy is None:
+                self._greedy = GreedyDecoder(self.lm)
+            return self._greedy.generate(embeds, Greedy(preset.max_new_tokens, preset.min_new_tokens, preset.repetition_penalty,
+                                                        eos_token_id, pad_token_id))  # fmt: skip
         mask = torch.cat([torch.ones(prefix.shape[:2], dtype=prompt_mask.dtype, device=prompt_mask.device), prompt_mask], 1)
         return self.lm.generate(
             inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=preset.num_beams,
