@@ -19,6 +19,9 @@ floor every step pays) beside it:
 6. peer, side by side: transformers' ``Blip2ForConditionalGeneration.from_pretrained`` of the
    BLIP-2 part in bf16 (the same EVA ViT, Q-Former and OPT, without SAM or the second Q-Former)
 
+A load is measured after reading every weight once (as placing it on a GPU does): safetensors
+maps its files, so a loader that stops there has read nothing yet.
+
 Ratios: each load's peak over the size of what it loads, MedCap's and the peer's. Goals: the
 inference load peaks at <= 1.3x the bf16 checkpoint size; composing fits a 32 GB host.
 ``--size tiny`` runs the same steps on tiny configurations in seconds (the test of this script).
@@ -166,16 +169,26 @@ def run_step(step: str, work: Path) -> dict[str, Any]:
         model, _, _ = checkpoint.load(directory, "cpu", torch.bfloat16 if step == "load_inference" else None)
         result["bytes"] = _weights_bytes(directory)
         result["parameters"] = sum(p.numel() for p in model.parameters())
+        result["checksum"] = _touch(model)
     elif step == "peer_load":
         from transformers import Blip2ForConditionalGeneration
 
         model = Blip2ForConditionalGeneration.from_pretrained(work / "blip2", dtype=torch.bfloat16)
         result["bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())  # the bf16 model it builds
         result["parameters"] = sum(p.numel() for p in model.parameters())
+        result["checksum"] = _touch(model)
     else:
         raise SystemExit(f"unknown step {step}")
     result |= {"seconds": time.perf_counter() - start, "floor_rss": floor, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     return result
+
+
+def _touch(model: Any) -> float:
+    """Read every weight once, as moving it to a GPU or a first forward pass would: a loader that maps
+    its files (safetensors does) has read nothing until then, and its peak would say nothing."""
+    import torch
+
+    return float(sum(float(p.sum(dtype=torch.float32)) for p in model.parameters()))
 
 
 def _weights_bytes(directory: Path) -> int:
@@ -224,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=["full", "tiny"], default="full")
     parser.add_argument("--work", type=Path, help="where the parts and checkpoints go (default: a temporary directory; full size needs ~45 GB)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--reuse", action="store_true", help="keep the parts already in --work (they take minutes to write at full size)")
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -235,10 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
         print(f"writing {args.size} parts with random weights to {work} ...", file=sys.stderr)
-        sources = json.loads(subprocess.run([sys.executable, "-c", f"import json,sys; sys.path.insert(0, {str(REPO)!r}); "
+        if args.reuse and (work / "parts.json").is_file():
+            sources = json.loads((work / "parts.json").read_text())
+        else:
+            sources = json.loads(subprocess.run([sys.executable, "-c", f"import json,sys; sys.path.insert(0, {str(REPO)!r}); "
                                              f"from benchmarks.model_memory import make_parts; from pathlib import Path; "
                                              f"print(json.dumps(make_parts(Path({str(work)!r}), {args.size!r})))"],
                                             check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])  # fmt: skip
+            (work / "parts.json").write_text(json.dumps(sources))
         results = {}
         for key, label in STEPS:
             print(f"{label} ...", file=sys.stderr)

@@ -286,8 +286,14 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     app = configure(settings)
     app.medcap_load_model = "caption" in queues  # type: ignore[attr-defined]  # loaded once per worker process
     concurrency = args.concurrency or settings.worker_concurrency
+    pool = "prefork"
+    if "caption" in queues and settings.caption_studies_in_flight > 1:
+        # One process holds the model; its threads are the studies in flight, batched together
+        # (workers/tasks.py caption_model). A crashed process's studies are taken over once stale.
+        pool, concurrency = "threads", settings.caption_studies_in_flight
+        app.medcap_threads_pool = True  # type: ignore[attr-defined]
     app.worker_main(["worker", "--loglevel", settings.log_level, "--queues", ",".join(queues), "--concurrency", str(concurrency),
-                     "--pool", "prefork", "--without-gossip", "--without-mingle",
+                     "--pool", pool, "--without-gossip", "--without-mingle",
                      "--hostname", f"medcap-{'-'.join(queues)}-{os.getpid()}@%h"])  # fmt: skip
     return 0
 

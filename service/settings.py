@@ -98,7 +98,11 @@ class Settings(BaseSettings):
     generation_preset: str = Field("fast", pattern=r"^(fast|paper)$", description="Caption decoding: fast (greedy) or paper (beam search as published).")
     key_slices: int = Field(3, ge=1, le=64, description="Key slices captioned per series.")
     key_slice_strategy: str = Field("uniform", pattern=r"^(central|uniform|content)$", description="How key slices are chosen.")
-    caption_batch_size: int = Field(8, ge=1, le=256, description="Images per forward pass of the model.")
+    caption_batch_size: int = Field(8, ge=1, le=256, description="Images per forward pass of the model (a GPU: 32).")
+    caption_studies_in_flight: int = Field(1, ge=1, le=64, description="Studies each caption worker captions at once, as threads sharing "
+                                           "one model; their key images share batches (a GPU: 8).")  # fmt: skip
+    caption_batch_wait_ms: float = Field(25.0, ge=0, le=10000, description="With several studies in flight: how long a batch waits "
+                                         "for more key images (up to the batch size) before it runs.")  # fmt: skip
     torch_threads: int = Field(0, ge=0, le=256, description="CPU threads of each caption worker process (0: torch's default, one per core).")
     job_time_limit_seconds: float = Field(600.0, gt=0, description="A caption job running longer is stopped and retried.")
     job_max_attempts: int = Field(3, ge=1, le=100, description="Attempts of a caption job before it ends as failed.")

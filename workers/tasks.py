@@ -8,7 +8,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from dicom_io.dispatch import send
 from dicom_io.key_slices import KeySliceSpec
@@ -24,6 +24,7 @@ from workers.jobs import JobRunner
 LOG = logging.getLogger(__name__)
 _db: Database | None = None
 _captioner: Any = None
+_batcher: Any = None
 _captioner_lock = threading.Lock()
 
 
@@ -62,13 +63,42 @@ def captioner(settings: Settings) -> Any:
         return _captioner
 
 
-@worker_process_init.connect
-def _load_model_at_start(**_: object) -> None:
+def caption_model(settings: Settings) -> Any:
+    """What caption tasks caption with: the model itself, or with several studies in flight (threads),
+    a :class:`models.batching.CaptionBatcher` that puts their key images into shared batches."""
+    global _batcher
+    if settings.caption_studies_in_flight <= 1:
+        return captioner(settings)
+    with _captioner_lock:
+        loaded = _batcher
+    if loaded is None:
+        from models.batching import CaptionBatcher
+
+        model = captioner(settings)
+        with _captioner_lock:
+            if _batcher is None:
+                _batcher = CaptionBatcher(model, max_images=settings.caption_batch_size, max_wait_ms=settings.caption_batch_wait_ms)
+            loaded = _batcher
+    return loaded
+
+
+def _load_model(**_: object) -> None:
     if getattr(app, "medcap_load_model", False):
         try:
             captioner(_settings())
         except Exception:
             LOG.exception("cannot load the model; caption jobs will fail and be retried")
+
+
+@worker_process_init.connect
+def _load_model_at_start(**kwargs: object) -> None:
+    _load_model(**kwargs)  # each prefork pool process, after the fork
+
+
+@worker_ready.connect
+def _load_model_when_threaded(**kwargs: object) -> None:
+    if getattr(app, "medcap_threads_pool", False):  # one process and its threads: load it there, once (never before a fork)
+        _load_model(**kwargs)
 
 
 def _actor() -> str:
@@ -89,7 +119,7 @@ def caption_study(job_id: int) -> str:
             batch_size=settings.caption_batch_size, destinations=tuple(str(d) for d in settings.destination_list),
             reports_dir=settings.reports_dir,
         )  # fmt: skip
-        return Drafter(db, SystemClock(), captioner(settings), options, _actor()).draft(claimed_job_id)
+        return Drafter(db, SystemClock(), caption_model(settings), options, _actor()).draft(claimed_job_id)
 
     outcome = runner.run(job_id, work)
     LOG.info("job %d: %s", job_id, outcome)

@@ -73,7 +73,8 @@ class GreedyDecoder:
         self.lm = lm
         self.decoder = lm.model.decoder
         self.graphs = graphs
-        self._states: dict[tuple[int, int, int, torch.device, torch.dtype], _State] = {}
+        # One state (and graph) per shape and settings: a graph replays the settings it was captured with.
+        self._states: dict[tuple[int, int, Greedy, torch.device, torch.dtype], _State] = {}
 
     # -- the model, step by step ---------------------------------------------------------------
 
@@ -146,7 +147,7 @@ class GreedyDecoder:
     # -- generation ---------------------------------------------------------------------------------
 
     def _state(self, batch: int, prefix: int, greedy: Greedy, device: torch.device, dtype: torch.dtype) -> _State:
-        key = (batch, prefix, greedy.max_new_tokens, device, dtype)
+        key = (batch, prefix, greedy, device, dtype)
         if key not in self._states:
             self._states[key] = _State(self.lm, batch, prefix + greedy.max_new_tokens, greedy.max_new_tokens, device, dtype)
         return self._states[key]

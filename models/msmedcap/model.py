@@ -144,6 +144,7 @@ class MedCapModel(nn.Module):
         HF BLIP-2 keeps them). Each part is cast where it lies, then moved: the device never
         holds a part in a wider dtype than it runs in (a bf16 LM never passes through the GPU as fp32)."""
         frozen_dtype = dtype or torch.float32
+        self._greedy = None  # its caches and graphs belong to the old placement
         for part in [self.lm, *self.encoders.values()]:
             part.to(dtype=frozen_dtype)
             part.to(device)

@@ -219,6 +219,32 @@ def test_pacs_down_then_back_and_a_refusing_pacs_with_resend(make_settings, redi
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_studies_in_flight_share_model_batches(make_settings, tmp_path, tiny_model):
+    """One caption worker with two studies in flight: their key images go through the model together."""
+    settings = make_settings(**FAST)
+    env = pipeline_env(settings, tiny_model, "", MEDCAP_CAPTION_STUDIES_IN_FLIGHT="2", MEDCAP_CAPTION_BATCH_WAIT_MS="3000",
+                       MEDCAP_CAPTION_BATCH_SIZE="32")  # fmt: skip
+    listen = Process(["listen"], env, tmp_path / "listen.log")
+    worker: Process | None = None
+    try:
+        wait_listening(listen, settings.dicom_port)
+        db = Database(settings.effective_database_url)
+        for source in ("ct-head-ge", "mr-t1-brain-uih"):
+            assert storescu(settings.dicom_port, series_files(source)).returncode == 0
+        wait_until(lambda: rows(db, Job.status) == ["enqueued", "enqueued"], "both studies to wait for a worker", timeout=60)
+        worker = Process(["worker", "--queues", "caption"], env, tmp_path / "worker.log")
+        wait_until(lambda: rows(db, Job.status) == ["succeeded", "succeeded"], "both drafts", timeout=180)
+        assert len(rows(db, SRDocument.id)) == 2 and len(rows(db, Draft.id)) == 2
+        assert "captioned 6 key images of 2 studies in one batch" in worker.output()
+        db.dispose()
+    finally:
+        listen.stop()
+        if worker is not None:
+            worker.stop()
+    assert "Traceback" not in worker.output()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_worker_refuses_to_start_on_an_unmigrated_database(make_settings, tmp_path, tiny_model):
     settings = make_settings(database_url=f"sqlite:///{tmp_path / 'empty.sqlite'}", dicom_port=free_port())
     result = run(["worker"], settings_env(settings, MEDCAP_MODEL=str(tiny_model)), timeout=60)
