@@ -12,7 +12,6 @@ Buffers are built for real: they are small, and some (position ids) are never st
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,18 +71,16 @@ def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[leaf] = value
 
 
-def assign(model: nn.Module, tensors: dict[str, torch.Tensor], *, what: str, allow_missing: Iterable[str] = ()) -> None:
+def assign(model: nn.Module, tensors: dict[str, torch.Tensor], *, what: str) -> None:
     """Give ``model`` exactly these tensors (their own storage and dtype: no copy is made).
 
     Every parameter and persistent buffer must be given (one name of a tied group is enough),
-    nothing else may be; a shape that differs is an error. ``allow_missing`` names entries the
-    caller fills itself.
+    nothing else may be; a shape that differs is an error.
     """
     expected = model.state_dict(keep_vars=True)
     groups = {name: group for group in tied_groups(model) for name in group}
-    allowed = set(allow_missing)
     unexpected = sorted(set(tensors) - set(expected))
-    missing = sorted(n for n in expected if n not in tensors and n not in allowed and not any(m in tensors for m in groups.get(n, ())))
+    missing = sorted(n for n in expected if n not in tensors and not any(m in tensors for m in groups.get(n, ())))
     if missing or unexpected:
         raise WeightsError(f"{what}: {len(missing)} missing weight(s) {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
     for name, value in tensors.items():
@@ -170,12 +167,6 @@ class TensorFiles:
             tensor = tensor.to(dtype)
         return tensor
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        if self._torch is not None:
-            return tuple(self._torch[name].shape)
-        with safe_open(str(self._where[name]), framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
-
     def take(self, names: Callable[[str], str | None], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """{target name: tensor} for every source name that ``names`` maps (None: skip it)."""
         out = {}
@@ -193,18 +184,6 @@ def prefixed(prefix: str, rename: Callable[[str], str] = lambda k: k) -> Callabl
         return rename(key[len(prefix) :]) if key.startswith(prefix) else None
 
     return names
-
-
-def renamed(rules: Iterable[tuple[str, str]]) -> Callable[[str], str]:
-    """Apply regular-expression substitutions in order."""
-    compiled = [(re.compile(a), b) for a, b in rules]
-
-    def rename(key: str) -> str:
-        for pattern, replacement in compiled:
-            key = pattern.sub(replacement, key)
-        return key
-
-    return rename
 
 
 # -- checkpoint files ------------------------------------------------------------------------------
@@ -280,18 +259,6 @@ def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
             for key in f.keys():  # noqa: SIM118
                 out[key] = f.get_tensor(key)
     return out
-
-
-def describe_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def dtype_name(dtype: torch.dtype) -> str:
