@@ -19,25 +19,21 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from service import audit
+from service import dispatch_lifecycle as dispatches
+from service import job_lifecycle as jobs
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
 from service.schema import (
     Association,
-    Dispatch,
-    DispatchStatus,
     Instance,
-    Job,
-    JobStatus,
-    SRDocument,
     Study,
     StudyVersion,
     UTCDateTime,
@@ -126,77 +122,44 @@ class Assembler:
                                        instance_count=total, captionable_count=captionable)  # fmt: skip
                 s.add(version)
                 s.flush()
-                job = Job(study_version_id=version.id, status=JobStatus.QUEUED.value, created_at=now, attempts=0)
-                s.add(job)
-                s.flush()
                 audit.record(s, now, audit.SYSTEM_ASSEMBLER, Action.STUDY_VERSION_CREATED, "study_version", version.id,
                              study_uid=study_uid, number=number, trigger=trigger, new_instances=newly,
                              instances=total, captionable=captionable)  # fmt: skip
-                audit.record(s, now, audit.SYSTEM_ASSEMBLER, Action.JOB_CREATED, "job", job.id, study_uid=study_uid,
-                             study_version=number)  # fmt: skip
-                self._supersede_older_jobs(s, study_id, study_uid, job.id, now)
+                job_id = jobs.create(s, now, audit.SYSTEM_ASSEMBLER, version.id, study_uid=study_uid, version_number=number)
+                jobs.supersede_older(s, now, audit.SYSTEM_ASSEMBLER, study_id, job_id, study_uid)
                 s.execute(update(Study).where(Study.id == study_id).values(force_requested_at=None))
-                LOG.info("study %s version %d (%s): %d instances, job %d", study_uid, number, trigger, total, job.id)
-                return job.id
+                LOG.info("study %s version %d (%s): %d instances, job %d", study_uid, number, trigger, total, job_id)
+                return job_id
         except IntegrityError:
             LOG.info("study %d: version created concurrently elsewhere", study_id)
             return None
 
-    def _supersede_older_jobs(self, s: Session, study_id: int, study_uid: str | None, new_job_id: int, now: datetime) -> None:
-        older = s.scalars(
-            select(Job.id)
-            .join(StudyVersion, StudyVersion.id == Job.study_version_id)
-            .where(StudyVersion.study_id == study_id, Job.id != new_job_id,
-                   Job.status.in_([JobStatus.QUEUED, JobStatus.ENQUEUED, JobStatus.RUNNING]))
-        ).all()  # fmt: skip
-        for job_id in older:
-            s.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.SUPERSEDED.value, superseded_by_job_id=new_job_id,
-                                                                 finished_at=now))  # fmt: skip
-            audit.record(s, now, audit.SYSTEM_ASSEMBLER, Action.JOB_SUPERSEDED, "job", job_id, study_uid=study_uid,  # type: ignore[arg-type]
-                         superseded_by=new_job_id)  # fmt: skip
-
     def publish_pending(self) -> int:
-        """Publish jobs not yet handed to the broker, and re-publish ones that went quiet.
+        """Publish jobs not yet handed to the broker, and re-publish ones that went quiet (a lost
+        message, or a worker whose lease ran out: the next delivery takes the job over).
 
         The broker is a doorbell: jobs live in the database, so a publish lost to a crash
         or a dead worker is repeated here. The worker's claim makes repeats harmless.
         """
         now = self.clock.now()
-        stale = now - self.redeliver
         with self.db.session() as s:
-            rows = s.execute(
-                select(Job.id, Job.status, Study.study_uid)
-                .join(StudyVersion, StudyVersion.id == Job.study_version_id)
-                .join(Study, Study.id == StudyVersion.study_id)
-                .where(
-                    or_(
-                        and_(Job.status == JobStatus.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now)),
-                        and_(Job.status == JobStatus.ENQUEUED, Job.enqueued_at < stale),
-                        and_(Job.status == JobStatus.RUNNING, Job.started_at < stale),
-                    )
-                ).order_by(Job.id)
-            ).all()  # fmt: skip
+            due = jobs.publishable(s, now, self.redeliver)
         published = 0
-        for job_id, status, study_uid in rows:
+        for job in due:
             try:
-                self.publisher.publish(job_id)
+                self.publisher.publish(job.job_id)
             except Exception:
-                LOG.exception("cannot publish job %d; will retry", job_id)
+                LOG.exception("cannot publish job %d; will retry", job.job_id)
                 break  # the broker is probably down; try again next tick
             with self.db.session() as s:
-                values: dict[str, object] = {"enqueued_at": now}
-                if status == JobStatus.QUEUED:
-                    values["status"] = JobStatus.ENQUEUED.value
-                s.execute(update(Job).where(Job.id == job_id, Job.status == status).values(**values))
-                action = Action.JOB_ENQUEUED if status == JobStatus.QUEUED else Action.JOB_REENQUEUED
-                audit.record(s, now, audit.SYSTEM_ASSEMBLER, action, "job", job_id, study_uid=study_uid, previous_status=status)
+                jobs.mark_published(s, now, audit.SYSTEM_ASSEMBLER, job)
             published += 1
         return published
 
     def publish_dispatches(self) -> int:
         """The same doorbell for SRs on their way to a PACS: new ones, retries that are due, and
         ones whose worker went quiet."""
-        return publish_dispatches(self.db, self.clock, self.publisher, self.dispatch_stale)
+        return dispatches.publish_due(self.db, self.clock, self.publisher, self.dispatch_stale)
 
     def request_force(self, study_uid: str, actor: str) -> ForceResult:
         """Mark a study for processing now; the next tick (anywhere) makes the version."""
@@ -211,48 +174,6 @@ class Assembler:
             s.execute(update(Study).where(Study.id == study_id).values(force_requested_at=now))
             audit.record(s, now, actor, Action.STUDY_FORCE_REQUESTED, "study", study_uid, study_uid=study_uid, pending=pending)
         return ForceResult.REQUESTED
-
-
-def publish_dispatches(db: Database, clock: Clock, publisher: JobPublisher, stale_after: timedelta, *, sr_document_id: int | None = None,
-                       actor: str = audit.SYSTEM_ASSEMBLER) -> int:  # fmt: skip
-    """Publish the dispatches that are due (all, or one SR's: a caption worker sends its new SR's
-    at once rather than waiting for the assembler's next pass). Returns how many were published."""
-    now = clock.now()
-    stale = now - stale_after
-    with db.session() as s:
-        query = (
-            select(Dispatch.id, Dispatch.status, Study.study_uid)
-            .join(SRDocument, SRDocument.id == Dispatch.sr_document_id)
-            .join(Study, Study.id == SRDocument.study_id)
-            .where(
-                or_(
-                    Dispatch.status == DispatchStatus.PENDING,
-                    and_(Dispatch.status == DispatchStatus.RETRYING, Dispatch.next_attempt_at <= now),
-                    and_(Dispatch.status == DispatchStatus.ENQUEUED, Dispatch.enqueued_at < stale),
-                    and_(Dispatch.status == DispatchStatus.SENDING, Dispatch.started_at < stale),
-                )
-            )
-            .order_by(Dispatch.id)
-        )
-        if sr_document_id is not None:
-            query = query.where(Dispatch.sr_document_id == sr_document_id)
-        rows = s.execute(query).all()
-    published = 0
-    for dispatch_id, status, study_uid in rows:
-        try:
-            publisher.publish_dispatch(dispatch_id)
-        except Exception:
-            LOG.exception("cannot publish dispatch %d; will retry", dispatch_id)
-            break
-        with db.session() as s:
-            values: dict[str, object] = {"enqueued_at": now}
-            if status in (DispatchStatus.PENDING, DispatchStatus.RETRYING):
-                values["status"] = DispatchStatus.ENQUEUED.value
-            moved = s.execute(update(Dispatch).where(Dispatch.id == dispatch_id, Dispatch.status == status).values(**values)).rowcount  # type: ignore[attr-defined]
-            if moved:  # someone else may have published it in between: one audit event per transition
-                audit.record(s, now, actor, Action.DISPATCH_ENQUEUED, "dispatch", dispatch_id, study_uid=study_uid, previous_status=status)
-        published += 1
-    return published
 
 
 class ForceResult(enum.Enum):

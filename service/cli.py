@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"medcap: {exc}", file=sys.stderr)
         return 2
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.log_level != "DEBUG":
         # pynetdicom logs every C-STORE at INFO; alembic every plugin it loads.
@@ -45,9 +47,23 @@ class CommandError(Exception):
     pass
 
 
+def die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` ends, however it ends (``kill -9`` included): Linux's
+    parent-death signal. SIGKILL, as Celery gives its own pool processes: a child of a dead
+    `serve` must not run on beside the restarted one. Elsewhere, only the check below."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # it ended before the signal was asked for
+        raise SystemExit(f"medcap: the parent process {parent} is gone")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medcap", description="MedCap: AI report drafts for CT and MR, from DICOM in to DICOM SR out.")
     parser.add_argument("--config", type=Path, help="TOML settings file (environment variables MEDCAP_* take precedence)")
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # `serve`'s children: end when serve ends
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run listener, assembler and worker(s) on this machine (the embedded default)")
@@ -231,7 +247,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     worker_env = {**os.environ, **start_metrics(settings, children=True)}  # the workers' metrics are served here
     stop = _stop_on_signals()
     listener, loop = start_listening(settings, db)
-    medcap = [sys.executable, "-m", "service.cli"] + (["--config", str(args.config)] if args.config else [])
+    medcap = [sys.executable, "-m", "service.cli", "--parent-pid", str(os.getpid())] + (["--config", str(args.config)] if args.config else [])
     # Separate workers, so an SR is never sent late because the model is busy with the next study.
     commands = {"caption": medcap + ["worker", "--queues", "caption"],
                 "dispatch": medcap + ["worker", "--queues", "dispatch", "--concurrency", "1"], "web": medcap + ["web"]}  # fmt: skip

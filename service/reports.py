@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import exists, or_, select
 
 from service import audit
+from service import dispatch_lifecycle as dispatches
+from service import job_lifecycle as jobs
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
@@ -87,17 +89,13 @@ def list_reports(db: Database, *, failed_only: bool = False, limit: int = 50) ->
 
 def retry_job(db: Database, clock: Clock, job_id: int, actor: str) -> None:
     """Queue a failed job again with fresh attempts."""
-    now = clock.now()
     with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise RequeueError(f"there is no job {job_id}")
-        if job.status != JobStatus.FAILED:
-            raise RequeueError(f"job {job_id} is {job.status}; only failed jobs are retried")
-        study_uid = s.scalar(select(Study.study_uid).join(StudyVersion, StudyVersion.study_id == Study.id).where(StudyVersion.id == job.study_version_id))
-        s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.FAILED)
-                  .values(status=JobStatus.QUEUED.value, attempts=0, not_before=None, finished_at=None))  # fmt: skip
-        audit.record(s, now, actor, Action.JOB_RETRY_REQUESTED, "job", job_id, study_uid=study_uid, previous_error=job.error)
+        try:
+            jobs.requeue(s, clock.now(), actor, job_id)
+        except LookupError as exc:
+            raise RequeueError(str(exc)) from None
+        except jobs.ForbiddenTransition:
+            raise RequeueError(f"job {job_id} is {s.scalar(select(Job.status).where(Job.id == job_id))}; only failed jobs are retried") from None
 
 
 def resend_report(db: Database, clock: Clock, sop_instance_uid: str, destinations: Sequence[str], actor: str, *,
@@ -113,23 +111,15 @@ def resend_report(db: Database, clock: Clock, sop_instance_uid: str, destination
             raise RequeueError(f"there is no SR {sop_instance_uid}")
         study_uid = s.scalar(select(Study.study_uid).where(Study.id == doc.study_id))
         existing = {d.destination: d for d in s.scalars(select(Dispatch).where(Dispatch.sr_document_id == doc.id))}
-        restartable = {DispatchStatus.FAILED, DispatchStatus.DELIVERED} if force else {DispatchStatus.FAILED}
         queued = []
         for destination in destinations:
             dispatch = existing.get(destination)
-            if dispatch is None:
-                dispatch = Dispatch(sr_document_id=doc.id, destination=destination, status=DispatchStatus.PENDING.value, attempts=0,
-                                    created_at=now)  # fmt: skip
-                s.add(dispatch)
-                s.flush()
-            elif dispatch.status in restartable:
-                previous = dispatch.status
-                s.execute(update(Dispatch).where(Dispatch.id == dispatch.id, Dispatch.status == previous)
-                          .values(status=DispatchStatus.PENDING.value, attempts=0, next_attempt_at=None, delivered_at=None))  # fmt: skip
-            else:
+            if dispatch is None:  # a destination it never went to: a new dispatch
+                created = dispatches.create(s, now, actor, doc, destination, study_uid)
+                audit.record(s, now, actor, Action.DISPATCH_RESEND_REQUESTED, "dispatch", created.id, study_uid=study_uid,
+                             sr=sop_instance_uid, destination=destination)  # fmt: skip
+            elif not dispatches.resend(s, now, actor, dispatch, force=force, study_uid=study_uid, sr_uid=sop_instance_uid):
                 continue
-            audit.record(s, now, actor, Action.DISPATCH_RESEND_REQUESTED, "dispatch", dispatch.id, study_uid=study_uid,
-                         sr=sop_instance_uid, destination=destination)  # fmt: skip
             queued.append(destination)
         if not queued:
             states = ", ".join(f"{d}: {existing[d].status}" for d in destinations if d in existing)

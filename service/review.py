@@ -25,10 +25,11 @@ from sqlalchemy.orm import Session
 from dicom_io.atomic import write_atomic
 from dicom_io.sr import SeriesFinding, Verification, read_findings, read_impression, write_verified_sr
 from service import audit
+from service import dispatch_lifecycle as dispatches
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
-from service.schema import Decision, Dispatch, DispatchStatus, Draft, Review, SRDocument, SRKind, Study, StudyVersion
+from service.schema import Decision, Draft, Review, SRDocument, SRKind, Study, StudyVersion
 from service.users import Account
 
 
@@ -158,13 +159,7 @@ class Reviews:
                 s.flush()
                 audit.record(s, now, actor, Action.DRAFT_APPROVED, "sr_document", doc.sop_instance_uid, study_uid=study_uid,
                              verified_sr=verified.sop_instance_uid, edited=distance > 0, edit_distance=distance, address=address)  # fmt: skip
-                for destination in self.destinations:
-                    dispatch = Dispatch(sr_document_id=verified.id, destination=destination, status=DispatchStatus.PENDING.value,
-                                        attempts=0, created_at=now)  # fmt: skip
-                    s.add(dispatch)
-                    s.flush()
-                    audit.record(s, now, actor, Action.DISPATCH_QUEUED, "dispatch", dispatch.id, study_uid=study_uid,
-                                 sr=verified.sop_instance_uid, destination=destination)  # fmt: skip
+                dispatches.create_all(s, now, actor, verified, study_uid, self.destinations)
         except IntegrityError:
             path.unlink(missing_ok=True)
             self._conflict(doc, study_uid, reviewer, address)

@@ -220,6 +220,9 @@ class Job(Base):
     sr_written_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     worker: Mapped[str | None] = mapped_column(String(128))
+    # The running claim: which worker process holds it (host:pid) and until when (renewed while it works).
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class SRDocument(Base):

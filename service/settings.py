@@ -91,7 +91,9 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = Field(None, description="PEM private key of the server certificate.")
     tls_ca_file: Path | None = Field(None, description="PEM CA bundle that client certificates must chain to (required with TLS).")
     assembly_interval_seconds: float = Field(1.0, gt=0, description="How often the assembler looks for stable studies.")
-    job_redeliver_seconds: float = Field(900.0, gt=0, description="A job enqueued or running this long without finishing is enqueued again.")
+    job_redeliver_seconds: float = Field(900.0, gt=0, description="A job enqueued this long without a worker starting it is enqueued again.")
+    job_lease_seconds: float = Field(10.0, ge=1, le=3600, description="A running job's claim lasts this long unless its worker renews it "
+                                     "(every third of it); a job whose worker died is taken over once it runs out.")  # fmt: skip
     worker_concurrency: int = Field(1, ge=1, le=64, description="Worker processes started by `medcap serve` and `medcap worker`.")
     model: Path | None = Field(None, description="Captioner checkpoint directory (from `medcap model compose` or `medcap model demo`).")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="Where caption workers run the model: auto, cpu, cuda or cuda:N.")
@@ -154,7 +156,7 @@ class Settings(BaseSettings):
             if not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
         if self.job_redeliver_seconds <= self.job_time_limit_seconds:
-            raise ValueError("job_redeliver_seconds must be longer than job_time_limit_seconds (a running job is taken over only once it cannot still be running)")
+            raise ValueError("job_redeliver_seconds must be longer than job_time_limit_seconds (an enqueued job is published again only once a worker that took it could have finished it)")
         if (self.web_tls_cert_file is None) != (self.web_tls_key_file is None):
             raise ValueError("web_tls_cert_file and web_tls_key_file must be set together")
         if self.retry_max_seconds < self.retry_base_seconds:

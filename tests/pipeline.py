@@ -20,7 +20,7 @@ def make_drafter(db, clock, model, settings, destinations=("ORTHANC@127.0.0.1:42
 
 
 def runner(db, clock) -> JobRunner:  # type: ignore[no-untyped-def]
-    return JobRunner(db, clock, "worker:test", stale_seconds=900, max_attempts=3, retry_delay=lambda n: 10.0 * n)
+    return JobRunner(db, clock, "worker:test", lease_seconds=900, max_attempts=3, retry_delay=lambda n: 10.0 * n)
 
 
 def draft_study(db, clock, settings, listener, assembler, captioner, files) -> int:  # type: ignore[no-untyped-def]

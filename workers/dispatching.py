@@ -13,14 +13,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import select
 
 from dicom_io.dispatch import Destination, DispatchResult
-from service import audit
-from service.audit import Action
+from service import dispatch_lifecycle as dispatches
 from service.clock import Clock
 from service.database import Database
-from service.schema import Dispatch, DispatchAttempt, DispatchStatus, Job, SRDocument, SRKind, Study
+from service.schema import Dispatch, DispatchAttempt, SRDocument, Study
 
 LOG = logging.getLogger(__name__)
 
@@ -40,24 +39,8 @@ class DispatchRunner:
         self.stale = timedelta(seconds=stale_seconds)
 
     def claim(self, dispatch_id: int) -> bool:
-        now = self.clock.now()
         with self.db.session() as s:
-            claimed = s.execute(
-                update(Dispatch)
-                .where(
-                    Dispatch.id == dispatch_id,
-                    or_(
-                        Dispatch.status.in_([DispatchStatus.PENDING, DispatchStatus.ENQUEUED]),
-                        and_(Dispatch.status == DispatchStatus.RETRYING, Dispatch.next_attempt_at <= now),
-                        and_(Dispatch.status == DispatchStatus.SENDING, Dispatch.started_at < now - self.stale),
-                    ),
-                )
-                .values(status=DispatchStatus.SENDING.value, started_at=now, attempts=Dispatch.attempts + 1)
-            ).rowcount  # type: ignore[attr-defined]
-            if not claimed:
-                status = s.scalar(select(Dispatch.status).where(Dispatch.id == dispatch_id))
-                audit.record(s, now, self.actor, Action.DISPATCH_SKIPPED, "dispatch", dispatch_id, status=status or "missing")
-        return bool(claimed)
+            return dispatches.claim(s, self.clock.now(), self.actor, dispatch_id, self.stale)
 
     def run(self, dispatch_id: int) -> str:
         if not self.claim(dispatch_id):
@@ -95,37 +78,18 @@ class DispatchRunner:
         with self.db.session() as s:
             s.add(DispatchAttempt(dispatch_id=dispatch_id, number=attempts, started_at=started, finished_at=now, outcome=outcome,
                                   error=error, instances=instances, worker=self.actor))  # fmt: skip
-            common = dict(study_uid=study_uid, sr=sop_uid, attempt=attempts, instances=instances)
-            mine = and_(Dispatch.id == dispatch_id, Dispatch.status == DispatchStatus.SENDING)
+            common: dict[str, object] = dict(study_uid=study_uid, sr=sop_uid, attempt=attempts, instances=instances)
             if outcome == "delivered":
-                s.execute(update(Dispatch).where(mine).values(status=DispatchStatus.DELIVERED.value, delivered_at=now, error=None))
-                audit.record(s, now, self.actor, Action.DISPATCH_DELIVERED, "dispatch", dispatch_id, **common)  # type: ignore[arg-type]
-                self._acknowledge_job(s, dispatch_id, now)
+                dispatches.deliver(s, now, self.actor, dispatch_id, **common)
                 status = "delivered"
             elif outcome == "transient" and attempts < self.max_attempts:
-                delay = self.retry_delay(attempts)
-                s.execute(update(Dispatch).where(mine).values(status=DispatchStatus.RETRYING.value, error=error,
-                                                              next_attempt_at=now + timedelta(seconds=delay)))  # fmt: skip
-                audit.record(s, now, self.actor, Action.DISPATCH_RETRY_SCHEDULED, "dispatch", dispatch_id, error=error,  # type: ignore[arg-type]
-                             delay_seconds=delay, **common)  # fmt: skip
+                dispatches.retry_later(s, now, self.actor, dispatch_id, error, self.retry_delay(attempts), **common)
                 status = "retrying"
             else:
                 if outcome == "transient":
                     error = f"gave up after {attempts} attempts: {error}"
-                s.execute(update(Dispatch).where(mine).values(status=DispatchStatus.FAILED.value, error=error))
-                audit.record(s, now, self.actor, Action.DISPATCH_FAILED, "dispatch", dispatch_id, error=error, **common)  # type: ignore[arg-type]
+                dispatches.fail(s, now, self.actor, dispatch_id, error, **common)
                 status = "failed"
         (LOG.info if status == "delivered" else LOG.warning)("dispatch %d of SR %s: %s%s", dispatch_id, sop_uid, status,
                                                              f" ({error})" if error else "")  # fmt: skip
         return status
-
-    @staticmethod
-    def _acknowledge_job(s: object, dispatch_id: int, now: object) -> None:
-        """The job's last milestone: every destination of its draft SR has the report."""
-        doc_id = s.scalar(select(Dispatch.sr_document_id).where(Dispatch.id == dispatch_id))  # type: ignore[attr-defined]
-        open_ = s.scalar(select(func.count()).where(Dispatch.sr_document_id == doc_id, Dispatch.status != DispatchStatus.DELIVERED))  # type: ignore[attr-defined]
-        if open_:
-            return
-        job_id = s.scalar(select(SRDocument.job_id).where(SRDocument.id == doc_id, SRDocument.kind == SRKind.DRAFT))  # type: ignore[attr-defined]
-        if job_id is not None:
-            s.execute(update(Job).where(Job.id == job_id, Job.acknowledged_at.is_(None)).values(acknowledged_at=now))  # type: ignore[attr-defined]

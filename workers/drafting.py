@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import pydicom
 from pydicom import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from dicom_io.atomic import write_atomic
@@ -29,16 +29,15 @@ from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import SeriesInput, prepare_series
 from dicom_io.sr import AlgorithmInfo, SeriesFinding, write_draft_sr
 from service import audit
+from service import dispatch_lifecycle as dispatches
+from service import job_lifecycle as jobs
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
 from service.schema import (
-    Dispatch,
-    DispatchStatus,
     Draft,
     Instance,
     Job,
-    JobStatus,
     SRDocument,
     SRKind,
     Study,
@@ -84,12 +83,13 @@ class _Source:
 
 
 class Drafter:
-    def __init__(self, db: Database, clock: Clock, model: CaptionModel, options: DraftOptions, actor: str) -> None:
+    def __init__(self, db: Database, clock: Clock, model: CaptionModel, options: DraftOptions, actor: str, owner: str | None = None) -> None:
         self.db = db
         self.clock = clock
         self.model = model
         self.options = options
         self.actor = actor
+        self.owner = owner  # the claim's owner (workers/jobs.py): only the job's current owner commits its success
 
     def draft(self, job_id: int) -> str:
         """Caption the job's study version and commit the draft SR. The job must be claimed (running)."""
@@ -188,14 +188,7 @@ class Drafter:
         now = self.clock.now()
         try:
             with self.db.session() as s:
-                done = s.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                    .values(status=JobStatus.SUCCEEDED.value, finished_at=now, inferred_at=inferred_at, sr_written_at=now,
-                            worker=self.actor, error=None)
-                ).rowcount  # type: ignore[attr-defined]  # fmt: skip
-                if not done:
-                    raise NotOurs
+                started_at = s.scalar(select(Job.started_at).where(Job.id == job_id))
                 doc = SRDocument(
                     kind=SRKind.DRAFT.value, idempotency_key=key, study_id=source.study_id, study_version_id=source.version_id,
                     job_id=job_id, sop_instance_uid=str(sr.SOPInstanceUID), series_uid=str(sr.SeriesInstanceUID),
@@ -217,9 +210,11 @@ class Drafter:
                              kind="draft", job_id=job_id, study_version=source.version_number, series=len(series),
                              model=identity.name, model_version=identity.version, weights_sha256=identity.weights_sha256,  # type: ignore[attr-defined]
                              generation_preset=self.options.generation_preset)  # fmt: skip
-                queue_dispatches(s, now, self.actor, doc, source.study_uid, self.options.destinations)
-                audit.record(s, now, self.actor, Action.JOB_SUCCEEDED, "job", job_id, study_uid=source.study_uid,
-                             sr=doc.sop_instance_uid, seconds_inference=(inferred_at - s.get(Job, job_id).started_at).total_seconds())  # type: ignore[operator]  # fmt: skip
+                dispatches.create_all(s, now, self.actor, doc, source.study_uid, self.options.destinations)
+                seconds = (inferred_at - started_at).total_seconds() if started_at is not None else None
+                if not jobs.succeed(s, now, self.actor, job_id, owner=self.owner, study_uid=source.study_uid, inferred_at=inferred_at,
+                                    sr_written=True, sr=doc.sop_instance_uid, seconds_inference=seconds):  # fmt: skip
+                    raise NotOurs  # superseded, or taken over: the whole transaction (SR rows included) rolls back
         except NotOurs:
             LOG.info("job %d: no longer ours (superseded or finished elsewhere); draft discarded", job_id)
             raise
@@ -232,31 +227,13 @@ class Drafter:
     def _finish_without_sr(self, job_id: int, source: _Source, why: str) -> str:
         now = self.clock.now()
         with self.db.session() as s:
-            done = s.execute(
-                update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-                .values(status=JobStatus.SUCCEEDED.value, finished_at=now, worker=self.actor, error=None)
-            ).rowcount  # type: ignore[attr-defined]  # fmt: skip
-            if done:
-                audit.record(s, now, self.actor, Action.JOB_SUCCEEDED, "job", job_id, study_uid=source.study_uid, result=why)
+            jobs.succeed(s, now, self.actor, job_id, owner=self.owner, study_uid=source.study_uid, result=why)
         LOG.info("job %d: %s", job_id, why)
         return "succeeded"
 
 
 class NotOurs(Exception):
     """The job was superseded or completed by another worker while this one ran."""
-
-
-def queue_dispatches(s: object, now: object, actor: str, doc: SRDocument, study_uid: str, destinations: Sequence[str]) -> list[Dispatch]:
-    """One pending dispatch per destination, in the caller's transaction."""
-    created = []
-    for destination in destinations:
-        dispatch = Dispatch(sr_document_id=doc.id, destination=destination, status=DispatchStatus.PENDING.value, attempts=0, created_at=now)
-        s.add(dispatch)  # type: ignore[attr-defined]
-        s.flush()  # type: ignore[attr-defined]
-        audit.record(s, now, actor, Action.DISPATCH_QUEUED, "dispatch", dispatch.id, study_uid=study_uid,  # type: ignore[arg-type]
-                     sr=doc.sop_instance_uid, destination=destination)  # fmt: skip
-        created.append(dispatch)
-    return created
 
 
 def printable(text: str) -> str:

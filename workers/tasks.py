@@ -110,7 +110,7 @@ def _actor() -> str:
 def caption_study(job_id: int) -> str:
     settings = _settings()
     db = _database(settings)
-    runner = JobRunner(db, SystemClock(), _actor(), settings.job_redeliver_seconds, max_attempts=settings.job_max_attempts,
+    runner = JobRunner(db, SystemClock(), _actor(), settings.job_lease_seconds, max_attempts=settings.job_max_attempts,
                        retry_delay=settings.retry_delay)  # fmt: skip
 
     def work(claimed_job_id: int) -> str:
@@ -119,7 +119,7 @@ def caption_study(job_id: int) -> str:
             batch_size=settings.caption_batch_size, destinations=tuple(str(d) for d in settings.destination_list),
             reports_dir=settings.reports_dir,
         )  # fmt: skip
-        return Drafter(db, SystemClock(), caption_model(settings), options, _actor()).draft(claimed_job_id)
+        return Drafter(db, SystemClock(), caption_model(settings), options, _actor(), owner=runner.owner).draft(claimed_job_id)
 
     outcome = runner.run(job_id, work)
     LOG.info("job %d: %s", job_id, outcome)
@@ -135,14 +135,14 @@ def _send_now(settings: Settings, db: Database, job_id: int) -> None:
     """Hand the new SR to the dispatch queue at once (the assembler would, on its next pass)."""
     from sqlalchemy import select
 
-    from service.assembly import publish_dispatches
+    from service.dispatch_lifecycle import publish_due
     from service.schema import SRDocument
     from workers.celery_app import CeleryPublisher
 
     with db.session() as s:
         doc_id = s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id))
     if doc_id is not None:
-        publish_dispatches(db, SystemClock(), CeleryPublisher(app), timedelta(seconds=settings.dispatch_stale_seconds),
+        publish_due(db, SystemClock(), CeleryPublisher(app), timedelta(seconds=settings.dispatch_stale_seconds),
                            sr_document_id=doc_id, actor=_actor())  # fmt: skip
 
 

@@ -33,7 +33,7 @@ def job_id(db, clock) -> int:
 
 @pytest.fixture
 def runner(db, clock) -> JobRunner:
-    return JobRunner(db, clock, "worker:test", stale_seconds=900, max_attempts=3, retry_delay=lambda attempts: 10.0 * 2 ** (attempts - 1))
+    return JobRunner(db, clock, "worker:test", lease_seconds=900, max_attempts=3, retry_delay=lambda attempts: 10.0 * 2 ** (attempts - 1))
 
 
 def succeed(job_id: int) -> str:

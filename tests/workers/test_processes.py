@@ -10,10 +10,13 @@ is ready, and a PACS that refuses it.
 from __future__ import annotations
 
 import io
+import os
 import signal
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -139,10 +142,11 @@ def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and
     orthanc = clean_pacs
     settings = make_settings(broker_url=redis_url, **FAST)
     # Slow the job down (16 slices, beam search, one image per pass: seconds, not milliseconds) so that it is
-    # surely mid-way when killed; the time limit leaves room for a loaded 2-core machine.
+    # surely mid-way when killed; the time limit leaves room for a loaded 2-core machine. Leases and
+    # redelivery at their defaults: the crash must cost seconds, not MEDCAP_JOB_REDELIVER_SECONDS.
     env = pipeline_env(settings, tiny_model, f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom_port}", MEDCAP_KEY_SLICES="16",
-                       MEDCAP_GENERATION_PRESET="paper", MEDCAP_CAPTION_BATCH_SIZE="1", MEDCAP_JOB_TIME_LIMIT_SECONDS="60",
-                       MEDCAP_JOB_REDELIVER_SECONDS="61")  # fmt: skip
+                       MEDCAP_GENERATION_PRESET="paper", MEDCAP_CAPTION_BATCH_SIZE="1", MEDCAP_JOB_TIME_LIMIT_SECONDS="60")  # fmt: skip
+    assert settings.job_lease_seconds == 10 and settings.job_redeliver_seconds == 900
     listen = Process(["listen"], env, tmp_path / "listen.log")
     workers: list[Process] = []
     try:
@@ -155,6 +159,7 @@ def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and
         workers.append(Process(["worker", "--queues", "caption", "--device", "cpu"], env, tmp_path / "worker1.log"))
         wait_until(lambda: rows(db, Job.status) == ["running"], "the worker to start the job", timeout=60)
         workers[0].stop(signal.SIGKILL)
+        killed_at = datetime.now(UTC)
         assert rows(db, Job.status) == ["running"], "the job must have been cut off mid-way"
         assert rows(db, SRDocument.id) == []
 
@@ -163,8 +168,11 @@ def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and
         check_sr_in_pacs(orthanc, pacs_studies["ct-head-ge"], db)
         with db.session() as s:
             job = s.scalars(select(Job)).one()
-            started = s.scalar(select(func.count()).where(AuditEvent.action == "job.started"))
-        assert job.attempts == 2 and started == 2
+            started = s.scalars(select(AuditEvent).where(AuditEvent.action == "job.started").order_by(AuditEvent.id)).all()
+        assert job.attempts == 2 and len(started) == 2
+        assert started[1].details["took_over_from"] == started[0].details["owner"]  # the dead worker's claim, taken over
+        print(f"SR written {(job.sr_written_at - killed_at).total_seconds():.1f} s after the kill")
+        assert (job.sr_written_at - killed_at).total_seconds() < 30, "a crashed worker must cost seconds, not the redelivery timeout"
         assert len(list(settings.reports_dir.rglob("*.dcm"))) == 1
         db.dispose()
     finally:
@@ -216,6 +224,37 @@ def test_pacs_down_then_back_and_a_refusing_pacs_with_resend(make_settings, redi
         down.stop()
         refusing.stop()
     assert "Traceback" not in worker.output()
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_serve_killed_takes_its_children_along_and_restarts_cleanly(make_settings, tmp_path, tiny_model):
+    settings = make_settings(**FAST)
+    env = pipeline_env(settings, tiny_model, "")
+    serve = Process(["serve"], env, tmp_path / "serve.log")
+    try:
+        wait_listening(serve, settings.web_port)  # the web child is up
+        wait_until(lambda: "ready." in serve.output(), "the workers to be ready", timeout=120)
+        os.kill(serve.proc.pid, signal.SIGKILL)  # serve alone, not its process group
+        serve.proc.wait()
+        wait_until(lambda: not group_alive(serve.proc.pid), "serve's children to end with it", timeout=20)
+    finally:
+        serve.stop()
+    again = Process(["serve"], env, tmp_path / "serve2.log")
+    try:
+        wait_listening(again, settings.web_port)
+        wait_listening(again, settings.dicom_port)
+        time.sleep(2)
+        assert "exited with status" not in again.output() and "address already in use" not in again.output().lower()
+    finally:
+        again.stop()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
