@@ -137,7 +137,9 @@ def generate(conn: Any, studies: int, events: int) -> None:
            SELECT 'verified', 'verified:' || d.id, d.study_id, d.study_version_id, d.id, '2.25.13.' || d.id, '2.25.14.' || d.id, 'COMPLETE',
                   'VERIFIED', '/data/reports/v' || d.id || '.dcm', md5(d.id::text) || md5(d.id::text), r.decided_at, 'user:r01'
            FROM reviews r JOIN sr_documents d ON d.id = r.draft_sr_id WHERE r.decision = 'approved'""")
-    run("""UPDATE reviews SET verified_sr_id = v.id FROM sr_documents v WHERE v.kind = 'verified' AND v.predecessor_id = reviews.draft_sr_id""")
+    run(
+        """UPDATE reviews SET verified_sr_id = v.id FROM sr_documents v WHERE v.kind = 'verified' AND v.predecessor_id = reviews.draft_sr_id"""
+    )
     run("""INSERT INTO dispatches (sr_document_id, destination, status, attempts, created_at, delivered_at, error)
            SELECT id, 'PACS@10.0.0.9:104', CASE WHEN id % 100 = 3 THEN 'failed' ELSE 'delivered' END, CASE WHEN id % 100 = 3 THEN 5 ELSE 1 END,
                   created_at, CASE WHEN id % 100 = 3 THEN NULL ELSE created_at + interval '2 seconds' END,
@@ -236,12 +238,15 @@ def main() -> int:
         generated = time.perf_counter() - began
         with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("VACUUM ANALYZE"))
-            counts = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()
-                      for t in ("audit_events", "studies", "sr_documents", "drafts", "reviews", "dispatches")}  # fmt: skip
+            counts = {
+                t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()
+                for t in ("audit_events", "studies", "sr_documents", "drafts", "reviews", "dispatches")
+            }
             size = conn.execute(text("SELECT pg_size_pretty(pg_database_size(current_database()))")).scalar_one()
             server = conn.execute(text("SHOW server_version")).scalar_one()
-            sample = conn.execute(text("SELECT study_uid, accession_number, patient_id FROM studies WHERE id = :id"),
-                                  {"id": args.studies // 2}).one()  # fmt: skip
+            sample = conn.execute(
+                text("SELECT study_uid, accession_number, patient_id FROM studies WHERE id = :id"), {"id": args.studies // 2}
+            ).one()
         print(f"generated in {generated:.1f} s: {counts}, database {size}, PostgreSQL {server}", flush=True)
         results = run_queries(db, args, sample)
     finally:
@@ -260,9 +265,24 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     print(f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs")
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "load_average": load, "cpus": os.cpu_count(), "events": args.events, "studies": args.studies, "repeat": args.repeat,
-                               "counts": counts, "database_size": size, "postgresql": server, "generate_seconds": generated,
-                               "results": results}, indent=2))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "command": " ".join(sys.argv),
+                "load_average": load,
+                "cpus": os.cpu_count(),
+                "events": args.events,
+                "studies": args.studies,
+                "repeat": args.repeat,
+                "counts": counts,
+                "database_size": size,
+                "postgresql": server,
+                "generate_seconds": generated,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"\nsaved {out.relative_to(REPO)}")
     return 0
 
@@ -272,11 +292,14 @@ def run_queries(db: Database, args: argparse.Namespace, sample: Any) -> list[dic
     month = (datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC))
     day = (datetime(2026, 6, 15, tzinfo=UTC), datetime(2026, 6, 16, tzinfo=UTC))
     now = START + timedelta(seconds=SPAN_SECONDS)
+
     def search(**kw: Any) -> Callable[[], int]:
         return lambda: len(aq.search_audit(db, aq.AuditSearch(**kw)).rows)
 
     def export(**kw: Any) -> Callable[[], int]:
-        return lambda: aq.write_audit_csv(aq.search_audit(db, aq.AuditSearch(limit=aq.MAX_ROWS, **kw)).rows, io.StringIO(), spreadsheet_safe=True)
+        return lambda: aq.write_audit_csv(
+            aq.search_audit(db, aq.AuditSearch(limit=aq.MAX_ROWS, **kw)).rows, io.StringIO(), spreadsheet_safe=True
+        )
 
     functions: list[tuple[str, Callable[[], int]]] = [
         ("search: latest 100, no filter", search()),
@@ -303,8 +326,13 @@ def run_queries(db: Database, args: argparse.Namespace, sample: Any) -> list[dic
         ("failed work", lambda: len(aq.failed_work(db))),
         ("overview counts", lambda: int(bool(aq.overview(db, now)))),
     ]
-    substitutions = {"1.2.826.0.1.3680043.8.498.1001": study_uid, "'A1001'": f"'{accession}'", "'PAT001'": f"'{patient_id}'",
-                     "%doe%jane%": "%smith%anna%", "user:smith": "user:r07"}  # fmt: skip
+    substitutions = {
+        "1.2.826.0.1.3680043.8.498.1001": study_uid,
+        "'A1001'": f"'{accession}'",
+        "'PAT001'": f"'{patient_id}'",
+        "%doe%jane%": "%smith%anna%",
+        "user:smith": "user:r07",
+    }
 
     def sql_runner(sql: str, *, jit: bool = False) -> Callable[[], int]:
         def run() -> int:
@@ -318,8 +346,11 @@ def run_queries(db: Database, args: argparse.Namespace, sample: Any) -> list[dic
     documented = docs_queries(substitutions)
     functions += [(label, sql_runner(sql)) for label, sql in documented]
     # What that advice is worth: the same view with the server's defaults (JIT on).
-    functions += [(f"{label} [JIT on]", sql_runner(sql, jit=True)) for label, sql in documented
-                  if "FROM v_turnaround_by_model" in sql or "FROM v_model_quality" in sql]  # fmt: skip
+    functions += [
+        (f"{label} [JIT on]", sql_runner(sql, jit=True))
+        for label, sql in documented
+        if "FROM v_turnaround_by_model" in sql or "FROM v_model_quality" in sql
+    ]
     capture = Capture(db.engine)
     results = []
     for label, fn in functions:

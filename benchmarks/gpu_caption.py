@@ -59,12 +59,32 @@ def full_config(model_type: str) -> MedCapConfig:
 
     vision = {k: v for k, v in Blip2VisionConfig().to_dict().items() if k not in ("transformers_version", "model_type", "architectures")}
     sam = {k: v for k, v in SamVisionConfig().to_dict().items() if k not in ("transformers_version", "model_type", "architectures")}
-    qformer = {k: v for k, v in Blip2QFormerConfig().to_dict().items()
-               if k not in ("transformers_version", "model_type", "architectures", "encoder_hidden_size", "use_qformer_text_input")}  # fmt: skip
-    lm = dict(vocab_size=50304, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32, max_position_embeddings=2048,
-              word_embed_proj_dim=2560, bos_token_id=OPT_BOS, eos_token_id=OPT_EOS, pad_token_id=OPT_PAD)  # fmt: skip
-    config = MedCapConfig(model_type="msmedcap", clip_vision=vision, sam_vision=sam, qformer=qformer | {"vocab_size": 30523}, lm=lm,
-                          eval_clip_image_size=364, qformer_text=False)  # fmt: skip
+    qformer = {
+        k: v
+        for k, v in Blip2QFormerConfig().to_dict().items()
+        if k not in ("transformers_version", "model_type", "architectures", "encoder_hidden_size", "use_qformer_text_input")
+    }
+    lm = dict(
+        vocab_size=50304,
+        hidden_size=2560,
+        num_hidden_layers=32,
+        ffn_dim=10240,
+        num_attention_heads=32,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=2560,
+        bos_token_id=OPT_BOS,
+        eos_token_id=OPT_EOS,
+        pad_token_id=OPT_PAD,
+    )
+    config = MedCapConfig(
+        model_type="msmedcap",
+        clip_vision=vision,
+        sam_vision=sam,
+        qformer=qformer | {"vocab_size": 30523},
+        lm=lm,
+        eval_clip_image_size=364,
+        qformer_text=False,
+    )
     return config.with_model_type(model_type)
 
 
@@ -151,8 +171,9 @@ class Row:
         return self.images_per_s / self.ideal_images_per_s if self.ideal_images_per_s else None
 
 
-def measure(model: MedCapModel, name: str, preset: GenerationPreset, batch: int, repeats: int, device: torch.device,
-            plain: bool) -> tuple[Row, torch.Tensor]:  # fmt: skip
+def measure(
+    model: MedCapModel, name: str, preset: GenerationPreset, batch: int, repeats: int, device: torch.device, plain: bool
+) -> tuple[Row, torch.Tensor]:
     views = pixels(model.config, batch, device)
     model.fast_greedy = not plain
     caption_batch(model, views, preset)  # warm-up: kernels, graph capture, allocator
@@ -162,10 +183,18 @@ def measure(model: MedCapModel, name: str, preset: GenerationPreset, batch: int,
     model.fast_greedy = True
     latencies = [e + d for e, d, _ in runs]
     peak = torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else 0.0
-    row = Row(name, preset.name, batch, batch / statistics.median(latencies), 1000 * statistics.median(latencies),
-              1000 * sorted(latencies)[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
-              1000 * statistics.median(e for e, _, _ in runs), 1000 * statistics.median(d for _, d, _ in runs), peak,
-              int(runs[-1][2].shape[1]))  # fmt: skip
+    row = Row(
+        name,
+        preset.name,
+        batch,
+        batch / statistics.median(latencies),
+        1000 * statistics.median(latencies),
+        1000 * sorted(latencies)[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        1000 * statistics.median(e for e, _, _ in runs),
+        1000 * statistics.median(d for _, d, _ in runs),
+        peak,
+        int(runs[-1][2].shape[1]),
+    )
     return row, runs[-1][2]
 
 
@@ -220,8 +249,9 @@ def flops_per_image(model: MedCapModel, preset: GenerationPreset, device: torch.
     return {"encoders": float(encoders), "prefill": float(prefill), "step": float(step)}
 
 
-def ideal_images_per_s(model: MedCapModel, flops: dict[str, float], ceiling: dict[str, float], batch: int, preset: GenerationPreset,
-                       new_tokens: int) -> float:  # fmt: skip
+def ideal_images_per_s(
+    model: MedCapModel, flops: dict[str, float], ceiling: dict[str, float], batch: int, preset: GenerationPreset, new_tokens: int
+) -> float:
     """Roofline: encoders compute-bound; prefill and each decode step bound by the larger of compute and weight reads."""
     rows = batch * preset.num_beams  # generate expands the prefix per beam before the prefill
     lm_bytes = sum(p.numel() * p.element_size() for p in model.lm.parameters())
@@ -241,13 +271,26 @@ def ideal_images_per_s(model: MedCapModel, flops: dict[str, float], ceiling: dic
 
 
 def table(rows: list[Row], header: str) -> str:
-    lines = [header, "", "| model | preset | batch | images/s | p50 ms | p95 ms | encoders ms | Q-Formers + LM ms | peak GiB | new tokens | "
-             "vs generate | of ideal |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        header,
+        "",
+        "| model | preset | batch | images/s | p50 ms | p95 ms | encoders ms | Q-Formers + LM ms | peak GiB | new tokens | "
+        "vs generate | of ideal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        vs = f"{r.vs_generate:.2f}x ({100 * (r.same_as_generate or 0):.0f} % same)" if r.vs_generate else "= generate" if r.preset == "paper" else "-"
+        vs = (
+            f"{r.vs_generate:.2f}x ({100 * (r.same_as_generate or 0):.0f} % same)"
+            if r.vs_generate
+            else "= generate"
+            if r.preset == "paper"
+            else "-"
+        )
         ideal = f"{100 * r.of_ideal:.0f} %" if r.of_ideal else "-"
-        lines.append(f"| {r.model} | {r.preset} | {r.batch} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.encoder_ms:.1f} | "
-                     f"{r.lm_ms:.1f} | {r.peak_gib:.1f} | {r.new_tokens} | {vs} | {ideal} |")  # fmt: skip
+        lines.append(
+            f"| {r.model} | {r.preset} | {r.batch} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.encoder_ms:.1f} | "
+            f"{r.lm_ms:.1f} | {r.peak_gib:.1f} | {r.new_tokens} | {vs} | {ideal} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -259,12 +302,16 @@ def goals(rows: list[Row]) -> list[str]:
             continue
         best = max(fast, key=lambda r: r.images_per_s)
         if best.of_ideal is not None:
-            out.append(f"- {name}: best batch {best.batch}: {100 * best.of_ideal:.0f} % of ideal "
-                       f"(goal {100 * GOAL_IDEAL:.0f} %): {'MET' if best.of_ideal >= GOAL_IDEAL else 'NOT MET'}")  # fmt: skip
+            out.append(
+                f"- {name}: best batch {best.batch}: {100 * best.of_ideal:.0f} % of ideal "
+                f"(goal {100 * GOAL_IDEAL:.0f} %): {'MET' if best.of_ideal >= GOAL_IDEAL else 'NOT MET'}"
+            )
         at32 = next((r for r in fast if r.batch == 32 and r.vs_generate), None)
         if at32 is not None:
-            out.append(f"- {name}: batch 32: {at32.vs_generate:.2f}x plain generate (goal {GOAL_VS_GENERATE:.0f}x): "
-                       f"{'MET' if at32.vs_generate >= GOAL_VS_GENERATE else 'NOT MET'}")  # fmt: skip
+            out.append(
+                f"- {name}: batch 32: {at32.vs_generate:.2f}x plain generate (goal {GOAL_VS_GENERATE:.0f}x): "
+                f"{'MET' if at32.vs_generate >= GOAL_VS_GENERATE else 'NOT MET'}"
+            )
     return out
 
 
@@ -279,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new rows after this many seconds (default 420)")
     parser.add_argument("--out", type=Path, help="write gpu_caption.md and gpu_caption.json here")
     args = parser.parse_args(argv)
-    device = torch.device("cuda:0" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda:0" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device
+    )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 Q-Formers, as Captioner sets on a GPU
         from models.generation import default_dtype
@@ -319,10 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    header = (f"MSMedCap captioning, size `{args.size}`, {gpu}, torch {torch.__version__}, transformers "
-              f"{__import__('transformers').__version__}, frozen parts {str(dtype).removeprefix('torch.')}; measured ceilings: "
-              f"matmul {ceiling['matmul_flops'] / 1e12:.3g} TFLOP/s, copy {ceiling['copy_bytes'] / 1e12:.3g} TB/s; "
-              f"{args.repeats} timed batches per row after a warm-up; {time.perf_counter() - began:.0f} s in all")  # fmt: skip
+    header = (
+        f"MSMedCap captioning, size `{args.size}`, {gpu}, torch {torch.__version__}, transformers "
+        f"{__import__('transformers').__version__}, frozen parts {str(dtype).removeprefix('torch.')}; measured ceilings: "
+        f"matmul {ceiling['matmul_flops'] / 1e12:.3g} TFLOP/s, copy {ceiling['copy_bytes'] / 1e12:.3g} TB/s; "
+        f"{args.repeats} timed batches per row after a warm-up; {time.perf_counter() - began:.0f} s in all"
+    )
     text = table(rows, header) + "\n" + "\n".join(goals(rows)) + "\n"
     if skipped:
         text += f"\nNot run (over the {args.budget_s:.0f} s budget): {', '.join(skipped)}\n"
@@ -330,8 +381,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_caption.md").write_text(text)
-        (args.out / "gpu_caption.json").write_text(json.dumps({"ceilings": ceiling, "rows": [asdict(r) | {"vs_generate": r.vs_generate,
-                                                             "of_ideal": r.of_ideal} for r in rows], "skipped": skipped}, indent=2))  # fmt: skip
+        (args.out / "gpu_caption.json").write_text(
+            json.dumps(
+                {
+                    "ceilings": ceiling,
+                    "rows": [asdict(r) | {"vs_generate": r.vs_generate, "of_ideal": r.of_ideal} for r in rows],
+                    "skipped": skipped,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

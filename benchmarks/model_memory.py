@@ -60,20 +60,55 @@ def configs(size: str) -> dict[str, Any]:
     if size == "full":
         # Salesforce/blip2-opt-2.7b: EVA ViT-g/14 (Blip2VisionConfig's defaults), the BERT-base
         # Q-Former, OPT-2.7B with the vocabulary resized for <image> (50304), eos "\n".
-        opt = OPTConfig(vocab_size=50304, hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32,
-                        max_position_embeddings=2048, word_embed_proj_dim=2560, eos_token_id=50118)  # fmt: skip
-        blip2 = Blip2Config(vision_config=Blip2VisionConfig().to_dict(), qformer_config=Blip2QFormerConfig().to_dict(),
-                            text_config=opt.to_dict(), num_query_tokens=32)  # fmt: skip
+        opt = OPTConfig(
+            vocab_size=50304,
+            hidden_size=2560,
+            num_hidden_layers=32,
+            ffn_dim=10240,
+            num_attention_heads=32,
+            max_position_embeddings=2048,
+            word_embed_proj_dim=2560,
+            eos_token_id=50118,
+        )
+        blip2 = Blip2Config(
+            vision_config=Blip2VisionConfig().to_dict(),
+            qformer_config=Blip2QFormerConfig().to_dict(),
+            text_config=opt.to_dict(),
+            num_query_tokens=32,
+        )
         return {"blip2": blip2, "sam": SamConfig(vision_config=SamVisionConfig().to_dict()), "bert": BertConfig()}
-    vision = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14)
+    vision = Blip2VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+    )
     qformer = Blip2QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    opt = OPTConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2, max_position_embeddings=128,
-                    word_embed_proj_dim=32)  # fmt: skip
-    sam = SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16,
-                          window_size=2, global_attn_indexes=[1], num_pos_feats=8, mlp_dim=64)  # fmt: skip
-    return {"blip2": Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=opt.to_dict(), num_query_tokens=4),
-            "sam": SamConfig(vision_config=sam.to_dict()),
-            "bert": BertConfig(vocab_size=600, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)}  # fmt: skip
+    opt = OPTConfig(
+        vocab_size=512,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+    )
+    sam = SamVisionConfig(
+        hidden_size=32,
+        output_channels=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=16,
+        window_size=2,
+        global_attn_indexes=[1],
+        num_pos_feats=8,
+        mlp_dim=64,
+    )
+    return {
+        "blip2": Blip2Config(
+            vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=opt.to_dict(), num_query_tokens=4
+        ),
+        "sam": SamConfig(vision_config=sam.to_dict()),
+        "bert": BertConfig(vocab_size=600, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    }
 
 
 def write_random(model_class: Any, config: Any, directory: Path, dtype: Any, shard_gb: float = 5.0) -> int:
@@ -98,7 +133,9 @@ def write_random(model_class: Any, config: Any, directory: Path, dtype: Any, sha
             continue
         is_float = tensor.is_floating_point()
         out = dtype if is_float else torch.long
-        entries.append((name, tensor.numel() * torch.empty((), dtype=out).element_size(), lambda s=tuple(tensor.shape), f=is_float: make(s, f)))
+        entries.append(
+            (name, tensor.numel() * torch.empty((), dtype=out).element_size(), lambda s=tuple(tensor.shape), f=is_float: make(s, f))
+        )
     files = weights.write_shards(entries, directory, int(shard_gb * GIB))
     config.save_pretrained(directory)
     return sum(f.stat().st_size for f in files)
@@ -116,8 +153,9 @@ def write_tokenizers(work: Path, bert_vocab: int) -> None:
     wp = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     wp.normalizer = normalizers.BertNormalizer(lowercase=True)
     wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-                            mask_token="[MASK]").save_pretrained(work / "bert")  # fmt: skip
+    PreTrainedTokenizerFast(
+        tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    ).save_pretrained(work / "bert")
 
 
 def make_parts(work: Path, size: str) -> dict[str, int]:
@@ -125,9 +163,11 @@ def make_parts(work: Path, size: str) -> dict[str, int]:
     from transformers import BertForPreTraining, Blip2ForConditionalGeneration, SamModel
 
     parts = configs(size)
-    sizes = {"blip2": write_random(Blip2ForConditionalGeneration, parts["blip2"], work / "blip2", torch.float32),
-             "sam": write_random(SamModel, parts["sam"], work / "sam", torch.float32),
-             "bert": write_random(BertForPreTraining, parts["bert"], work / "bert", torch.float32)}  # fmt: skip
+    sizes = {
+        "blip2": write_random(Blip2ForConditionalGeneration, parts["blip2"], work / "blip2", torch.float32),
+        "sam": write_random(SamModel, parts["sam"], work / "sam", torch.float32),
+        "bert": write_random(BertForPreTraining, parts["bert"], work / "bert", torch.float32),
+    }
     write_tokenizers(work, parts["bert"].vocab_size)
     return sizes
 
@@ -154,8 +194,14 @@ def run_step(step: str, work: Path) -> dict[str, Any]:
         from models.msmedcap.compose import compose
 
         out = work / ("train" if step == "compose" else "train-bf16")
-        compose(blip2=str(work / "blip2"), sam=str(work / "sam"), bert=str(work / "bert"), out=out,
-                frozen_dtype=torch.bfloat16 if step == "compose_bf16" else None, log=lambda _: None)  # fmt: skip
+        compose(
+            blip2=str(work / "blip2"),
+            sam=str(work / "sam"),
+            bert=str(work / "bert"),
+            out=out,
+            frozen_dtype=torch.bfloat16 if step == "compose_bf16" else None,
+            log=lambda _: None,
+        )
         result["bytes"] = _weights_bytes(out)
     elif step == "export":
         from models.msmedcap.inference import export
@@ -179,7 +225,11 @@ def run_step(step: str, work: Path) -> dict[str, Any]:
         result["checksum"] = _touch(model)
     else:
         raise SystemExit(f"unknown step {step}")
-    result |= {"seconds": time.perf_counter() - start, "floor_rss": floor, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    result |= {
+        "seconds": time.perf_counter() - start,
+        "floor_rss": floor,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     return result
 
 
@@ -212,11 +262,15 @@ def _gb(n: float) -> str:
 
 
 def report(results: dict[str, dict[str, Any]], sources: dict[str, int], size: str) -> tuple[str, dict[str, bool]]:
-    lines = [f"MSMedCap host memory, size `{size}`, {platform.machine()} {os.cpu_count()} CPUs, "
-             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM; torch 1 thread", "",
-             f"Sources (random weights, fp32): BLIP-2 {_gb(sources['blip2'])} GiB, SAM {_gb(sources['sam'])} GiB, BERT {_gb(sources['bert'])} GiB.", "",
-             "| step | peak RSS (GiB) | floor after imports (GiB) | weights written or read (GiB) | peak / weights | seconds |",
-             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"MSMedCap host memory, size `{size}`, {platform.machine()} {os.cpu_count()} CPUs, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM; torch 1 thread",
+        "",
+        f"Sources (random weights, fp32): BLIP-2 {_gb(sources['blip2'])} GiB, SAM {_gb(sources['sam'])} GiB, BERT {_gb(sources['bert'])} GiB.",
+        "",
+        "| step | peak RSS (GiB) | floor after imports (GiB) | weights written or read (GiB) | peak / weights | seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for key, label in STEPS:
         r = results[key]
         ratio = f"{r['peak_rss'] / r['bytes']:.2f}" if r.get("bytes") else "-"
@@ -225,9 +279,13 @@ def report(results: dict[str, dict[str, Any]], sources: dict[str, int], size: st
     peer = results["peer_load"]["peak_rss"] / results["peer_load"]["bytes"]
     compose_peak = max(results["compose"]["peak_rss"], results["export"]["peak_rss"])
     goals = {"load <= 1.3x bf16 checkpoint": load <= GOAL_LOAD_RATIO, "compose fits 32 GB": compose_peak <= GOAL_COMPOSE_GB * 1e9}
-    lines += ["", f"Inference load: peak {load:.2f}x the bf16 checkpoint; transformers' loader side by side: {peer:.2f}x the bf16 model it "
-              f"builds (MedCap / transformers: {load / peer:.2f}).",
-              f"Compose peak {_gb(results['compose']['peak_rss'])} GiB (training checkpoint with fp32 frozen parts, the largest case).", ""]  # fmt: skip
+    lines += [
+        "",
+        f"Inference load: peak {load:.2f}x the bf16 checkpoint; transformers' loader side by side: {peer:.2f}x the bf16 model it "
+        f"builds (MedCap / transformers: {load / peer:.2f}).",
+        f"Compose peak {_gb(results['compose']['peak_rss'])} GiB (training checkpoint with fp32 frozen parts, the largest case).",
+        "",
+    ]
     lines += [f"- goal {name}: {'MET' if ok else 'NOT MET'}" for name, ok in goals.items()]
     return "\n".join(lines) + "\n", goals
 
@@ -235,7 +293,9 @@ def report(results: dict[str, dict[str, Any]], sources: dict[str, int], size: st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=["full", "tiny"], default="full")
-    parser.add_argument("--work", type=Path, help="where the parts and checkpoints go (default: a temporary directory; full size needs ~45 GB)")
+    parser.add_argument(
+        "--work", type=Path, help="where the parts and checkpoints go (default: a temporary directory; full size needs ~45 GB)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--reuse", action="store_true", help="keep the parts already in --work (they take minutes to write at full size)")
     parser.add_argument("--out", type=Path, help="also write the table here (markdown)")
@@ -252,10 +312,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.reuse and (work / "parts.json").is_file():
             sources = json.loads((work / "parts.json").read_text())
         else:
-            sources = json.loads(subprocess.run([sys.executable, "-c", f"import json,sys; sys.path.insert(0, {str(REPO)!r}); "
-                                             f"from benchmarks.model_memory import make_parts; from pathlib import Path; "
-                                             f"print(json.dumps(make_parts(Path({str(work)!r}), {args.size!r})))"],
-                                            check=True, capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])  # fmt: skip
+            sources = json.loads(
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-c",
+                        f"import json,sys; sys.path.insert(0, {str(REPO)!r}); "
+                        f"from benchmarks.model_memory import make_parts; from pathlib import Path; "
+                        f"print(json.dumps(make_parts(Path({str(work)!r}), {args.size!r})))",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             (work / "parts.json").write_text(json.dumps(sources))
         results = {}
         for key, label in STEPS:

@@ -165,7 +165,9 @@ class InferenceBench:
 
         clip_size, sam_size = self.captioner.image_sizes
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.files]
-        source = _Source(0, study.study_uid, 0, 1, {str(h.SOPInstanceUID): (str(h.SOPClassUID), p) for h, p in zip(headers, study.files, strict=True)})
+        source = _Source(
+            0, study.study_uid, 0, 1, {str(h.SOPInstanceUID): (str(h.SOPClassUID), p) for h, p in zip(headers, study.files, strict=True)}
+        )
         run = InferenceAlone(study.source, 0, repeats, [], [])
         for rep in range(repeats + (1 if untimed_first else 0)):
             t0 = time.perf_counter()
@@ -178,8 +180,14 @@ class InferenceBench:
             for s in series:
                 texts.append(summarise_captions([printable(c) for c in flat[start : start + len(s.key_slices)]]) or "(no text)")
                 start += len(s.key_slices)
-            findings = [SeriesFinding(s.series_uid, text, [(source.instances[u][0], u, f) for u, f in zip(s.sop_instance_uids, s.key_slices.frames, strict=True)])
-                        for s, text in zip(series, texts, strict=True)]  # fmt: skip
+            findings = [
+                SeriesFinding(
+                    s.series_uid,
+                    text,
+                    [(source.instances[u][0], u, f) for u, f in zip(s.sop_instance_uids, s.key_slices.frames, strict=True)],
+                )
+                for s, text in zip(series, texts, strict=True)
+            ]
             t3 = time.perf_counter()
             evidence = self.drafter._evidence(source, {s.series_uid for s in series})
             t4 = time.perf_counter()
@@ -280,10 +288,20 @@ class OrthancPACS:
         home = workdir / "orthanc"
         home.mkdir(parents=True)
         self.http_port, self.port = rb.free_port(), rb.free_port()
-        config = {"Name": "MEDCAP-BENCH-PACS", "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"),
-                  "Plugins": [], "HttpServerEnabled": True, "HttpPort": self.http_port, "RemoteAccessAllowed": False,
-                  "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomAet": PACS_AET, "DicomPort": self.port,
-                  "StableAge": 5}  # fmt: skip
+        config = {
+            "Name": "MEDCAP-BENCH-PACS",
+            "StorageDirectory": str(home / "db"),
+            "IndexDirectory": str(home / "db"),
+            "Plugins": [],
+            "HttpServerEnabled": True,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomServerEnabled": True,
+            "DicomAet": PACS_AET,
+            "DicomPort": self.port,
+            "StableAge": 5,
+        }
         (home / "orthanc.json").write_text(json.dumps(config, indent=2))
         self.log = workdir / "orthanc.log"
         # TCP_NODELAY=1: Debian's Orthanc leaves Nagle on otherwise (~40 ms per C-STORE-RSP).
@@ -296,8 +314,9 @@ class OrthancPACS:
 
     def count_srs(self) -> int:
         body = json.dumps({"Level": "Instance", "Query": {"Modality": "SR"}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/tools/find", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/tools/find", data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as response:
             return len(json.loads(response.read()))
 
@@ -321,13 +340,24 @@ class MedCapServe:
         self.redis_url = args.redis_url if args.broker == "redis" else None
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEDCAP_")}
         env.update(
-            HF_HUB_OFFLINE="1", MEDCAP_DATA_DIR=str(self.data_dir), MEDCAP_DICOM_PORT=str(self.port),
-            MEDCAP_DICOM_BIND_ADDRESS="127.0.0.1", MEDCAP_ALLOWED_PEERS="*@127.0.0.1/32", MEDCAP_QUIET_SECONDS=str(args.quiet),
-            MEDCAP_MAX_WAIT_SECONDS="600", MEDCAP_ASSEMBLY_INTERVAL_SECONDS=str(args.assembly_interval), MEDCAP_MODEL=str(model),
-            MEDCAP_DESTINATIONS=destination, MEDCAP_DEVICE="cpu", MEDCAP_KEY_SLICES=str(args.key_slices),
-            MEDCAP_KEY_SLICE_STRATEGY=args.key_slice_strategy, MEDCAP_CAPTION_BATCH_SIZE=str(args.batch_size),
-            MEDCAP_GENERATION_PRESET=args.preset, MEDCAP_LOG_LEVEL=args.log_level, MEDCAP_MIN_FREE_DISK_MB="100",
-        )  # fmt: skip
+            HF_HUB_OFFLINE="1",
+            MEDCAP_DATA_DIR=str(self.data_dir),
+            MEDCAP_DICOM_PORT=str(self.port),
+            MEDCAP_DICOM_BIND_ADDRESS="127.0.0.1",
+            MEDCAP_ALLOWED_PEERS="*@127.0.0.1/32",
+            MEDCAP_QUIET_SECONDS=str(args.quiet),
+            MEDCAP_MAX_WAIT_SECONDS="600",
+            MEDCAP_ASSEMBLY_INTERVAL_SECONDS=str(args.assembly_interval),
+            MEDCAP_MODEL=str(model),
+            MEDCAP_DESTINATIONS=destination,
+            MEDCAP_DEVICE="cpu",
+            MEDCAP_KEY_SLICES=str(args.key_slices),
+            MEDCAP_KEY_SLICE_STRATEGY=args.key_slice_strategy,
+            MEDCAP_CAPTION_BATCH_SIZE=str(args.batch_size),
+            MEDCAP_GENERATION_PRESET=args.preset,
+            MEDCAP_LOG_LEVEL=args.log_level,
+            MEDCAP_MIN_FREE_DISK_MB="100",
+        )
         from service.settings import Settings
 
         if "web_port" in Settings.model_fields:  # `medcap serve` also starts the review web app: keep it off shared ports
@@ -374,12 +404,24 @@ class MedCapServe:
 
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(Study.study_uid, Job.id, Job.status, Job.attempts, Job.error, Job.created_at, Job.enqueued_at, Job.started_at,
-                       Job.inferred_at, Job.sr_written_at, Job.acknowledged_at, Job.finished_at)
+                select(
+                    Study.study_uid,
+                    Job.id,
+                    Job.status,
+                    Job.attempts,
+                    Job.error,
+                    Job.created_at,
+                    Job.enqueued_at,
+                    Job.started_at,
+                    Job.inferred_at,
+                    Job.sr_written_at,
+                    Job.acknowledged_at,
+                    Job.finished_at,
+                )
                 .join(StudyVersion, StudyVersion.study_id == Study.id)
                 .join(Job, Job.study_version_id == StudyVersion.id)
                 .order_by(Job.id)
-            ).all()  # fmt: skip
+            ).all()
         out: dict[str, dict[str, Any]] = {}
         for row in rows:
             m = row._asdict()
@@ -392,8 +434,11 @@ class MedCapServe:
         """How many of these studies have their SR acknowledged; which jobs failed."""
         jobs = self.jobs_by_study()
         done = sum(1 for uid in study_uids if uid in jobs and jobs[uid]["acknowledged_at"] is not None)
-        failed = [f"{uid}: {jobs[uid]['status']} {jobs[uid]['error']}" for uid in study_uids
-                  if uid in jobs and jobs[uid]["status"] in ("failed", "superseded")]  # fmt: skip
+        failed = [
+            f"{uid}: {jobs[uid]['status']} {jobs[uid]['error']}"
+            for uid in study_uids
+            if uid in jobs and jobs[uid]["status"] in ("failed", "superseded")
+        ]
         return done, failed
 
     def timeline(self) -> dict[str, dict[str, Any]]:
@@ -405,17 +450,32 @@ class MedCapServe:
         jobs = self.jobs_by_study()
         with self.engine.connect() as conn:
             received = conn.execute(
-                select(Study.study_uid, func.min(Instance.received_at, type_=UTCDateTime), func.max(Instance.received_at, type_=UTCDateTime),
-                       func.count())
-                .join(Instance, Instance.study_id == Study.id).group_by(Study.study_uid)
-            ).all()  # fmt: skip
+                select(
+                    Study.study_uid,
+                    func.min(Instance.received_at, type_=UTCDateTime),
+                    func.max(Instance.received_at, type_=UTCDateTime),
+                    func.count(),
+                )
+                .join(Instance, Instance.study_id == Study.id)
+                .group_by(Study.study_uid)
+            ).all()
             dispatches = conn.execute(
-                select(SRDocument.job_id, Dispatch.id, Dispatch.status, Dispatch.attempts, Dispatch.created_at, Dispatch.enqueued_at,
-                       Dispatch.started_at, Dispatch.delivered_at)
-                .join(SRDocument, SRDocument.id == Dispatch.sr_document_id)
-            ).all()  # fmt: skip
-            attempts = conn.execute(select(DispatchAttempt.dispatch_id, DispatchAttempt.started_at, DispatchAttempt.finished_at,
-                                           DispatchAttempt.outcome).order_by(DispatchAttempt.id)).all()  # fmt: skip
+                select(
+                    SRDocument.job_id,
+                    Dispatch.id,
+                    Dispatch.status,
+                    Dispatch.attempts,
+                    Dispatch.created_at,
+                    Dispatch.enqueued_at,
+                    Dispatch.started_at,
+                    Dispatch.delivered_at,
+                ).join(SRDocument, SRDocument.id == Dispatch.sr_document_id)
+            ).all()
+            attempts = conn.execute(
+                select(
+                    DispatchAttempt.dispatch_id, DispatchAttempt.started_at, DispatchAttempt.finished_at, DispatchAttempt.outcome
+                ).order_by(DispatchAttempt.id)
+            ).all()
         last_attempt = {a.dispatch_id: a for a in attempts}
         by_job = {d.job_id: d for d in dispatches}  # one destination
         out = {}
@@ -425,10 +485,18 @@ class MedCapServe:
                 continue
             d = by_job.get(job["id"])
             a = last_attempt.get(d.id) if d is not None else None
-            out[uid] = {**job, "first_received": first, "last_received": last, "instances": count,
-                        "dispatch_status": d.status if d else None, "dispatch_attempts": d.attempts if d else None,
-                        "dispatch_enqueued": d.enqueued_at if d else None, "dispatch_started": d.started_at if d else None,
-                        "attempt_started": a.started_at if a else None, "attempt_finished": a.finished_at if a else None}  # fmt: skip
+            out[uid] = {
+                **job,
+                "first_received": first,
+                "last_received": last,
+                "instances": count,
+                "dispatch_status": d.status if d else None,
+                "dispatch_attempts": d.attempts if d else None,
+                "dispatch_enqueued": d.enqueued_at if d else None,
+                "dispatch_started": d.started_at if d else None,
+                "attempt_started": a.started_at if a else None,
+                "attempt_finished": a.finished_at if a else None,
+            }
         return out
 
 
@@ -443,15 +511,18 @@ def send_study(port: int, study: StudyInput, logdir: Path) -> None:
     log = logdir / f"storescu-{study.phase}-{study.directory.name}.log"
     study.send_start = utcnow()
     with log.open("wb") as out:
-        proc = subprocess.run([rb.STORESCU, "-aet", SENDER_AET, "-aec", MEDCAP_AET, "+sd", "+r", "127.0.0.1", str(port),
-                               str(study.directory)], env=rb._dcmtk_env(), stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.run(
+            [rb.STORESCU, "-aet", SENDER_AET, "-aec", MEDCAP_AET, "+sd", "+r", "127.0.0.1", str(port), str(study.directory)],
+            env=rb._dcmtk_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     study.send_end = utcnow()
     if proc.returncode != 0:
         raise RuntimeError(f"storescu exited with status {proc.returncode} for {study.directory} ({log})")
 
 
-def wait_acknowledged(medcap: MedCapServe, studies: list[StudyInput], timeout: float, progress: Any = None,
-                      interval: float = 0.1) -> None:  # fmt: skip
+def wait_acknowledged(medcap: MedCapServe, studies: list[StudyInput], timeout: float, progress: Any = None, interval: float = 0.1) -> None:
     uids = [s.study_uid for s in studies]
     deadline = time.monotonic() + timeout
     seen = 0
@@ -527,8 +598,14 @@ def stage_times(t: dict[str, Any], quiet: float) -> dict[str, float | None]:
 
 
 def summarise(values: list[float]) -> dict[str, float]:
-    return {"n": len(values), "mean": statistics.fmean(values), "p50": percentile(values, 0.5), "p95": percentile(values, 0.95),
-            "min": min(values), "max": max(values)}  # fmt: skip
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "p50": percentile(values, 0.5),
+        "p95": percentile(values, 0.95),
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def phase_stats(studies: list[StudyInput], timeline: dict[str, dict[str, Any]], quiet: float) -> dict[str, dict[str, float]]:
@@ -542,28 +619,61 @@ def phase_stats(studies: list[StudyInput], timeline: dict[str, dict[str, Any]], 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None, help=f"captioner checkpoint (default: the demo model, built into {DEFAULT_MODEL.relative_to(REPO)} if missing)")
-    parser.add_argument("--sources", default=DEFAULT_SOURCES, help=f"comma-separated series under {SHARED} to copy, cycled (default {DEFAULT_SOURCES})")
-    parser.add_argument("--latency-studies", type=int, default=20, help="studies sent one at a time, each after the previous SR was acknowledged (default 20)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help=f"captioner checkpoint (default: the demo model, built into {DEFAULT_MODEL.relative_to(REPO)} if missing)",
+    )
+    parser.add_argument(
+        "--sources", default=DEFAULT_SOURCES, help=f"comma-separated series under {SHARED} to copy, cycled (default {DEFAULT_SOURCES})"
+    )
+    parser.add_argument(
+        "--latency-studies",
+        type=int,
+        default=20,
+        help="studies sent one at a time, each after the previous SR was acknowledged (default 20)",
+    )
     parser.add_argument("--burst-studies", type=int, default=50, help="studies sent back to back (default 50; 0 skips the burst)")
-    parser.add_argument("--senders", type=int, default=4, help="storescu processes in parallel during the burst, one association per study (default 4)")
+    parser.add_argument(
+        "--senders", type=int, default=4, help="storescu processes in parallel during the burst, one association per study (default 4)"
+    )
     parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite")
     parser.add_argument("--broker", choices=["embedded", "redis"], default="embedded")
     parser.add_argument("--pacs", choices=["storescp", "orthanc"], default="storescp")
-    parser.add_argument("--pg-url", default=rb.DEFAULT_PG, help=f"PostgreSQL server without database (default {rb.DEFAULT_PG}); a fresh database is created and dropped")
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS, help=f"Redis database of this benchmark, flushed before and after (default {DEFAULT_REDIS})")
+    parser.add_argument(
+        "--pg-url",
+        default=rb.DEFAULT_PG,
+        help=f"PostgreSQL server without database (default {rb.DEFAULT_PG}); a fresh database is created and dropped",
+    )
+    parser.add_argument(
+        "--redis-url", default=DEFAULT_REDIS, help=f"Redis database of this benchmark, flushed before and after (default {DEFAULT_REDIS})"
+    )
     parser.add_argument("--quiet", type=float, default=1.0, help="MEDCAP_QUIET_SECONDS (default 1)")
     parser.add_argument("--assembly-interval", type=float, default=0.2, help="MEDCAP_ASSEMBLY_INTERVAL_SECONDS (default 0.2)")
     parser.add_argument("--key-slices", type=int, default=3, help="MEDCAP_KEY_SLICES (default 3, MedCap's default)")
     parser.add_argument("--key-slice-strategy", default="uniform", choices=["central", "uniform", "content"])
     parser.add_argument("--batch-size", type=int, default=8, help="MEDCAP_CAPTION_BATCH_SIZE (default 8)")
     parser.add_argument("--preset", default="fast", choices=["fast", "paper"], help="MEDCAP_GENERATION_PRESET (default fast)")
-    parser.add_argument("--inference-repeat", type=int, default=5, help="timed in-process inference runs per source before MedCap starts (default 5, after one untimed)")
-    parser.add_argument("--paired-repeat", type=int, default=3, help="in-process inference runs after each one-at-a-time study, on its files (default 3)")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch intra-op threads, in-process and in the caption worker (OMP_NUM_THREADS); default: torch's own (one per core)")
+    parser.add_argument(
+        "--inference-repeat",
+        type=int,
+        default=5,
+        help="timed in-process inference runs per source before MedCap starts (default 5, after one untimed)",
+    )
+    parser.add_argument(
+        "--paired-repeat", type=int, default=3, help="in-process inference runs after each one-at-a-time study, on its files (default 3)"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads, in-process and in the caption worker (OMP_NUM_THREADS); default: torch's own (one per core)",
+    )
     parser.add_argument("--idle-seconds", type=float, default=10, help="how long medcap serve's idle CPU use is measured (default 10)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="MedCap's log level (default INFO)")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="MedCap's log level (default INFO)"
+    )
     parser.add_argument("--study-timeout", type=float, default=180, help="seconds to wait for one SR in the latency phase")
     parser.add_argument("--workdir", type=Path, default=None, help="where inputs, data and logs go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -606,17 +716,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inference alone before MedCap starts: warm, in-process, {args.inference_repeat} timed runs per source ...", flush=True)
         upfront = [bench.measure(s, args.inference_repeat, untimed_first=True) for s in warmup]
         for a in upfront:
-            print(f"  {a.source}: {a.images} images, prepare_series {statistics.median(a.prepare):.3f} s, "
-                  f"caption {statistics.median(a.caption):.3f} s; SR without database: evidence headers "
-                  f"{statistics.median(a.sr_evidence):.3f} s, build {statistics.median(a.sr_build):.3f} s, "
-                  f"serialise + durable write {statistics.median(a.sr_store):.3f} s (medians)")  # fmt: skip
+            print(
+                f"  {a.source}: {a.images} images, prepare_series {statistics.median(a.prepare):.3f} s, "
+                f"caption {statistics.median(a.caption):.3f} s; SR without database: evidence headers "
+                f"{statistics.median(a.sr_evidence):.3f} s, build {statistics.median(a.sr_build):.3f} s, "
+                f"serialise + durable write {statistics.median(a.sr_store):.3f} s (medians)"
+            )
 
         # 3. the PACS and MedCap
         logs = root / "logs"
         logs.mkdir()
         pacs = StoreSCP(root) if args.pacs == "storescp" else OrthancPACS(root)
         medcap = MedCapServe(root, model, pacs.destination, args)
-        print(f"medcap serve on port {medcap.port} ({args.database}, {args.broker} broker), PACS {pacs.name} at {pacs.destination}", flush=True)
+        print(
+            f"medcap serve on port {medcap.port} ({args.database}, {args.broker} broker), PACS {pacs.name} at {pacs.destination}",
+            flush=True,
+        )
 
         # 4. warm-up: one study per source, waits for the model to load in the worker
         for study in warmup:
@@ -653,8 +768,9 @@ def main(argv: list[str] | None = None) -> int:
             with tqdm(total=len(burst), desc="burst (acknowledged)", unit="study", file=sys.stdout) as bar:
                 with ThreadPoolExecutor(args.senders) as pool:
                     futures = [pool.submit(send_study, medcap.port, s, logs) for s in burst]
-                    waiter = threading.Thread(target=lambda: (wait_acknowledged(medcap, burst, timeout=540, progress=bar), acked.set()),
-                                              daemon=True)  # fmt: skip
+                    waiter = threading.Thread(
+                        target=lambda: (wait_acknowledged(medcap, burst, timeout=540, progress=bar), acked.set()), daemon=True
+                    )
                     waiter.start()
                     for f in futures:
                         f.result()
@@ -718,26 +834,37 @@ def main(argv: list[str] | None = None) -> int:
         wall = secs(burst_start, last_ack)
         busy = sum(stage_times(timeline[s.study_uid], quiet)["inference"] for s in burst)  # type: ignore[misc]
         mean_alone = statistics.fmean(alone_source[s.source] for s in burst)
-        throughput = {"studies": len(burst), "senders": args.senders, "wall_s": wall, "send_s": secs(burst_start, burst_sent),
-                      "studies_per_min": len(burst) / wall * 60, "caption_busy_fraction": busy / wall,
-                      "ceiling_studies_per_min": 60 / mean_alone, "medcap_cpu_s": burst_cpu,
-                      "medcap_cpu_s_per_study": burst_cpu / len(burst),
-                      "medcap_cpu_s_per_study_by_role": {k: v / len(burst) for k, v in burst_roles.items()}}  # fmt: skip
+        throughput = {
+            "studies": len(burst),
+            "senders": args.senders,
+            "wall_s": wall,
+            "send_s": secs(burst_start, burst_sent),
+            "studies_per_min": len(burst) / wall * 60,
+            "caption_busy_fraction": busy / wall,
+            "ceiling_studies_per_min": 60 / mean_alone,
+            "medcap_cpu_s": burst_cpu,
+            "medcap_cpu_s_per_study": burst_cpu / len(burst),
+            "medcap_cpu_s_per_study_by_role": {k: v / len(burst) for k, v in burst_roles.items()},
+        }
 
     # -- report ------------------------------------------------------------------------------
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
     print()
     print(f"### Pipeline, {args.database} + {args.broker} broker, PACS {pacs.name}")  # type: ignore[union-attr]
     print()
-    print(f"Settings: quiet {quiet} s, assembly interval {args.assembly_interval} s, key slices {args.key_slices} "
-          f"({args.key_slice_strategy}), caption batch {args.batch_size}, preset {args.preset}, worker concurrency 1, "
-          f"device cpu ({model_info['torch_threads']} torch threads in-process and in the worker{' (--torch-threads)' if args.torch_threads else ', torch default'}), model {model_info['name']} "
-          f"{model_info['version']} (weights {str(model_info['weights_sha256'])[:12]}, CLIP {model_info['clip_size']}², "
-          f"SAM {model_info['sam_size']}²), {os.cpu_count()} CPUs, {len(latency)} studies one at a time, "
-          f"{len(burst)} in the burst")  # fmt: skip
+    print(
+        f"Settings: quiet {quiet} s, assembly interval {args.assembly_interval} s, key slices {args.key_slices} "
+        f"({args.key_slice_strategy}), caption batch {args.batch_size}, preset {args.preset}, worker concurrency 1, "
+        f"device cpu ({model_info['torch_threads']} torch threads in-process and in the worker{' (--torch-threads)' if args.torch_threads else ', torch default'}), model {model_info['name']} "
+        f"{model_info['version']} (weights {str(model_info['weights_sha256'])[:12]}, CLIP {model_info['clip_size']}², "
+        f"SAM {model_info['sam_size']}²), {os.cpu_count()} CPUs, {len(latency)} studies one at a time, "
+        f"{len(burst)} in the burst"
+    )
     print()
-    print("| studies | n | end-to-end p50 s | p95 s | min–max s | inference alone p50 s: prepare + caption | caption only | "
-          "ratio p50 (÷ prepare + caption) | p95 | ratio p50 (÷ caption only) |")  # fmt: skip
+    print(
+        "| studies | n | end-to-end p50 s | p95 s | min–max s | inference alone p50 s: prepare + caption | caption only | "
+        "ratio p50 (÷ prepare + caption) | p95 | ratio p50 (÷ caption only) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, subset in [(n, [s for s in latency if s.source == n]) for n in sources] + [("all, one at a time", latency)]:
         e = summarise([stage_times(timeline[s.study_uid], quiet)["e2e"] for s in subset])  # type: ignore[misc]
@@ -746,26 +873,38 @@ def main(argv: list[str] | None = None) -> int:
         rt, rc = ratio_stats(subset, "total"), ratio_stats(subset, "caption")
         bold = (lambda x: f"**{x}**") if subset is latency else (lambda x: x)
         images = f" ({paired[subset[0].study_uid].images} images)" if subset is not latency else ""
-        print(f"| {name}{images} | {e['n']} | {bold(fmt(e['p50']))} | {bold(fmt(e['p95']))} | {fmt(e['min'])}–{fmt(e['max'])} | "
-              f"{fmt(tot)} | {fmt(cap)} | {bold(format(rt['p50'], '.2f'))} | {rt['p95']:.2f} | {rc['p50']:.2f} |")  # fmt: skip
+        print(
+            f"| {name}{images} | {e['n']} | {bold(fmt(e['p50']))} | {bold(fmt(e['p95']))} | {fmt(e['min'])}–{fmt(e['max'])} | "
+            f"{fmt(tot)} | {fmt(cap)} | {bold(format(rt['p50'], '.2f'))} | {rt['p95']:.2f} | {rc['p50']:.2f} |"
+        )
     print()
-    print(f"Goal: (end-to-end − quiet) ÷ inference alone (prepare_series + caption, paired) ≤ {GOAL_RATIO}: "
-          f"median over studies {ratio_total['p50']:.2f} -> {'MET' if goal_met else 'NOT MET'} "
-          f"(÷ caption only: {ratio_caption['p50']:.2f})")  # fmt: skip
+    print(
+        f"Goal: (end-to-end − quiet) ÷ inference alone (prepare_series + caption, paired) ≤ {GOAL_RATIO}: "
+        f"median over studies {ratio_total['p50']:.2f} -> {'MET' if goal_met else 'NOT MET'} "
+        f"(÷ caption only: {ratio_caption['p50']:.2f})"
+    )
     print()
-    print("Inference alone before MedCap started (idle machine but for other users), medians of "
-          f"{args.inference_repeat}: " + "; ".join(
-              f"{a.source} prepare {med(a.prepare):.3f} s (min {min(a.prepare):.3f}) + caption {med(a.caption):.3f} s "
-              f"(min {min(a.caption):.3f})" for a in upfront))  # fmt: skip
+    print(
+        "Inference alone before MedCap started (idle machine but for other users), medians of "
+        f"{args.inference_repeat}: "
+        + "; ".join(
+            f"{a.source} prepare {med(a.prepare):.3f} s (min {min(a.prepare):.3f}) + caption {med(a.caption):.3f} s "
+            f"(min {min(a.caption):.3f})"
+            for a in upfront
+        )
+    )
     print(f"medcap serve idle: {idle_cpu * 100:.1f} % of one core ({idle_text})")
     if throughput:
         print()
-        print(f"Burst: {throughput['studies']} studies, {throughput['senders']} storescu in parallel (one association per study): "
-              f"sent in {throughput['send_s']:.1f} s, last SR acknowledged after {throughput['wall_s']:.1f} s -> "
-              f"**{throughput['studies_per_min']:.1f} studies/min**; caption worker busy {throughput['caption_busy_fraction'] * 100:.0f} % "
-              f"of the wall time; MedCap CPU {throughput['medcap_cpu_s_per_study']:.2f} s per study ("
-              + ", ".join(f"{k} {v:.2f}" for k, v in throughput["medcap_cpu_s_per_study_by_role"].items()) + "); "
-              f"ceiling if only the paired inference-alone time counted: {throughput['ceiling_studies_per_min']:.1f}/min")  # fmt: skip
+        print(
+            f"Burst: {throughput['studies']} studies, {throughput['senders']} storescu in parallel (one association per study): "
+            f"sent in {throughput['send_s']:.1f} s, last SR acknowledged after {throughput['wall_s']:.1f} s -> "
+            f"**{throughput['studies_per_min']:.1f} studies/min**; caption worker busy {throughput['caption_busy_fraction'] * 100:.0f} % "
+            f"of the wall time; MedCap CPU {throughput['medcap_cpu_s_per_study']:.2f} s per study ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in throughput["medcap_cpu_s_per_study_by_role"].items())
+            + "); "
+            f"ceiling if only the paired inference-alone time counted: {throughput['ceiling_studies_per_min']:.1f}/min"
+        )
     print()
     print("Where the time goes, seconds per study:")
     print()
@@ -779,38 +918,84 @@ def main(argv: list[str] | None = None) -> int:
             row += f" {fmt(bst[key]['mean'])} | {fmt(bst[key]['p50'])} | {fmt(bst[key]['p95'])} |"
         print(row)
     alone_lat = summarise([alone_of(s.study_uid, "total") for s in latency])
-    print(f"| inference alone (paired) | prepare_series + caption, in-process | {fmt(alone_lat['mean'])} | {fmt(alone_lat['p50'])} | "
-          f"{fmt(alone_lat['p95'])} |" + (" | | |" if bst else ""))  # fmt: skip
+    print(
+        f"| inference alone (paired) | prepare_series + caption, in-process | {fmt(alone_lat['mean'])} | {fmt(alone_lat['p50'])} | "
+        f"{fmt(alone_lat['p95'])} |" + (" | | |" if bst else "")
+    )
     sr_alone = {k: statistics.fmean(med(getattr(paired[s.study_uid], k)) for s in latency) for k in ("sr_evidence", "sr_build", "sr_store")}
     overhead = lat["e2e"]["mean"] - alone_lat["mean"]
-    parts = {"worker inference − inference alone": lat["inference"]["mean"] - alone_lat["mean"], "assembly delay": lat["assembly"]["mean"],
-             "queue wait": lat["queue"]["mean"], "SR write": lat["sr"]["mean"], "dispatch": lat["dispatch"]["mean"]}  # fmt: skip
+    parts = {
+        "worker inference − inference alone": lat["inference"]["mean"] - alone_lat["mean"],
+        "assembly delay": lat["assembly"]["mean"],
+        "queue wait": lat["queue"]["mean"],
+        "SR write": lat["sr"]["mean"],
+        "dispatch": lat["dispatch"]["mean"],
+    }
     print()
-    print(f"One at a time, means: end-to-end {lat['e2e']['mean']:.3f} s = inference alone {alone_lat['mean']:.3f} s + overhead "
-          f"{overhead:.3f} s; the overhead: " + ", ".join(f"{k} {v:.3f} s ({v / overhead * 100:.0f} %)" for k, v in parts.items())
-          + f". SR write without the database, in-process: evidence headers {sr_alone['sr_evidence']:.3f} s + build "
-          f"{sr_alone['sr_build']:.3f} s + serialise and durable write {sr_alone['sr_store']:.3f} s.")  # fmt: skip
+    print(
+        f"One at a time, means: end-to-end {lat['e2e']['mean']:.3f} s = inference alone {alone_lat['mean']:.3f} s + overhead "
+        f"{overhead:.3f} s; the overhead: "
+        + ", ".join(f"{k} {v:.3f} s ({v / overhead * 100:.0f} %)" for k, v in parts.items())
+        + f". SR write without the database, in-process: evidence headers {sr_alone['sr_evidence']:.3f} s + build "
+        f"{sr_alone['sr_build']:.3f} s + serialise and durable write {sr_alone['sr_store']:.3f} s."
+    )
     print(f"(receive: first→last instance of a study {lat['receive']['p50']:.3f} s p50; not part of the latency)")
     load_end = os.getloadavg()
-    print(f"total benchmark time {time.perf_counter() - started:.0f} s; load average (1, 5, 15 min) at start "
-          f"{', '.join(f'{x:.1f}' for x in load_start)}, at end {', '.join(f'{x:.1f}' for x in load_end)}; "
-          f"product code sha256 {fingerprint[:12]}")  # fmt: skip
+    print(
+        f"total benchmark time {time.perf_counter() - started:.0f} s; load average (1, 5, 15 min) at start "
+        f"{', '.join(f'{x:.1f}' for x in load_start)}, at end {', '.join(f'{x:.1f}' for x in load_end)}; "
+        f"product code sha256 {fingerprint[:12]}"
+    )
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"pipeline-{stamp}.json"
-    out.write_text(json.dumps({
-        "benchmark": "pipeline", "utc": stamp, "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "model": model_info, "environment": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                                             "loadavg_start": load_start, "loadavg_end": load_end,
-                                             "platform": platform.platform()},
-        "inference_alone_upfront": [asdict(a) for a in upfront], "inference_alone_paired": {u: asdict(a) for u, a in paired.items()},
-        "code_sha256": fingerprint, "idle_cpu_fraction": idle_cpu, "idle_cpu_by_role": idle_roles, "overhead_parts_s": parts, "sr_without_database_s": sr_alone, "latency": lat, "latency_by_source": lat_by_source, "burst": bst,
-        "throughput": throughput, "ratio_prepare_caption": ratio_total, "ratio_caption_only": ratio_caption,
-        "goal": {"ratio_max": GOAL_RATIO, "value": ratio_total["p50"], "met": goal_met}, "problems": problems,
-        "studies": [{"phase": s.phase, "source": s.source, "study_uid": s.study_uid, "send_start": s.send_start, "send_end": s.send_end,
-                     **{k: v for k, v in timeline.get(s.study_uid, {}).items() if k != "study_uid"}} for s in studies],
-    }, indent=2, default=str))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "pipeline",
+                "utc": stamp,
+                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "model": model_info,
+                "environment": {
+                    "host": platform.node(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "loadavg_start": load_start,
+                    "loadavg_end": load_end,
+                    "platform": platform.platform(),
+                },
+                "inference_alone_upfront": [asdict(a) for a in upfront],
+                "inference_alone_paired": {u: asdict(a) for u, a in paired.items()},
+                "code_sha256": fingerprint,
+                "idle_cpu_fraction": idle_cpu,
+                "idle_cpu_by_role": idle_roles,
+                "overhead_parts_s": parts,
+                "sr_without_database_s": sr_alone,
+                "latency": lat,
+                "latency_by_source": lat_by_source,
+                "burst": bst,
+                "throughput": throughput,
+                "ratio_prepare_caption": ratio_total,
+                "ratio_caption_only": ratio_caption,
+                "goal": {"ratio_max": GOAL_RATIO, "value": ratio_total["p50"], "met": goal_met},
+                "problems": problems,
+                "studies": [
+                    {
+                        "phase": s.phase,
+                        "source": s.source,
+                        "study_uid": s.study_uid,
+                        "send_start": s.send_start,
+                        "send_end": s.send_end,
+                        **{k: v for k, v in timeline.get(s.study_uid, {}).items() if k != "study_uid"},
+                    }
+                    for s in studies
+                ],
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"results: {out.relative_to(REPO)}")
     return 3 if args.fail_on_goals and not goal_met else 0
 

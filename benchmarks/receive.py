@@ -65,8 +65,7 @@ def _dcmtk_env() -> dict[str, str]:
 
 def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     _CHILDREN.append(proc)
     return proc
 
@@ -105,8 +104,9 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, called_aet: str, log: P
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"receiver exited with status {proc.returncode} before it was ready; see {log}")
-        echo = subprocess.run([ECHOSCU, "-aet", SENDER_AET, "-aec", called_aet, "-to", "2", "127.0.0.1", str(port)],
-                              env=_dcmtk_env(), capture_output=True)  # fmt: skip
+        echo = subprocess.run(
+            [ECHOSCU, "-aet", SENDER_AET, "-aec", called_aet, "-to", "2", "127.0.0.1", str(port)], env=_dcmtk_env(), capture_output=True
+        )
         if echo.returncode == 0:
             return
         time.sleep(0.2)
@@ -115,10 +115,7 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, called_aet: str, log: P
 
 def send(port: int, called_aet: str, sets: list[list[Path]], logdir: Path, tag: str) -> float:
     """Start one storescu per entry of ``sets`` at once; return seconds until the last one exits."""
-    cmds = [
-        [STORESCU, "-aet", SENDER_AET, "-aec", called_aet, "+sd", "+r", "127.0.0.1", str(port), *map(str, dirs)]
-        for dirs in sets
-    ]  # fmt: skip
+    cmds = [[STORESCU, "-aet", SENDER_AET, "-aec", called_aet, "+sd", "+r", "127.0.0.1", str(port), *map(str, dirs)] for dirs in sets]
     logs = [logdir / f"storescu-{tag}-{i}.log" for i in range(len(cmds))]
     start = time.perf_counter()
     procs = [spawn(cmd, _dcmtk_env(), log) for cmd, log in zip(cmds, logs, strict=True)]
@@ -215,8 +212,16 @@ def run_storescp(inputs: Inputs, sets: list[list[Path]], scenario: str, workdir:
             time.sleep(0.1)
     finally:
         stop(proc)
-    return Run("storescp", scenario, len(sets), inputs.total, seconds, inputs.total / seconds,
-               received - inputs.warmup_size, {"fork": len(sets) > 1, "max_pdu": pdu or 16384})  # fmt: skip
+    return Run(
+        "storescp",
+        scenario,
+        len(sets),
+        inputs.total,
+        seconds,
+        inputs.total / seconds,
+        received - inputs.warmup_size,
+        {"fork": len(sets) > 1, "max_pdu": pdu or 16384},
+    )
 
 
 class Postgres:
@@ -230,8 +235,9 @@ class Postgres:
         from sqlalchemy.engine import make_url
 
         url = make_url(self.base_url + "/postgres")
-        return psycopg.connect(host=url.host, port=url.port or 5432, user=url.username, password=url.password,
-                               dbname="postgres", autocommit=True)  # fmt: skip
+        return psycopg.connect(
+            host=url.host, port=url.port or 5432, user=url.username, password=url.password, dbname="postgres", autocommit=True
+        )
 
     def create(self) -> tuple[str, str]:
         name = f"medcap_bench_{uuid.uuid4().hex[:12]}"
@@ -255,8 +261,9 @@ def count_instances(url: str) -> int:
         engine.dispose()
 
 
-def run_medcap(inputs: Inputs, sets: list[list[Path]], scenario: str, workdir: Path, pg: Postgres | None,
-               profile: Path | None = None) -> Run:  # fmt: skip
+def run_medcap(
+    inputs: Inputs, sets: list[list[Path]], scenario: str, workdir: Path, pg: Postgres | None, profile: Path | None = None
+) -> Run:
     data_dir = workdir / "data"
     db_name = None
     if pg is None:
@@ -266,10 +273,15 @@ def run_medcap(inputs: Inputs, sets: list[list[Path]], scenario: str, workdir: P
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDCAP_")}
     env.update(
-        MEDCAP_DATA_DIR=str(data_dir), MEDCAP_DATABASE_URL=url, MEDCAP_DICOM_PORT=str(port),
-        MEDCAP_DICOM_BIND_ADDRESS="127.0.0.1", MEDCAP_ALLOWED_PEERS="*@127.0.0.1/32",
-        MEDCAP_QUIET_SECONDS="86400", MEDCAP_MAX_WAIT_SECONDS="86400", MEDCAP_LOG_LEVEL="WARNING",
-    )  # fmt: skip
+        MEDCAP_DATA_DIR=str(data_dir),
+        MEDCAP_DATABASE_URL=url,
+        MEDCAP_DICOM_PORT=str(port),
+        MEDCAP_DICOM_BIND_ADDRESS="127.0.0.1",
+        MEDCAP_ALLOWED_PEERS="*@127.0.0.1/32",
+        MEDCAP_QUIET_SECONDS="86400",
+        MEDCAP_MAX_WAIT_SECONDS="86400",
+        MEDCAP_LOG_LEVEL="WARNING",
+    )
     log = workdir / "medcap.log"
     proc = None
     try:
@@ -279,8 +291,20 @@ def run_medcap(inputs: Inputs, sets: list[list[Path]], scenario: str, workdir: P
             raise RuntimeError(f"medcap db upgrade failed:\n{upgrade.stdout}{upgrade.stderr}")
         cmd = [str(MEDCAP), "listen"]
         if profile is not None:
-            cmd = [str(REPO / ".venv" / "bin" / "py-spy"), "record", "--idle", "--threads", "--rate", "200", "--format", "raw",
-                   "-o", str(profile), "--", *cmd]  # fmt: skip
+            cmd = [
+                str(REPO / ".venv" / "bin" / "py-spy"),
+                "record",
+                "--idle",
+                "--threads",
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                "-o",
+                str(profile),
+                "--",
+                *cmd,
+            ]
         proc = spawn(cmd, env, log)
         wait_ready(proc, port, MEDCAP_AET, log)
         send(port, MEDCAP_AET, [[inputs.warmup]], workdir, "warmup")
@@ -298,8 +322,16 @@ def run_medcap(inputs: Inputs, sets: list[list[Path]], scenario: str, workdir: P
             stop(proc, timeout=30.0)
         if db_name is not None:
             pg.drop(db_name)  # type: ignore[union-attr]
-    return Run("medcap", scenario, len(sets), inputs.total, seconds, inputs.total / seconds, rows - inputs.warmup_size,
-               {"files": files - inputs.warmup_size, "database": "sqlite" if pg is None else "postgresql"})  # fmt: skip
+    return Run(
+        "medcap",
+        scenario,
+        len(sets),
+        inputs.total,
+        seconds,
+        inputs.total / seconds,
+        rows - inputs.warmup_size,
+        {"files": files - inputs.warmup_size, "database": "sqlite" if pg is None else "postgresql"},
+    )
 
 
 # -- report -------------------------------------------------------------------------------
@@ -321,12 +353,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per scenario and receiver; the median is reported")
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help=f"series to copy (default {DEFAULT_SOURCE})")
     parser.add_argument("--pg-url", default=DEFAULT_PG, help=f"PostgreSQL server, without database (default {DEFAULT_PG})")
-    parser.add_argument("--storescp-pdu", type=int, default=None,
-                        help="storescp max receive PDU, 4096..131072 (default: dcmtk's own default, 16384)")
+    parser.add_argument(
+        "--storescp-pdu", type=int, default=None, help="storescp max receive PDU, 4096..131072 (default: dcmtk's own default, 16384)"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where inputs and receiver output go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, received files)")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="run MedCap under py-spy (must be installed in .venv) and write raw profiles with this prefix")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="run MedCap under py-spy (must be installed in .venv) and write raw profiles with this prefix",
+    )
     parser.add_argument("--fail-on-goals", action="store_true", help="exit with status 3 when a goal is missed")
     args = parser.parse_args(argv)
     if args.instances < args.associations or args.associations < 2 or args.repeat < 1:
@@ -344,8 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t = time.perf_counter()
         inputs = make_inputs(args.source, root / "inputs", args.instances, args.associations)
-        print(f"inputs: {inputs.total} instances in {args.associations} studies ({inputs.set_sizes}) "
-              f"+ {inputs.warmup_size} warm-up, made in {time.perf_counter() - t:.1f} s under {root}")  # fmt: skip
+        print(
+            f"inputs: {inputs.total} instances in {args.associations} studies ({inputs.set_sizes}) "
+            f"+ {inputs.warmup_size} warm-up, made in {time.perf_counter() - t:.1f} s under {root}"
+        )
         scenarios = [("1 association", [inputs.sets]), (f"{args.associations} associations", [[d] for d in inputs.sets])]
         n = 0
         for rep in range(args.repeat):
@@ -360,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
                         prof = None if args.profile is None else Path(f"{args.profile}-{len(sets)}assoc-{rep}.txt")
                         run = run_medcap(inputs, sets, scenario, workdir, pg, prof)
                     status = "ok" if run.received == run.instances else f"MISSING {run.instances - run.received}"
-                    print(f"  [{rep + 1}/{args.repeat}] {scenario:<16} {receiver:<8} {run.seconds:6.2f} s "
-                          f"{run.rate:7.1f} inst/s  received {run.received}/{run.instances} {status}", flush=True)  # fmt: skip
+                    print(
+                        f"  [{rep + 1}/{args.repeat}] {scenario:<16} {receiver:<8} {run.seconds:6.2f} s "
+                        f"{run.rate:7.1f} inst/s  received {run.received}/{run.instances} {status}",
+                        flush=True,
+                    )
                     runs.append(run)
                     if run.received != run.instances:
                         raise RuntimeError(f"{receiver} received {run.received} of {run.instances} instances ({workdir})")
@@ -383,15 +425,23 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"scenario": scenario, "storescp": scp, "medcap": med, "ratio": med / scp})
     one, many = rows
     goals = [
-        {"goal": f"MedCap/storescp on one association >= {GOAL_RATIO_ONE}", "value": round(one["ratio"], 3),
-         "met": one["ratio"] >= GOAL_RATIO_ONE},
-        {"goal": f"MedCap with {args.associations} associations >= MedCap with one", "value": round(many["medcap"] / one["medcap"], 3),
-         "met": many["medcap"] >= one["medcap"]},
-    ]  # fmt: skip
+        {
+            "goal": f"MedCap/storescp on one association >= {GOAL_RATIO_ONE}",
+            "value": round(one["ratio"], 3),
+            "met": one["ratio"] >= GOAL_RATIO_ONE,
+        },
+        {
+            "goal": f"MedCap with {args.associations} associations >= MedCap with one",
+            "value": round(many["medcap"] / one["medcap"], 3),
+            "met": many["medcap"] >= one["medcap"],
+        },
+    ]
 
     print()
-    print(f"Receive throughput, {inputs.total} instances of 512x512 CT, sender dcmtk storescu, "
-          f"MedCap database {args.database}, median of {args.repeat}")  # fmt: skip
+    print(
+        f"Receive throughput, {inputs.total} instances of 512x512 CT, sender dcmtk storescu, "
+        f"MedCap database {args.database}, median of {args.repeat}"
+    )
     print(f"{'scenario':<18} {'storescp inst/s':>16} {'MedCap inst/s':>14} {'MedCap/storescp':>16}")
     for r in rows:
         print(f"{r['scenario']:<18} {r['storescp']:>16.1f} {r['medcap']:>14.1f} {r['ratio']:>16.2f}")
@@ -402,15 +452,35 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"receive-{stamp}.json"
-    out.write_text(json.dumps({
-        "benchmark": "receive", "utc": stamp,
-        "config": {"instances": inputs.total, "set_sizes": inputs.set_sizes, "associations": args.associations,
-                   "database": args.database, "repeat": args.repeat, "source": str(args.source),
-                   "storescp_max_pdu": args.storescp_pdu or 16384, "profiled": args.profile is not None},
-        "environment": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                        "dcmtk": tool_version([STORESCP, "--version"]), "platform": platform.platform()},
-        "summary": rows, "goals": goals, "runs": [asdict(r) for r in runs],
-    }, indent=2))  # fmt: skip
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "receive",
+                "utc": stamp,
+                "config": {
+                    "instances": inputs.total,
+                    "set_sizes": inputs.set_sizes,
+                    "associations": args.associations,
+                    "database": args.database,
+                    "repeat": args.repeat,
+                    "source": str(args.source),
+                    "storescp_max_pdu": args.storescp_pdu or 16384,
+                    "profiled": args.profile is not None,
+                },
+                "environment": {
+                    "host": platform.node(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "dcmtk": tool_version([STORESCP, "--version"]),
+                    "platform": platform.platform(),
+                },
+                "summary": rows,
+                "goals": goals,
+                "runs": [asdict(r) for r in runs],
+            },
+            indent=2,
+        )
+    )
     print(f"results: {out.relative_to(REPO)}")
     return 3 if args.fail_on_goals and not all(g["met"] for g in goals) else 0
 

@@ -282,6 +282,7 @@ class _Item:
     @classmethod
     def load(cls, source: Dataset | Path, index: int) -> _Item:
         name = f"datasets[{index}]"
+        ds: Dataset
         if isinstance(source, str | Path):
             try:
                 ds = dcmread(source)
@@ -359,15 +360,18 @@ def send(
     started = time.monotonic()
     outcomes, error = _exchange(destination, items, pairs, calling_ae, timeout)
     unsent_reason = f"not sent ({error.kind})" if error is not None else "not sent"
-    unsent = [InstanceOutcome(item.sop_instance_uid, None, Category.FAILURE, unsent_reason, error is None or error.transient)
-              for item in items[len(outcomes) :]]  # fmt: skip
+    unsent = [
+        InstanceOutcome(item.sop_instance_uid, None, Category.FAILURE, unsent_reason, error is None or error.transient)
+        for item in items[len(outcomes) :]
+    ]
     result = DispatchResult(destination, tuple(outcomes + unsent), error, time.monotonic() - started)
     (LOG.info if result.delivered else LOG.warning)("%s in %.2f s", result.summary, result.seconds)
     return result
 
 
-def _exchange(destination: Destination, items: Sequence[_Item], pairs: Sequence[tuple[str, str]], calling_ae: str,
-              timeout: float) -> tuple[list[InstanceOutcome], AssociationError | None]:  # fmt: skip
+def _exchange(
+    destination: Destination, items: Sequence[_Item], pairs: Sequence[tuple[str, str]], calling_ae: str, timeout: float
+) -> tuple[list[InstanceOutcome], AssociationError | None]:
     """Associate, store ``items`` in order until the association ends, release."""
     tls_args = (destination.tls.context(), destination.host) if destination.tls is not None else None
     try:
@@ -392,8 +396,9 @@ def _exchange(destination: Destination, items: Sequence[_Item], pairs: Sequence[
             # would hold a send forever. With a timeout, pynetdicom treats it as a closed connection.
             sock.settimeout(timeout)
 
-    assoc = ae.associate(address, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])  # fmt: skip
+    assoc = ae.associate(
+        address, destination.port, ae_title=destination.ae_title, tls_args=tls_args, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)]
+    )
     if not assoc.is_established:
         return [], _association_failure(assoc, destination, timeout, opened_at[0] if opened_at else None)
 
@@ -467,9 +472,9 @@ def _store(assoc: Association, item: _Item, timeout: float) -> tuple[InstanceOut
 def _association_failure(assoc: Association, destination: Destination, timeout: float, opened_at: float | None) -> AssociationError:
     sock = assoc.dul.socket
     connect_error = sock.connect_error if isinstance(sock, _Socket) else None
-    if assoc.is_rejected:
-        rj = assoc.acceptor.primitive
-        result, source, reason = int(rj.result), int(rj.result_source), int(rj.diagnostic)
+    rj = assoc.acceptor.primitive
+    if assoc.is_rejected and rj is not None:
+        result, source, reason = int(rj.result or 0), int(rj.result_source or 0), int(rj.diagnostic or 0)
         text = f"{rj.result_str}, {rj.source_str}: {rj.reason_str}"
         rejection = Rejection(result, source, reason, text)
         message = f"{destination} rejected the association ({text}; result/source/reason {result}/{source}/{reason})"
@@ -481,7 +486,9 @@ def _association_failure(assoc: Association, destination: Destination, timeout: 
     if connect_error is not None:
         return AssociationError(ErrorKind.CONNECTION_FAILED, f"cannot connect to {destination}: {connect_error}", transient=True)
     if assoc.acceptor.primitive is not None and not assoc.accepted_contexts:
-        proposed = ", ".join(f"{cx.abstract_syntax.name} in {cx.transfer_syntax[0].name}" for cx in assoc.rejected_contexts)
+        proposed = ", ".join(
+            f"{cx.abstract_syntax.name if cx.abstract_syntax else '?'} in {cx.transfer_syntax[0].name}" for cx in assoc.rejected_contexts
+        )
         return AssociationError(ErrorKind.NO_PRESENTATION_CONTEXT, f"{destination} accepted none of: {proposed}", transient=False)
     if opened_at is not None and time.monotonic() - opened_at >= timeout * 0.95:  # pynetdicom's ACSE timeout
         return AssociationError(

@@ -92,8 +92,9 @@ class Percentiles:
 Intensity = Window | Percentiles
 
 
-def resolve_intensity(series: Series, intensity: str | Intensity | None = None, *,
-                      head_window: str = "brain", body_window: str = "soft_tissue") -> Intensity:  # fmt: skip
+def resolve_intensity(
+    series: Series, intensity: str | Intensity | None = None, *, head_window: str = "brain", body_window: str = "soft_tissue"
+) -> Intensity:
     """The mapping to use for ``series``.
 
     ``None`` picks by modality: CT gets ``head_window`` when BodyPartExamined is a head (see
@@ -125,8 +126,14 @@ def resolve_intensity(series: Series, intensity: str | Intensity | None = None, 
     raise ValueError(f"window {intensity!r} is unknown; choose from {sorted(CT_WINDOWS)}, {AUTO!r}, {PERCENTILES!r}")
 
 
-def unit_images(series: Series, indices: Sequence[int] | None = None, intensity: str | Intensity | None = None, *,
-                head_window: str = "brain", body_window: str = "soft_tissue") -> np.ndarray:  # fmt: skip
+def unit_images(
+    series: Series,
+    indices: Sequence[int] | None = None,
+    intensity: str | Intensity | None = None,
+    *,
+    head_window: str = "brain",
+    body_window: str = "soft_tissue",
+) -> np.ndarray:
     """The slices at ``indices`` (all by default) as an (N, rows, columns) float32 array in [0, 1].
 
     ``intensity`` is as for :func:`resolve_intensity`. Percentile limits always come from the whole
@@ -144,8 +151,9 @@ def unit_images(series: Series, indices: Sequence[int] | None = None, intensity:
     return out
 
 
-def series_window(series: Series, intensity: str | Intensity | None = None, *,
-                  head_window: str = "brain", body_window: str = "soft_tissue") -> Window:  # fmt: skip
+def series_window(
+    series: Series, intensity: str | Intensity | None = None, *, head_window: str = "brain", body_window: str = "soft_tissue"
+) -> Window:
     """The one window used for every slice of ``series``; percentiles are evaluated over the whole series."""
     mapping = resolve_intensity(series, intensity, head_window=head_window, body_window=body_window)
     return mapping.window(series) if isinstance(mapping, Percentiles) else mapping

@@ -120,7 +120,7 @@ def _targets(low: float, high: float, n: int, *, ends: bool) -> list[float]:
     if n == 1:
         return [(low + high) / 2]
     if ends:
-        return np.linspace(low, high, n).tolist()
+        return [float(x) for x in np.linspace(low, high, n)]
     return [low + (high - low) * (k + 0.5) / n for k in range(n)]
 
 

@@ -49,8 +49,14 @@ class SeriesInput:
         return self.key_slices.sop_instance_uids
 
 
-def prepare(series: Series, *, key_slices: KeySliceSpec | Strategy = DEFAULT_KEY_SLICES, window: str | Intensity | None = None,
-            clip_size: int | None = 224, sam_size: int | None = 1024) -> SeriesInput:  # fmt: skip
+def prepare(
+    series: Series,
+    *,
+    key_slices: KeySliceSpec | Strategy = DEFAULT_KEY_SLICES,
+    window: str | Intensity | None = None,
+    clip_size: int | None = 224,
+    sam_size: int | None = 1024,
+) -> SeriesInput:
     """Key slices of one series as CLIP and SAM inputs (a size of None: the model does not read that view).
 
     ``window`` is as for :func:`dicom_io.intensity.resolve_intensity` (None: modality default).
@@ -65,20 +71,26 @@ def prepare(series: Series, *, key_slices: KeySliceSpec | Strategy = DEFAULT_KEY
     mapping = series_window(series, window)
     clip = np.empty((len(chosen), 3, clip_size or 0, clip_size or 0), dtype=np.float32)
     sam = np.empty((len(chosen), 3, sam_size or 0, sam_size or 0), dtype=np.float32)
-    sizes = []
+    sizes: list[tuple[int, int]] = []
     for k, index in enumerate(chosen.indices):
         image = mapping.apply(series.slices[index].pixels)
         if clip_size:
             clip[k] = clip_input(image, clip_size)
-        size = (0, 0)
+        resized = (0, 0)
         if sam_size:
-            sam[k], size = sam_input(image, sam_size)  # from the unit image, never from the CLIP tensor
-        sizes.append(size)
+            sam[k], resized = sam_input(image, sam_size)  # from the unit image, never from the CLIP tensor
+        sizes.append(resized)
     return SeriesInput(series.series_uid, series.study_uid, series.modality, chosen, mapping, clip, sam, tuple(sizes))
 
 
-def prepare_series(paths: PathLike | Iterable[PathLike], *, key_slices: KeySliceSpec | Strategy = DEFAULT_KEY_SLICES,
-                   window: str | Intensity | None = None, clip_size: int | None = 224, sam_size: int | None = 1024) -> list[SeriesInput]:  # fmt: skip
+def prepare_series(
+    paths: PathLike | Iterable[PathLike],
+    *,
+    key_slices: KeySliceSpec | Strategy = DEFAULT_KEY_SLICES,
+    window: str | Intensity | None = None,
+    clip_size: int | None = 224,
+    sam_size: int | None = 1024,
+) -> list[SeriesInput]:
     """Load every CT/MR series in ``paths`` (files or folders) and prepare each with :func:`prepare`.
 
     Files that are not CT/MR images are logged and left out. About 4·N·3·(S² + L²) bytes per

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 
@@ -25,7 +26,9 @@ class Part10:
     def build(cls, file_meta: Dataset, dataset: bytes | memoryview) -> Part10:
         buf = DicomBytesIO()
         buf.is_little_endian, buf.is_implicit_VR = True, False
-        write_file_meta_info(buf, file_meta, enforce_standard=True)
+        write_file_meta_info(
+            buf, file_meta if isinstance(file_meta, FileMetaDataset) else FileMetaDataset(file_meta), enforce_standard=True
+        )
         return cls(PREAMBLE + buf.getvalue(), memoryview(dataset))
 
     @property

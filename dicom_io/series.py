@@ -20,7 +20,7 @@ import pydicom
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
 from dicom_io.instance import expected_native_length
@@ -282,8 +282,9 @@ def _read_frames(ds: Dataset, path: Path, sop_class: str, sop_uid: str) -> list[
         invert_sum = -1 if int(ds.get("PixelRepresentation", 0)) else (1 << bits) - 1
     instance_number = _int(ds.get("InstanceNumber"))
 
-    def make(frame: int | None, position: Dataset, orientation: Dataset, measures: Dataset | None,
-             transform: Dataset | None, voi: Dataset | None) -> _Frame:  # fmt: skip
+    def make(
+        frame: int | None, position: Dataset, orientation: Dataset, measures: Dataset | None, transform: Dataset | None, voi: Dataset | None
+    ) -> _Frame:
         where = f"{path}" + ("" if frame is None else f" frame {frame}")
         ipp = _floats(position, "ImagePositionPatient", 3, where)
         iop = _floats(orientation, "ImageOrientationPatient", 6, where)
@@ -292,11 +293,19 @@ def _read_frames(ds: Dataset, path: Path, sop_class: str, sop_uid: str) -> list[
         intercept = _float(transform.get("RescaleIntercept")) if transform is not None else None
         try:
             image = Slice(
-                path=path, sop_instance_uid=sop_uid, frame=frame, position=math.nan, image_position=_vector(ipp),
-                rows=rows, columns=columns, rescale_slope=1.0 if slope is None else slope,
-                rescale_intercept=0.0 if intercept is None else intercept, invert_sum=invert_sum,
-                window=_window(voi) if voi is not None else None, instance_number=instance_number,
-            )  # fmt: skip
+                path=path,
+                sop_instance_uid=sop_uid,
+                frame=frame,
+                position=math.nan,
+                image_position=_vector(ipp),
+                rows=rows,
+                columns=columns,
+                rescale_slope=1.0 if slope is None else slope,
+                rescale_intercept=0.0 if intercept is None else intercept,
+                invert_sum=invert_sum,
+                window=_window(voi) if voi is not None else None,
+                instance_number=instance_number,
+            )
         except ValueError as exc:  # e.g. RescaleSlope 0: say which file
             raise SeriesError(f"{where}: {exc}") from exc
         spacing_pair = None if spacing is None else (spacing[0], spacing[1])
@@ -319,7 +328,8 @@ def _read_frames(ds: Dataset, path: Path, sop_class: str, sop_uid: str) -> list[
         for source in (item, shared):
             seq = source.get(keyword)
             if seq:
-                return seq[0]
+                first: Dataset = seq[0]
+                return first
         return None
 
     result = []
@@ -377,11 +387,18 @@ def _build_series(series_uid: str, frames: list[_Frame]) -> Series:
             )
     h = first.header
     return Series(
-        series_uid=series_uid, study_uid=h.study_uid, modality=h.modality, sop_class_uid=h.sop_class_uid,
-        description=h.description, series_number=h.series_number, body_part=h.body_part, slices=tuple(placed),
-        row_cosines=_vector(row / np.linalg.norm(row)), column_cosines=_vector(col / np.linalg.norm(col)),
+        series_uid=series_uid,
+        study_uid=h.study_uid,
+        modality=h.modality,
+        sop_class_uid=h.sop_class_uid,
+        description=h.description,
+        series_number=h.series_number,
+        body_part=h.body_part,
+        slices=tuple(placed),
+        row_cosines=_vector(row / np.linalg.norm(row)),
+        column_cosines=_vector(col / np.linalg.norm(col)),
         pixel_spacing=h.pixel_spacing,
-    )  # fmt: skip
+    )
 
 
 def _check_pixel_data(ds: Dataset, path: Path) -> None:

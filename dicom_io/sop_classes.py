@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pydicom import uid
-from pynetdicom import sop_class as sc
+from pydicom import uid as sc  # the storage SOP class UIDs, typed (pynetdicom makes the same names at import time)
 
 #: Image classes the captioner reads.
 CAPTIONABLE: frozenset[str] = frozenset(
@@ -39,7 +39,7 @@ COMPANIONS: frozenset[str] = _SECONDARY_CAPTURE | frozenset(
         sc.KeyObjectSelectionDocumentStorage,
         sc.GrayscaleSoftcopyPresentationStateStorage,
         sc.ColorSoftcopyPresentationStateStorage,
-        sc.PseudoColorSoftcopyPresentationStageStorage,  # sic: pynetdicom spelling
+        sc.PseudoColorSoftcopyPresentationStateStorage,
         sc.BlendingSoftcopyPresentationStateStorage,
         sc.EncapsulatedPDFStorage,
     }

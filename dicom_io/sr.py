@@ -213,9 +213,16 @@ def write_draft_sr(
     content = _content_tree(findings, impression, algorithm, verifier=None, unchanged=None)
     texts = [f.text for f in findings] + [impression, DRAFT_SERIES_DESCRIPTION, algorithm.name, algorithm.manufacturer]
     sr = _build(
-        evidence, content, series_instance_uid, series_number, instance_number, created_at,
-        charset=_charset(evidence[0], texts), verification=None, previous=None,
-    )  # fmt: skip
+        evidence,
+        content,
+        series_instance_uid,
+        series_number,
+        instance_number,
+        created_at,
+        charset=_charset(evidence[0], texts),
+        verification=None,
+        previous=None,
+    )
     equipment = hd.ContributingEquipment(
         manufacturer=algorithm.manufacturer,
         purpose_of_reference=PURPOSE_PROCESSING,
@@ -258,7 +265,7 @@ def write_verified_sr(
     findings = draft_findings if findings is None else _check_findings(findings, "findings")
     impression = draft_impression if impression is None else _check_text(impression, "impression")
     evidence = _check_evidence(_evidence_of(draft), findings)
-    unchanged = {(f.series_uid, f.text) for f in draft_findings} | {(None, draft_impression)}
+    unchanged: set[tuple[str | None, str]] = {(f.series_uid, f.text) for f in draft_findings} | {(None, draft_impression)}
     content = _content_tree(findings, impression, algorithm, verifier=verification, unchanged=unchanged)
     texts = [f.text for f in findings] + [
         impression,
@@ -267,9 +274,16 @@ def write_verified_sr(
         verification.verifier_organization,
     ]
     sr = _build(
-        evidence, content, series_instance_uid, series_number, instance_number, verification.verified_at,
-        charset=_charset(draft, texts), verification=verification, previous=draft,
-    )  # fmt: skip
+        evidence,
+        content,
+        series_instance_uid,
+        series_number,
+        instance_number,
+        verification.verified_at,
+        charset=_charset(draft, texts),
+        verification=verification,
+        previous=draft,
+    )
     # the evidence above are stand-ins made from the draft: take patient, study and equipment from the draft itself
     sr.copy_patient_and_study_information(draft)
     sr.ContributingEquipmentSequence = deepcopy(draft.ContributingEquipmentSequence)
@@ -593,8 +607,18 @@ def _evidence_of(draft: Dataset) -> list[Dataset]:
         for series in study.ReferencedSeriesSequence:
             for sop in series.ReferencedSOPSequence:
                 ds = Dataset()
-                for keyword in ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-                                "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName"):  # fmt: skip
+                for keyword in (
+                    "SpecificCharacterSet",
+                    "PatientName",
+                    "PatientID",
+                    "PatientBirthDate",
+                    "PatientSex",
+                    "AccessionNumber",
+                    "StudyID",
+                    "StudyDate",
+                    "StudyTime",
+                    "ReferringPhysicianName",
+                ):
                     if keyword in draft:
                         ds[keyword] = deepcopy(draft[keyword])
                 ds.StudyInstanceUID = study.StudyInstanceUID

@@ -39,13 +39,20 @@ def analyse(run: Path, against: str) -> str:
     def presence_right(model: str, key: str) -> bool:
         return parsed[model][key]["lesion"] == truth[key]["lesion"]
 
-    lines = [f"## {run}", "", f"| Model | lesions reported (of {len(with_lesion)}) | false alarms (of {len(clean)} clean) | side right | "
-             f"finding fully right | presence: right where {against} is wrong / the reverse | McNemar p |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"## {run}",
+        "",
+        f"| Model | lesions reported (of {len(with_lesion)}) | false alarms (of {len(clean)} clean) | side right | "
+        f"finding fully right | presence: right where {against} is wrong / the reverse | McNemar p |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for model, by_image in parsed.items():
         reported = sum(by_image[k]["lesion"] is True for k in with_lesion)
         alarms = sum(by_image[k]["lesion"] is True for k in clean)
         side = sum(by_image[k]["lesion"] is True and by_image[k]["side"] == truth[k]["side"] for k in with_lesion)
-        full = sum(by_image[k]["lesion"] is True and all(by_image[k][f] == truth[k][f] for f in ("side", "size", "density")) for k in with_lesion)
+        full = sum(
+            by_image[k]["lesion"] is True and all(by_image[k][f] == truth[k][f] for f in ("side", "size", "density")) for k in with_lesion
+        )
         if model == against or against not in parsed:
             paired = "—"
             p = "—"

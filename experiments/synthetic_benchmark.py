@@ -29,8 +29,13 @@ from models.recipes import TinyRecipe, train_tiny_captioner, train_tiny_family  
 from models.synthetic import GLOBAL_WORDS, generate_dataset  # noqa: E402
 
 FAMILY = {"blip2": "BLIP-2 (CLIP only)", "sam_blip2": "SAM-BLIP2 (SAM only)", "msmedcap": "MSMedCap (CLIP + SAM)"}
-OTHERS = {"clipcap_mlp": "ClipCap (MLP)", "clipcap_transformer": "ClipCap (Transformer)", "sbg": "SBG", "cnn_lstm": "CNN-LSTM",
-          "clip_transformer": "CLIP-Transformer"}  # fmt: skip
+OTHERS = {
+    "clipcap_mlp": "ClipCap (MLP)",
+    "clipcap_transformer": "ClipCap (Transformer)",
+    "sbg": "SBG",
+    "cnn_lstm": "CNN-LSTM",
+    "clip_transformer": "CLIP-Transformer",
+}
 
 
 def main() -> None:
@@ -42,7 +47,9 @@ def main() -> None:
     parser.add_argument("--stage1-steps", type=int, default=TinyRecipe.stage1_steps)
     parser.add_argument("--stage2-steps", type=int, default=TinyRecipe.stage2_steps)
     parser.add_argument("--sam-layout", default="channel", choices=["channel", "spatial"])
-    parser.add_argument("--models", default=",".join([*FAMILY, *OTHERS]), help="comma-separated subset of: " + ", ".join([*FAMILY, *OTHERS]))
+    parser.add_argument(
+        "--models", default=",".join([*FAMILY, *OTHERS]), help="comma-separated subset of: " + ", ".join([*FAMILY, *OTHERS])
+    )
     parser.add_argument("--reuse", action="store_true", help="keep checkpoints already under OUT/runs (evaluate again only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny run to check the plumbing (minutes)")
@@ -51,7 +58,9 @@ def main() -> None:
     unknown = set(chosen) - set(FAMILY) - set(OTHERS)
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)}")
-    recipe = replace(TinyRecipe(), stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, sam_layout=args.sam_layout, seed=args.seed)
+    recipe = replace(
+        TinyRecipe(), stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, sam_layout=args.sam_layout, seed=args.seed
+    )
     if args.quick:
         args.train, args.validation, args.test = 200, 40, 40
         recipe = replace(recipe, lm_steps=50, stage1_steps=20, stage2_steps=40)
@@ -78,12 +87,35 @@ def main() -> None:
         seconds[kind] = round(time.time() - clock)
     trained_at = time.time()
     names = {**FAMILY, **OTHERS}
-    report = evaluate_checkpoints([runs / m for m in chosen], test, generation=preset("fast"), device="cpu", out_dir=args.out,
-                                  detail_words="synthetic", names=[names[m] for m in chosen], candidates=(1, 2, 5))  # fmt: skip
-    timing = {"train_seconds": seconds, "total_train_seconds": round(trained_at - started), "evaluate_seconds": round(time.time() - trained_at)}
-    (args.out / "run.json").write_text(json.dumps({"recipe": recipe.__dict__, "train_images": len(train), "validation_images": len(validation),
-                                                  "test_images": len(test), "models": chosen, "global_words": GLOBAL_WORDS,
-                                                  "timing": timing}, indent=2))  # fmt: skip
+    report = evaluate_checkpoints(
+        [runs / m for m in chosen],
+        test,
+        generation=preset("fast"),
+        device="cpu",
+        out_dir=args.out,
+        detail_words="synthetic",
+        names=[names[m] for m in chosen],
+        candidates=(1, 2, 5),
+    )
+    timing = {
+        "train_seconds": seconds,
+        "total_train_seconds": round(trained_at - started),
+        "evaluate_seconds": round(time.time() - trained_at),
+    }
+    (args.out / "run.json").write_text(
+        json.dumps(
+            {
+                "recipe": recipe.__dict__,
+                "train_images": len(train),
+                "validation_images": len(validation),
+                "test_images": len(test),
+                "models": chosen,
+                "global_words": GLOBAL_WORDS,
+                "timing": timing,
+            },
+            indent=2,
+        )
+    )
     print(report.table())
     print(json.dumps(timing))
 

@@ -21,6 +21,7 @@ import numpy as np
 
 LOG = logging.getLogger(__name__)
 
+
 @dataclass
 class _Request:
     inputs: dict[str, np.ndarray]

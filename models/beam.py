@@ -49,9 +49,16 @@ def evaluating(module: nn.Module) -> Iterator[None]:
 
 
 def search(
-    step: StepFn, state: State, batch_size: int, preset: GenerationPreset, *, sos: int, eos: int, banned: Sequence[int] = (),
+    step: StepFn,
+    state: State,
+    batch_size: int,
+    preset: GenerationPreset,
+    *,
+    sos: int,
+    eos: int,
+    banned: Sequence[int] = (),
     max_new_tokens: int | None = None,
-) -> list[list[int]]:  # fmt: skip
+) -> list[list[int]]:
     """Generated ids per image, without ``<SOS>`` or ``<EOS>``: greedy when ``num_beams`` is 1, beam search otherwise.
 
     ``state`` has ``batch_size`` rows; ``banned`` ids (``<PAD>``, ``<SOS>``) are never generated;
@@ -60,16 +67,42 @@ def search(
     limit = preset.max_new_tokens if max_new_tokens is None else min(preset.max_new_tokens, max_new_tokens)
     minimum = min(preset.min_new_tokens, limit)
     if preset.num_beams == 1:
-        return greedy_search(step, state, batch_size, sos=sos, eos=eos, banned=banned, max_new_tokens=limit,
-                             min_new_tokens=minimum, repetition_penalty=preset.repetition_penalty)  # fmt: skip
-    return beam_search(step, state, batch_size, sos=sos, eos=eos, banned=banned, num_beams=preset.num_beams, max_new_tokens=limit,
-                       min_new_tokens=minimum, repetition_penalty=preset.repetition_penalty, length_penalty=preset.length_penalty)  # fmt: skip
+        return greedy_search(
+            step,
+            state,
+            batch_size,
+            sos=sos,
+            eos=eos,
+            banned=banned,
+            max_new_tokens=limit,
+            min_new_tokens=minimum,
+            repetition_penalty=preset.repetition_penalty,
+        )
+    return beam_search(
+        step,
+        state,
+        batch_size,
+        sos=sos,
+        eos=eos,
+        banned=banned,
+        num_beams=preset.num_beams,
+        max_new_tokens=limit,
+        min_new_tokens=minimum,
+        repetition_penalty=preset.repetition_penalty,
+        length_penalty=preset.length_penalty,
+    )
 
 
 def _processed(
-    log_probs: torch.Tensor, tokens: torch.Tensor, generated: int, *, eos: int, banned: Sequence[int], min_new_tokens: int,
+    log_probs: torch.Tensor,
+    tokens: torch.Tensor,
+    generated: int,
+    *,
+    eos: int,
+    banned: Sequence[int],
+    min_new_tokens: int,
     repetition_penalty: float,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Next-token scores after the bans, the minimum length and the repetition penalty."""
     scores = log_probs.float().clone()
     if repetition_penalty != 1.0:
@@ -100,16 +133,25 @@ def _device(state: State) -> torch.device:
 
 @torch.no_grad()
 def greedy_search(
-    step: StepFn, state: State, batch_size: int, *, sos: int, eos: int, banned: Sequence[int] = (), max_new_tokens: int,
-    min_new_tokens: int = 0, repetition_penalty: float = 1.0,
-) -> list[list[int]]:  # fmt: skip
+    step: StepFn,
+    state: State,
+    batch_size: int,
+    *,
+    sos: int,
+    eos: int,
+    banned: Sequence[int] = (),
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    repetition_penalty: float = 1.0,
+) -> list[list[int]]:
     _check(batch_size, state, max_new_tokens, min_new_tokens, repetition_penalty)
     tokens = torch.full((batch_size, 1), sos, dtype=torch.long, device=_device(state))
     finished = torch.zeros(batch_size, dtype=torch.bool, device=tokens.device)
     for generated in range(max_new_tokens):
         log_probs, state = step(tokens, state)
-        scores = _processed(log_probs, tokens, generated, eos=eos, banned=banned, min_new_tokens=min_new_tokens,
-                            repetition_penalty=repetition_penalty)  # fmt: skip
+        scores = _processed(
+            log_probs, tokens, generated, eos=eos, banned=banned, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty
+        )
         # argmax keeps the first of equal maxima: the lower id.
         chosen = torch.where(finished, torch.full_like(finished, eos, dtype=torch.long), scores.argmax(dim=-1))
         tokens = torch.cat([tokens, chosen[:, None]], dim=1)
@@ -146,9 +188,19 @@ class _Hypotheses:
 
 @torch.no_grad()
 def beam_search(
-    step: StepFn, state: State, batch_size: int, *, sos: int, eos: int, banned: Sequence[int] = (), num_beams: int,
-    max_new_tokens: int, min_new_tokens: int = 0, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
-) -> list[list[int]]:  # fmt: skip
+    step: StepFn,
+    state: State,
+    batch_size: int,
+    *,
+    sos: int,
+    eos: int,
+    banned: Sequence[int] = (),
+    num_beams: int,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    repetition_penalty: float = 1.0,
+    length_penalty: float = 1.0,
+) -> list[list[int]]:
     _check(batch_size, state, max_new_tokens, min_new_tokens, repetition_penalty)
     if num_beams < 1:
         raise ValueError(f"num_beams: must be at least 1, got {num_beams}")
@@ -164,8 +216,9 @@ def beam_search(
     done = [False] * batch_size
     for generated in range(max_new_tokens):
         log_probs, state = step(tokens, state)
-        scores = _processed(log_probs, tokens, generated, eos=eos, banned=banned, min_new_tokens=min_new_tokens,
-                            repetition_penalty=repetition_penalty)  # fmt: skip
+        scores = _processed(
+            log_probs, tokens, generated, eos=eos, banned=banned, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty
+        )
         vocab = scores.shape[-1]
         candidates = (sums.reshape(-1, 1) + scores).reshape(batch_size, beams * vocab)
         # 2 * beams candidates leave enough non-<EOS> ones to refill every beam (as transformers).

@@ -47,8 +47,13 @@ class Captioner:
             # times faster than plain fp32 at ~1e-3 relative error, far below bf16's in the parts around them.
             torch.backends.cuda.matmul.allow_tf32 = True
         model, text, provenance = checkpoint.load(Path(directory), target, dtype or default_dtype(target))
-        identity = ModelIdentity(model.config.display_name, model.config.model_type, model.config.version,
-                                 str(provenance.get("weights_sha256", "unknown")), str(Path(directory).resolve()))  # fmt: skip
+        identity = ModelIdentity(
+            model.config.display_name,
+            model.config.model_type,
+            model.config.version,
+            str(provenance.get("weights_sha256", "unknown")),
+            str(Path(directory).resolve()),
+        )
         return cls(model, text, identity, target)
 
     @property
@@ -61,8 +66,13 @@ class Captioner:
         return self.model.config.branches  # type: ignore[no-any-return]
 
     def caption(
-        self, inputs: dict[str, np.ndarray], generation: GenerationPreset | str = "fast", *, batch_size: int = 8, seed: int = 0,
-    ) -> list[str]:  # fmt: skip
+        self,
+        inputs: dict[str, np.ndarray],
+        generation: GenerationPreset | str = "fast",
+        *,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> list[str]:
         """Caption N images given as {view: (N, 3, S, S)} arrays (the view transforms' output)."""
         settings = preset(generation) if isinstance(generation, str) else generation
         missing = set(self.branches) - set(inputs)
@@ -75,7 +85,9 @@ class Captioner:
         captions: list[str] = []
         total = count.pop()
         for start in range(0, total, batch_size):
-            pixels = {b: torch.from_numpy(np.ascontiguousarray(inputs[b][start : start + batch_size])).to(self.device) for b in self.branches}
+            pixels = {
+                b: torch.from_numpy(np.ascontiguousarray(inputs[b][start : start + batch_size])).to(self.device) for b in self.branches
+            }
             with torch.no_grad():
                 captions.extend(self.model.generate_captions(self.model.encode(pixels), self.text, settings))
         return captions
@@ -86,8 +98,13 @@ class Captioner:
         self.caption({b: np.zeros((1, 3, sizes[b], sizes[b]), dtype=np.float32) for b in self.branches}, "fast")  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.identity.name, "type": self.identity.model_type, "version": self.identity.version,
-                "weights_sha256": self.identity.weights_sha256, "device": str(self.device)}  # fmt: skip
+        return {
+            "name": self.identity.name,
+            "type": self.identity.model_type,
+            "version": self.identity.version,
+            "weights_sha256": self.identity.weights_sha256,
+            "device": str(self.device),
+        }
 
 
 def summarise(captions: Sequence[str]) -> str:

@@ -56,9 +56,16 @@ class Provenance:
         return {"sources": self.sources, "initialised": self.initialised, "history": self.history}
 
 
-def save(model: torch.nn.Module, text: Any, directory: Path, provenance: Provenance, *,
-         dtype_of: Callable[[str, torch.Tensor], torch.dtype] | None = None, skip: Callable[[str], bool] | None = None,
-         shard_bytes: int = weights.SHARD_BYTES) -> str:  # fmt: skip
+def save(
+    model: torch.nn.Module,
+    text: Any,
+    directory: Path,
+    provenance: Provenance,
+    *,
+    dtype_of: Callable[[str, torch.Tensor], torch.dtype] | None = None,
+    skip: Callable[[str], bool] | None = None,
+    shard_bytes: int = weights.SHARD_BYTES,
+) -> str:
     """Write a checkpoint of any family (``text``: its tokenizer(s) or vocabulary); returns the sha256 of the weights.
 
     ``dtype_of(name, tensor)`` stores floating-point weights in another dtype (inference
@@ -70,8 +77,9 @@ def save(model: torch.nn.Module, text: Any, directory: Path, provenance: Provena
     return write(model.config, text, directory, provenance, entries, shard_bytes)
 
 
-def write(config: Any, text: Any, directory: Path, provenance: Provenance, entries: list[weights.Entry],
-          shard_bytes: int = weights.SHARD_BYTES) -> str:  # fmt: skip
+def write(
+    config: Any, text: Any, directory: Path, provenance: Provenance, entries: list[weights.Entry], shard_bytes: int = weights.SHARD_BYTES
+) -> str:
     """Write a checkpoint from a config, a text codec and a weights plan (``models/weights.py``);
     returns the sha256 of the weights."""
     directory.mkdir(parents=True, exist_ok=True)

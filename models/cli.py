@@ -65,30 +65,54 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--blip2", help="msmedcap, blip2, sam_blip2: BLIP-2 (HF format) hub id or directory, e.g. Salesforce/blip2-opt-2.7b")
     p.add_argument("--sam", help="msmedcap, sam_blip2: SAM hub id or directory (facebook/sam-vit-base, wanglab/medsam-vit-base) or a .pth")
-    p.add_argument("--bert", default="bert-base-uncased", help="msmedcap family: BERT (id or directory, weights and tokenizer) that both "
-                                                              "Q-Formers' text side and the SAM Q-Former start from, as in LAVIS")  # fmt: skip
-    p.add_argument("--blip2-itm", help="msmedcap, blip2: BLIP-2's stage-1 checkpoint (Salesforce/blip2-itm-vit-g): the CLIP Q-Former's "
-                                       "text side and ITC/ITM heads from it instead of from --bert")  # fmt: skip
-    p.add_argument("--eval-image-size", type=int, help="msmedcap family: CLIP view when captioning (default: 364 for a ViT trained at "
-                                                       "224, as the paper evaluates; else its training size)")  # fmt: skip
-    p.add_argument("--frozen-dtype", choices=["source", "bf16", "fp16", "fp32"], default="source",
-                   help="msmedcap family: store the frozen encoders and the LM in this dtype (default: as the source stores them)")  # fmt: skip
+    p.add_argument(
+        "--bert",
+        default="bert-base-uncased",
+        help="msmedcap family: BERT (id or directory, weights and tokenizer) that both "
+        "Q-Formers' text side and the SAM Q-Former start from, as in LAVIS",
+    )
+    p.add_argument(
+        "--blip2-itm",
+        help="msmedcap, blip2: BLIP-2's stage-1 checkpoint (Salesforce/blip2-itm-vit-g): the CLIP Q-Former's "
+        "text side and ITC/ITM heads from it instead of from --bert",
+    )
+    p.add_argument(
+        "--eval-image-size",
+        type=int,
+        help="msmedcap family: CLIP view when captioning (default: 364 for a ViT trained at "
+        "224, as the paper evaluates; else its training size)",
+    )
+    p.add_argument(
+        "--frozen-dtype",
+        choices=["source", "bf16", "fp16", "fp32"],
+        default="source",
+        help="msmedcap family: store the frozen encoders and the LM in this dtype (default: as the source stores them)",
+    )
     p.add_argument("--sam-layout", default="channel", choices=["channel", "spatial"])
     p.add_argument("--prompt", default="", help="text before every caption, in training and inference (MSMedCap family)")
     p.add_argument("--clip", help="clipcap, sbg, clip_transformer: CLIPModel hub id or directory, e.g. openai/clip-vit-large-patch14")
     p.add_argument("--gpt2", help="clipcap, sbg: GPT-2 hub id or directory with its tokenizer, e.g. gpt2")
     p.add_argument("--mobilenet", help="cnn_lstm: MobileNetV2 hub id or directory, e.g. google/mobilenet_v2_1.0_224")
-    p.add_argument("--mapper", default="mlp", choices=["mlp", "transformer"], help="clipcap: mapping network (paper: MLP with GPT-2 "
-                                                                                   "fine-tuned, transformer with GPT-2 frozen)")  # fmt: skip
+    p.add_argument(
+        "--mapper",
+        default="mlp",
+        choices=["mlp", "transformer"],
+        help="clipcap: mapping network (paper: MLP with GPT-2 fine-tuned, transformer with GPT-2 frozen)",
+    )
     p.add_argument("--lm", choices=["frozen", "finetuned"], help="clipcap: override the mapper's GPT-2 default")
-    p.add_argument("--data", action="append", metavar="SPEC", help="sbg, cnn_lstm, clip_transformer: training captions (same specs as "
-                                                                    "train) for the keyword or word vocabulary")  # fmt: skip
+    p.add_argument(
+        "--data",
+        action="append",
+        metavar="SPEC",
+        help="sbg, cnn_lstm, clip_transformer: training captions (same specs as train) for the keyword or word vocabulary",
+    )
     p.add_argument("--min-word-count", type=int, default=5, help="cnn_lstm, clip_transformer: words seen fewer times become <UNK>")
     p.add_argument("--name", default="")
     _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_compose))
-    p = msub.add_parser("import-lavis", help="msmedcap family: a checkpoint from the authors' LAVIS .pth files (key-coverage report "
-                                             "in IMPORT_REPORT.md)")  # fmt: skip
+    p = msub.add_parser(
+        "import-lavis", help="msmedcap family: a checkpoint from the authors' LAVIS .pth files (key-coverage report in IMPORT_REPORT.md)"
+    )
     p.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT.pth", help="LAVIS checkpoint(s); later files win")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--blip2", required=True, help="BLIP-2 (HF format) for the frozen EVA ViT and OPT, and the OPT tokenizer")
@@ -97,8 +121,11 @@ def register(sub: Any) -> None:
     p.add_argument("--model-type", default="msmedcap", choices=["msmedcap", "blip2", "sam_blip2"])
     p.add_argument("--sam-layout", default="channel", choices=["channel", "spatial"], help="the official code: channel")
     p.add_argument("--eval-image-size", type=int, help="CLIP view when captioning (default 364 for a 224 px ViT, as the paper)")
-    p.add_argument("--keep-text-side", action="store_true", help="write a training checkpoint (with the Q-Former text side, fp32) "
-                                                                 "instead of an inference one")  # fmt: skip
+    p.add_argument(
+        "--keep-text-side",
+        action="store_true",
+        help="write a training checkpoint (with the Q-Former text side, fp32) instead of an inference one",
+    )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="inference checkpoint: frozen parts' dtype")
     p.add_argument("--name", default="")
     _threads_arg(p)
@@ -106,7 +133,9 @@ def register(sub: Any) -> None:
     p = msub.add_parser("export", help="msmedcap family: an inference checkpoint (frozen parts in bf16, no Q-Former text side, sharded)")
     _model_arg(p)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="frozen encoders and LM (default bf16; Q-Formers stay fp32)")
+    p.add_argument(
+        "--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="frozen encoders and LM (default bf16; Q-Formers stay fp32)"
+    )
     p.add_argument("--shard-gb", type=float, default=2.0, help="largest weights file, in GiB (default 2)")
     p.set_defaults(func=_friendly(cmd_export))
     p = msub.add_parser("demo", help="train the tiny demo MSMedCap on synthetic slices (CPU, a few minutes)")
@@ -129,8 +158,11 @@ def register(sub: Any) -> None:
         _data_args(p)
         p.add_argument("--mix", help="data mix for this Q-Former: G, M or G+M (paper: CLIP G, SAM G+M); default: all given data")
         p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
-        defaults = "stage 1: 3 epochs, batch 8, lr 1e-4 -> 1e-5, 5000 warm-up steps from 1e-6" if stage == "stage1" else \
-            "stage 2: 5 epochs, batch 8, lr 1e-4 -> 1e-5, 2000 warm-up steps from 1e-6"  # fmt: skip
+        defaults = (
+            "stage 1: 3 epochs, batch 8, lr 1e-4 -> 1e-5, 5000 warm-up steps from 1e-6"
+            if stage == "stage1"
+            else "stage 2: 5 epochs, batch 8, lr 1e-4 -> 1e-5, 2000 warm-up steps from 1e-6"
+        )
         p.add_argument("--epochs", type=int, help=f"defaults follow the paper and LAVIS ({defaults}; weight decay 0.05)")
         p.add_argument("--max-steps", type=int)
         p.add_argument("--batch-size", type=int)
@@ -141,14 +173,21 @@ def register(sub: Any) -> None:
         p.add_argument("--weight-decay", type=float, help="AdamW weight decay on weight matrices (biases, norms, temperature exempt)")
         p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
         p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-        p.add_argument("--feature-cache", default="memory", choices=["memory", "disk"],
-                       help="frozen-encoder features in RAM, or fp16 memory-mapped on disk beside --out (large datasets)")  # fmt: skip
+        p.add_argument(
+            "--feature-cache",
+            default="memory",
+            choices=["memory", "disk"],
+            help="frozen-encoder features in RAM, or fp16 memory-mapped on disk beside --out (large datasets)",
+        )
         p.add_argument("--device", default="auto")
         p.add_argument("--seed", type=int, default=0)
         _threads_arg(p)
         p.set_defaults(func=_friendly(cmd_train))
-    p = tsub.add_parser("caption", help="train any captioner on its caption loss, early stopping on validation loss "
-                                         "(MSMedCap family: stage 2); defaults are each model's paper recipe")  # fmt: skip
+    p = tsub.add_parser(
+        "caption",
+        help="train any captioner on its caption loss, early stopping on validation loss "
+        "(MSMedCap family: stage 2); defaults are each model's paper recipe",
+    )
     _model_arg(p)
     _data_args(p)
     p.add_argument("--out", type=Path, required=True, help="output checkpoint directory (the best epoch's weights)")
@@ -179,8 +218,9 @@ def register(sub: Any) -> None:
     p.add_argument("--detail-words", choices=["synthetic"], help="also score the synthetic benchmark's detail words")
     p.add_argument("--bertscore-model", type=Path, help="local model directory for BERTScore (optional)")
     p.add_argument("--bleurt-model", type=Path, help="local checkpoint directory for BLEURT (optional)")
-    p.add_argument("--candidates", default="",
-                   help="for captioners that rerank (SBG): comma-separated candidate counts, one row each, e.g. 1,2,5")  # fmt: skip
+    p.add_argument(
+        "--candidates", default="", help="for captioners that rerank (SBG): comma-separated candidate counts, one row each, e.g. 1,2,5"
+    )
     _generation_args(p)
     _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_evaluate))
@@ -198,7 +238,9 @@ def register(sub: Any) -> None:
 
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: MEDCAP_TORCH_THREADS; 0 or unset: torch's default, one per core)")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: MEDCAP_TORCH_THREADS; 0 or unset: torch's default, one per core)"
+    )
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -214,9 +256,14 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", action="append", required=True, metavar="[GROUP=]SPEC",
-                   help="table.csv|table.jsonl, roco:DIR, medicat:DIR, flickr:DIR (Flickr8k/30k) or coco:ANNOTATIONS.json:IMAGES_DIR; "
-                        "prefix G= (general) or M= (medical) for mixes; repeatable")  # fmt: skip
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="[GROUP=]SPEC",
+        help="table.csv|table.jsonl, roco:DIR, medicat:DIR, flickr:DIR (Flickr8k/30k) or coco:ANNOTATIONS.json:IMAGES_DIR; "
+        "prefix G= (general) or M= (medical) for mixes; repeatable",
+    )
 
 
 def _prepare(settings: Any, args: argparse.Namespace) -> None:
@@ -233,13 +280,19 @@ def _prepare(settings: Any, args: argparse.Namespace) -> None:
     threads = getattr(args, "threads", None) or int(getattr(settings, "torch_threads", 0) or 0)
     if threads:
         torch.set_num_threads(threads)
-    LOG.info("torch uses %d CPU thread(s)%s", torch.get_num_threads(), "" if threads else " (its default; --threads or MEDCAP_TORCH_THREADS to pin)")
+    LOG.info(
+        "torch uses %d CPU thread(s)%s",
+        torch.get_num_threads(),
+        "" if threads else " (its default; --threads or MEDCAP_TORCH_THREADS to pin)",
+    )
 
 
 def _model_dir(settings: Any, args: argparse.Namespace) -> Path:
     directory = args.model or getattr(settings, "model", None)
     if directory is None:
-        raise ModelCommandError("no model: pass --model DIR or set MEDCAP_MODEL (make one with `medcap model compose` or `medcap model demo`)")
+        raise ModelCommandError(
+            "no model: pass --model DIR or set MEDCAP_MODEL (make one with `medcap model compose` or `medcap model demo`)"
+        )
     if not Path(directory).is_dir():
         raise ModelCommandError(f"model directory {directory} does not exist")
     return Path(directory)
@@ -321,31 +374,51 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
         raise ModelCommandError(f"{args.path} does not exist")
     captioner = Captioner.load(_model_dir(settings, args), args.device)
     clip_size, sam_size = captioner.image_sizes
-    series = prepare_series(args.path, key_slices=KeySliceSpec(strategy=args.key_strategy, n=args.key_slices), window=args.window,
-                            clip_size=clip_size, sam_size=sam_size)  # fmt: skip
+    series = prepare_series(
+        args.path,
+        key_slices=KeySliceSpec(strategy=args.key_strategy, n=args.key_slices),
+        window=args.window,
+        clip_size=clip_size,
+        sam_size=sam_size,
+    )
     if not series:
         raise ModelCommandError(f"no CT or MR image series under {args.path}")
     drafts = []
     for item in series:
-        captions = captioner.caption({"clip": item.clip, "sam": item.sam}, _generation(args), batch_size=args.gen_batch_size, seed=args.seed)
-        drafts.append({
-            "series_uid": item.series_uid, "study_uid": item.study_uid, "modality": item.modality,
-            "draft": summarise(captions),
-            "key_images": [{"sop_instance_uid": uid, "caption": c} for uid, c in zip(item.sop_instance_uids, captions, strict=True)],
-        })  # fmt: skip
+        captions = captioner.caption(
+            {"clip": item.clip, "sam": item.sam}, _generation(args), batch_size=args.gen_batch_size, seed=args.seed
+        )
+        drafts.append(
+            {
+                "series_uid": item.series_uid,
+                "study_uid": item.study_uid,
+                "modality": item.modality,
+                "draft": summarise(captions),
+                "key_images": [{"sop_instance_uid": uid, "caption": c} for uid, c in zip(item.sop_instance_uids, captions, strict=True)],
+            }
+        )
     if args.json:
         print(json.dumps({"model": captioner.describe(), "status": "PRELIMINARY, UNVERIFIED AI draft", "series": drafts}, indent=2))
         return 0
-    print(f"AI draft — preliminary, unverified ({captioner.identity.name} {captioner.identity.version}, "
-          f"weights {captioner.identity.weights_sha256[:12]})")  # fmt: skip
+    print(
+        f"AI draft — preliminary, unverified ({captioner.identity.name} {captioner.identity.version}, "
+        f"weights {captioner.identity.weights_sha256[:12]})"
+    )
     for d in drafts:
         print(f"\nseries {d['series_uid']} ({d['modality']}, {len(d['key_images'])} key images)\n  {d['draft']}")
     return 0
 
 
 #: What each model type is composed from: the flags it needs.
-COMPOSE_NEEDS = {"msmedcap": ("blip2", "sam"), "blip2": ("blip2",), "sam_blip2": ("blip2", "sam"), "clipcap": ("clip", "gpt2"),
-                 "sbg": ("clip", "gpt2", "data"), "cnn_lstm": ("mobilenet", "data"), "clip_transformer": ("clip", "data")}  # fmt: skip
+COMPOSE_NEEDS = {
+    "msmedcap": ("blip2", "sam"),
+    "blip2": ("blip2",),
+    "sam_blip2": ("blip2", "sam"),
+    "clipcap": ("clip", "gpt2"),
+    "sbg": ("clip", "gpt2", "data"),
+    "cnn_lstm": ("mobilenet", "data"),
+    "clip_transformer": ("clip", "data"),
+}
 
 
 def cmd_compose(settings: Any, args: argparse.Namespace) -> int:
@@ -360,14 +433,32 @@ def cmd_compose(settings: Any, args: argparse.Namespace) -> int:
         from models.msmedcap.compose import compose
         from models.weights import parse_dtype
 
-        compose(blip2=args.blip2, sam=args.sam, out=args.out, model_type=kind, bert=args.bert, blip2_itm=args.blip2_itm,
-                sam_layout=args.sam_layout, prompt=args.prompt, name=args.name, eval_image_size=args.eval_image_size,
-                frozen_dtype=None if args.frozen_dtype == "source" else parse_dtype(args.frozen_dtype), log=log)  # fmt: skip
+        compose(
+            blip2=args.blip2,
+            sam=args.sam,
+            out=args.out,
+            model_type=kind,
+            bert=args.bert,
+            blip2_itm=args.blip2_itm,
+            sam_layout=args.sam_layout,
+            prompt=args.prompt,
+            name=args.name,
+            eval_image_size=args.eval_image_size,
+            frozen_dtype=None if args.frozen_dtype == "source" else parse_dtype(args.frozen_dtype),
+            log=log,
+        )
     elif kind == "clipcap":
         from models.clipcap import compose_clipcap
 
-        compose_clipcap(args.out, clip=args.clip, gpt2=args.gpt2, mapper=args.mapper, freeze_lm=None if args.lm is None else args.lm == "frozen",
-                        name=args.name, log=log)  # fmt: skip
+        compose_clipcap(
+            args.out,
+            clip=args.clip,
+            gpt2=args.gpt2,
+            mapper=args.mapper,
+            freeze_lm=None if args.lm is None else args.lm == "frozen",
+            name=args.name,
+            log=log,
+        )
     elif kind == "sbg":
         from models.sbg import compose_sbg
 
@@ -391,11 +482,24 @@ def cmd_import_lavis(settings: Any, args: argparse.Namespace) -> int:
 
     if args.model_type != "blip2" and not args.sam:
         raise ModelCommandError(f"model import-lavis --model-type {args.model_type} needs --sam (the frozen SAM encoder)")
-    sha, coverage = import_lavis(args.checkpoints, out=args.out, blip2=args.blip2, sam=args.sam, model_type=args.model_type, bert=args.bert,
-                                 sam_layout=args.sam_layout, eval_image_size=args.eval_image_size, keep_text_side=args.keep_text_side,
-                                 dtype=parse_dtype(args.dtype), name=args.name, log=lambda m: print(m, file=sys.stderr))  # fmt: skip
-    print(f"wrote {args.out} (weights sha256 {sha}): {len(coverage.by_target)} weights from the LAVIS file(s), "
-          f"{len(coverage.unused)} entries read by nothing on purpose; see {args.out / 'IMPORT_REPORT.md'}")
+    sha, coverage = import_lavis(
+        args.checkpoints,
+        out=args.out,
+        blip2=args.blip2,
+        sam=args.sam,
+        model_type=args.model_type,
+        bert=args.bert,
+        sam_layout=args.sam_layout,
+        eval_image_size=args.eval_image_size,
+        keep_text_side=args.keep_text_side,
+        dtype=parse_dtype(args.dtype),
+        name=args.name,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(
+        f"wrote {args.out} (weights sha256 {sha}): {len(coverage.by_target)} weights from the LAVIS file(s), "
+        f"{len(coverage.unused)} entries read by nothing on purpose; see {args.out / 'IMPORT_REPORT.md'}"
+    )
     return 0
 
 
@@ -407,7 +511,9 @@ def cmd_export(settings: Any, args: argparse.Namespace) -> int:
     if args.shard_gb <= 0:
         raise ModelCommandError("--shard-gb: must be positive")
     source = _model_dir(settings, args)
-    sha = export(source, args.out, dtype=parse_dtype(args.dtype), shard_bytes=int(args.shard_gb * 1024**3), log=lambda m: print(m, file=sys.stderr))
+    sha = export(
+        source, args.out, dtype=parse_dtype(args.dtype), shard_bytes=int(args.shard_gb * 1024**3), log=lambda m: print(m, file=sys.stderr)
+    )
     print(f"wrote {args.out} (weights sha256 {sha}); use it with MEDCAP_MODEL={args.out}")
     return 0
 
@@ -439,15 +545,29 @@ def cmd_train(settings: Any, args: argparse.Namespace) -> int:
     device = select_device(args.device)  # frozen parts in bf16 (fp16 on older GPUs) on CUDA, fp32 on CPU
     model, tokenizers, provenance = checkpoint.load(source, device, default_dtype(device))
     records = select_records(load_data(args.data), "train", args.mix)
-    train_settings = TrainSettings.for_stage(args.stage, branch=getattr(args, "qformer", None), epochs=args.epochs, max_steps=args.max_steps,
-                                             batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                                             warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every,
-                                             seed=args.seed, feature_cache=args.feature_cache)  # fmt: skip
+    train_settings = TrainSettings.for_stage(
+        args.stage,
+        branch=getattr(args, "qformer", None),
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps,
+        warmup_lr=args.warmup_lr,
+        weight_decay=args.weight_decay,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        feature_cache=args.feature_cache,
+    )
     history = provenance.get("history", [])
     if args.resume and history and not history[-1].get("final", True):
         history = history[:-1]
-    prov = checkpoint.Provenance(provenance.get("sources", []), provenance.get("initialised", []),
-                                 history + [{"data": args.data, "mix": args.mix or "all", "records": len(records)}])  # fmt: skip
+    prov = checkpoint.Provenance(
+        provenance.get("sources", []),
+        provenance.get("initialised", []),
+        history + [{"data": args.data, "mix": args.mix or "all", "records": len(records)}],
+    )
     result = train(model, tokenizers, records, train_settings, args.out, prov, resume=args.resume)
     print(f"{args.stage}: {result.steps} steps, last loss {result.losses[-1]['loss']:.4f}; checkpoint {args.out}")
     return 0
@@ -466,10 +586,20 @@ def cmd_train_caption(settings: Any, args: argparse.Namespace) -> int:
     records = select_records(groups, "train", None)
     validation = [r for g in groups.values() for rs in g.values() for r in rs if r.split == args.validation_split]
     fit_settings = FitSettings.for_model(
-        model.config.model_type, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
-        optimizer=args.optimizer, weight_decay=args.weight_decay, grad_clip=args.grad_clip or None, patience=args.patience or None,
-        warmup_steps=args.warmup_steps, seed=args.seed, feature_cache=args.feature_cache,
-    )  # fmt: skip
+        model.config.model_type,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip or None,
+        patience=args.patience or None,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+        feature_cache=args.feature_cache,
+    )
     disabled: dict[str, Any] = {}
     if args.grad_clip == 0:
         disabled["grad_clip"] = None
@@ -482,8 +612,11 @@ def cmd_train_caption(settings: Any, args: argparse.Namespace) -> int:
     history = provenance.get("history", [])
     if args.resume and history and not history[-1].get("final", True):
         history = history[:-1]
-    prov = checkpoint.Provenance(provenance.get("sources", []), provenance.get("initialised", []),
-                                 history + [{"data": args.data, "records": len(records), "validation_records": len(validation)}])  # fmt: skip
+    prov = checkpoint.Provenance(
+        provenance.get("sources", []),
+        provenance.get("initialised", []),
+        history + [{"data": args.data, "records": len(records), "validation_records": len(validation)}],
+    )
     result = fit(model, text, records, fit_settings, args.out, prov, validation_records=validation, resume=args.resume)
     best = f", best epoch {result.best_epoch}" if result.best_epoch else ""
     stopped = " (stopped early)" if result.stopped_early else ""
@@ -498,9 +631,18 @@ def cmd_evaluate(settings: Any, args: argparse.Namespace) -> int:
     records = select_records(load_data(args.data), args.split, None)
     if args.limit:
         records = records[: args.limit]
-    report = evaluate_checkpoints(args.model, records, generation=_generation(args), device=args.device, batch_size=args.gen_batch_size,
-                            out_dir=args.out, detail_words=args.detail_words, bertscore_model=args.bertscore_model,
-                            bleurt_model=args.bleurt_model, candidates=_candidates(args.candidates))  # fmt: skip
+    report = evaluate_checkpoints(
+        args.model,
+        records,
+        generation=_generation(args),
+        device=args.device,
+        batch_size=args.gen_batch_size,
+        out_dir=args.out,
+        detail_words=args.detail_words,
+        bertscore_model=args.bertscore_model,
+        bleurt_model=args.bleurt_model,
+        candidates=_candidates(args.candidates),
+    )
     print(report.table())
     for note in report.notes:
         print(f"note: {note}")

@@ -78,7 +78,14 @@ def tower_from(clip: Any, tower: str) -> tuple[dict[str, Any], dict[str, torch.T
     sub = getattr(clip.config, f"{tower}_config")
     from transformers import PretrainedConfig
 
-    generic = set(PretrainedConfig().to_dict()) | {"transformers_version", "architectures", "model_type", "dtype", "torch_dtype", "_name_or_path"}
+    generic = set(PretrainedConfig().to_dict()) | {
+        "transformers_version",
+        "architectures",
+        "model_type",
+        "dtype",
+        "torch_dtype",
+        "_name_or_path",
+    }
     keep = {"pad_token_id", "bos_token_id", "eos_token_id"} if tower == "text" else set()
     config = {k: v for k, v in sub.to_dict().items() if k not in generic or k in keep} | {"projection_dim": int(clip.config.projection_dim)}
     prefix, projection = ("vision_model.", "visual_projection.") if tower == "vision" else ("text_model.", "text_projection.")
@@ -88,5 +95,12 @@ def tower_from(clip: Any, tower: str) -> tuple[dict[str, Any], dict[str, torch.T
 
 def tiny_clip_vision_config(image_size: int = 64, width: int = 32, layers: int = 2) -> dict[str, Any]:
     """A tiny CLIP ViT (an 8 x 8 grid of patches) for tests and the synthetic benchmark."""
-    return dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=max(1, width // 16),
-                image_size=image_size, patch_size=max(1, image_size // 8), projection_dim=width)  # fmt: skip
+    return dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 16),
+        image_size=image_size,
+        patch_size=max(1, image_size // 8),
+        projection_dim=width,
+    )

@@ -149,8 +149,16 @@ class ClipTransformerModel(nn.Module):
             def step(tokens: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
                 return F.log_softmax(self._logits(state[0], tokens)[:, -1].float(), dim=-1), state
 
-            ids = search(step, (memory,), memory.shape[0], preset, sos=SOS, eos=EOS, banned=(PAD, SOS),
-                         max_new_tokens=self.config.max_caption_tokens - 1)  # fmt: skip
+            ids = search(
+                step,
+                (memory,),
+                memory.shape[0],
+                preset,
+                sos=SOS,
+                eos=EOS,
+                banned=(PAD, SOS),
+                max_new_tokens=self.config.max_caption_tokens - 1,
+            )
         return [text.decode(row) for row in ids]
 
     def place(self, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -163,13 +171,15 @@ class ClipTransformerModel(nn.Module):
 # -- construction ------------------------------------------------------------------------------
 
 
-def tiny_clip_transformer(captions: Sequence[str], *, image_size: int = 64, width: int = 32, seed: int = 0,
-                          **overrides: Any) -> tuple[ClipTransformerModel, WordVocab]:  # fmt: skip
+def tiny_clip_transformer(
+    captions: Sequence[str], *, image_size: int = 64, width: int = 32, seed: int = 0, **overrides: Any
+) -> tuple[ClipTransformerModel, WordVocab]:
     """A random tiny CLIP-Transformer and a vocabulary of every word in ``captions``; CPU-fast (tests, synthetic benchmark)."""
     min_count = int(overrides.pop("min_word_count", 1))
     vocab = WordVocab.build(captions, min_count)
-    values: dict[str, Any] = dict(d_model=width, num_layers=2, num_heads=max(1, width // 16), ffn_dim=2 * width, dropout=0.0,
-                                  max_caption_tokens=48) | overrides  # fmt: skip
+    values: dict[str, Any] = (
+        dict(d_model=width, num_layers=2, num_heads=max(1, width // 16), ffn_dim=2 * width, dropout=0.0, max_caption_tokens=48) | overrides
+    )
     config = ClipTransformerConfig(
         vocab_size=len(vocab), clip_vision=tiny_clip_vision_config(image_size, width), min_word_count=min_count, **values
     )
@@ -178,9 +188,15 @@ def tiny_clip_transformer(captions: Sequence[str], *, image_size: int = 64, widt
 
 
 def compose_clip_transformer(
-    out: Path, *, clip: str, captions: Sequence[str], min_word_count: int = 5, name: str = "", log: Callable[[str], None] = print,
+    out: Path,
+    *,
+    clip: str,
+    captions: Sequence[str],
+    min_word_count: int = 5,
+    name: str = "",
+    log: Callable[[str], None] = print,
     **overrides: Any,
-) -> Path:  # fmt: skip
+) -> Path:
     """A CLIP-Transformer checkpoint from a pretrained CLIP (``openai/clip-vit-large-patch14``, any CLIPModel, local or
     hub) and a vocabulary of ``captions``; projection and decoder start untrained."""
     from models.checkpoint import Provenance, save
@@ -203,7 +219,7 @@ def compose_clip_transformer(
         initialised=[
             "image token projection (Linear + LayerNorm), transformer decoder, word and position embeddings, output layer "
             "(train them: medcap train caption)"
-        ],  # fmt: skip
+        ],
     )
     sha = save(model, vocab, out, provenance)
     log(f"wrote {out} (weights sha256 {sha})")
@@ -219,6 +235,14 @@ FAMILY = Family(
     # (100 steps: a fraction of an epoch even on small sets) and clipping at 1.0 keep the untrained
     # decoder's first steps stable; batch 32; early stopping on validation loss as the CNN-LSTM,
     # since small radiology sets overfit within a few epochs.
-    fit_defaults={"epochs": 30, "batch_size": 32, "lr": 1e-4, "optimizer": "adamw", "weight_decay": 0.01, "grad_clip": 1.0,
-                  "patience": 2, "warmup_steps": 100},
-)  # fmt: skip
+    fit_defaults={
+        "epochs": 30,
+        "batch_size": 32,
+        "lr": 1e-4,
+        "optimizer": "adamw",
+        "weight_decay": 0.01,
+        "grad_clip": 1.0,
+        "patience": 2,
+        "warmup_steps": 100,
+    },
+)

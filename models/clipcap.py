@@ -139,8 +139,9 @@ class TransformerMapper(nn.Module):
         self.clip_length = clip_length
         self.linear = nn.Linear(clip_dim, clip_length * width)
         self.prefix_const = nn.Parameter(torch.randn(prefix_length, width))
-        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0, activation="relu", batch_first=True,
-                                           norm_first=True)  # fmt: skip
+        layer = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=2 * width, dropout=0.0, activation="relu", batch_first=True, norm_first=True
+        )
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
@@ -230,9 +231,18 @@ def tiny_clipcap(
 
 
 def compose_clipcap(
-    out: Path, *, clip: str, gpt2: str, mapper: str = "mlp", prefix_length: int | None = None, clip_length: int | None = None,
-    freeze_lm: bool | None = None, normalize_prefix: bool = False, name: str = "", log: Callable[[str], None] = print,
-) -> Path:  # fmt: skip
+    out: Path,
+    *,
+    clip: str,
+    gpt2: str,
+    mapper: str = "mlp",
+    prefix_length: int | None = None,
+    clip_length: int | None = None,
+    freeze_lm: bool | None = None,
+    normalize_prefix: bool = False,
+    name: str = "",
+    log: Callable[[str], None] = print,
+) -> Path:
     """A ClipCap checkpoint from a pretrained CLIP (e.g. ``openai/clip-vit-large-patch14``) and GPT-2 (hub ids or
     local directories); the mapper starts untrained."""
     from models.checkpoint import Provenance, save
@@ -243,8 +253,16 @@ def compose_clipcap(
     vision, vision_weights = tower_from(load_clip(clip, "--clip"), "vision")
     log(f"loading GPT-2 from {gpt2}")
     lm, text = load_gpt2(gpt2)
-    config = ClipCapConfig(clip_vision=vision, gpt2=config_kwargs(lm.config), mapper=mapper, prefix_length=prefix_length,
-                           clip_length=clip_length, freeze_lm=freeze_lm, normalize_prefix=normalize_prefix, name=name)  # fmt: skip
+    config = ClipCapConfig(
+        clip_vision=vision,
+        gpt2=config_kwargs(lm.config),
+        mapper=mapper,
+        prefix_length=prefix_length,
+        clip_length=clip_length,
+        freeze_lm=freeze_lm,
+        normalize_prefix=normalize_prefix,
+        name=name,
+    )
     log(f"building {config.display_name}")
     model = ClipCapModel(config)
     model.clip.model.load_state_dict(vision_weights, strict=True)
@@ -269,7 +287,13 @@ FAMILY = Family(
     # ClipCap's train.py: AdamW (no weight decay) at 2e-5, 5000 warm-up steps, batch 40, 10 epochs;
     # Huynh et al. add gradient clipping. No early stopping in either.
     fit_defaults={
-        "epochs": 10, "batch_size": 40, "lr": 2e-5, "optimizer": "adamw", "weight_decay": 0.0, "grad_clip": 1.0, "warmup_steps": 5000,
+        "epochs": 10,
+        "batch_size": 40,
+        "lr": 2e-5,
+        "optimizer": "adamw",
+        "weight_decay": 0.0,
+        "grad_clip": 1.0,
+        "warmup_steps": 5000,
         "patience": None,
-    },  # fmt: skip
+    },
 )

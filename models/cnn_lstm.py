@@ -247,17 +247,27 @@ def _preprocessor(source: Path | str) -> dict[str, Any] | None:
     from transformers.utils import cached_file
 
     try:
-        path = cached_file(str(source), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)  # fmt: skip
+        path = cached_file(
+            str(source),
+            "preprocessor_config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
         return json.loads(Path(path).read_text()) if path else None
     except (OSError, ValueError):
         return None
 
 
 def compose_cnn_lstm(
-    out: Path, *, mobilenet: str, captions: Sequence[str], min_word_count: int = 5, name: str = "", log: Callable[[str], None] = print,
+    out: Path,
+    *,
+    mobilenet: str,
+    captions: Sequence[str],
+    min_word_count: int = 5,
+    name: str = "",
+    log: Callable[[str], None] = print,
     **overrides: Any,
-) -> Path:  # fmt: skip
+) -> Path:
     """A CNN-LSTM checkpoint from a pretrained MobileNetV2 (``google/mobilenet_v2_1.0_224`` or a local copy,
     classifier checkpoints included) and a vocabulary of ``captions``; everything after the encoder starts untrained."""
     from models.checkpoint import Provenance, save
@@ -280,8 +290,9 @@ def compose_cnn_lstm(
             values["image_size"] = int(crop["height"] if isinstance(crop, dict) else crop)
     vocab = WordVocab.build(captions, min_word_count)
     log(f"vocabulary: {len(vocab.words)} words seen at least {min_word_count} times in {len(captions)} captions")
-    config = CnnLstmConfig(vocab_size=len(vocab), mobilenet=_mobilenet_kwargs(source.config), min_word_count=min_word_count, name=name,
-                           **(values | overrides))  # fmt: skip
+    config = CnnLstmConfig(
+        vocab_size=len(vocab), mobilenet=_mobilenet_kwargs(source.config), min_word_count=min_word_count, name=name, **(values | overrides)
+    )
     log(f"building {config.display_name}")
     model = CnnLstmModel(config)
     model.encoder.load_state_dict(source.state_dict(), strict=True)  # BatchNorm running statistics included
@@ -304,6 +315,14 @@ FAMILY = Family(
     description="CNN-LSTM: frozen MobileNetV2 pooled features -> Linear + BatchNorm -> LSTM over words (Zain et al.)",
     # Zain et al. / the "Show and Tell" recipe their code follows: Adam at 1e-3, batch 64, no
     # clipping, early stopping on validation loss (patience 2, best weights kept).
-    fit_defaults={"epochs": 20, "batch_size": 64, "lr": 1e-3, "optimizer": "adam", "weight_decay": 0.0, "grad_clip": None,
-                  "patience": 2, "warmup_steps": 0},
-)  # fmt: skip
+    fit_defaults={
+        "epochs": 20,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "optimizer": "adam",
+        "weight_decay": 0.0,
+        "grad_clip": None,
+        "patience": 2,
+        "warmup_steps": 0,
+    },
+)

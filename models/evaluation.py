@@ -17,8 +17,9 @@ from models.generation import GenerationPreset
 from models.metrics import evaluate_models
 
 
-def caption_records(captioner: Captioner, records: Sequence[CaptionRecord], generation: GenerationPreset, *, batch_size: int = 16,
-                    progress: bool = True) -> dict[str, str]:  # fmt: skip
+def caption_records(
+    captioner: Captioner, records: Sequence[CaptionRecord], generation: GenerationPreset, *, batch_size: int = 16, progress: bool = True
+) -> dict[str, str]:
     """One caption per distinct image (several references may share an image)."""
     images: dict[str, CaptionRecord] = {}
     for record in records:
@@ -35,10 +36,20 @@ def caption_records(captioner: Captioner, records: Sequence[CaptionRecord], gene
 
 
 def evaluate_checkpoints(
-    model_dirs: Sequence[Path], records: Sequence[CaptionRecord], *, generation: GenerationPreset, device: str = "auto",
-    batch_size: int = 16, out_dir: Path | None = None, detail_words: str | None = None, bertscore_model: Path | None = None,
-    bleurt_model: Path | None = None, names: Sequence[str] | None = None, progress: bool = True, candidates: Sequence[int] = (),
-) -> Any:  # fmt: skip
+    model_dirs: Sequence[Path],
+    records: Sequence[CaptionRecord],
+    *,
+    generation: GenerationPreset,
+    device: str = "auto",
+    batch_size: int = 16,
+    out_dir: Path | None = None,
+    detail_words: str | None = None,
+    bertscore_model: Path | None = None,
+    bleurt_model: Path | None = None,
+    names: Sequence[str] | None = None,
+    progress: bool = True,
+    candidates: Sequence[int] = (),
+) -> Any:
     """Returns the metrics report (``.results``, ``.table()``); writes markdown + JSON to ``out_dir``.
 
     A captioner that reranks candidates (SBG) is scored once per count in ``candidates`` (rows
@@ -63,8 +74,9 @@ def evaluate_checkpoints(
         from models.synthetic import DETAIL_WORDS
 
         vocabulary = DETAIL_WORDS
-    report = evaluate_models(predictions, references, detail_vocabulary=vocabulary, bertscore_model=bertscore_model,
-                             bleurt_model=bleurt_model)  # fmt: skip
+    report = evaluate_models(
+        predictions, references, detail_vocabulary=vocabulary, bertscore_model=bertscore_model, bleurt_model=bleurt_model
+    )
     if detail_words == "synthetic":
         # The scene words as well: a model may get the scene right and miss the lesion, or the reverse.
         from models.metrics import detail_word_scores
@@ -74,8 +86,12 @@ def evaluate_checkpoints(
             scores = detail_word_scores(preds, references, GLOBAL_WORDS)
             report.results[name].update({k: v for k, v in scores.items() if k.startswith("Acc-")})
     if out_dir is not None:
-        report.write(out_dir, name="results", title="Caption evaluation",
-                     metadata={"models": identities, "images": len(references), "generation": generation.__dict__})  # fmt: skip
+        report.write(
+            out_dir,
+            name="results",
+            title="Caption evaluation",
+            metadata={"models": identities, "images": len(references), "generation": generation.__dict__},
+        )
         # Every caption, for error analysis and paired comparisons between models.
         (Path(out_dir) / "predictions.json").write_text(json.dumps({"references": references, "predictions": predictions}, indent=1))
     return report

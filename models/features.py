@@ -56,8 +56,15 @@ class Features:
 
 
 @torch.no_grad()
-def encode_images(model: torch.nn.Module, records: Sequence[CaptionRecord], transform: ImageTransform, branches: Sequence[str],
-                  batch_size: int, progress: bool = True, cache_dir: Path | None = None) -> Features:  # fmt: skip
+def encode_images(
+    model: torch.nn.Module,
+    records: Sequence[CaptionRecord],
+    transform: ImageTransform,
+    branches: Sequence[str],
+    batch_size: int,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+) -> Features:
     """Encode each distinct image once (COCO-style data has several captions per image) with the
     model's frozen ``encode``, reading the views in ``branches``.
 

@@ -36,8 +36,10 @@ OPTIMIZERS = ("adam", "adamw")
 def decay_groups(params: Sequence[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
     """Optimiser groups with weight decay on matrices and embeddings only: biases, norm scales and
     scalars such as a temperature are exempt (LAVIS exempts every parameter with ndim < 2)."""
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def restore_state(path: Path, settings: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, why: str = "") -> dict[str, Any]:
@@ -114,9 +116,17 @@ class FitResult:
 
 
 def fit(
-    model: Any, text: Any, records: Sequence[CaptionRecord], settings: FitSettings, out_dir: Path, provenance: checkpoint.Provenance,
-    *, validation_records: Sequence[CaptionRecord] = (), resume: bool = False, progress: bool = True,
-) -> FitResult:  # fmt: skip
+    model: Any,
+    text: Any,
+    records: Sequence[CaptionRecord],
+    settings: FitSettings,
+    out_dir: Path,
+    provenance: checkpoint.Provenance,
+    *,
+    validation_records: Sequence[CaptionRecord] = (),
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
     if not records:
         raise ValueError("no training records")
     if settings.patience is not None and not validation_records:
@@ -129,10 +139,22 @@ def fit(
     device = params[0].device
     transform, branches = image_transform_for(model, training=True), list(model.config.branches)
     cache = out_dir.with_name(out_dir.name + ".features") if settings.feature_cache == "disk" else None
-    train_features = encode_images(model, records, transform, branches, settings.feature_batch_size, progress,
-                                   cache_dir=cache / "train" if cache else None)  # fmt: skip
-    valid_features = (encode_images(model, validation_records, transform, branches, settings.feature_batch_size, progress,
-                                    cache_dir=cache / "validation" if cache else None) if validation_records else None)  # fmt: skip
+    train_features = encode_images(
+        model, records, transform, branches, settings.feature_batch_size, progress, cache_dir=cache / "train" if cache else None
+    )
+    valid_features = (
+        encode_images(
+            model,
+            validation_records,
+            transform,
+            branches,
+            settings.feature_batch_size,
+            progress,
+            cache_dir=cache / "validation" if cache else None,
+        )
+        if validation_records
+        else None
+    )
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -228,21 +250,50 @@ def _changing_state(model: Any, params: Sequence[torch.nn.Parameter]) -> dict[st
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in names}
 
 
-def _save(model: Any, text: Any, out_dir: Path, provenance: checkpoint.Provenance, settings: FitSettings, optimizer: Any, scheduler: Any,
-          result: FitResult, best: dict[str, Any], final: bool) -> None:  # fmt: skip
+def _save(
+    model: Any,
+    text: Any,
+    out_dir: Path,
+    provenance: checkpoint.Provenance,
+    settings: FitSettings,
+    optimizer: Any,
+    scheduler: Any,
+    result: FitResult,
+    best: dict[str, Any],
+    final: bool,
+) -> None:
     """Checkpoint and state to a sibling folder, then swapped in: never a half-written checkpoint."""
     record = checkpoint.Provenance(provenance.sources, provenance.initialised, list(provenance.history))
-    record.history.append({"stage": "caption", "model_type": model.config.model_type, "steps": result.steps, "epochs": result.epochs,
-                           "best_epoch": result.best_epoch, "best_validation_loss": None if math.isinf(best["loss"]) else best["loss"],
-                           "stopped_early": result.stopped_early, "final": final,
-                           "last_loss": result.losses[-1]["loss"] if result.losses else None,
-                           "settings": asdict(settings), "at": datetime.now(UTC).isoformat(timespec="seconds")})  # fmt: skip
+    record.history.append(
+        {
+            "stage": "caption",
+            "model_type": model.config.model_type,
+            "steps": result.steps,
+            "epochs": result.epochs,
+            "best_epoch": result.best_epoch,
+            "best_validation_loss": None if math.isinf(best["loss"]) else best["loss"],
+            "stopped_early": result.stopped_early,
+            "final": final,
+            "last_loss": result.losses[-1]["loss"] if result.losses else None,
+            "settings": asdict(settings),
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
     tmp = out_dir.with_name(out_dir.name + ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.save(model, text, tmp, record)
     if not final:
-        torch.save({"settings": asdict(settings), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "result": asdict(result) | {"out_dir": None}, "best": best, "torch_rng": torch.get_rng_state()}, tmp / STATE)  # fmt: skip
+        torch.save(
+            {
+                "settings": asdict(settings),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "result": asdict(result) | {"out_dir": None},
+                "best": best,
+                "torch_rng": torch.get_rng_state(),
+            },
+            tmp / STATE,
+        )
     checkpoint.swap_in(tmp, out_dir)
 
 

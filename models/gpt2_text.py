@@ -127,10 +127,15 @@ class Gpt2Text:
 def generation_kwargs(text: Gpt2Text, preset: Any, num_beams: int | None = None) -> dict[str, Any]:
     """``generate`` arguments of a preset: greedy at one beam, beam search otherwise, never sampling."""
     return dict(
-        do_sample=False, num_beams=num_beams or preset.num_beams, max_new_tokens=preset.max_new_tokens,
-        min_new_tokens=preset.min_new_tokens, repetition_penalty=preset.repetition_penalty, length_penalty=preset.length_penalty,
-        eos_token_id=text.eos_id, pad_token_id=text.pad_id,
-    )  # fmt: skip
+        do_sample=False,
+        num_beams=num_beams or preset.num_beams,
+        max_new_tokens=preset.max_new_tokens,
+        min_new_tokens=preset.min_new_tokens,
+        repetition_penalty=preset.repetition_penalty,
+        length_penalty=preset.length_penalty,
+        eos_token_id=text.eos_id,
+        pad_token_id=text.pad_id,
+    )
 
 
 def build_small_gpt2_tokenizer(corpus: Iterable[str], vocab_size: int = 400) -> PreTrainedTokenizerFast:
@@ -141,8 +146,9 @@ def build_small_gpt2_tokenizer(corpus: Iterable[str], vocab_size: int = 400) -> 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
 
@@ -159,8 +165,13 @@ def build_small_clip_tokenizer(corpus: Iterable[str], vocab_size: int = 300) -> 
     words = [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     bpe.pre_tokenizer = pre_tokenizers.Sequence(words)
     bpe.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.BPEDecoder(suffix="</w>")])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[CLIP_BOS, EOS], end_of_word_suffix="</w>", show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[CLIP_BOS, EOS],
+        end_of_word_suffix="</w>",
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(texts, trainer)
     # The trainer numbers the word-final alphabet in hash order, differently in each process:
     # renumber (specials, then the alphabet sorted, then merges in rank order) so ids are reproducible.
@@ -202,8 +213,9 @@ class ClipTokens:
     max_tokens: int = 77
 
     def __call__(self, texts: Sequence[str], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer([pre_caption(t) for t in texts], padding="longest", truncation=True,
-                             max_length=self.max_tokens, return_tensors="pt")  # fmt: skip
+        enc = self.tokenizer(
+            [pre_caption(t) for t in texts], padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
         return {"input_ids": enc.input_ids.to(device), "attention_mask": enc.attention_mask.to(device)}
 
 
@@ -241,12 +253,32 @@ def load_gpt2(source: str, flag: str = "--gpt2") -> tuple[Any, Gpt2Text]:
 
 def tiny_gpt2_config(vocab_size: int, eos_id: int, width: int = 32, layers: int = 2, positions: int = 128) -> dict[str, Any]:
     """GPT-2 shapes, tiny; no dropout, so tiny models memorise a few captions in a few hundred steps."""
-    return dict(vocab_size=vocab_size, n_positions=positions, n_embd=width, n_layer=layers, n_head=max(1, width // 16),
-                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)  # fmt: skip
+    return dict(
+        vocab_size=vocab_size,
+        n_positions=positions,
+        n_embd=width,
+        n_layer=layers,
+        n_head=max(1, width // 16),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
 
 
 def tiny_clip_text_config(tokenizer: PreTrainedTokenizerBase, width: int = 32, layers: int = 2, positions: int = 64) -> dict[str, Any]:
     eos = int(tokenizer.eos_token_id)
-    return dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                num_attention_heads=max(1, width // 16), max_position_embeddings=positions, projection_dim=width,
-                bos_token_id=int(tokenizer.bos_token_id), eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 16),
+        max_position_embeddings=positions,
+        projection_dim=width,
+        bos_token_id=int(tokenizer.bos_token_id),
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )

@@ -9,8 +9,19 @@ import torch
 from tqdm.auto import tqdm
 
 
-def pretrain_causal_lm(lm: torch.nn.Module, sequences: Sequence[list[int]], *, pad: int, bos: int | None, steps: int, batch_size: int = 32,
-                       lr: float = 1e-3, seed: int = 0, max_context: int = 16, progress: bool = True) -> list[float]:  # fmt: skip
+def pretrain_causal_lm(
+    lm: torch.nn.Module,
+    sequences: Sequence[list[int]],
+    *,
+    pad: int,
+    bos: int | None,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    max_context: int = 16,
+    progress: bool = True,
+) -> list[float]:
     """Train a tiny causal LM (OPT, GPT-2) on token sequences, then freeze it and return the losses.
 
     Most sequences come after a shuffled, partly dropped bag of their own tokens (up to

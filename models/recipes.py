@@ -51,31 +51,68 @@ class TinyRecipe:
     seed: int = 0
 
 
-def train_tiny_family(train_records: Sequence[CaptionRecord], out_root: Path, recipe: TinyRecipe,
-                      model_types: Sequence[str] = ("blip2", "sam_blip2", "msmedcap"), progress: bool = True) -> dict[str, Path]:  # fmt: skip
+def train_tiny_family(
+    train_records: Sequence[CaptionRecord],
+    out_root: Path,
+    recipe: TinyRecipe,
+    model_types: Sequence[str] = ("blip2", "sam_blip2", "msmedcap"),
+    progress: bool = True,
+) -> dict[str, Path]:
     """Train each requested family member; returns {model_type: checkpoint directory}."""
     torch.manual_seed(recipe.seed)
     captions = [r.caption for r in train_records]
     tokenizers = build_small_tokenizers(captions, lm_vocab=400, qformer_vocab=300)
-    config = tiny_config("msmedcap", lm_vocab=len(tokenizers.lm), qformer_vocab=len(tokenizers.qformer), width=recipe.width,
-                         layers=recipe.layers, image_size=recipe.clip_image_size, sam_image_size=recipe.sam_image_size,
-                         num_query_tokens=recipe.num_query_tokens, sam_layout=recipe.sam_layout)  # fmt: skip
+    config = tiny_config(
+        "msmedcap",
+        lm_vocab=len(tokenizers.lm),
+        qformer_vocab=len(tokenizers.qformer),
+        width=recipe.width,
+        layers=recipe.layers,
+        image_size=recipe.clip_image_size,
+        sam_image_size=recipe.sam_image_size,
+        num_query_tokens=recipe.num_query_tokens,
+        sam_layout=recipe.sam_layout,
+    )
     base = MedCapModel(config)
-    pretrain_language_model(base, tokenizers, captions, steps=recipe.lm_steps, lr=recipe.lr, seed=recipe.seed,
-                            max_context=2 * recipe.num_query_tokens, progress=progress)  # fmt: skip
+    pretrain_language_model(
+        base,
+        tokenizers,
+        captions,
+        steps=recipe.lm_steps,
+        lr=recipe.lr,
+        seed=recipe.seed,
+        max_context=2 * recipe.num_query_tokens,
+        progress=progress,
+    )
     history = [{"recipe": asdict(recipe), "train_images": len(train_records)}]
-    provenance = checkpoint.Provenance(sources=[{"part": "all", "source": "tiny recipe, random init", "sha256": "n/a"}],
-                                       initialised=["everything (tiny synthetic benchmark model)"], history=history)  # fmt: skip
+    provenance = checkpoint.Provenance(
+        sources=[{"part": "all", "source": "tiny recipe, random init", "sha256": "n/a"}],
+        initialised=["everything (tiny synthetic benchmark model)"],
+        history=history,
+    )
     for branch in ("clip", "sam"):
-        settings = TrainSettings(stage="stage1", branch=branch, max_steps=recipe.stage1_steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                                 min_lr=recipe.lr / 10, seed=recipe.seed)  # fmt: skip
+        settings = TrainSettings(
+            stage="stage1",
+            branch=branch,
+            max_steps=recipe.stage1_steps,
+            batch_size=recipe.batch_size,
+            lr=recipe.lr,
+            min_lr=recipe.lr / 10,
+            seed=recipe.seed,
+        )
         train(base, tokenizers, train_records, settings, out_root / f"stage1-{branch}", provenance, progress=progress)
     out: dict[str, Path] = {}
     for model_type in model_types:
         member = MedCapModel(config.with_model_type(model_type))
         member.load_state_dict({k: v for k, v in copy.deepcopy(base.state_dict()).items() if k in member.state_dict()}, strict=True)
-        settings = TrainSettings(stage="stage2", max_steps=recipe.stage2_steps, batch_size=recipe.batch_size, lr=recipe.lr,
-                                 min_lr=recipe.lr / 10, seed=recipe.seed)  # fmt: skip
+        settings = TrainSettings(
+            stage="stage2",
+            max_steps=recipe.stage2_steps,
+            batch_size=recipe.batch_size,
+            lr=recipe.lr,
+            min_lr=recipe.lr / 10,
+            seed=recipe.seed,
+        )
         out[model_type] = out_root / model_type
         train(member, tokenizers, train_records, settings, out[model_type], provenance, progress=progress)
     (out_root / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
@@ -93,8 +130,14 @@ OTHER_CAPTIONERS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def train_tiny_captioner(kind: str, train_records: Sequence[CaptionRecord], validation_records: Sequence[CaptionRecord], out: Path,
-                         recipe: TinyRecipe, progress: bool = True) -> Path:  # fmt: skip
+def train_tiny_captioner(
+    kind: str,
+    train_records: Sequence[CaptionRecord],
+    validation_records: Sequence[CaptionRecord],
+    out: Path,
+    recipe: TinyRecipe,
+    progress: bool = True,
+) -> Path:
     """Build one of ``OTHER_CAPTIONERS`` from scratch and train it with the recipe's budget; returns its checkpoint."""
     from models.fitting import FitSettings, fit
 
@@ -105,23 +148,44 @@ def train_tiny_captioner(kind: str, train_records: Sequence[CaptionRecord], vali
     if module == "models.clipcap":
         overrides = overrides | {"prefix_length": recipe.num_query_tokens, "clip_length": recipe.num_query_tokens}
     captions = [r.caption for r in train_records]
-    model, text = getattr(importlib.import_module(module), builder)(captions, image_size=recipe.clip_image_size, width=recipe.width,
-                                                                     seed=recipe.seed, **overrides)  # fmt: skip
+    model, text = getattr(importlib.import_module(module), builder)(
+        captions, image_size=recipe.clip_image_size, width=recipe.width, seed=recipe.seed, **overrides
+    )
     history: list[dict[str, Any]] = [{"recipe": asdict(recipe), "train_images": len(train_records), "builder": f"{builder}({overrides})"}]
     lm = getattr(model, "lm", None)
     if lm is not None:  # GPT-2: the same text-only stand-in for pretraining as the MSMedCap family's OPT
         gpt2 = getattr(text, "gpt2", text)
         sequences = [gpt2.caption_ids(c, 64) for c in captions]
-        losses = pretrain_causal_lm(lm, sequences, pad=gpt2.pad_id, bos=None, steps=recipe.lm_steps, lr=recipe.lr, seed=recipe.seed,
-                                    max_context=2 * recipe.num_query_tokens, progress=progress)  # fmt: skip
+        losses = pretrain_causal_lm(
+            lm,
+            sequences,
+            pad=gpt2.pad_id,
+            bos=None,
+            steps=recipe.lm_steps,
+            lr=recipe.lr,
+            seed=recipe.seed,
+            max_context=2 * recipe.num_query_tokens,
+            progress=progress,
+        )
         history.append({"stage": "lm stand-in", "steps": recipe.lm_steps, "last_loss": losses[-1]})
     defaults = FitSettings.for_model(model.config.model_type)
     early = defaults.patience is not None and bool(validation_records)
-    settings = FitSettings.for_model(model.config.model_type, epochs=10_000, max_steps=recipe.stage2_steps, batch_size=recipe.batch_size,
-                                     lr=recipe.lr, min_lr=recipe.lr / 10, warmup_steps=0, seed=recipe.seed)  # fmt: skip
+    settings = FitSettings.for_model(
+        model.config.model_type,
+        epochs=10_000,
+        max_steps=recipe.stage2_steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        min_lr=recipe.lr / 10,
+        warmup_steps=0,
+        seed=recipe.seed,
+    )
     if not early:
         settings = FitSettings(**(asdict(settings) | {"patience": None}))
-    provenance = checkpoint.Provenance(sources=[{"part": "all", "source": "tiny recipe, random init", "sha256": "n/a"}],
-                                       initialised=["everything (tiny synthetic benchmark model)"], history=history)  # fmt: skip
+    provenance = checkpoint.Provenance(
+        sources=[{"part": "all", "source": "tiny recipe, random init", "sha256": "n/a"}],
+        initialised=["everything (tiny synthetic benchmark model)"],
+        history=history,
+    )
     fit(model, text, train_records, settings, out, provenance, validation_records=validation_records if early else (), progress=progress)
     return out

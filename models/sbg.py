@@ -402,16 +402,30 @@ def tiny_sbg(
     text = SbgText(Gpt2Text(build_small_gpt2_tokenizer(captions)), build_small_clip_tokenizer(captions))
     keywords = overrides.pop("keywords", None) or build_keywords(captions, min_count=1)
     values: dict[str, Any] = dict(keywords=keywords, keyword_bias_init=keyword_bias(captions, keywords), max_caption_tokens=48) | overrides
-    config = SbgConfig(clip_vision=tiny_clip_vision_config(image_size, width), clip_text=tiny_clip_text_config(text.clip, width),
-                       gpt2=tiny_gpt2_config(len(text.gpt2), text.gpt2.eos_id, width), **values)  # fmt: skip
+    config = SbgConfig(
+        clip_vision=tiny_clip_vision_config(image_size, width),
+        clip_text=tiny_clip_text_config(text.clip, width),
+        gpt2=tiny_gpt2_config(len(text.gpt2), text.gpt2.eos_id, width),
+        **values,
+    )
     torch.manual_seed(seed)
     return SbgModel(config), text
 
 
 def compose_sbg(
-    out: Path, *, clip: str, gpt2: str, captions: Sequence[str], max_keywords: int = 300, min_count: int = 2, top_k: int = 10,
-    candidates: int = 5, train_clip: bool = True, name: str = "", log: Callable[[str], None] = print,
-) -> Path:  # fmt: skip
+    out: Path,
+    *,
+    clip: str,
+    gpt2: str,
+    captions: Sequence[str],
+    max_keywords: int = 300,
+    min_count: int = 2,
+    top_k: int = 10,
+    candidates: int = 5,
+    train_clip: bool = True,
+    name: str = "",
+    log: Callable[[str], None] = print,
+) -> Path:
     """An SBG checkpoint: CLIP (both towers, its tokenizer and logit scale) and GPT-2 from pretrained
     sources, the keyword vocabulary from the training ``captions``."""
     from transformers import AutoTokenizer
@@ -437,9 +451,18 @@ def compose_sbg(
         raise ComposeError(f"--clip {clip}: {exc}") from None
     log(f"loading GPT-2 from {gpt2}")
     lm, gpt2_text = load_gpt2(gpt2)
-    config = SbgConfig(clip_vision=vision, clip_text=text_tower, gpt2=config_kwargs(lm.config), keywords=keywords, top_k=top_k,
-                       candidates=candidates, train_clip=train_clip, logit_scale_init=float(clip_model.logit_scale.detach()),
-                       keyword_bias_init=keyword_bias(captions, keywords), name=name)  # fmt: skip
+    config = SbgConfig(
+        clip_vision=vision,
+        clip_text=text_tower,
+        gpt2=config_kwargs(lm.config),
+        keywords=keywords,
+        top_k=top_k,
+        candidates=candidates,
+        train_clip=train_clip,
+        logit_scale_init=float(clip_model.logit_scale.detach()),
+        keyword_bias_init=keyword_bias(captions, keywords),
+        name=name,
+    )
     log(f"building {config.display_name} with {len(keywords)} keywords")
     model = SbgModel(config)
     model.clip.model.load_state_dict(vision_weights, strict=True)
@@ -458,7 +481,7 @@ def compose_sbg(
             "keyword score scale and bias",
             "GPT-2 has not learned to write from keyword prompts (train it: medcap train caption)",
         ],
-    )  # fmt: skip
+    )
     sha = save(model, SbgText(gpt2_text, clip_tokenizer), out, provenance)
     log(f"wrote {out} (weights sha256 {sha})")
     return out
@@ -472,7 +495,13 @@ FAMILY = Family(
     # As ClipCap in the same paper (AdamW 2e-5, warm-up, batch 40, 10 epochs, gradient clipping):
     # both fine-tune GPT-2 on the same captions.
     fit_defaults={
-        "epochs": 10, "batch_size": 40, "lr": 2e-5, "optimizer": "adamw", "weight_decay": 0.0, "grad_clip": 1.0, "warmup_steps": 5000,
+        "epochs": 10,
+        "batch_size": 40,
+        "lr": 2e-5,
+        "optimizer": "adamw",
+        "weight_decay": 0.0,
+        "grad_clip": 1.0,
+        "warmup_steps": 5000,
         "patience": None,
-    },  # fmt: skip
+    },
 )

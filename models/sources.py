@@ -70,5 +70,3 @@ def from_pretrained_strict(model_class: Any, resolved: Path, flag: str, what: st
     if info["missing_keys"]:
         raise ComposeError(f"{flag} {resolved}: {len(info['missing_keys'])} weight(s) missing, e.g. {sorted(info['missing_keys'])[:5]}")
     return model
-
-

@@ -233,8 +233,9 @@ def write_shards(entries: Iterable[Entry], directory: Path, shard_bytes: int = S
     return [directory / n for n in names]
 
 
-def model_entries(model: nn.Module, *, dtype_of: Callable[[str, torch.Tensor], torch.dtype] | None = None,
-                  skip: Callable[[str], bool] = lambda _: False) -> list[Entry]:  # fmt: skip
+def model_entries(
+    model: nn.Module, *, dtype_of: Callable[[str, torch.Tensor], torch.dtype] | None = None, skip: Callable[[str], bool] = lambda _: False
+) -> list[Entry]:
     """A model's state as a file plan: tied parameters once (under their first name), ``skip``
     left out, floating-point tensors cast to ``dtype_of(name, tensor)`` on the way out."""
     tied = {name for group in tied_groups(model) for name in group[1:]}
@@ -266,8 +267,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    table: dict[str, Any] = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-                             "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
+    table: dict[str, Any] = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
     try:
         return table[name]  # type: ignore[no-any-return]
     except KeyError:

@@ -52,9 +52,16 @@ class JobPublisher(Protocol):
 
 class Assembler:
     def __init__(
-        self, db: Database, clock: Clock, publisher: JobPublisher, *, quiet_seconds: float, max_wait_seconds: float,
-        redeliver_seconds: float, dispatch_stale_seconds: float = 120.0,
-    ) -> None:  # fmt: skip
+        self,
+        db: Database,
+        clock: Clock,
+        publisher: JobPublisher,
+        *,
+        quiet_seconds: float,
+        max_wait_seconds: float,
+        redeliver_seconds: float,
+        dispatch_stale_seconds: float = 120.0,
+    ) -> None:
         self.db = db
         self.clock = clock
         self.publisher = publisher
@@ -84,13 +91,16 @@ class Assembler:
             )
             rows = s.execute(
                 select(
-                    Study.id, func.min(Instance.received_at, type_=UTCDateTime), func.max(Instance.received_at, type_=UTCDateTime),
-                    Study.force_requested_at, exists(sending),
+                    Study.id,
+                    func.min(Instance.received_at, type_=UTCDateTime),
+                    func.max(Instance.received_at, type_=UTCDateTime),
+                    Study.force_requested_at,
+                    exists(sending),
                 )
                 .join(Instance, Instance.study_id == Study.id)
                 .where(Instance.version_number.is_(None))
                 .group_by(Study.id, Study.force_requested_at)
-            ).all()  # fmt: skip
+            ).all()
         due = []
         for study_id, first, last, forced, still_sending in rows:
             if forced is not None:
@@ -109,22 +119,32 @@ class Assembler:
                 study_uid = s.scalar(select(Study.study_uid).where(Study.id == study_id))
                 number = (s.scalar(select(func.max(StudyVersion.number)).where(StudyVersion.study_id == study_id)) or 0) + 1
                 newly = s.execute(
-                    update(Instance)
-                    .where(Instance.study_id == study_id, Instance.version_number.is_(None))
-                    .values(version_number=number)
+                    update(Instance).where(Instance.study_id == study_id, Instance.version_number.is_(None)).values(version_number=number)
                 ).rowcount  # type: ignore[attr-defined]
                 if not newly:
                     return None  # another assembler got there first
                 total, captionable = s.execute(
                     select(func.count(), func.count().filter(Instance.captionable)).where(Instance.study_id == study_id)
                 ).one()
-                version = StudyVersion(study_id=study_id, number=number, created_at=now, trigger=trigger,
-                                       instance_count=total, captionable_count=captionable)  # fmt: skip
+                version = StudyVersion(
+                    study_id=study_id, number=number, created_at=now, trigger=trigger, instance_count=total, captionable_count=captionable
+                )
                 s.add(version)
                 s.flush()
-                audit.record(s, now, audit.SYSTEM_ASSEMBLER, Action.STUDY_VERSION_CREATED, "study_version", version.id,
-                             study_uid=study_uid, number=number, trigger=trigger, new_instances=newly,
-                             instances=total, captionable=captionable)  # fmt: skip
+                audit.record(
+                    s,
+                    now,
+                    audit.SYSTEM_ASSEMBLER,
+                    Action.STUDY_VERSION_CREATED,
+                    "study_version",
+                    version.id,
+                    study_uid=study_uid,
+                    number=number,
+                    trigger=trigger,
+                    new_instances=newly,
+                    instances=total,
+                    captionable=captionable,
+                )
                 job_id = jobs.create(s, now, audit.SYSTEM_ASSEMBLER, version.id, study_uid=study_uid, version_number=number)
                 jobs.supersede_older(s, now, audit.SYSTEM_ASSEMBLER, study_id, job_id, study_uid)
                 s.execute(update(Study).where(Study.id == study_id).values(force_requested_at=None))

@@ -42,24 +42,60 @@ def _model() -> list[Column[Any]]:
 
 
 v_drafts = Table(
-    "v_drafts", VIEWS, Column("draft_sr_id", BigInteger), Column("draft_sr_uid", String), Column("study_id", BigInteger),
-    Column("study_uid", String), Column("accession_number", String), Column("patient_id", String), Column("patient_name", String),
-    Column("study_version", Integer), *_model(), Column("received_at", UTCDateTime), Column("drafted_at", UTCDateTime),
-    Column("decision", String), Column("decided_at", UTCDateTime), Column("reviewer", String), Column("edited", Boolean),
-    Column("edit_distance", Integer), Column("draft_characters", Integer), Column("verified_sr_uid", String),
-)  # fmt: skip
+    "v_drafts",
+    VIEWS,
+    Column("draft_sr_id", BigInteger),
+    Column("draft_sr_uid", String),
+    Column("study_id", BigInteger),
+    Column("study_uid", String),
+    Column("accession_number", String),
+    Column("patient_id", String),
+    Column("patient_name", String),
+    Column("study_version", Integer),
+    *_model(),
+    Column("received_at", UTCDateTime),
+    Column("drafted_at", UTCDateTime),
+    Column("decision", String),
+    Column("decided_at", UTCDateTime),
+    Column("reviewer", String),
+    Column("edited", Boolean),
+    Column("edit_distance", Integer),
+    Column("draft_characters", Integer),
+    Column("verified_sr_uid", String),
+)
 v_turnaround = Table(
-    "v_turnaround", VIEWS, Column("study_uid", String), Column("accession_number", String), Column("patient_id", String),
-    Column("study_version", Integer), Column("draft_sr_id", BigInteger), Column("draft_sr_uid", String), *_model(),
-    Column("received_at", UTCDateTime), Column("drafted_at", UTCDateTime), Column("approved_at", UTCDateTime),
-    Column("draft_seconds", Float), Column("approval_seconds", Float), Column("total_seconds", Float),
-)  # fmt: skip
+    "v_turnaround",
+    VIEWS,
+    Column("study_uid", String),
+    Column("accession_number", String),
+    Column("patient_id", String),
+    Column("study_version", Integer),
+    Column("draft_sr_id", BigInteger),
+    Column("draft_sr_uid", String),
+    *_model(),
+    Column("received_at", UTCDateTime),
+    Column("drafted_at", UTCDateTime),
+    Column("approved_at", UTCDateTime),
+    Column("draft_seconds", Float),
+    Column("approval_seconds", Float),
+    Column("total_seconds", Float),
+)
 v_failed_work = Table(
-    "v_failed_work", VIEWS, Column("kind", String), Column("job_id", BigInteger), Column("dispatch_id", BigInteger),
-    Column("study_uid", String), Column("accession_number", String), Column("study_version", Integer), Column("sr_uid", String),
-    Column("sr_kind", String), Column("destination", String), Column("attempts", Integer), Column("error", String),
+    "v_failed_work",
+    VIEWS,
+    Column("kind", String),
+    Column("job_id", BigInteger),
+    Column("dispatch_id", BigInteger),
+    Column("study_uid", String),
+    Column("accession_number", String),
+    Column("study_version", Integer),
+    Column("sr_uid", String),
+    Column("sr_kind", String),
+    Column("destination", String),
+    Column("attempts", Integer),
+    Column("error", String),
     Column("failed_at", UTCDateTime),
-)  # fmt: skip
+)
 
 
 class QueryError(ValueError):
@@ -105,8 +141,11 @@ class AuditSearch:
 
     def filters(self) -> dict[str, str]:
         """The filters given, as text (for the audit event that records a search)."""
-        return {k: (v.isoformat() if isinstance(v, datetime) else str(v)) for k, v in asdict(self).items()
-                if v not in (None, "") and k not in ("limit", "offset")}  # fmt: skip
+        return {
+            k: (v.isoformat() if isinstance(v, datetime) else str(v))
+            for k, v in asdict(self).items()
+            if v not in (None, "") and k not in ("limit", "offset")
+        }
 
 
 @dataclass(frozen=True)
@@ -167,14 +206,25 @@ def search_audit(db: Database, q: AuditSearch) -> AuditPage:
     """Events matching ``q``, newest first, one page of ``q.limit`` from ``q.offset``."""
     e = AuditEvent
     query = (
-        select(e.id, e.at, e.actor, e.action, e.object_type, e.object_id, e.study_uid, Study.accession_number, Study.patient_id,
-               Study.patient_name, e.details)
+        select(
+            e.id,
+            e.at,
+            e.actor,
+            e.action,
+            e.object_type,
+            e.object_id,
+            e.study_uid,
+            Study.accession_number,
+            Study.patient_id,
+            Study.patient_name,
+            e.details,
+        )
         .outerjoin(Study, Study.study_uid == e.study_uid)
         .where(*_conditions(q))
         .order_by(e.at.desc(), e.id.desc())
         .limit(q.limit + 1)
         .offset(q.offset)
-    )  # fmt: skip
+    )
     with db.session() as s:
         rows = [AuditRow(*row) for row in s.execute(query)]
     return AuditPage(rows[: q.limit], len(rows) > q.limit)
@@ -190,8 +240,19 @@ def write_audit_csv(rows: Iterable[AuditRow], out: Any, *, spreadsheet_safe: boo
     writer.writerow(AUDIT_CSV_COLUMNS)
     n = 0
     for row in rows:
-        values = [row.id, row.at.isoformat(), row.actor, row.action, row.object_type, row.object_id, row.study_uid or "",
-                  row.accession_number or "", row.patient_id or "", row.patient_name or "", json.dumps(row.details, sort_keys=True)]  # fmt: skip
+        values = [
+            row.id,
+            row.at.isoformat(),
+            row.actor,
+            row.action,
+            row.object_type,
+            row.object_id,
+            row.study_uid or "",
+            row.accession_number or "",
+            row.patient_id or "",
+            row.patient_name or "",
+            json.dumps(row.details, sort_keys=True),
+        ]
         if spreadsheet_safe:
             values = [f"'{v}" if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v for v in values]
         writer.writerow(values)
@@ -296,19 +357,32 @@ def _analytic(db: Database) -> Iterator[Session]:
         yield s
 
 
-def study_turnaround(db: Database, *, since: datetime | None = None, until: datetime | None = None, limit: int = 100,
-                     offset: int = 0) -> list[StudyTurnaround]:  # fmt: skip
+def study_turnaround(
+    db: Database, *, since: datetime | None = None, until: datetime | None = None, limit: int = 100, offset: int = 0
+) -> list[StudyTurnaround]:
     """Studies received in [since, until), newest first (``v_turnaround``)."""
     t = v_turnaround
     query = (
-        select(t.c.study_uid, t.c.accession_number, t.c.study_version, t.c.draft_sr_uid, t.c.model_name, t.c.model_version,
-               t.c.weights_sha256, t.c.received_at, t.c.drafted_at, t.c.approved_at, t.c.draft_seconds, t.c.approval_seconds,
-               t.c.total_seconds)
+        select(
+            t.c.study_uid,
+            t.c.accession_number,
+            t.c.study_version,
+            t.c.draft_sr_uid,
+            t.c.model_name,
+            t.c.model_version,
+            t.c.weights_sha256,
+            t.c.received_at,
+            t.c.drafted_at,
+            t.c.approved_at,
+            t.c.draft_seconds,
+            t.c.approval_seconds,
+            t.c.total_seconds,
+        )
         .where(*_window(t, since, until, "received_at"))
         .order_by(t.c.received_at.desc(), t.c.draft_sr_id.desc())
         .limit(limit)
         .offset(offset)
-    )  # fmt: skip
+    )
     with db.session() as s:
         return [StudyTurnaround(*row) for row in s.execute(query)]
 
@@ -321,28 +395,43 @@ def turnaround_by_model(db: Database, *, since: datetime | None = None, until: d
     metrics = (t.c.draft_seconds, t.c.approval_seconds, t.c.total_seconds)
     with _analytic(db) as s:
         if s.get_bind().dialect.name == "postgresql":
-            query = select(*model, func.count(), func.count(t.c.approval_seconds),
-                           *(_percentile(m, p) for m in metrics for p in (50, 90))).where(*_window(t, since, until, "received_at"))  # fmt: skip
+            query = select(
+                *model, func.count(), func.count(t.c.approval_seconds), *(_percentile(m, p) for m in metrics for p in (50, 90))
+            ).where(*_window(t, since, until, "received_at"))
         else:
             ranked = (
                 select(
-                    *model, *metrics,
+                    *model,
+                    *metrics,
                     func.row_number().over(partition_by=model, order_by=t.c.draft_seconds).label("draft_rank"),
-                    func.row_number().over(partition_by=model, order_by=(t.c.approval_seconds.is_(None), t.c.approval_seconds)).label("approval_rank"),
-                    func.row_number().over(partition_by=model, order_by=(t.c.total_seconds.is_(None), t.c.total_seconds)).label("total_rank"),
+                    func.row_number()
+                    .over(partition_by=model, order_by=(t.c.approval_seconds.is_(None), t.c.approval_seconds))
+                    .label("approval_rank"),
+                    func.row_number()
+                    .over(partition_by=model, order_by=(t.c.total_seconds.is_(None), t.c.total_seconds))
+                    .label("total_rank"),
                     func.count().over(partition_by=model).label("n"),
                     func.count(t.c.approval_seconds).over(partition_by=model).label("approved_n"),
                 )
                 .where(*_window(t, since, until, "received_at"))
                 .subquery()
-            )  # fmt: skip
+            )
             r = ranked.c
             model = (r.model_name, r.model_version, r.weights_sha256)
             query = select(
-                *model, func.count(), func.max(r.approved_n),
-                *(_nearest_rank(rank, n, value, p) for rank, n, value in ((r.draft_rank, r.n, r.draft_seconds),
-                  (r.approval_rank, r.approved_n, r.approval_seconds), (r.total_rank, r.approved_n, r.total_seconds)) for p in (50, 90)),
-            )  # fmt: skip
+                *model,
+                func.count(),
+                func.max(r.approved_n),
+                *(
+                    _nearest_rank(rank, n, value, p)
+                    for rank, n, value in (
+                        (r.draft_rank, r.n, r.draft_seconds),
+                        (r.approval_rank, r.approved_n, r.approval_seconds),
+                        (r.total_rank, r.approved_n, r.total_seconds),
+                    )
+                    for p in (50, 90)
+                ),
+            )
         return [TurnaroundStats(*row) for row in s.execute(query.group_by(*model).order_by(*model))]
 
 
@@ -385,21 +474,29 @@ def model_quality(db: Database, *, since: datetime | None = None, until: datetim
             model = (d.c.model_name, d.c.model_version, d.c.weights_sha256)
             r = (
                 select(
-                    *model, d.c.decision, d.c.edited, d.c.edit_distance, d.c.draft_characters,
+                    *model,
+                    d.c.decision,
+                    d.c.edited,
+                    d.c.edit_distance,
+                    d.c.draft_characters,
                     func.row_number().over(partition_by=(*model, d.c.decision), order_by=d.c.edit_distance).label("edit_rank"),
                     func.count().over(partition_by=(*model, d.c.decision)).label("in_decision"),
                 )
                 .where(*_window(d, since, until, "drafted_at"))
                 .subquery()
                 .c
-            )  # fmt: skip
+            )
             median = _nearest_rank(r.edit_rank, r.in_decision, case((r.decision == "approved", r.edit_distance)), 50)
         model = (r.model_name, r.model_version, r.weights_sha256)
         approved = r.decision == "approved"
         unchanged = func.sum(case((and_(approved, ~r.edited), 1), else_=0))
         query = (
             select(
-                *model, func.count(), func.count(r.decision), func.sum(case((approved, 1), else_=0)), unchanged,
+                *model,
+                func.count(),
+                func.count(r.decision),
+                func.sum(case((approved, 1), else_=0)),
+                unchanged,
                 func.sum(case((r.decision == "rejected", 1), else_=0)),
                 (unchanged * 1.0 / func.nullif(func.count(r.decision), 0)).cast(Float),
                 func.avg(case((approved, r.edit_distance * 1.0))).cast(Float),
@@ -408,7 +505,7 @@ def model_quality(db: Database, *, since: datetime | None = None, until: datetim
             )
             .group_by(*model)
             .order_by(*model)
-        )  # fmt: skip
+        )
         return [ModelQuality(*row) for row in s.execute(query)]
 
 
@@ -447,8 +544,14 @@ def failed_work(db: Database, *, limit: int = 200) -> list[FailedWork]:
 def sr_destinations(db: Database, sr_uid: str) -> list[str]:
     """The destinations an SR has a dispatch to."""
     with db.session() as s:
-        return list(s.scalars(select(Dispatch.destination).join(SRDocument, SRDocument.id == Dispatch.sr_document_id)
-                              .where(SRDocument.sop_instance_uid == sr_uid).order_by(Dispatch.id)))  # fmt: skip
+        return list(
+            s.scalars(
+                select(Dispatch.destination)
+                .join(SRDocument, SRDocument.id == Dispatch.sr_document_id)
+                .where(SRDocument.sop_instance_uid == sr_uid)
+                .order_by(Dispatch.id)
+            )
+        )
 
 
 # -- the overview -----------------------------------------------------------------------------
@@ -474,7 +577,9 @@ def overview(db: Database, now: datetime) -> Overview:
     """Counts for the admin's front page (indexes or small tables; the audit trail only for the last day)."""
     with db.session() as s:
         draft_srs = s.scalar(select(func.count()).select_from(SRDocument).where(SRDocument.kind == SRKind.DRAFT)) or 0
-        decisions: dict[str, int] = {decision: n for decision, n in s.execute(select(Review.decision, func.count()).group_by(Review.decision))}
+        decisions: dict[str, int] = {
+            decision: n for decision, n in s.execute(select(Review.decision, func.count()).group_by(Review.decision))
+        }
         return Overview(
             studies=s.scalar(select(func.count()).select_from(Study)) or 0,
             draft_srs=draft_srs,

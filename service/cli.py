@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--role", required=True, choices=["radiologist", "admin"])
     q.add_argument("--display-name", required=True, help="DICOM person name Family^Given: the verifying observer in signed reports")
     q.set_defaults(func=cmd_users_add)
-    for action, helptext in (("disable", "stop a user from signing in (their sessions end at once)"), ("enable", "let a disabled user sign in again")):
+    for action, helptext in (
+        ("disable", "stop a user from signing in (their sessions end at once)"),
+        ("enable", "let a disabled user sign in again"),
+    ):
         q = usub.add_parser(action, help=helptext)
         q.add_argument("username")
         q.set_defaults(func=cmd_users_disable, disable=action == "disable")
@@ -141,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--action", help="an action (draft.approved), or a family ending in '.' (job.)")
     search.add_argument("--limit", type=int, default=100)
     search.add_argument("--offset", type=int, default=0)
-    for q in (search, asub.add_parser("turnaround", help="received -> draft -> approved, median and 90th percentile per model version"),
-              asub.add_parser("quality", help="drafts approved unchanged and edit distance, per model version")):
+    for q in (
+        search,
+        asub.add_parser("turnaround", help="received -> draft -> approved, median and 90th percentile per model version"),
+        asub.add_parser("quality", help="drafts approved unchanged and edit distance, per model version"),
+    ):
         q.add_argument("--since", help="YYYY-MM-DD or an ISO time (UTC unless it names a zone); inclusive")
         q.add_argument("--until", help="YYYY-MM-DD (through that day) or an ISO time; exclusive")
     asub.add_parser("failed", help="failed jobs and failed dispatches (see `medcap retry`, `medcap resend`)")
@@ -187,10 +193,14 @@ def make_assembler(settings: Settings, db: Any) -> Any:
     from workers.celery_app import CeleryPublisher, configure
 
     return Assembler(
-        db, SystemClock(), CeleryPublisher(configure(settings)), quiet_seconds=settings.quiet_seconds,
-        max_wait_seconds=settings.max_wait_seconds, redeliver_seconds=settings.job_redeliver_seconds,
+        db,
+        SystemClock(),
+        CeleryPublisher(configure(settings)),
+        quiet_seconds=settings.quiet_seconds,
+        max_wait_seconds=settings.max_wait_seconds,
+        redeliver_seconds=settings.job_redeliver_seconds,
         dispatch_stale_seconds=settings.dispatch_stale_seconds,
-    )  # fmt: skip
+    )
 
 
 def start_metrics(settings: Settings, *, worker: bool = False, children: bool = False) -> dict[str, str]:
@@ -236,8 +246,10 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
 
 def require_model(settings: Settings) -> None:
     if settings.model is None:
-        raise CommandError("no captioning model: set MEDCAP_MODEL to a checkpoint directory "
-                           "(`medcap model demo --out DIR` trains the small demo model on this machine)")  # fmt: skip
+        raise CommandError(
+            "no captioning model: set MEDCAP_MODEL to a checkpoint directory "
+            "(`medcap model demo --out DIR` trains the small demo model on this machine)"
+        )
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -247,10 +259,15 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     worker_env = {**os.environ, **start_metrics(settings, children=True)}  # the workers' metrics are served here
     stop = _stop_on_signals()
     listener, loop = start_listening(settings, db)
-    medcap = [sys.executable, "-m", "service.cli", "--parent-pid", str(os.getpid())] + (["--config", str(args.config)] if args.config else [])
+    medcap = [sys.executable, "-m", "service.cli", "--parent-pid", str(os.getpid())] + (
+        ["--config", str(args.config)] if args.config else []
+    )
     # Separate workers, so an SR is never sent late because the model is busy with the next study.
-    commands = {"caption": medcap + ["worker", "--queues", "caption"],
-                "dispatch": medcap + ["worker", "--queues", "dispatch", "--concurrency", "1"], "web": medcap + ["web"]}  # fmt: skip
+    commands = {
+        "caption": medcap + ["worker", "--queues", "caption"],
+        "dispatch": medcap + ["worker", "--queues", "dispatch", "--concurrency", "1"],
+        "web": medcap + ["web"],
+    }
     workers: dict[str, subprocess.Popen[bytes]] = {}
     started: dict[str, float] = {}
     delay = dict.fromkeys(commands, 1.0)  # restart backoff: a child that cannot start (port taken) must not spin
@@ -308,9 +325,23 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         # (workers/tasks.py caption_model). A crashed process's studies are taken over once stale.
         pool, concurrency = "threads", settings.caption_studies_in_flight
         app.medcap_threads_pool = True  # type: ignore[attr-defined]
-    app.worker_main(["worker", "--loglevel", settings.log_level, "--queues", ",".join(queues), "--concurrency", str(concurrency),
-                     "--pool", pool, "--without-gossip", "--without-mingle",
-                     "--hostname", f"medcap-{'-'.join(queues)}-{os.getpid()}@%h"])  # fmt: skip
+    app.worker_main(
+        [
+            "worker",
+            "--loglevel",
+            settings.log_level,
+            "--queues",
+            ",".join(queues),
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            pool,
+            "--without-gossip",
+            "--without-mingle",
+            "--hostname",
+            f"medcap-{'-'.join(queues)}-{os.getpid()}@%h",
+        ]
+    )
     return 0
 
 
@@ -344,8 +375,10 @@ def cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
     header = f"{'STUDY INSTANCE UID':<64}  {'PATIENT ID':<16}  {'ACCESSION':<16}  {'INST':>5}  {'PEND':>5}  {'VER':>3}  STATE"
     print(header)
     for r in rows:
-        print(f"{r.study_uid:<64}  {(r.patient_id or '')[:16]:<16}  {(r.accession_number or '')[:16]:<16}  "
-              f"{r.instances:>5}  {r.pending:>5}  {r.versions:>3}  {r.state}")  # fmt: skip
+        print(
+            f"{r.study_uid:<64}  {(r.patient_id or '')[:16]:<16}  {(r.accession_number or '')[:16]:<16}  "
+            f"{r.instances:>5}  {r.pending:>5}  {r.versions:>3}  {r.state}"
+        )
     return 0
 
 
@@ -372,11 +405,23 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
     from service.web.app import create_app
 
     app = create_app(settings, open_database(settings))
-    tls = {"ssl_certfile": str(settings.web_tls_cert_file), "ssl_keyfile": str(settings.web_tls_key_file)} if settings.web_tls_cert_file else {}
+    tls = (
+        {"ssl_certfile": str(settings.web_tls_cert_file), "ssl_keyfile": str(settings.web_tls_key_file)}
+        if settings.web_tls_cert_file
+        else {}
+    )
     scheme = "https" if tls else "http"
     LOG.info("review app on %s://%s:%d/ (API schema at /api/openapi.json)", scheme, settings.web_bind_address, settings.web_port)
-    uvicorn.run(app, host=settings.web_bind_address, port=settings.web_port, log_level=settings.log_level.lower(), access_log=False,
-                proxy_headers=False, server_header=False, **tls)  # type: ignore[arg-type]  # fmt: skip
+    uvicorn.run(
+        app,
+        host=settings.web_bind_address,
+        port=settings.web_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        **tls,
+    )  # type: ignore[arg-type]
     return 0
 
 
@@ -521,42 +566,140 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
         since = aq.parse_time(getattr(args, "since", None))
         until = aq.parse_time(getattr(args, "until", None), end=True)
         if args.audit_command == "search":
-            search = aq.AuditSearch(study_uid=args.study, accession=args.accession, patient=args.patient, user=args.user,
-                                    action=args.action, since=since, until=until, limit=args.limit, offset=args.offset)  # fmt: skip
+            search = aq.AuditSearch(
+                study_uid=args.study,
+                accession=args.accession,
+                patient=args.patient,
+                user=args.user,
+                action=args.action,
+                since=since,
+                until=until,
+                limit=args.limit,
+                offset=args.offset,
+            )
             page = aq.search_audit(db, search)
             with db.session() as s:
-                audit.record(s, SystemClock().now(), audit.cli_actor(getpass.getuser()), Action.AUDIT_EXPORTED if args.csv else Action.AUDIT_SEARCHED,
-                             "audit", "events", filters=search.filters(), offset=search.offset, shown=len(page.rows), via="cli")  # fmt: skip
+                audit.record(
+                    s,
+                    SystemClock().now(),
+                    audit.cli_actor(getpass.getuser()),
+                    Action.AUDIT_EXPORTED if args.csv else Action.AUDIT_SEARCHED,
+                    "audit",
+                    "events",
+                    filters=search.filters(),
+                    offset=search.offset,
+                    shown=len(page.rows),
+                    via="cli",
+                )
             if args.csv:
                 aq.write_audit_csv(page.rows, sys.stdout)
                 return 0
-            print(aq.text_table(["AT (UTC)", "ACTOR", "ACTION", "OBJECT", "ACCESSION", "PATIENT", "DETAILS"], [
-                (r.at.strftime("%Y-%m-%d %H:%M:%S"), r.actor, r.action, f"{r.object_type} {r.object_id}", r.accession_number,
-                 r.patient_id, json.dumps(r.details, sort_keys=True)[:80]) for r in page.rows]))  # fmt: skip
+            print(
+                aq.text_table(
+                    ["AT (UTC)", "ACTOR", "ACTION", "OBJECT", "ACCESSION", "PATIENT", "DETAILS"],
+                    [
+                        (
+                            r.at.strftime("%Y-%m-%d %H:%M:%S"),
+                            r.actor,
+                            r.action,
+                            f"{r.object_type} {r.object_id}",
+                            r.accession_number,
+                            r.patient_id,
+                            json.dumps(r.details, sort_keys=True)[:80],
+                        )
+                        for r in page.rows
+                    ],
+                )
+            )
             if page.more:
                 print(f"(more: --offset {search.offset + search.limit})")
         elif args.audit_command == "turnaround":
-            header = ["MODEL", "VERSION", "WEIGHTS", "STUDIES", "APPROVED", "DRAFT P50", "DRAFT P90", "APPROVAL P50", "APPROVAL P90",
-                      "TOTAL P50", "TOTAL P90"]  # fmt: skip
+            header = [
+                "MODEL",
+                "VERSION",
+                "WEIGHTS",
+                "STUDIES",
+                "APPROVED",
+                "DRAFT P50",
+                "DRAFT P90",
+                "APPROVAL P50",
+                "APPROVAL P90",
+                "TOTAL P50",
+                "TOTAL P90",
+            ]
             stats = aq.turnaround_by_model(db, since=since, until=until)
             if args.csv:
                 print(aq.rows_csv(list(aq.TurnaroundStats.__dataclass_fields__), [tuple(t.as_dict().values()) for t in stats]), end="")
             else:
-                print(aq.text_table(header, [(t.model_name, t.model_version, t.weights_sha256[:12], t.studies, t.approved, *map(aq.duration, (
-                    t.draft_median_seconds, t.draft_p90_seconds, t.approval_median_seconds, t.approval_p90_seconds, t.total_median_seconds,
-                    t.total_p90_seconds))) for t in stats]))  # fmt: skip
+                print(
+                    aq.text_table(
+                        header,
+                        [
+                            (
+                                t.model_name,
+                                t.model_version,
+                                t.weights_sha256[:12],
+                                t.studies,
+                                t.approved,
+                                *map(
+                                    aq.duration,
+                                    (
+                                        t.draft_median_seconds,
+                                        t.draft_p90_seconds,
+                                        t.approval_median_seconds,
+                                        t.approval_p90_seconds,
+                                        t.total_median_seconds,
+                                        t.total_p90_seconds,
+                                    ),
+                                ),
+                            )
+                            for t in stats
+                        ],
+                    )
+                )
         elif args.audit_command == "quality":
-            header = ["MODEL", "VERSION", "WEIGHTS", "DRAFTS", "REVIEWED", "APPROVED", "UNCHANGED", "REJECTED", "UNCHANGED RATE",
-                      "MEAN EDIT", "MEDIAN EDIT", "NORMALISED EDIT"]  # fmt: skip
+            header = [
+                "MODEL",
+                "VERSION",
+                "WEIGHTS",
+                "DRAFTS",
+                "REVIEWED",
+                "APPROVED",
+                "UNCHANGED",
+                "REJECTED",
+                "UNCHANGED RATE",
+                "MEAN EDIT",
+                "MEDIAN EDIT",
+                "NORMALISED EDIT",
+            ]
             quality = aq.model_quality(db, since=since, until=until)
             if args.csv:
                 print(aq.rows_csv(list(aq.ModelQuality.__dataclass_fields__), [tuple(m.as_dict().values()) for m in quality]), end="")
             else:
                 pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
                 num = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-                print(aq.text_table(header, [(m.model_name, m.model_version, m.weights_sha256[:12], m.drafts, m.reviewed, m.approved,
-                                              m.approved_unchanged, m.rejected, pct(m.approved_unchanged_rate), num(m.mean_edit_distance),
-                                              m.median_edit_distance, pct(m.normalised_edit_distance)) for m in quality]))  # fmt: skip
+                print(
+                    aq.text_table(
+                        header,
+                        [
+                            (
+                                m.model_name,
+                                m.model_version,
+                                m.weights_sha256[:12],
+                                m.drafts,
+                                m.reviewed,
+                                m.approved,
+                                m.approved_unchanged,
+                                m.rejected,
+                                pct(m.approved_unchanged_rate),
+                                num(m.mean_edit_distance),
+                                m.median_edit_distance,
+                                pct(m.normalised_edit_distance),
+                            )
+                            for m in quality
+                        ],
+                    )
+                )
         else:
             failed = aq.failed_work(db, limit=1000)
             if args.csv:
@@ -564,9 +707,24 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
             elif not failed:
                 print("no failed jobs or dispatches")
             else:
-                print(aq.text_table(["KIND", "JOB", "SR", "DESTINATION", "ACCESSION", "ATTEMPTS", "FAILED AT (UTC)", "ERROR"], [
-                    (f.kind, f.job_id, f.sr_uid, f.destination, f.accession_number, f.attempts,
-                     f.failed_at.strftime("%Y-%m-%d %H:%M:%S") if f.failed_at else "", (f.error or "")[:80]) for f in failed]))  # fmt: skip
+                print(
+                    aq.text_table(
+                        ["KIND", "JOB", "SR", "DESTINATION", "ACCESSION", "ATTEMPTS", "FAILED AT (UTC)", "ERROR"],
+                        [
+                            (
+                                f.kind,
+                                f.job_id,
+                                f.sr_uid,
+                                f.destination,
+                                f.accession_number,
+                                f.attempts,
+                                f.failed_at.strftime("%Y-%m-%d %H:%M:%S") if f.failed_at else "",
+                                (f.error or "")[:80],
+                            )
+                            for f in failed
+                        ],
+                    )
+                )
                 print("run a failed job again with `medcap retry JOB`, send an SR again with `medcap resend SR`")
     except aq.QueryError as exc:
         raise CommandError(str(exc)) from None

@@ -91,12 +91,23 @@ def create(s: Session, now: datetime, actor: str, doc: SRDocument, destination: 
     dispatch = Dispatch(sr_document_id=doc.id, destination=destination, status=DispatchStatus.PENDING.value, attempts=0, created_at=now)
     s.add(dispatch)
     s.flush()
-    audit.record(s, now, actor, Action.DISPATCH_QUEUED, "dispatch", dispatch.id, study_uid=study_uid, sr=doc.sop_instance_uid,
-                 destination=destination)  # fmt: skip
+    audit.record(
+        s,
+        now,
+        actor,
+        Action.DISPATCH_QUEUED,
+        "dispatch",
+        dispatch.id,
+        study_uid=study_uid,
+        sr=doc.sop_instance_uid,
+        destination=destination,
+    )
     return dispatch
 
 
-def create_all(s: Session, now: datetime, actor: str, doc: SRDocument, study_uid: str | None, destinations: Sequence[str]) -> list[Dispatch]:
+def create_all(
+    s: Session, now: datetime, actor: str, doc: SRDocument, study_uid: str | None, destinations: Sequence[str]
+) -> list[Dispatch]:
     return [create(s, now, actor, doc, destination, study_uid) for destination in destinations]
 
 
@@ -137,7 +148,9 @@ def mark_published(s: Session, now: datetime, actor: str, item: Due) -> bool:
     event = DispatchEvent.PUBLISH if item.status in (DispatchStatus.PENDING, DispatchStatus.RETRYING) else DispatchEvent.REPUBLISH
     moved = apply(s, item.dispatch_id, event, Dispatch.status == item.status, enqueued_at=now)
     if moved:  # someone else may have published it in between: one audit event per transition
-        audit.record(s, now, actor, Action.DISPATCH_ENQUEUED, "dispatch", item.dispatch_id, study_uid=item.study_uid, previous_status=item.status)
+        audit.record(
+            s, now, actor, Action.DISPATCH_ENQUEUED, "dispatch", item.dispatch_id, study_uid=item.study_uid, previous_status=item.status
+        )
     return moved
 
 
@@ -145,8 +158,15 @@ class DispatchPublisher(Protocol):
     def publish_dispatch(self, dispatch_id: int) -> None: ...
 
 
-def publish_due(db: Database, clock: Clock, publisher: DispatchPublisher, stale_after: timedelta, *, sr_document_id: int | None = None,
-                actor: str = audit.SYSTEM_ASSEMBLER) -> int:  # fmt: skip
+def publish_due(
+    db: Database,
+    clock: Clock,
+    publisher: DispatchPublisher,
+    stale_after: timedelta,
+    *,
+    sr_document_id: int | None = None,
+    actor: str = audit.SYSTEM_ASSEMBLER,
+) -> int:
     """Publish what is due (all, or one SR's: a caption worker sends its new SR's at once rather
     than waiting for the assembler's next pass). Returns how many were published."""
     now = clock.now()
@@ -171,9 +191,15 @@ def publish_due(db: Database, clock: Clock, publisher: DispatchPublisher, stale_
 def claim(s: Session, now: datetime, actor: str, dispatch_id: int, stale_after: timedelta) -> bool:
     """Start sending: a new, enqueued or due dispatch, or one whose worker went quiet mid-send."""
     fresh = apply(
-        s, dispatch_id, DispatchEvent.CLAIM, or_(Dispatch.status != DispatchStatus.RETRYING, Dispatch.next_attempt_at <= now),
-        started_at=now, attempts=Dispatch.attempts + 1,
-    ) or apply(s, dispatch_id, DispatchEvent.TAKE_OVER, Dispatch.started_at < now - stale_after, started_at=now, attempts=Dispatch.attempts + 1)  # fmt: skip
+        s,
+        dispatch_id,
+        DispatchEvent.CLAIM,
+        or_(Dispatch.status != DispatchStatus.RETRYING, Dispatch.next_attempt_at <= now),
+        started_at=now,
+        attempts=Dispatch.attempts + 1,
+    ) or apply(
+        s, dispatch_id, DispatchEvent.TAKE_OVER, Dispatch.started_at < now - stale_after, started_at=now, attempts=Dispatch.attempts + 1
+    )
     if not fresh:
         status = s.scalar(select(Dispatch.status).where(Dispatch.id == dispatch_id))
         audit.record(s, now, actor, Action.DISPATCH_SKIPPED, "dispatch", dispatch_id, status=status or "missing")
@@ -196,7 +222,9 @@ def deliver(s: Session, now: datetime, actor: str, dispatch_id: int, **details: 
 def retry_later(s: Session, now: datetime, actor: str, dispatch_id: int, error: str | None, delay_seconds: float, **details: Any) -> bool:
     if not apply(s, dispatch_id, DispatchEvent.RETRY, error=error, next_attempt_at=now + timedelta(seconds=delay_seconds)):
         return False
-    audit.record(s, now, actor, Action.DISPATCH_RETRY_SCHEDULED, "dispatch", dispatch_id, error=error, delay_seconds=delay_seconds, **details)
+    audit.record(
+        s, now, actor, Action.DISPATCH_RETRY_SCHEDULED, "dispatch", dispatch_id, error=error, delay_seconds=delay_seconds, **details
+    )
     return True
 
 
@@ -214,6 +242,15 @@ def resend(s: Session, now: datetime, actor: str, dispatch: Dispatch, *, force: 
         return False
     if not apply(s, dispatch.id, event, Dispatch.status == dispatch.status, attempts=0, next_attempt_at=None, delivered_at=None):
         return False
-    audit.record(s, now, actor, Action.DISPATCH_RESEND_REQUESTED, "dispatch", dispatch.id, study_uid=study_uid, sr=sr_uid,
-                 destination=dispatch.destination)  # fmt: skip
+    audit.record(
+        s,
+        now,
+        actor,
+        Action.DISPATCH_RESEND_REQUESTED,
+        "dispatch",
+        dispatch.id,
+        study_uid=study_uid,
+        sr=sr_uid,
+        destination=dispatch.destination,
+    )
     return True

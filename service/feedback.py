@@ -62,11 +62,17 @@ def export_feedback(db: Database, clock: Clock, out: Path, *, actor: str, since:
         query = query.where(Review.decided_at >= since)
     with db.session() as s:
         approved = s.execute(query).all()
-        drafts = {doc_id: s.scalars(select(Draft).where(Draft.sr_document_id == doc_id).order_by(Draft.id)).all()
-                  for _, _, _, _, doc_id, _ in approved}  # fmt: skip
+        drafts = {
+            doc_id: s.scalars(select(Draft).where(Draft.sr_document_id == doc_id).order_by(Draft.id)).all()
+            for _, _, _, _, doc_id, _ in approved
+        }
         wanted = {k["sop_instance_uid"] for ds in drafts.values() for d in ds for k in d.key_images}
-        instances = {uid: series_id for uid, series_id in
-                     s.execute(select(Instance.sop_instance_uid, Instance.series_id).where(Instance.sop_instance_uid.in_(wanted)))}  # fmt: skip
+        instances = {
+            uid: series_id
+            for uid, series_id in s.execute(
+                select(Instance.sop_instance_uid, Instance.series_id).where(Instance.sop_instance_uid.in_(wanted))
+            )
+        }
         s.expunge_all()
 
     loaded: dict[int, Series | None] = {}
@@ -91,9 +97,19 @@ def export_feedback(db: Database, clock: Clock, out: Path, *, actor: str, since:
                     skipped.append(f"{name}: {exc}")
                     continue
                 write_atomic(out / IMAGES / f"{name}.png", png)
-                rows.append({"image": f"{IMAGES}/{name}.png", "caption": caption, "split": "train", "image_id": name, "source": SOURCE,
-                             "modality": draft.modality or "", "study": str(study_id), "edited": "yes" if edited else "no",
-                             "approved_at": decided_at.isoformat()})  # fmt: skip
+                rows.append(
+                    {
+                        "image": f"{IMAGES}/{name}.png",
+                        "caption": caption,
+                        "split": "train",
+                        "image_id": name,
+                        "source": SOURCE,
+                        "modality": draft.modality or "",
+                        "study": str(study_id),
+                        "edited": "yes" if edited else "no",
+                        "approved_at": decided_at.isoformat(),
+                    }
+                )
                 written += 1
         reports += written > 0
 
@@ -104,8 +120,19 @@ def export_feedback(db: Database, clock: Clock, out: Path, *, actor: str, since:
     table = out / TABLE
     write_atomic(table, buffer.getvalue().encode("utf-8"))
     with db.session() as s:
-        audit.record(s, clock.now(), actor, Action.FEEDBACK_EXPORTED, "feedback_export", str(table)[-128:], out=str(out.resolve()),
-                     since=since.isoformat() if since else None, reports=reports, images=len(rows), skipped=len(skipped))  # fmt: skip
+        audit.record(
+            s,
+            clock.now(),
+            actor,
+            Action.FEEDBACK_EXPORTED,
+            "feedback_export",
+            str(table)[-128:],
+            out=str(out.resolve()),
+            since=since.isoformat() if since else None,
+            reports=reports,
+            images=len(rows),
+            skipped=len(skipped),
+        )
     return FeedbackExport(table, reports, len(rows), skipped)
 
 
@@ -113,7 +140,9 @@ def _series(db: Database, series_id: int, series_uid: str, loaded: dict[int, Ser
     """The stored series (its headers read once for all its key images); None when its files are gone."""
     if series_id not in loaded:
         with db.session() as s:
-            paths = list(s.scalars(select(Instance.path).where(Instance.series_id == series_id, Instance.captionable).order_by(Instance.path)))
+            paths = list(
+                s.scalars(select(Instance.path).where(Instance.series_id == series_id, Instance.captionable).order_by(Instance.path))
+            )
             uid = s.scalar(select(SeriesRow.series_uid).where(SeriesRow.id == series_id)) or series_uid
         present = [Path(p) for p in paths if os.path.isfile(p)]
         loaded[series_id] = next((x for x in read_series(present) if x.series_uid == uid), None) if present else None

@@ -66,28 +66,64 @@ class Ingest:
         now = self.clock.now()
         with self.db.session() as s:
             row = Association(
-                calling_ae=calling_ae, called_ae=called_ae, peer_address=address, peer_port=port, tls=tls,
-                started_at=now, listener=self.listener_name, outcome=AssociationOutcome.OPEN.value,
-                instances_received=0, instances_duplicate=0, instances_failed=0,
-            )  # fmt: skip
+                calling_ae=calling_ae,
+                called_ae=called_ae,
+                peer_address=address,
+                peer_port=port,
+                tls=tls,
+                started_at=now,
+                listener=self.listener_name,
+                outcome=AssociationOutcome.OPEN.value,
+                instances_received=0,
+                instances_duplicate=0,
+                instances_failed=0,
+            )
             s.add(row)
             s.flush()
-            audit.record(s, now, audit.dicom_actor(calling_ae, address), Action.ASSOCIATION_ACCEPTED, "association", row.id,
-                         called_ae=called_ae, port=port, tls=tls)  # fmt: skip
+            audit.record(
+                s,
+                now,
+                audit.dicom_actor(calling_ae, address),
+                Action.ASSOCIATION_ACCEPTED,
+                "association",
+                row.id,
+                called_ae=called_ae,
+                port=port,
+                tls=tls,
+            )
             return OpenAssociation(row.id, calling_ae, address)
 
     def association_rejected(self, calling_ae: str, called_ae: str, address: str, port: int, tls: bool, reason: str) -> None:
         now = self.clock.now()
         with self.db.session() as s:
             row = Association(
-                calling_ae=calling_ae, called_ae=called_ae, peer_address=address, peer_port=port, tls=tls,
-                started_at=now, ended_at=now, listener=self.listener_name, outcome=AssociationOutcome.REJECTED.value,
-                reason=reason, instances_received=0, instances_duplicate=0, instances_failed=0,
-            )  # fmt: skip
+                calling_ae=calling_ae,
+                called_ae=called_ae,
+                peer_address=address,
+                peer_port=port,
+                tls=tls,
+                started_at=now,
+                ended_at=now,
+                listener=self.listener_name,
+                outcome=AssociationOutcome.REJECTED.value,
+                reason=reason,
+                instances_received=0,
+                instances_duplicate=0,
+                instances_failed=0,
+            )
             s.add(row)
             s.flush()
-            audit.record(s, now, audit.dicom_actor(calling_ae, address), Action.ASSOCIATION_REJECTED, "association", row.id,
-                         called_ae=called_ae, port=port, reason=reason)  # fmt: skip
+            audit.record(
+                s,
+                now,
+                audit.dicom_actor(calling_ae, address),
+                Action.ASSOCIATION_REJECTED,
+                "association",
+                row.id,
+                called_ae=called_ae,
+                port=port,
+                reason=reason,
+            )
 
     def association_ended(self, assoc: OpenAssociation, outcome: AssociationOutcome, reason: str | None = None) -> None:
         # Released/aborted and connection-closed events arrive from different threads; the
@@ -102,13 +138,30 @@ class Ingest:
         now = self.clock.now()
         with self.db.session() as s:
             s.execute(
-                update(Association).where(Association.id == assoc.id).values(
-                    ended_at=now, outcome=outcome.value, reason=reason, instances_received=assoc.received,
-                    instances_duplicate=assoc.duplicate, instances_failed=assoc.failed,
+                update(Association)
+                .where(Association.id == assoc.id)
+                .values(
+                    ended_at=now,
+                    outcome=outcome.value,
+                    reason=reason,
+                    instances_received=assoc.received,
+                    instances_duplicate=assoc.duplicate,
+                    instances_failed=assoc.failed,
                 )
-            )  # fmt: skip
-            audit.record(s, now, assoc.actor, Action.ASSOCIATION_ENDED, "association", assoc.id, outcome=outcome.value,
-                         received=assoc.received, duplicate=assoc.duplicate, failed=assoc.failed, reason=reason)  # fmt: skip
+            )
+            audit.record(
+                s,
+                now,
+                assoc.actor,
+                Action.ASSOCIATION_ENDED,
+                "association",
+                assoc.id,
+                outcome=outcome.value,
+                received=assoc.received,
+                duplicate=assoc.duplicate,
+                failed=assoc.failed,
+                reason=reason,
+            )
 
     def close_stale_associations(self) -> int:
         """Mark associations this listener left open (it crashed or was killed) as lost."""
@@ -118,8 +171,11 @@ class Ingest:
                 select(Association.id).where(Association.ended_at.is_(None), Association.listener == self.listener_name)
             ).all()
             for assoc_id in stale:
-                s.execute(update(Association).where(Association.id == assoc_id).values(
-                    ended_at=now, outcome=AssociationOutcome.LOST.value, reason="listener stopped while the association was open"))  # fmt: skip
+                s.execute(
+                    update(Association)
+                    .where(Association.id == assoc_id)
+                    .values(ended_at=now, outcome=AssociationOutcome.LOST.value, reason="listener stopped while the association was open")
+                )
                 audit.record(s, now, audit.SYSTEM_LISTENER, Action.ASSOCIATION_LOST, "association", assoc_id, listener=self.listener_name)
         return len(stale)
 
@@ -189,10 +245,18 @@ class Ingest:
         now = self.clock.now()
         study_id, series_id = assoc.series_ids.get(header.series_uid) or self._upsert_study_and_series(s, assoc, header, now)
         values = dict(
-            sop_class_uid=header.sop_class_uid, transfer_syntax_uid=header.transfer_syntax_uid, study_id=study_id,
-            series_id=series_id, association_id=assoc.id, captionable=header.captionable, path=str(path), size=size,
-            sha256=sha256, received_at=now, version_number=None,
-        )  # fmt: skip
+            sop_class_uid=header.sop_class_uid,
+            transfer_syntax_uid=header.transfer_syntax_uid,
+            study_id=study_id,
+            series_id=series_id,
+            association_id=assoc.id,
+            captionable=header.captionable,
+            path=str(path),
+            size=size,
+            sha256=sha256,
+            received_at=now,
+            version_number=None,
+        )
         # The common case, a new instance, costs one statement.
         if insert_ignoring_conflicts(s, Instance.__table__, dict(sop_instance_uid=header.sop_instance_uid, **values), "sop_instance_uid"):
             return False
@@ -202,29 +266,62 @@ class Ingest:
         # New content under a known UID: keep the old file, point at the new one, and make
         # the instance pending again so the study gets a new version.
         s.execute(update(Instance).where(Instance.id == existing.id).values(**values))
-        audit.record(s, now, assoc.actor, Action.INSTANCE_REPLACED, "instance", header.sop_instance_uid,
-                     study_uid=header.study_uid, old_sha256=existing.sha256, new_sha256=sha256, association_id=assoc.id)  # fmt: skip
+        audit.record(
+            s,
+            now,
+            assoc.actor,
+            Action.INSTANCE_REPLACED,
+            "instance",
+            header.sop_instance_uid,
+            study_uid=header.study_uid,
+            old_sha256=existing.sha256,
+            new_sha256=sha256,
+            association_id=assoc.id,
+        )
         return False
 
     def _upsert_study_and_series(self, s: Session, assoc: OpenAssociation, header: InstanceHeader, now: object) -> tuple[int, int]:
         created = insert_ignoring_conflicts(
-            s, Study.__table__,
-            dict(study_uid=header.study_uid, patient_id=header.patient_id, patient_name=header.patient_name,
-                 accession_number=header.accession_number, study_date=header.study_date,
-                 study_description=header.study_description, first_received_at=now),
+            s,
+            Study.__table__,
+            dict(
+                study_uid=header.study_uid,
+                patient_id=header.patient_id,
+                patient_name=header.patient_name,
+                accession_number=header.accession_number,
+                study_date=header.study_date,
+                study_description=header.study_description,
+                first_received_at=now,
+            ),
             "study_uid",
-        )  # fmt: skip
+        )
         study_id = s.scalar(select(Study.id).where(Study.study_uid == header.study_uid))
         assert study_id is not None
         if created:
-            audit.record(s, now, assoc.actor, Action.STUDY_RECEIVING, "study", header.study_uid, study_uid=header.study_uid,  # type: ignore[arg-type]
-                         association_id=assoc.id, patient_id=header.patient_id, accession_number=header.accession_number)  # fmt: skip
+            audit.record(
+                s,
+                now,
+                assoc.actor,
+                Action.STUDY_RECEIVING,
+                "study",
+                header.study_uid,
+                study_uid=header.study_uid,  # type: ignore[arg-type]
+                association_id=assoc.id,
+                patient_id=header.patient_id,
+                accession_number=header.accession_number,
+            )
         insert_ignoring_conflicts(
-            s, Series.__table__,
-            dict(study_id=study_id, series_uid=header.series_uid, modality=header.modality,
-                 series_number=header.series_number, series_description=header.series_description),
+            s,
+            Series.__table__,
+            dict(
+                study_id=study_id,
+                series_uid=header.series_uid,
+                modality=header.modality,
+                series_number=header.series_number,
+                series_description=header.series_description,
+            ),
             "series_uid",
-        )  # fmt: skip
+        )
         series_study_id, series_id = s.execute(select(Series.study_id, Series.id).where(Series.series_uid == header.series_uid)).one()
         if series_study_id != study_id:
             raise InvalidInstance(STATUS_BAD_ATTRIBUTE, f"series {header.series_uid} already belongs to another study")
@@ -243,8 +340,19 @@ class Ingest:
         LOG.warning("refused instance from %s: 0x%04X %s", assoc.actor, status, reason)
         try:
             with self.db.session() as s:
-                audit.record(s, now, assoc.actor, Action.INSTANCE_FAILED, "association", assoc.id, status=f"0x{status:04X}",
-                             reason=reason, sha256=instance.sha256, size=instance.size, quarantined=kept)  # fmt: skip
+                audit.record(
+                    s,
+                    now,
+                    assoc.actor,
+                    Action.INSTANCE_FAILED,
+                    "association",
+                    assoc.id,
+                    status=f"0x{status:04X}",
+                    reason=reason,
+                    sha256=instance.sha256,
+                    size=instance.size,
+                    quarantined=kept,
+                )
         except Exception:
             LOG.exception("cannot record refused instance in the audit database")
         return status

@@ -106,9 +106,11 @@ def attempts_of(s: Session, job_id: int) -> int:
 
 def study_uid_of(s: Session, job_id: int) -> str | None:
     return s.scalar(
-        select(Study.study_uid).join(StudyVersion, StudyVersion.study_id == Study.id).join(Job, Job.study_version_id == StudyVersion.id)
+        select(Study.study_uid)
+        .join(StudyVersion, StudyVersion.study_id == Study.id)
+        .join(Job, Job.study_version_id == StudyVersion.id)
         .where(Job.id == job_id)
-    )  # fmt: skip
+    )
 
 
 def apply(s: Session, job_id: int, event: JobEvent, *conditions: ColumnElement[bool], **values: Any) -> bool:
@@ -137,9 +139,10 @@ def supersede_older(s: Session, now: datetime, actor: str, study_id: int, new_jo
     """Every unfinished job of the study's older versions ends superseded by ``new_job_id``."""
     sources, _ = TRANSITIONS[JobEvent.SUPERSEDE]
     older = s.scalars(
-        select(Job.id).join(StudyVersion, StudyVersion.id == Job.study_version_id)
+        select(Job.id)
+        .join(StudyVersion, StudyVersion.id == Job.study_version_id)
         .where(StudyVersion.study_id == study_id, Job.id != new_job_id, Job.status.in_([x.value for x in sources]))
-    ).all()  # fmt: skip
+    ).all()
     done = []
     for job_id in older:
         if apply(s, job_id, JobEvent.SUPERSEDE, superseded_by_job_id=new_job_id, finished_at=now):
@@ -170,13 +173,15 @@ def publishable(s: Session, now: datetime, enqueued_stale_after: timedelta) -> l
             )
         )
         .order_by(Job.id)
-    ).all()  # fmt: skip
+    ).all()
     due = [Publishable(job_id, status, study_uid) for job_id, status, study_uid in rows]
     # A running job whose worker process on this host is gone need not wait for its lease.
     held = s.execute(
-        select(Job.id, Job.claimed_by, Study.study_uid).join(StudyVersion, StudyVersion.id == Job.study_version_id)
-        .join(Study, Study.id == StudyVersion.study_id).where(Job.status == JobStatus.RUNNING, Job.lease_until >= now)
-    ).all()  # fmt: skip
+        select(Job.id, Job.claimed_by, Study.study_uid)
+        .join(StudyVersion, StudyVersion.id == Job.study_version_id)
+        .join(Study, Study.id == StudyVersion.study_id)
+        .where(Job.status == JobStatus.RUNNING, Job.lease_until >= now)
+    ).all()
     due += [Publishable(job_id, JobStatus.RUNNING.value, study_uid) for job_id, owner, study_uid in held if owner_is_dead(owner)]
     return sorted(due, key=lambda job: job.job_id)
 
@@ -226,7 +231,9 @@ def claim(s: Session, now: datetime, actor: str, job_id: int, owner: str, lease:
     elif status == JobStatus.RUNNING and (owner_is_dead(previous_owner) or (lease_until is not None and lease_until < now)):
         # Compare-and-set on the owner and lease we saw: of two racing take-overs, one wins.
         same = Job.claimed_by.is_(None) if previous_owner is None else Job.claimed_by == previous_owner
-        moved = apply(s, job_id, JobEvent.TAKE_OVER, same, Job.lease_until == lease_until if lease_until else Job.lease_until.is_(None), **values)
+        moved = apply(
+            s, job_id, JobEvent.TAKE_OVER, same, Job.lease_until == lease_until if lease_until else Job.lease_until.is_(None), **values
+        )
         took_over = previous_owner or "unknown"
     elif status == JobStatus.RUNNING and lease_until is None:  # claimed before leases existed
         moved = apply(s, job_id, JobEvent.TAKE_OVER, Job.lease_until.is_(None), Job.started_at < now - LEGACY_LEASE, **values)
@@ -252,8 +259,18 @@ def _mine(owner: str | None) -> tuple[ColumnElement[bool], ...]:
     return () if owner is None else (Job.claimed_by == owner,)
 
 
-def succeed(s: Session, now: datetime, actor: str, job_id: int, *, owner: str | None, study_uid: str | None,
-            inferred_at: datetime | None = None, sr_written: bool = False, **details: Any) -> bool:  # fmt: skip
+def succeed(
+    s: Session,
+    now: datetime,
+    actor: str,
+    job_id: int,
+    *,
+    owner: str | None,
+    study_uid: str | None,
+    inferred_at: datetime | None = None,
+    sr_written: bool = False,
+    **details: Any,
+) -> bool:
     """The job's success, in the transaction that records its results (the caller's)."""
     values: dict[str, Any] = dict(finished_at=now, worker=actor, error=None, lease_until=None)
     if inferred_at is not None:
@@ -274,13 +291,26 @@ def fail(s: Session, now: datetime, actor: str, job_id: int, error: str, *, owne
     return True
 
 
-def retry_later(s: Session, now: datetime, actor: str, job_id: int, error: str, delay_seconds: float, *, owner: str | None,
-                attempts: int) -> bool:  # fmt: skip
+def retry_later(
+    s: Session, now: datetime, actor: str, job_id: int, error: str, delay_seconds: float, *, owner: str | None, attempts: int
+) -> bool:
     """A transient failure: back to the queue, published again after ``delay_seconds``."""
-    if not apply(s, job_id, JobEvent.RETRY, *_mine(owner), error=error, not_before=now + timedelta(seconds=delay_seconds), lease_until=None):
+    if not apply(
+        s, job_id, JobEvent.RETRY, *_mine(owner), error=error, not_before=now + timedelta(seconds=delay_seconds), lease_until=None
+    ):
         return False
-    audit.record(s, now, actor, Action.JOB_RETRY_SCHEDULED, "job", job_id, study_uid=study_uid_of(s, job_id), error=error,
-                 attempts=attempts, delay_seconds=delay_seconds)  # fmt: skip
+    audit.record(
+        s,
+        now,
+        actor,
+        Action.JOB_RETRY_SCHEDULED,
+        "job",
+        job_id,
+        study_uid=study_uid_of(s, job_id),
+        error=error,
+        attempts=attempts,
+        delay_seconds=delay_seconds,
+    )
     return True
 
 

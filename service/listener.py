@@ -205,8 +205,7 @@ class Listener:
                 return
         calling, called, address, port = self._peer(event.assoc)
         try:
-            self.ingest.association_rejected(calling, called, address, port, self.settings.tls_enabled,
-                                             "too many concurrent associations")  # fmt: skip
+            self.ingest.association_rejected(calling, called, address, port, self.settings.tls_enabled, "too many concurrent associations")
         except Exception:
             LOG.exception("cannot record rejected association")
 
@@ -224,9 +223,11 @@ class Listener:
             request = event.request
             try:
                 header = read_header(
-                    dataset, str(event.context.transfer_syntax),
-                    sop_class_uid=str(request.AffectedSOPClassUID), sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                )  # fmt: skip
+                    dataset,
+                    str(event.context.transfer_syntax),
+                    sop_class_uid=str(request.AffectedSOPClassUID),
+                    sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                )
             except InvalidInstance as exc:
                 return self.ingest.refuse(record, instance, exc)
             return self.ingest.receive(record, header, instance)

@@ -126,8 +126,11 @@ class DatabaseCollector:
             gauge.add_metric([status], count)
         yield gauge
 
-        gauge = GaugeMetricFamily("medcap_queue_depth", "Work waiting: caption = jobs queued or enqueued; dispatch = dispatches "
-                                  "pending, enqueued or retrying.", labels=["queue"])  # fmt: skip
+        gauge = GaugeMetricFamily(
+            "medcap_queue_depth",
+            "Work waiting: caption = jobs queued or enqueued; dispatch = dispatches pending, enqueued or retrying.",
+            labels=["queue"],
+        )
         gauge.add_metric(["caption"], sum(jobs[s] for s in CAPTION_QUEUED))
         gauge.add_metric(["dispatch"], sum(dispatches[s] for s in DISPATCH_QUEUED))
         yield gauge
@@ -136,15 +139,28 @@ class DatabaseCollector:
         yield CounterMetricFamily(
             "medcap_job_failures", "Caption jobs that ended failed (audit events job.failed).", value=failures[Action.JOB_FAILED]
         )
-        yield CounterMetricFamily("medcap_dispatch_failures", "Dispatches that ended failed (audit events dispatch.failed).",
-                                  value=failures[Action.DISPATCH_FAILED])  # fmt: skip
+        yield CounterMetricFamily(
+            "medcap_dispatch_failures",
+            "Dispatches that ended failed (audit events dispatch.failed).",
+            value=failures[Action.DISPATCH_FAILED],
+        )
 
-        yield _histogram(conn, "medcap_job_duration_seconds", "Claim to finish of succeeded caption jobs (finished_at - started_at), all jobs.",
-                         _seconds(dialect, Job.started_at, Job.finished_at),
-                         (Job.status == JobStatus.SUCCEEDED, Job.started_at.is_not(None), Job.finished_at.is_not(None)),
-                         JOB_DURATION_BUCKETS)  # fmt: skip
-        yield _histogram(conn, "medcap_pipeline_seconds", "Job created to SR acknowledged by every destination (acknowledged_at - created_at), all jobs.",
-                         _seconds(dialect, Job.created_at, Job.acknowledged_at), (Job.acknowledged_at.is_not(None),), PIPELINE_BUCKETS)  # fmt: skip
+        yield _histogram(
+            conn,
+            "medcap_job_duration_seconds",
+            "Claim to finish of succeeded caption jobs (finished_at - started_at), all jobs.",
+            _seconds(dialect, Job.started_at, Job.finished_at),
+            (Job.status == JobStatus.SUCCEEDED, Job.started_at.is_not(None), Job.finished_at.is_not(None)),
+            JOB_DURATION_BUCKETS,
+        )
+        yield _histogram(
+            conn,
+            "medcap_pipeline_seconds",
+            "Job created to SR acknowledged by every destination (acknowledged_at - created_at), all jobs.",
+            _seconds(dialect, Job.created_at, Job.acknowledged_at),
+            (Job.acknowledged_at.is_not(None),),
+            PIPELINE_BUCKETS,
+        )
 
 
 def _read_engine(url: str) -> Engine:
@@ -156,8 +172,9 @@ def _read_engine(url: str) -> Engine:
             raise ValueError("metrics need a file or server database")
         # mode=rw: an absent file is an error, not a new empty database.
         uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw"
-        engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, timeout=10, check_same_thread=False),
-                               poolclass=NullPool)  # fmt: skip
+        engine = create_engine(
+            "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, timeout=10, check_same_thread=False), poolclass=NullPool
+        )
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -170,8 +187,14 @@ def _read_engine(url: str) -> Engine:
         return engine
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
-    return create_engine(parsed, pool_pre_ping=True, pool_size=1, max_overflow=2, isolation_level="REPEATABLE READ",
-                         connect_args={"connect_timeout": 5, "options": "-c statement_timeout=10000"})  # fmt: skip
+    return create_engine(
+        parsed,
+        pool_pre_ping=True,
+        pool_size=1,
+        max_overflow=2,
+        isolation_level="REPEATABLE READ",
+        connect_args={"connect_timeout": 5, "options": "-c statement_timeout=10000"},
+    )
 
 
 def _counts(conn: Connection, column: Any, keys: Sequence[str]) -> dict[str, int]:
@@ -188,12 +211,21 @@ def _seconds(dialect: str, start: Any, end: Any) -> ColumnElement[Any]:
     return extract("epoch", end - start)
 
 
-def _histogram(conn: Connection, name: str, documentation: str, seconds: ColumnElement[Any], where: Sequence[ColumnElement[bool]],
-               buckets: Sequence[float]) -> HistogramMetricFamily:  # fmt: skip
+def _histogram(
+    conn: Connection,
+    name: str,
+    documentation: str,
+    seconds: ColumnElement[Any],
+    where: Sequence[ColumnElement[bool]],
+    buckets: Sequence[float],
+) -> HistogramMetricFamily:
     durations = select(seconds.label("d")).where(*where).subquery()
     d = durations.c.d
-    row = conn.execute(select(func.count(), func.coalesce(func.sum(d), 0),
-                              *(func.coalesce(func.sum(case((d <= bound, 1), else_=0)), 0) for bound in buckets))).one()  # fmt: skip
+    row = conn.execute(
+        select(
+            func.count(), func.coalesce(func.sum(d), 0), *(func.coalesce(func.sum(case((d <= bound, 1), else_=0)), 0) for bound in buckets)
+        )
+    ).one()
     count, total, cumulative = int(row[0]), float(row[1]), [int(v) for v in row[2:]]
     pairs = [(floatToGoString(bound), n) for bound, n in zip(buckets, cumulative, strict=True)] + [("+Inf", count)]
     return HistogramMetricFamily(name, documentation, buckets=pairs, sum_value=total)
@@ -234,11 +266,20 @@ def _metrics() -> tuple[Counter, Histogram]:
     with _task_metrics_lock:
         if _task_metrics is None:
             _task_metrics = (
-                Counter("medcap_worker_tasks", "Celery tasks run by this worker, by outcome (what the task returned, or error).",
-                        ["task", "outcome"], registry=None),
-                Histogram("medcap_worker_task_seconds", "Duration of Celery tasks run by this worker.", ["task"], buckets=TASK_BUCKETS,
-                          registry=None),
-            )  # fmt: skip
+                Counter(
+                    "medcap_worker_tasks",
+                    "Celery tasks run by this worker, by outcome (what the task returned, or error).",
+                    ["task", "outcome"],
+                    registry=None,
+                ),
+                Histogram(
+                    "medcap_worker_task_seconds",
+                    "Duration of Celery tasks run by this worker.",
+                    ["task"],
+                    buckets=TASK_BUCKETS,
+                    registry=None,
+                ),
+            )
         return _task_metrics
 
 

@@ -81,8 +81,18 @@ def list_reports(db: Database, *, failed_only: bool = False, limit: int = 50) ->
         for d in s.scalars(select(Dispatch).where(Dispatch.sr_document_id.in_(doc_ids)).order_by(Dispatch.id)):
             dispatches.setdefault(d.sr_document_id, []).append(DispatchState(d.destination, d.status, d.attempts, d.error))
     return [
-        ReportStatus(job.id, study_uid, accession, number, job.status, job.error, job.created_at, job.acknowledged_at, sr_uid,
-                     dispatches.get(doc_id, []) if doc_id else [])  # fmt: skip
+        ReportStatus(
+            job.id,
+            study_uid,
+            accession,
+            number,
+            job.status,
+            job.error,
+            job.created_at,
+            job.acknowledged_at,
+            sr_uid,
+            dispatches.get(doc_id, []) if doc_id else [],
+        )
         for job, study_uid, accession, number, doc_id, sr_uid in rows
     ]
 
@@ -95,11 +105,14 @@ def retry_job(db: Database, clock: Clock, job_id: int, actor: str) -> None:
         except LookupError as exc:
             raise RequeueError(str(exc)) from None
         except jobs.ForbiddenTransition:
-            raise RequeueError(f"job {job_id} is {s.scalar(select(Job.status).where(Job.id == job_id))}; only failed jobs are retried") from None
+            raise RequeueError(
+                f"job {job_id} is {s.scalar(select(Job.status).where(Job.id == job_id))}; only failed jobs are retried"
+            ) from None
 
 
-def resend_report(db: Database, clock: Clock, sop_instance_uid: str, destinations: Sequence[str], actor: str, *,
-                  force: bool = False) -> list[str]:  # fmt: skip
+def resend_report(
+    db: Database, clock: Clock, sop_instance_uid: str, destinations: Sequence[str], actor: str, *, force: bool = False
+) -> list[str]:
     """Queue an SR for ``destinations``: ones never tried get a new dispatch; failed (or, with
     ``force``, any finished) dispatches start over. Returns the destinations queued."""
     now = clock.now()
@@ -116,8 +129,17 @@ def resend_report(db: Database, clock: Clock, sop_instance_uid: str, destination
             dispatch = existing.get(destination)
             if dispatch is None:  # a destination it never went to: a new dispatch
                 created = dispatches.create(s, now, actor, doc, destination, study_uid)
-                audit.record(s, now, actor, Action.DISPATCH_RESEND_REQUESTED, "dispatch", created.id, study_uid=study_uid,
-                             sr=sop_instance_uid, destination=destination)  # fmt: skip
+                audit.record(
+                    s,
+                    now,
+                    actor,
+                    Action.DISPATCH_RESEND_REQUESTED,
+                    "dispatch",
+                    created.id,
+                    study_uid=study_uid,
+                    sr=sop_instance_uid,
+                    destination=destination,
+                )
             elif not dispatches.resend(s, now, actor, dispatch, force=force, study_uid=study_uid, sr_uid=sop_instance_uid):
                 continue
             queued.append(destination)

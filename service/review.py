@@ -106,18 +106,43 @@ class Reviews:
         first = drafts[0] if drafts else None
         sr = pydicom.dcmread(doc.path)
         return DraftView(
-            doc.id, doc.sop_instance_uid, study.study_uid, study.accession_number, study.patient_id, study.patient_name, number,
-            doc.created_at, state_of(review.decision if review else None, number, latest),
-            first.model_name if first else "", first.model_version if first else "", first.weights_sha256 if first else "",
+            doc.id,
+            doc.sop_instance_uid,
+            study.study_uid,
+            study.accession_number,
+            study.patient_id,
+            study.patient_name,
+            number,
+            doc.created_at,
+            state_of(review.decision if review else None, number, latest),
+            first.model_name if first else "",
+            first.model_version if first else "",
+            first.weights_sha256 if first else "",
             first.generation_preset if first else "",
             [{"series_uid": d.series_uid, "modality": d.modality, "text": d.text, "key_images": d.key_images} for d in drafts],
             read_impression(sr),
-            {"decision": review.decision, "reason": review.reason, "decided_at": review.decided_at, "edited": review.edited,
-             "verified_sr": verified_uid, "findings": review.findings, "impression": review.impression} if review else None,
-        )  # fmt: skip
+            {
+                "decision": review.decision,
+                "reason": review.reason,
+                "decided_at": review.decided_at,
+                "edited": review.edited,
+                "verified_sr": verified_uid,
+                "findings": review.findings,
+                "impression": review.impression,
+            }
+            if review
+            else None,
+        )
 
-    def approve(self, draft_id: int, reviewer: Account, *, findings: Mapping[str, str] | None = None, impression: str | None = None,
-                address: str = "") -> str:  # fmt: skip
+    def approve(
+        self,
+        draft_id: int,
+        reviewer: Account,
+        *,
+        findings: Mapping[str, str] | None = None,
+        impression: str | None = None,
+        address: str = "",
+    ) -> str:
         """Write the verified SR; returns its SOP Instance UID. ``findings`` maps series UID → final text."""
         if reviewer.is_admin:
             raise ReviewError("only radiologists sign reports")
@@ -143,22 +168,54 @@ class Reviews:
         try:
             with self.db.session() as s:
                 verified = SRDocument(
-                    kind=SRKind.VERIFIED.value, idempotency_key=f"verified:{doc.id}", study_id=doc.study_id,
-                    study_version_id=doc.study_version_id, job_id=None, predecessor_id=doc.id, sop_instance_uid=str(sr.SOPInstanceUID),
-                    series_uid=str(sr.SeriesInstanceUID), completion_flag=str(sr.CompletionFlag), verification_flag=str(sr.VerificationFlag),
-                    path=str(path), sha256=hashlib.sha256(data).hexdigest(), created_at=now, created_by=actor,
-                )  # fmt: skip
+                    kind=SRKind.VERIFIED.value,
+                    idempotency_key=f"verified:{doc.id}",
+                    study_id=doc.study_id,
+                    study_version_id=doc.study_version_id,
+                    job_id=None,
+                    predecessor_id=doc.id,
+                    sop_instance_uid=str(sr.SOPInstanceUID),
+                    series_uid=str(sr.SeriesInstanceUID),
+                    completion_flag=str(sr.CompletionFlag),
+                    verification_flag=str(sr.VerificationFlag),
+                    path=str(path),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    created_at=now,
+                    created_by=actor,
+                )
                 s.add(verified)
                 s.flush()
-                s.add(Review(
-                    draft_sr_id=doc.id, decision=Decision.APPROVED.value, reviewer_id=reviewer.id, decided_at=now,
-                    verified_sr_id=verified.id, edited=distance > 0, edit_distance=distance,
-                    draft_characters=sum(len(a) for a, _ in pairs), impression=final_impression,
-                    findings=[{"series_uid": d.series_uid, "draft": d.text, "final": f.text} for d, f in zip(draft_findings, finals, strict=True)],
-                ))  # fmt: skip
+                s.add(
+                    Review(
+                        draft_sr_id=doc.id,
+                        decision=Decision.APPROVED.value,
+                        reviewer_id=reviewer.id,
+                        decided_at=now,
+                        verified_sr_id=verified.id,
+                        edited=distance > 0,
+                        edit_distance=distance,
+                        draft_characters=sum(len(a) for a, _ in pairs),
+                        impression=final_impression,
+                        findings=[
+                            {"series_uid": d.series_uid, "draft": d.text, "final": f.text}
+                            for d, f in zip(draft_findings, finals, strict=True)
+                        ],
+                    )
+                )
                 s.flush()
-                audit.record(s, now, actor, Action.DRAFT_APPROVED, "sr_document", doc.sop_instance_uid, study_uid=study_uid,
-                             verified_sr=verified.sop_instance_uid, edited=distance > 0, edit_distance=distance, address=address)  # fmt: skip
+                audit.record(
+                    s,
+                    now,
+                    actor,
+                    Action.DRAFT_APPROVED,
+                    "sr_document",
+                    doc.sop_instance_uid,
+                    study_uid=study_uid,
+                    verified_sr=verified.sop_instance_uid,
+                    edited=distance > 0,
+                    edit_distance=distance,
+                    address=address,
+                )
                 dispatches.create_all(s, now, actor, verified, study_uid, self.destinations)
         except IntegrityError:
             path.unlink(missing_ok=True)
@@ -178,8 +235,17 @@ class Reviews:
             with self.db.session() as s:
                 s.add(Review(draft_sr_id=doc.id, decision=Decision.REJECTED.value, reason=reason, reviewer_id=reviewer.id, decided_at=now))
                 s.flush()
-                audit.record(s, now, actor, Action.DRAFT_REJECTED, "sr_document", doc.sop_instance_uid, study_uid=study_uid,
-                             reason=reason, address=address)  # fmt: skip
+                audit.record(
+                    s,
+                    now,
+                    actor,
+                    Action.DRAFT_REJECTED,
+                    "sr_document",
+                    doc.sop_instance_uid,
+                    study_uid=study_uid,
+                    reason=reason,
+                    address=address,
+                )
         except IntegrityError:
             self._conflict(doc, study_uid, reviewer, address)
 
@@ -205,8 +271,16 @@ class Reviews:
 
     def _conflict(self, doc: SRDocument, study_uid: str, reviewer: Account, address: str) -> None:
         with self.db.session() as s:
-            audit.record(s, self.clock.now(), audit.web_actor(reviewer.username), Action.REVIEW_CONFLICT, "sr_document",
-                         doc.sop_instance_uid, study_uid=study_uid, address=address)  # fmt: skip
+            audit.record(
+                s,
+                self.clock.now(),
+                audit.web_actor(reviewer.username),
+                Action.REVIEW_CONFLICT,
+                "sr_document",
+                doc.sop_instance_uid,
+                study_uid=study_uid,
+                address=address,
+            )
         raise ReviewConflict("another radiologist decided on this draft first")
 
 

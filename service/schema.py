@@ -129,7 +129,9 @@ class Association(Base):
     outcome: Mapped[str] = mapped_column(String(16), default=AssociationOutcome.OPEN.value)
     reason: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_associations_open", "id", sqlite_where=text("ended_at IS NULL"), postgresql_where=text("ended_at IS NULL")),)
+    __table_args__ = (
+        Index("ix_associations_open", "id", sqlite_where=text("ended_at IS NULL"), postgresql_where=text("ended_at IS NULL")),
+    )
 
 
 class Study(Base):

@@ -82,7 +82,9 @@ class Settings(BaseSettings):
         (), description="Comma-separated AE@CIDR pairs allowed to store; empty rejects everyone."
     )
     quiet_seconds: float = Field(30.0, gt=0, description="A study is stable after this long without new instances.")
-    max_wait_seconds: float = Field(3600.0, gt=0, description="A study is processed at the latest this long after its first pending instance.")
+    max_wait_seconds: float = Field(
+        3600.0, gt=0, description="A study is processed at the latest this long after its first pending instance."
+    )
     min_free_disk_mb: int = Field(1024, ge=0, description="New associations are refused, and instances failed, below this much free disk.")
     max_associations: int = Field(25, ge=1, le=1000, description="Concurrent associations the listener serves.")
     dicom_timeout_seconds: float = Field(60.0, gt=0, description="ACSE, DIMSE and network idle timeout of the listener.")
@@ -91,29 +93,55 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = Field(None, description="PEM private key of the server certificate.")
     tls_ca_file: Path | None = Field(None, description="PEM CA bundle that client certificates must chain to (required with TLS).")
     assembly_interval_seconds: float = Field(1.0, gt=0, description="How often the assembler looks for stable studies.")
-    job_redeliver_seconds: float = Field(900.0, gt=0, description="A job enqueued this long without a worker starting it is enqueued again.")
-    job_lease_seconds: float = Field(10.0, ge=1, le=3600, description="A running job's claim lasts this long unless its worker renews it "
-                                     "(every third of it); a job whose worker died is taken over once it runs out.")  # fmt: skip
+    job_redeliver_seconds: float = Field(
+        900.0, gt=0, description="A job enqueued this long without a worker starting it is enqueued again."
+    )
+    job_lease_seconds: float = Field(
+        10.0,
+        ge=1,
+        le=3600,
+        description="A running job's claim lasts this long unless its worker renews it "
+        "(every third of it); a job whose worker died is taken over once it runs out.",
+    )
     worker_concurrency: int = Field(1, ge=1, le=64, description="Worker processes started by `medcap serve` and `medcap worker`.")
     model: Path | None = Field(None, description="Captioner checkpoint directory (from `medcap model compose` or `medcap model demo`).")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="Where caption workers run the model: auto, cpu, cuda or cuda:N.")
-    generation_preset: str = Field("fast", pattern=r"^(fast|paper)$", description="Caption decoding: fast (greedy) or paper (beam search as published).")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$", description="Where caption workers run the model: auto, cpu, cuda or cuda:N."
+    )
+    generation_preset: str = Field(
+        "fast", pattern=r"^(fast|paper)$", description="Caption decoding: fast (greedy) or paper (beam search as published)."
+    )
     key_slices: int = Field(3, ge=1, le=64, description="Key slices captioned per series.")
     key_slice_strategy: str = Field("uniform", pattern=r"^(central|uniform|content)$", description="How key slices are chosen.")
     caption_batch_size: int = Field(8, ge=1, le=256, description="Images per forward pass of the model (a GPU: 32).")
-    caption_studies_in_flight: int = Field(1, ge=1, le=64, description="Studies each caption worker captions at once, as threads sharing "
-                                           "one model; their key images share batches (a GPU: 8).")  # fmt: skip
-    caption_batch_wait_ms: float = Field(25.0, ge=0, le=10000, description="With several studies in flight: how long a batch waits "
-                                         "for more key images (up to the batch size) before it runs.")  # fmt: skip
-    torch_threads: int = Field(0, ge=0, le=256, description="CPU threads of each caption worker process (0: torch's default, one per core).")
+    caption_studies_in_flight: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Studies each caption worker captions at once, as threads sharing "
+        "one model; their key images share batches (a GPU: 8).",
+    )
+    caption_batch_wait_ms: float = Field(
+        25.0,
+        ge=0,
+        le=10000,
+        description="With several studies in flight: how long a batch waits for more key images (up to the batch size) before it runs.",
+    )
+    torch_threads: int = Field(
+        0, ge=0, le=256, description="CPU threads of each caption worker process (0: torch's default, one per core)."
+    )
     job_time_limit_seconds: float = Field(600.0, gt=0, description="A caption job running longer is stopped and retried.")
     job_max_attempts: int = Field(3, ge=1, le=100, description="Attempts of a caption job before it ends as failed.")
     destinations: str = Field("", description="Comma-separated PACS that receive our SRs, as AE@host:port; empty keeps SRs local.")
     dispatch_tls_ca_file: Path | None = Field(None, description="PEM CA bundle to verify destinations with; enables TLS towards them.")
-    dispatch_tls_cert_file: Path | None = Field(None, description="PEM client certificate presented to destinations (optional, with the key).")
+    dispatch_tls_cert_file: Path | None = Field(
+        None, description="PEM client certificate presented to destinations (optional, with the key)."
+    )
     dispatch_tls_key_file: Path | None = Field(None, description="PEM key of the client certificate.")
     dispatch_timeout_seconds: float = Field(30.0, gt=0, description="Network timeout of each step when sending an SR.")
-    dispatch_max_attempts: int = Field(10, ge=1, le=1000, description="Sends of an SR to one destination before it ends as failed (resend with `medcap resend`).")
+    dispatch_max_attempts: int = Field(
+        10, ge=1, le=1000, description="Sends of an SR to one destination before it ends as failed (resend with `medcap resend`)."
+    )
     retry_base_seconds: float = Field(5.0, gt=0, description="First retry delay; doubled on each further attempt.")
     retry_max_seconds: float = Field(600.0, gt=0, description="Longest delay between retries.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port of `medcap listen`/`serve` (0: off).")
@@ -123,8 +151,12 @@ class Settings(BaseSettings):
     web_tls_cert_file: Path | None = Field(None, description="PEM certificate: the web app serves HTTPS itself (with the key).")
     web_tls_key_file: Path | None = Field(None, description="PEM key of the web app's certificate.")
     session_hours: float = Field(8.0, gt=0, le=24 * 7, description="A signed-in session ends this long after sign-in.")
-    login_max_failures: int = Field(5, ge=1, le=1000, description="Failed sign-ins per user name or address in 15 minutes before sign-in is refused.")
-    verifier_organization: str = Field("MedCap", min_length=1, max_length=64, description="Verifying organization written into verified SRs.")
+    login_max_failures: int = Field(
+        5, ge=1, le=1000, description="Failed sign-ins per user name or address in 15 minutes before sign-in is refused."
+    )
+    verifier_organization: str = Field(
+        "MedCap", min_length=1, max_length=64, description="Verifying organization written into verified SRs."
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
 
     @field_validator("dicom_ae_title")
@@ -156,7 +188,9 @@ class Settings(BaseSettings):
             if not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
         if self.job_redeliver_seconds <= self.job_time_limit_seconds:
-            raise ValueError("job_redeliver_seconds must be longer than job_time_limit_seconds (an enqueued job is published again only once a worker that took it could have finished it)")
+            raise ValueError(
+                "job_redeliver_seconds must be longer than job_time_limit_seconds (an enqueued job is published again only once a worker that took it could have finished it)"
+            )
         if (self.web_tls_cert_file is None) != (self.web_tls_key_file is None):
             raise ValueError("web_tls_cert_file and web_tls_key_file must be set together")
         if self.retry_max_seconds < self.retry_base_seconds:

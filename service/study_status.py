@@ -61,8 +61,16 @@ def list_studies(db: Database, limit: int = 50) -> list[StudyStatus]:
         ).all()
     return [
         StudyStatus(
-            study.study_uid, study.patient_id, study.accession_number, study.first_received_at, last,
-            instances or 0, pending or 0, versions or 0, job_id, job_status,
-        )  # fmt: skip
+            study.study_uid,
+            study.patient_id,
+            study.accession_number,
+            study.first_received_at,
+            last,
+            instances or 0,
+            pending or 0,
+            versions or 0,
+            job_id,
+            job_status,
+        )
         for study, instances, pending, last, versions, job_id, job_status in rows
     ]

@@ -99,8 +99,15 @@ class Users:
         now = self.clock.now()
         try:
             with self.db.session() as s:
-                user = User(username=username, display_name=display_name, role=role_.value, password_hash=hashed, disabled=False,
-                            created_at=now, password_changed_at=now)  # fmt: skip
+                user = User(
+                    username=username,
+                    display_name=display_name,
+                    role=role_.value,
+                    password_hash=hashed,
+                    disabled=False,
+                    created_at=now,
+                    password_changed_at=now,
+                )
                 s.add(user)
                 s.flush()
                 audit.record(s, now, actor, Action.USER_ADDED, "user", username, role=role_.value, display_name=display_name)
@@ -122,7 +129,9 @@ class Users:
         hashed = _HASHER.hash(check_password(password))
         now = self.clock.now()
         with self.db.session() as s:
-            changed = s.execute(update(User).where(User.username == username).values(password_hash=hashed, password_changed_at=now)).rowcount  # type: ignore[attr-defined]  # fmt: skip
+            changed = s.execute(
+                update(User).where(User.username == username).values(password_hash=hashed, password_changed_at=now)
+            ).rowcount  # type: ignore[attr-defined]
             if not changed:
                 raise UserError(f"there is no user {username!r}")
             _end_sessions(s, username, now)  # whoever knew the old password is signed out
@@ -152,5 +161,7 @@ class Users:
 
     def list(self) -> list[tuple[Account, bool]]:
         with self.db.session() as s:
-            return [(Account(u.id, u.username, u.display_name, Role(u.role)), u.disabled)
-                    for u in s.scalars(select(User).order_by(User.username))]  # fmt: skip
+            return [
+                (Account(u.id, u.username, u.display_name, Role(u.role)), u.disabled)
+                for u in s.scalars(select(User).order_by(User.username))
+            ]

@@ -86,30 +86,57 @@ def list_drafts(db: Database, where: WorklistFilter) -> tuple[list[WorklistRow],
         filters.append(SRDocument.created_at < datetime.combine(where.received_to + timedelta(days=1), time.min, UTC))
     if where.search:
         pattern = f"%{where.search.strip().lower()}%"
-        filters.append(or_(func.lower(Study.accession_number).like(pattern), func.lower(Study.patient_id).like(pattern),
-                           func.lower(Study.patient_name).like(pattern)))  # fmt: skip
+        filters.append(
+            or_(
+                func.lower(Study.accession_number).like(pattern),
+                func.lower(Study.patient_id).like(pattern),
+                func.lower(Study.patient_name).like(pattern),
+            )
+        )
     with db.session() as s:
         counts = {}
         for state in ReviewState:
-            counts[state.value] = s.scalar(select(func.count()).select_from(base.where(*filters, _state_condition(state, latest)).subquery())) or 0
+            counts[state.value] = (
+                s.scalar(select(func.count()).select_from(base.where(*filters, _state_condition(state, latest)).subquery())) or 0
+            )
         page_filters = [*filters, _state_condition(where.state, latest)] if where.state else filters
         rows = s.execute(
             base.with_only_columns(
-                SRDocument.id, SRDocument.sop_instance_uid, Study.study_uid, Study.accession_number, Study.patient_id, Study.patient_name,
-                Study.study_description, StudyVersion.number, latest.c.latest, Review.decision, SRDocument.created_at,
+                SRDocument.id,
+                SRDocument.sop_instance_uid,
+                Study.study_uid,
+                Study.accession_number,
+                Study.patient_id,
+                Study.patient_name,
+                Study.study_description,
+                StudyVersion.number,
+                latest.c.latest,
+                Review.decision,
+                SRDocument.created_at,
             )
             .where(*page_filters)
             .order_by(SRDocument.created_at, SRDocument.id)
             .limit(where.limit)
             .offset(where.offset)
-        ).all()  # fmt: skip
+        ).all()
         all_modalities: dict[int, list[str]] = {}
         ids = [r[0] for r in rows]
         for doc_id, modality in s.execute(select(Draft.sr_document_id, Draft.modality).where(Draft.sr_document_id.in_(ids))):
             if modality and modality not in all_modalities.setdefault(doc_id, []):
                 all_modalities[doc_id].append(modality)
     return [
-        WorklistRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], "/".join(sorted(all_modalities.get(r[0], []))), r[10],
-                    state_of(r[9], r[7], r[8]).value)  # fmt: skip
+        WorklistRow(
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            r[6],
+            r[7],
+            "/".join(sorted(all_modalities.get(r[0], []))),
+            r[10],
+            state_of(r[9], r[7], r[8]).value,
+        )
         for r in rows
     ], counts

@@ -28,6 +28,7 @@ from service.clock import ManualClock
 from service.database import Database
 from service.listener import Listener
 from service.settings import Settings, load_settings
+from tests.tiers import requires, set_current
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -120,10 +121,17 @@ def db(database_url: str) -> Iterator[Database]:
 def make_settings(tmp_path: Path, database_url: str):  # type: ignore[no-untyped-def]
     def make(**overrides: object) -> Settings:
         values: dict[str, object] = dict(
-            data_dir=tmp_path / "data", database_url=database_url, dicom_bind_address="127.0.0.1",
-            dicom_port=free_port(), web_port=free_port(), allowed_peers="*@127.0.0.1/32", quiet_seconds=30, max_wait_seconds=600,
-            min_free_disk_mb=1, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
-        )  # fmt: skip
+            data_dir=tmp_path / "data",
+            database_url=database_url,
+            dicom_bind_address="127.0.0.1",
+            dicom_port=free_port(),
+            web_port=free_port(),
+            allowed_peers="*@127.0.0.1/32",
+            quiet_seconds=30,
+            max_wait_seconds=600,
+            min_free_disk_mb=1,
+            broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
+        )
         values.update(overrides)
         return load_settings(**values)
 
@@ -160,13 +168,21 @@ def listener(start_listener, settings: Settings) -> Listener:  # type: ignore[no
     return start_listener(settings)
 
 
-def storescu(to: int | Listener, files: list[Path], *, calling: str = "STORESCU", called: str = "MEDCAP",
-             extra: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def storescu(
+    to: int | Listener,
+    files: list[Path],
+    *,
+    calling: str = "STORESCU",
+    called: str = "MEDCAP",
+    extra: list[str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
     """Send files with dcmtk's storescu (TCP_NODELAY on, as Debian's build needs).
 
     Given a listener rather than a port, returns once the listener has recorded the end
     of the association (pynetdicom confirms a release before telling us about it).
     """
+    requires("peers")
     if not Path(STORESCU).exists():
         pytest.fail("dcmtk is not installed (apt-get install dcmtk)")
     port = to.port if isinstance(to, Listener) else to
@@ -241,8 +257,15 @@ def assembler(db: Database, clock: ManualClock, settings: Settings, publisher: R
 
 
 def make_assembler(db: Database, clock: ManualClock, settings: Settings, publisher: RecordingPublisher) -> Assembler:
-    return Assembler(db, clock, publisher, quiet_seconds=settings.quiet_seconds, max_wait_seconds=settings.max_wait_seconds,
-                     redeliver_seconds=settings.job_redeliver_seconds, dispatch_stale_seconds=settings.dispatch_stale_seconds)  # fmt: skip
+    return Assembler(
+        db,
+        clock,
+        publisher,
+        quiet_seconds=settings.quiet_seconds,
+        max_wait_seconds=settings.max_wait_seconds,
+        redeliver_seconds=settings.job_redeliver_seconds,
+        dispatch_stale_seconds=settings.dispatch_stale_seconds,
+    )
 
 
 # -- Orthanc as the PACS (one per session) ---------------------------------------------------
@@ -295,17 +318,26 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     home = tmp_path_factory.mktemp("orthanc")
     http_port, dicom_port = free_port(), free_port()
     config = {
-        "Name": "MEDCAP-TEST-PACS", "StorageDirectory": str(home / "db"), "IndexDirectory": str(home / "db"),
-        "Plugins": [], "HttpServerEnabled": True, "HttpPort": http_port, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomAet": ORTHANC_AET, "DicomPort": dicom_port,
+        "Name": "MEDCAP-TEST-PACS",
+        "StorageDirectory": str(home / "db"),
+        "IndexDirectory": str(home / "db"),
+        "Plugins": [],
+        "HttpServerEnabled": True,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomServerEnabled": True,
+        "DicomAet": ORTHANC_AET,
+        "DicomPort": dicom_port,
         "StableAge": 5,
-    }  # fmt: skip
+    }
     (home / "orthanc.json").write_text(json.dumps(config, indent=2))
     log = home / "orthanc.log"
     with log.open("wb") as out:
         # TCP_NODELAY=1: Debian's Orthanc leaves Nagle on otherwise (~40 ms per C-STORE-RSP).
-        process = subprocess.Popen([binary, str(home / "orthanc.json")], cwd=home, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "TCP_NODELAY": "1"})  # fmt: skip
+        process = subprocess.Popen(
+            [binary, str(home / "orthanc.json")], cwd=home, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"}
+        )
     server = Orthanc(process, http_port, dicom_port, log)
     try:
         _wait_for_rest_api(server, timeout=30)
@@ -423,3 +455,27 @@ def draft_id(db, clock, settings, captioner, job_id) -> int:  # type: ignore[no-
     assert runner(db, clock).run(job_id, make_drafter(db, clock, captioner, settings, destinations=()).draft) == "succeeded"
     with db.session() as s:
         return s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id))  # type: ignore[no-any-return]
+
+
+# -- test tiers (tests/tiers.py) ---------------------------------------------------------------------
+
+#: Fixtures that bring a peer or a browser with them: their tests get the marker by using them.
+TIER_FIXTURES = {"orthanc": "peers", "pacs_studies": "peers", "clean_pacs": "peers", "chromium": "browser"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if getattr(item, "callspec", None) is not None and item.callspec.params.get("database_url") == "postgresql":  # type: ignore[attr-defined]
+            item.add_marker(pytest.mark.postgresql)
+        for fixture, marker in TIER_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(getattr(pytest.mark, marker))
+        if item.get_closest_marker("orthanc") is not None:
+            item.add_marker(pytest.mark.peers)
+
+
+@pytest.fixture(autouse=True)
+def _tier_of_the_running_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    set_current(request.node)
+    yield
+    set_current(None)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from service.settings import Settings
+from tests.tiers import requires
 
 MEDCAP = [sys.executable, "-m", "service.cli"]
 
@@ -34,18 +35,27 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 120, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(MEDCAP + args, env=env, capture_output=True, text=True, timeout=timeout, input=stdin,
-                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    requires("processes")
+    return subprocess.run(
+        MEDCAP + args, env=env, capture_output=True, text=True, timeout=timeout, input=stdin, cwd=Path(__file__).resolve().parents[1]
+    )
 
 
 class Process:
     """A long-running ``medcap`` command in its own process group, always cleaned up."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        requires("processes")
         self.log = log
         self._fh = open(log, "wb")
-        self.proc = subprocess.Popen(MEDCAP + args, env=env, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                     cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        self.proc = subprocess.Popen(
+            MEDCAP + args,
+            env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -60,5 +60,6 @@ class CeleryPublisher:
         self._send(DISPATCH_TASK, DISPATCH_QUEUE, dispatch_id)
 
     def _send(self, task: str, queue: str, object_id: int) -> None:
-        self.celery.send_task(task, args=[object_id], queue=queue, retry=True,
-                              retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})  # fmt: skip
+        self.celery.send_task(
+            task, args=[object_id], queue=queue, retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
+        )

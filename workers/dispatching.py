@@ -27,8 +27,18 @@ Sender = Callable[[Destination, list[Path]], DispatchResult]
 
 
 class DispatchRunner:
-    def __init__(self, db: Database, clock: Clock, actor: str, *, resolve: Callable[[str], Destination], sender: Sender,
-                 max_attempts: int, retry_delay: Callable[[int], float], stale_seconds: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        actor: str,
+        *,
+        resolve: Callable[[str], Destination],
+        sender: Sender,
+        max_attempts: int,
+        retry_delay: Callable[[int], float],
+        stale_seconds: float,
+    ) -> None:
         self.db = db
         self.clock = clock
         self.actor = actor
@@ -63,8 +73,16 @@ class DispatchRunner:
             error = str(exc)
         return self._record(dispatch_id, study_uid, sop_uid, attempts, started, result, error)
 
-    def _record(self, dispatch_id: int, study_uid: str | None, sop_uid: str, attempts: int, started: object,
-                result: DispatchResult | None, error: str | None) -> str:  # fmt: skip
+    def _record(
+        self,
+        dispatch_id: int,
+        study_uid: str | None,
+        sop_uid: str,
+        attempts: int,
+        started: object,
+        result: DispatchResult | None,
+        error: str | None,
+    ) -> str:
         now = self.clock.now()
         if result is not None and result.delivered:
             outcome = "delivered"
@@ -73,11 +91,23 @@ class DispatchRunner:
         else:
             outcome = "refused"
         error = error or (None if result is None or result.delivered else result.summary)
-        instances = [{"sop_instance_uid": o.sop_instance_uid, "status": o.status, "category": str(o.category), "error": o.error}
-                     for o in (result.outcomes if result else ())]  # fmt: skip
+        instances = [
+            {"sop_instance_uid": o.sop_instance_uid, "status": o.status, "category": str(o.category), "error": o.error}
+            for o in (result.outcomes if result else ())
+        ]
         with self.db.session() as s:
-            s.add(DispatchAttempt(dispatch_id=dispatch_id, number=attempts, started_at=started, finished_at=now, outcome=outcome,
-                                  error=error, instances=instances, worker=self.actor))  # fmt: skip
+            s.add(
+                DispatchAttempt(
+                    dispatch_id=dispatch_id,
+                    number=attempts,
+                    started_at=started,
+                    finished_at=now,
+                    outcome=outcome,
+                    error=error,
+                    instances=instances,
+                    worker=self.actor,
+                )
+            )
             common: dict[str, object] = dict(study_uid=study_uid, sr=sop_uid, attempt=attempts, instances=instances)
             if outcome == "delivered":
                 dispatches.deliver(s, now, self.actor, dispatch_id, **common)
@@ -90,6 +120,7 @@ class DispatchRunner:
                     error = f"gave up after {attempts} attempts: {error}"
                 dispatches.fail(s, now, self.actor, dispatch_id, error, **common)
                 status = "failed"
-        (LOG.info if status == "delivered" else LOG.warning)("dispatch %d of SR %s: %s%s", dispatch_id, sop_uid, status,
-                                                             f" ({error})" if error else "")  # fmt: skip
+        (LOG.info if status == "delivered" else LOG.warning)(
+            "dispatch %d of SR %s: %s%s", dispatch_id, sop_uid, status, f" ({error})" if error else ""
+        )
         return status

@@ -83,7 +83,9 @@ class _Source:
 
 
 class Drafter:
-    def __init__(self, db: Database, clock: Clock, model: CaptionModel, options: DraftOptions, actor: str, owner: str | None = None) -> None:
+    def __init__(
+        self, db: Database, clock: Clock, model: CaptionModel, options: DraftOptions, actor: str, owner: str | None = None
+    ) -> None:
         self.db = db
         self.clock = clock
         self.model = model
@@ -105,9 +107,13 @@ class Drafter:
         inferred_at = self.clock.now()
         algorithm = AlgorithmInfo(identity.name, identity.version, identity.weights_sha256, self.options.generation_preset)  # type: ignore[attr-defined]
         findings = [
-            SeriesFinding(s.series_uid, text, [(source.instances[uid][0], uid, frame) for uid, frame in zip(s.sop_instance_uids, s.key_slices.frames, strict=True)])
+            SeriesFinding(
+                s.series_uid,
+                text,
+                [(source.instances[uid][0], uid, frame) for uid, frame in zip(s.sop_instance_uids, s.key_slices.frames, strict=True)],
+            )
             for s, text in zip(series, texts, strict=True)
-        ]  # fmt: skip
+        ]
         evidence = self._evidence(source, {s.series_uid for s in series})
         try:
             sr = write_draft_sr(findings, _impression(texts), algorithm, evidence, created_at=inferred_at)
@@ -182,38 +188,92 @@ class Drafter:
         write_atomic(path, data)
         return path, hashlib.sha256(data).hexdigest()
 
-    def _commit(self, job_id: int, source: _Source, key: str, sr: Dataset, path: Path, digest: str, series: Sequence[SeriesInput],
-                texts: Sequence[str], captions: Sequence[Sequence[str]], inferred_at: object) -> str:  # fmt: skip
+    def _commit(
+        self,
+        job_id: int,
+        source: _Source,
+        key: str,
+        sr: Dataset,
+        path: Path,
+        digest: str,
+        series: Sequence[SeriesInput],
+        texts: Sequence[str],
+        captions: Sequence[Sequence[str]],
+        inferred_at: object,
+    ) -> str:
         identity = self.model.identity
         now = self.clock.now()
         try:
             with self.db.session() as s:
                 started_at = s.scalar(select(Job.started_at).where(Job.id == job_id))
                 doc = SRDocument(
-                    kind=SRKind.DRAFT.value, idempotency_key=key, study_id=source.study_id, study_version_id=source.version_id,
-                    job_id=job_id, sop_instance_uid=str(sr.SOPInstanceUID), series_uid=str(sr.SeriesInstanceUID),
-                    completion_flag=str(sr.CompletionFlag), verification_flag=str(sr.VerificationFlag), path=str(path),
-                    sha256=digest, created_at=now, created_by=self.actor,
-                )  # fmt: skip
+                    kind=SRKind.DRAFT.value,
+                    idempotency_key=key,
+                    study_id=source.study_id,
+                    study_version_id=source.version_id,
+                    job_id=job_id,
+                    sop_instance_uid=str(sr.SOPInstanceUID),
+                    series_uid=str(sr.SeriesInstanceUID),
+                    completion_flag=str(sr.CompletionFlag),
+                    verification_flag=str(sr.VerificationFlag),
+                    path=str(path),
+                    sha256=digest,
+                    created_at=now,
+                    created_by=self.actor,
+                )
                 s.add(doc)
                 s.flush()
                 for item, text, item_captions in zip(series, texts, captions, strict=True):
-                    s.add(Draft(
-                        sr_document_id=doc.id, job_id=job_id, series_uid=item.series_uid, modality=item.modality, text=text,
-                        key_images=[{"sop_instance_uid": u, "frame": f, "caption": c}
-                                    for u, f, c in zip(item.sop_instance_uids, item.key_slices.frames, item_captions, strict=True)],
-                        model_name=identity.name, model_type=identity.model_type, model_version=identity.version,  # type: ignore[attr-defined]
-                        weights_sha256=identity.weights_sha256, generation_preset=self.options.generation_preset,  # type: ignore[attr-defined]
-                        created_at=now,
-                    ))  # fmt: skip
-                audit.record(s, now, self.actor, Action.SR_WRITTEN, "sr_document", doc.sop_instance_uid, study_uid=source.study_uid,
-                             kind="draft", job_id=job_id, study_version=source.version_number, series=len(series),
-                             model=identity.name, model_version=identity.version, weights_sha256=identity.weights_sha256,  # type: ignore[attr-defined]
-                             generation_preset=self.options.generation_preset)  # fmt: skip
+                    s.add(
+                        Draft(
+                            sr_document_id=doc.id,
+                            job_id=job_id,
+                            series_uid=item.series_uid,
+                            modality=item.modality,
+                            text=text,
+                            key_images=[
+                                {"sop_instance_uid": u, "frame": f, "caption": c}
+                                for u, f, c in zip(item.sop_instance_uids, item.key_slices.frames, item_captions, strict=True)
+                            ],
+                            model_name=identity.name,
+                            model_type=identity.model_type,
+                            model_version=identity.version,  # type: ignore[attr-defined]
+                            weights_sha256=identity.weights_sha256,
+                            generation_preset=self.options.generation_preset,  # type: ignore[attr-defined]
+                            created_at=now,
+                        )
+                    )
+                audit.record(
+                    s,
+                    now,
+                    self.actor,
+                    Action.SR_WRITTEN,
+                    "sr_document",
+                    doc.sop_instance_uid,
+                    study_uid=source.study_uid,
+                    kind="draft",
+                    job_id=job_id,
+                    study_version=source.version_number,
+                    series=len(series),
+                    model=identity.name,
+                    model_version=identity.version,
+                    weights_sha256=identity.weights_sha256,  # type: ignore[attr-defined]
+                    generation_preset=self.options.generation_preset,
+                )
                 dispatches.create_all(s, now, self.actor, doc, source.study_uid, self.options.destinations)
                 seconds = (inferred_at - started_at).total_seconds() if started_at is not None else None
-                if not jobs.succeed(s, now, self.actor, job_id, owner=self.owner, study_uid=source.study_uid, inferred_at=inferred_at,
-                                    sr_written=True, sr=doc.sop_instance_uid, seconds_inference=seconds):  # fmt: skip
+                if not jobs.succeed(
+                    s,
+                    now,
+                    self.actor,
+                    job_id,
+                    owner=self.owner,
+                    study_uid=source.study_uid,
+                    inferred_at=inferred_at,
+                    sr_written=True,
+                    sr=doc.sop_instance_uid,
+                    seconds_inference=seconds,
+                ):
                     raise NotOurs  # superseded, or taken over: the whole transaction (SR rows included) rolls back
         except NotOurs:
             LOG.info("job %d: no longer ours (superseded or finished elsewhere); draft discarded", job_id)

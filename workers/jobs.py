@@ -27,8 +27,17 @@ LOG = logging.getLogger(__name__)
 
 
 class JobRunner:
-    def __init__(self, db: Database, clock: Clock, actor: str, lease_seconds: float = 10.0, *, max_attempts: int = 3,
-                 retry_delay: Callable[[int], float] = lambda attempts: 5.0 * 2 ** (attempts - 1), owner: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        actor: str,
+        lease_seconds: float = 10.0,
+        *,
+        max_attempts: int = 3,
+        retry_delay: Callable[[int], float] = lambda attempts: 5.0 * 2 ** (attempts - 1),
+        owner: str | None = None,
+    ) -> None:
         self.db = db
         self.clock = clock
         self.actor = actor
@@ -43,8 +52,15 @@ class JobRunner:
             claim = jobs.claim(s, now, self.actor, job_id, self.owner, self.lease)
             if claim.claimed and claim.attempts > self.max_attempts:
                 # Claimed max_attempts times already without finishing: the workers died on it.
-                jobs.fail(s, now, self.actor, job_id, f"abandoned by a worker {claim.attempts - 1} times (crash or time limit)",
-                          owner=self.owner, attempts=claim.attempts - 1)  # fmt: skip
+                jobs.fail(
+                    s,
+                    now,
+                    self.actor,
+                    job_id,
+                    f"abandoned by a worker {claim.attempts - 1} times (crash or time limit)",
+                    owner=self.owner,
+                    attempts=claim.attempts - 1,
+                )
                 return False
         if claim.took_over_from:
             LOG.warning("job %d: took over from %s (lease out or process gone)", job_id, claim.took_over_from)

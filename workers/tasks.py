@@ -110,15 +110,18 @@ def _actor() -> str:
 def caption_study(job_id: int) -> str:
     settings = _settings()
     db = _database(settings)
-    runner = JobRunner(db, SystemClock(), _actor(), settings.job_lease_seconds, max_attempts=settings.job_max_attempts,
-                       retry_delay=settings.retry_delay)  # fmt: skip
+    runner = JobRunner(
+        db, SystemClock(), _actor(), settings.job_lease_seconds, max_attempts=settings.job_max_attempts, retry_delay=settings.retry_delay
+    )
 
     def work(claimed_job_id: int) -> str:
         options = DraftOptions(
-            generation_preset=settings.generation_preset, key_slices=KeySliceSpec(strategy=settings.key_slice_strategy, n=settings.key_slices),  # type: ignore[arg-type]
-            batch_size=settings.caption_batch_size, destinations=tuple(str(d) for d in settings.destination_list),
+            generation_preset=settings.generation_preset,
+            key_slices=KeySliceSpec(strategy=settings.key_slice_strategy, n=settings.key_slices),  # type: ignore[arg-type]
+            batch_size=settings.caption_batch_size,
+            destinations=tuple(str(d) for d in settings.destination_list),
             reports_dir=settings.reports_dir,
-        )  # fmt: skip
+        )
         return Drafter(db, SystemClock(), caption_model(settings), options, _actor(), owner=runner.owner).draft(claimed_job_id)
 
     outcome = runner.run(job_id, work)
@@ -142,8 +145,14 @@ def _send_now(settings: Settings, db: Database, job_id: int) -> None:
     with db.session() as s:
         doc_id = s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id))
     if doc_id is not None:
-        publish_due(db, SystemClock(), CeleryPublisher(app), timedelta(seconds=settings.dispatch_stale_seconds),
-                           sr_document_id=doc_id, actor=_actor())  # fmt: skip
+        publish_due(
+            db,
+            SystemClock(),
+            CeleryPublisher(app),
+            timedelta(seconds=settings.dispatch_stale_seconds),
+            sr_document_id=doc_id,
+            actor=_actor(),
+        )
 
 
 @app.task(name=DISPATCH_TASK, acks_late=True, reject_on_worker_lost=True)
@@ -151,11 +160,17 @@ def _send_now(settings: Settings, db: Database, job_id: int) -> None:
 def send_report(dispatch_id: int) -> str:
     settings = _settings()
     runner = DispatchRunner(
-        _database(settings), SystemClock(), _actor(), resolve=settings.destination,
-        sender=lambda destination, paths: send(destination, paths, calling_ae=settings.dicom_ae_title, timeout=settings.dispatch_timeout_seconds),
-        max_attempts=settings.dispatch_max_attempts, retry_delay=settings.retry_delay, stale_seconds=settings.dispatch_stale_seconds,
-    )  # fmt: skip
+        _database(settings),
+        SystemClock(),
+        _actor(),
+        resolve=settings.destination,
+        sender=lambda destination, paths: send(
+            destination, paths, calling_ae=settings.dicom_ae_title, timeout=settings.dispatch_timeout_seconds
+        ),
+        max_attempts=settings.dispatch_max_attempts,
+        retry_delay=settings.retry_delay,
+        stale_seconds=settings.dispatch_stale_seconds,
+    )
     outcome = runner.run(dispatch_id)
     LOG.info("dispatch %d: %s", dispatch_id, outcome)
     return outcome
-

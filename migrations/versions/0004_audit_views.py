@@ -23,13 +23,14 @@ avoids (see benchmarks/README.md).
 Later migrations that rebuild one of the underlying tables on SQLite (batch "move and copy")
 must drop these views first and create them again afterwards.
 """
+
 from collections.abc import Sequence
 
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = '0004'
-down_revision: str | Sequence[str] | None = '0003'
+revision: str = "0004"
+down_revision: str | Sequence[str] | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -56,15 +57,19 @@ def _percentile(value: str, percent: int) -> str:
 def _turnaround_by_model(dialect: str) -> str:
     names = [("draft", "draft_seconds", "n"), ("approval", "approval_seconds", "approved_n"), ("total", "total_seconds", "approved_n")]
     if dialect == "postgresql":
-        columns = ",\n                   ".join(f"{_percentile(value, p)} AS {name}_{label}_seconds"
-                                               for name, value, _ in names for p, label in ((50, "median"), (90, "p90")))
+        columns = ",\n                   ".join(
+            f"{_percentile(value, p)} AS {name}_{label}_seconds" for name, value, _ in names for p, label in ((50, "median"), (90, "p90"))
+        )
         return f"""
             SELECT {MODEL}, COUNT(*) AS studies, COUNT(approval_seconds) AS approved,
                    {columns}
             FROM v_turnaround
             GROUP BY {MODEL}"""
-    columns = ",\n                   ".join(f"{_nearest_rank(f'{name}_rank', n, value, p)} AS {name}_{label}_seconds"
-                                           for name, value, n in names for p, label in ((50, "median"), (90, "p90")))
+    columns = ",\n                   ".join(
+        f"{_nearest_rank(f'{name}_rank', n, value, p)} AS {name}_{label}_seconds"
+        for name, value, n in names
+        for p, label in ((50, "median"), (90, "p90"))
+    )
     return f"""
             WITH ranked AS (
                 SELECT {MODEL}, draft_seconds, approval_seconds, total_seconds,
@@ -143,9 +148,9 @@ def views(dialect: str) -> dict[str, str]:
             SELECT t.study_uid, t.accession_number, t.patient_id, t.study_version, t.draft_sr_id, t.draft_sr_uid,
                    t.model_name, t.model_version, t.weights_sha256,
                    t.received_at, t.drafted_at, CASE WHEN t.decision = 'approved' THEN t.decided_at END AS approved_at,
-                   {_seconds(dialect, 't.received_at', 't.drafted_at')} AS draft_seconds,
-                   CASE WHEN t.decision = 'approved' THEN {_seconds(dialect, 't.drafted_at', 't.decided_at')} END AS approval_seconds,
-                   CASE WHEN t.decision = 'approved' THEN {_seconds(dialect, 't.received_at', 't.decided_at')} END AS total_seconds
+                   {_seconds(dialect, "t.received_at", "t.drafted_at")} AS draft_seconds,
+                   CASE WHEN t.decision = 'approved' THEN {_seconds(dialect, "t.drafted_at", "t.decided_at")} END AS approval_seconds,
+                   CASE WHEN t.decision = 'approved' THEN {_seconds(dialect, "t.received_at", "t.decided_at")} END AS total_seconds
             FROM v_drafts t
             WHERE NOT EXISTS (SELECT 1 FROM sr_documents b WHERE b.study_id = t.study_id AND b.kind = 'draft' AND b.id > t.draft_sr_id)""",
         "v_turnaround_by_model": _turnaround_by_model(dialect),
@@ -180,4 +185,3 @@ def downgrade() -> None:
     """Downgrade schema."""
     for name in reversed(list(views(op.get_bind().dialect.name))):
         op.execute(f"DROP VIEW IF EXISTS {name}")
-

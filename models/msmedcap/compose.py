@@ -83,11 +83,16 @@ def sam_config_from_weights(weights: dict[str, torch.Tensor]) -> dict[str, Any]:
     windowed = [rel[i][0] for i in layers if i not in global_layers]
     head_dim = rel[layers[0]][1]
     return dict(
-        hidden_size=int(hidden), num_hidden_layers=len(layers), num_attention_heads=int(hidden // head_dim),
-        global_attn_indexes=global_layers, window_size=int((windowed[0] + 1) // 2) if windowed else 14,
-        output_channels=int(weights["vision_encoder.neck.conv1.weight"].shape[0]), image_size=int(grid * patch),
-        patch_size=int(patch), mlp_dim=int(weights["vision_encoder.layers.0.mlp.lin1.weight"].shape[0]),
-    )  # fmt: skip
+        hidden_size=int(hidden),
+        num_hidden_layers=len(layers),
+        num_attention_heads=int(hidden // head_dim),
+        global_attn_indexes=global_layers,
+        window_size=int((windowed[0] + 1) // 2) if windowed else 14,
+        output_channels=int(weights["vision_encoder.neck.conv1.weight"].shape[0]),
+        image_size=int(grid * patch),
+        patch_size=int(patch),
+        mlp_dim=int(weights["vision_encoder.layers.0.mlp.lin1.weight"].shape[0]),
+    )
 
 
 def load_sam(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]:
@@ -136,9 +141,13 @@ def branch_name(key: str, *, query_path: bool, text_side: bool, query_ffn_from_t
         return [f"qformer.layernorm.{m[1]}"] if query_path else []
     if m := re.match(r"embeddings\.(word_embeddings|position_embeddings)\.weight$", key):
         return [f"embeddings.{m[1]}.weight"] if text_side else []
-    head = {"cls.predictions.transform.dense.weight": "lm_head.dense.weight", "cls.predictions.transform.dense.bias": "lm_head.dense.bias",
-            "cls.predictions.transform.LayerNorm.weight": "lm_head.layer_norm.weight",
-            "cls.predictions.transform.LayerNorm.bias": "lm_head.layer_norm.bias", "cls.predictions.bias": "lm_head.bias"}  # fmt: skip
+    head = {
+        "cls.predictions.transform.dense.weight": "lm_head.dense.weight",
+        "cls.predictions.transform.dense.bias": "lm_head.dense.bias",
+        "cls.predictions.transform.LayerNorm.weight": "lm_head.layer_norm.weight",
+        "cls.predictions.transform.LayerNorm.bias": "lm_head.layer_norm.bias",
+        "cls.predictions.bias": "lm_head.bias",
+    }
     return [head[key]] if key in head and text_side else []
 
 
@@ -178,12 +187,19 @@ def bert_into_branch(files: TensorFiles, *, query_path: bool, text_side: bool) -
 # -- what starts untrained, in words ------------------------------------------------------------------
 
 _PARTS = [
-    (r"\.crossattention\.", "cross-attention"), (r"^query_tokens$", "queries"), (r"^language_projection\.", "projection into the LM"),
-    (r"^(vision|text)_proj\.", "ITC projections"), (r"^itm_head\.", "ITM head"), (r"^temp$", "ITC temperature (0.07)"),
-    (r"^lm_head\.", "ITG head"), (r"^embeddings\.", "text embeddings"), (r"\.(intermediate|output)\.", "text feed-forward layers"),
-    (r"\.(intermediate|output)_query\.", "query feed-forward layers"), (r"\.attention\.(attention|output)\.", "self-attention"),
+    (r"\.crossattention\.", "cross-attention"),
+    (r"^query_tokens$", "queries"),
+    (r"^language_projection\.", "projection into the LM"),
+    (r"^(vision|text)_proj\.", "ITC projections"),
+    (r"^itm_head\.", "ITM head"),
+    (r"^temp$", "ITC temperature (0.07)"),
+    (r"^lm_head\.", "ITG head"),
+    (r"^embeddings\.", "text embeddings"),
+    (r"\.(intermediate|output)\.", "text feed-forward layers"),
+    (r"\.(intermediate|output)_query\.", "query feed-forward layers"),
+    (r"\.attention\.(attention|output)\.", "self-attention"),
     (r"^qformer\.layernorm\.", "embedding LayerNorm"),
-]  # fmt: skip
+]
 
 
 def untrained(branch: nn.Module, filled: set[str]) -> list[str]:
@@ -217,10 +233,20 @@ def compose(*, out: Path, log: Log = print, **parts: Any) -> str:
 
 
 def build(
-    *, blip2: str, sam: str | None, model_type: str = "msmedcap", bert: str = "bert-base-uncased", blip2_itm: str | None = None,
-    sam_layout: str = "channel", prompt: str = "", name: str = "", eval_image_size: int | None = None, frozen_dtype: torch.dtype | None = None,
-    seed: int = 0, log: Log = print,
-) -> tuple[MedCapModel, Tokenizers, Provenance]:  # fmt: skip
+    *,
+    blip2: str,
+    sam: str | None,
+    model_type: str = "msmedcap",
+    bert: str = "bert-base-uncased",
+    blip2_itm: str | None = None,
+    sam_layout: str = "channel",
+    prompt: str = "",
+    name: str = "",
+    eval_image_size: int | None = None,
+    frozen_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    log: Log = print,
+) -> tuple[MedCapModel, Tokenizers, Provenance]:
     """The model composed from its parts, its tokenizers and provenance (nothing written).
 
     ``eval_image_size``: the CLIP view when captioning (None: 364 if the ViT was trained at 224,
@@ -244,11 +270,17 @@ def build(
     except (OSError, ValueError) as exc:
         raise ComposeError(f"cannot read a config: {exc}") from None
     blip_files, bert_files = TensorFiles(blip_dir), TensorFiles(bert_dir)
-    provenance = Provenance(sources=[
-        {"part": "CLIP ViT (EVA), CLIP Q-Former query path, queries, projection, OPT", "source": blip2, "sha256": source_sha(blip_dir)},
-        {"part": "Q-Former tokenizer; Q-Former text sides (embeddings, text feed-forward, ITG head); SAM Q-Former self-attention and "
-                 "feed-forward", "source": bert, "sha256": source_sha(bert_dir)},
-    ])  # fmt: skip
+    provenance = Provenance(
+        sources=[
+            {"part": "CLIP ViT (EVA), CLIP Q-Former query path, queries, projection, OPT", "source": blip2, "sha256": source_sha(blip_dir)},
+            {
+                "part": "Q-Former tokenizer; Q-Former text sides (embeddings, text feed-forward, ITG head); SAM Q-Former self-attention and "
+                "feed-forward",
+                "source": bert,
+                "sha256": source_sha(bert_dir),
+            },
+        ]
+    )
     sam_kwargs, sam_weights, gaussian = None, None, None
     if "sam" in branches:
         sam_path = resolve(sam, "--sam")  # type: ignore[arg-type]
@@ -256,19 +288,27 @@ def build(
         sam_kwargs, sam_weights, gaussian = load_sam(sam_path)
         provenance.sources.append({"part": "SAM image encoder", "source": sam, "sha256": source_sha(sam_path)})
         if gaussian is None and sam_layout == "spatial":
-            raise ComposeError(f"--sam {sam}: no positional encoding matrix ({SAM_PE_KEY_HF} or {SAM_PE_KEY_PTH}), which the spatial "
-                               "layout adds to every token: give a full SAM checkpoint (SamModel), or use --sam-layout channel")  # fmt: skip
+            raise ComposeError(
+                f"--sam {sam}: no positional encoding matrix ({SAM_PE_KEY_HF} or {SAM_PE_KEY_PTH}), which the spatial "
+                "layout adds to every token: give a full SAM checkpoint (SamModel), or use --sam-layout channel"
+            )
 
     lm_tok = AutoTokenizer.from_pretrained(blip_dir)
     q_tok = AutoTokenizer.from_pretrained(bert_dir)
     if QFORMER_BOS not in q_tok.get_vocab():
         q_tok.add_special_tokens({"bos_token": QFORMER_BOS})
     qformer_kwargs = _config_kwargs(blip_config.qformer_config, Blip2QFormerConfig, ("encoder_hidden_size", "use_qformer_text_input"))
-    for field_name, bert_field in (("hidden_size", "hidden_size"), ("num_hidden_layers", "num_hidden_layers"),
-                                   ("num_attention_heads", "num_attention_heads"), ("intermediate_size", "intermediate_size")):  # fmt: skip
+    for field_name, bert_field in (
+        ("hidden_size", "hidden_size"),
+        ("num_hidden_layers", "num_hidden_layers"),
+        ("num_attention_heads", "num_attention_heads"),
+        ("intermediate_size", "intermediate_size"),
+    ):
         if qformer_kwargs[field_name] != getattr(bert_config, bert_field):
-            raise ComposeError(f"--bert {bert}: {bert_field} is {getattr(bert_config, bert_field)}, the BLIP-2 Q-Former's is "
-                               f"{qformer_kwargs[field_name]}: not the BERT the Q-Former was made from")  # fmt: skip
+            raise ComposeError(
+                f"--bert {bert}: {bert_field} is {getattr(bert_config, bert_field)}, the BLIP-2 Q-Former's is "
+                f"{qformer_kwargs[field_name]}: not the BERT the Q-Former was made from"
+            )
     clip_size = int(blip_config.vision_config.image_size)
     itc_dim = 256  # LAVIS' embed_dim; BLIP-2's stage 1 says its own
     if blip2_itm:
@@ -277,12 +317,20 @@ def build(
         except (OSError, ValueError) as exc:
             raise ComposeError(f"--blip2-itm {blip2_itm}: cannot read its config ({exc})") from None
     config = MedCapConfig(
-        model_type=model_type, clip_vision=_config_kwargs(blip_config.vision_config, Blip2VisionConfig) if "clip" in branches else None,
-        sam_vision=sam_kwargs, qformer=qformer_kwargs | {"vocab_size": len(q_tok)}, lm=_config_kwargs(blip_config.text_config, OPTConfig),
-        num_query_tokens=blip_config.num_query_tokens, sam_layout=sam_layout, clip_image_size=clip_size, itc_dim=itc_dim,
+        model_type=model_type,
+        clip_vision=_config_kwargs(blip_config.vision_config, Blip2VisionConfig) if "clip" in branches else None,
+        sam_vision=sam_kwargs,
+        qformer=qformer_kwargs | {"vocab_size": len(q_tok)},
+        lm=_config_kwargs(blip_config.text_config, OPTConfig),
+        num_query_tokens=blip_config.num_query_tokens,
+        sam_layout=sam_layout,
+        clip_image_size=clip_size,
+        itc_dim=itc_dim,
         eval_clip_image_size=eval_image_size or (PAPER_EVAL_IMAGE_SIZE if clip_size == 224 else None),
-        sam_image_size=int(sam_kwargs["image_size"]) if sam_kwargs else 1024, prompt=prompt, name=name,
-    )  # fmt: skip
+        sam_image_size=int(sam_kwargs["image_size"]) if sam_kwargs else 1024,
+        prompt=prompt,
+        name=name,
+    )
 
     log(f"building {config.display_name} (pretrained parts without memory; the Q-Formers for real)")
     with weights.empty_weights():
@@ -294,8 +342,9 @@ def build(
         weights.assign(model.lm, blip_files.take(prefixed("language_model."), frozen_dtype), what="--blip2: OPT language model")
         if "clip" in branches:
             log(f"reading the EVA ViT and the CLIP Q-Former from {blip2}")
-            weights.assign(model.encoders["clip"].model, blip_files.take(prefixed("vision_model."), frozen_dtype),
-                           what="--blip2: CLIP vision encoder")  # fmt: skip
+            weights.assign(
+                model.encoders["clip"].model, blip_files.take(prefixed("vision_model."), frozen_dtype), what="--blip2: CLIP vision encoder"
+            )
             _compose_clip_branch(model, blip_files, bert_files, blip2_itm, provenance, log)
         if "sam" in branches:
             encoder = model.encoders["sam"]
@@ -303,7 +352,9 @@ def build(
             sam_state["positional_gaussian"] = gaussian.float() if gaussian is not None else torch.zeros(2, encoder.channels // 2)
             weights.assign(encoder, sam_state, what="--sam: SAM image encoder")
             if gaussian is None:
-                provenance.initialised.append("SAM positional encoding matrix: zeros, absent from the source (unused by the channel layout)")
+                provenance.initialised.append(
+                    "SAM positional encoding matrix: zeros, absent from the source (unused by the channel layout)"
+                )
             filled = fill(model.branches["sam"], bert_into_branch(bert_files, query_path=True, text_side=True), "--bert: SAM Q-Former")
             provenance.initialised.append(f"SAM Q-Former: {', '.join(untrained(model.branches['sam'], filled))} (train stage 1, then 2)")
     except weights.WeightsError as exc:
@@ -316,22 +367,31 @@ def build(
     return model, Tokenizers(lm_tok, q_tok), provenance
 
 
-def _compose_clip_branch(model: MedCapModel, blip_files: TensorFiles, bert_files: TensorFiles, blip2_itm: str | None,
-                         provenance: Provenance, log: Log) -> None:  # fmt: skip
+def _compose_clip_branch(
+    model: MedCapModel, blip_files: TensorFiles, bert_files: TensorFiles, blip2_itm: str | None, provenance: Provenance, log: Log
+) -> None:
     """The CLIP branch: BLIP-2's query path, queries and projection; its text side from BERT or BLIP-2's stage 1."""
     branch = model.branches["clip"]
     query_path = blip_files.take(prefixed("qformer."), torch.float32)
     for key in ("query_tokens", "language_projection.weight", "language_projection.bias"):
         query_path[key] = blip_files.get(key, torch.float32)
-    filled = fill(branch, {f"qformer.{k}" if not k.startswith(("query_tokens", "language_projection")) else k: v
-                           for k, v in query_path.items()}, "--blip2: CLIP Q-Former")  # fmt: skip
+    filled = fill(
+        branch,
+        {f"qformer.{k}" if not k.startswith(("query_tokens", "language_projection")) else k: v for k, v in query_path.items()},
+        "--blip2: CLIP Q-Former",
+    )
     if model.config.qformer_text:
         filled |= fill(branch, bert_into_branch(bert_files, query_path=False, text_side=True), "--bert: CLIP Q-Former text side")
         if blip2_itm:
             itm_dir = resolve(blip2_itm, "--blip2-itm")
             log(f"reading the CLIP Q-Former's stage-1 text side from {blip2_itm}")
             itm = TensorFiles(itm_dir)
-            renames = {"vision_projection.": "vision_proj.", "text_projection.": "text_proj.", "itm_head.": "itm_head.", "embeddings.": "embeddings."}
+            renames = {
+                "vision_projection.": "vision_proj.",
+                "text_projection.": "text_proj.",
+                "itm_head.": "itm_head.",
+                "embeddings.": "embeddings.",
+            }
 
             def stage1_name(key: str) -> str | None:
                 if re.match(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.", key):
@@ -342,6 +402,7 @@ def _compose_clip_branch(model: MedCapModel, blip_files: TensorFiles, bert_files
             if not any(k.startswith("vision_proj.") for k in stage1):
                 raise ComposeError(f"--blip2-itm {blip2_itm}: no vision_projection.* weights: not a Blip2ForImageTextRetrieval checkpoint")
             filled |= fill(branch, stage1, "--blip2-itm: CLIP Q-Former text side")
-            provenance.sources.append({"part": "CLIP Q-Former text side and ITC/ITM heads (BLIP-2 stage 1)", "source": blip2_itm,
-                                       "sha256": source_sha(itm_dir)})  # fmt: skip
+            provenance.sources.append(
+                {"part": "CLIP Q-Former text side and ITC/ITM heads (BLIP-2 stage 1)", "source": blip2_itm, "sha256": source_sha(itm_dir)}
+            )
     provenance.initialised.append(f"CLIP Q-Former: {', '.join(untrained(branch, filled)) or 'nothing'} (stage 1 trains them)")

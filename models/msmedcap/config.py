@@ -105,6 +105,10 @@ class MedCapConfig(JsonConfig):
             f"- model type: `{self.model_type}` (branches: {', '.join(self.branches)}), version {self.version}",
             f"- SAM token layout: `{self.sam_layout}`" if "sam" in self.branches else "- no SAM branch",
             f"- queries per branch: {self.num_query_tokens}; prompt: {self.prompt!r}",
-            f"- CLIP view: {self.clip_image_size} px in training, {self.image_sizes[0]} px when captioning" if "clip" in self.branches else "- no CLIP branch",
-            "- Q-Former text side: included (stage 1 can train it)" if self.qformer_text else "- Q-Former text side: left out (an inference checkpoint)",
+            f"- CLIP view: {self.clip_image_size} px in training, {self.image_sizes[0]} px when captioning"
+            if "clip" in self.branches
+            else "- no CLIP branch",
+            "- Q-Former text side: included (stage 1 can train it)"
+            if self.qformer_text
+            else "- Q-Former text side: left out (an inference checkpoint)",
         ]

@@ -172,7 +172,9 @@ class GreedyDecoder:
         """New token ids (B, <= max_new_tokens), ``pad_id`` after each row's EOS, as ``generate`` returns them."""
         rows, prefix = embeds.shape[0], embeds.shape[1]
         if prefix + greedy.max_new_tokens > self.decoder.embed_positions.num_embeddings - self.decoder.embed_positions.offset:
-            raise ValueError(f"{prefix} prefix + {greedy.max_new_tokens} new tokens exceed the LM's {self.lm.config.max_position_embeddings} positions")
+            raise ValueError(
+                f"{prefix} prefix + {greedy.max_new_tokens} new tokens exceed the LM's {self.lm.config.max_position_embeddings} positions"
+            )
         batch = bucket(rows)
         if batch != rows:
             embeds = torch.cat([embeds, embeds[-1:].expand(batch - rows, -1, -1)])

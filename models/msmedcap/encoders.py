@@ -69,5 +69,3 @@ class SamEncoder(nn.Module):
             return neck.reshape(batch, self.channels, -1)
         tokens = neck.flatten(2).transpose(1, 2)
         return tokens + self.positional_encoding().to(tokens.dtype)
-
-

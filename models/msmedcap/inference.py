@@ -36,8 +36,14 @@ def is_text_side(name: str) -> bool:
     return len(parts) == 3 and parts[0] == "branches" and bool(TEXT_SIDE.match(parts[2]))
 
 
-def export(source: Path, out: Path, *, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = weights.SHARD_BYTES,
-           log: Callable[[str], None] = print) -> str:  # fmt: skip
+def export(
+    source: Path,
+    out: Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int = weights.SHARD_BYTES,
+    log: Callable[[str], None] = print,
+) -> str:
     """Write the inference checkpoint of ``source`` (any MSMedCap-family checkpoint) to ``out``; returns its weights' sha256."""
     config = read_config(Path(source) / "config.json")
     if not isinstance(config, MedCapConfig):
@@ -67,11 +73,24 @@ def export(source: Path, out: Path, *, dtype: torch.dtype = torch.bfloat16, shar
         raise checkpoint.CheckpointError(f"{source}: weights that no MSMedCap part reads: {stray[:5]}")
     dropped = len(files.keys() - used)
     old = json.loads((Path(source) / "provenance.json").read_text()) if (Path(source) / "provenance.json").is_file() else {}
-    provenance = checkpoint.Provenance(old.get("sources", []), old.get("initialised", []), [*old.get("history", []), {
-        "export": "inference", "from": str(source), "from_weights_sha256": old.get("weights_sha256", "unknown"),
-        "frozen_dtype": weights.dtype_name(dtype), "text_side_weights_dropped": dropped,
-        "at": datetime.now(UTC).isoformat(timespec="seconds")}])  # fmt: skip
-    log(f"writing {out}: frozen parts in {weights.dtype_name(dtype)}, Q-Former query paths in float32, {dropped} text-side weights left out")
+    provenance = checkpoint.Provenance(
+        old.get("sources", []),
+        old.get("initialised", []),
+        [
+            *old.get("history", []),
+            {
+                "export": "inference",
+                "from": str(source),
+                "from_weights_sha256": old.get("weights_sha256", "unknown"),
+                "frozen_dtype": weights.dtype_name(dtype),
+                "text_side_weights_dropped": dropped,
+                "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        ],
+    )
+    log(
+        f"writing {out}: frozen parts in {weights.dtype_name(dtype)}, Q-Former query paths in float32, {dropped} text-side weights left out"
+    )
     written = out.with_name(out.name + ".exporting")
     sha = checkpoint.write(target, Tokenizers.load(Path(source)), written, provenance, entries, shard_bytes)
     checkpoint.swap_in(written, out)

@@ -42,12 +42,17 @@ REPORT = "IMPORT_REPORT.md"
 
 #: LAVIS names of the EVA ViT -> transformers' Blip2VisionModel (convert_blip_2_original_to_pytorch.py).
 _EVA_RENAMES = [
-    (r"^cls_token$", "embeddings.class_embedding"), (r"^pos_embed$", "embeddings.position_embedding"),
-    (r"^patch_embed\.proj\.", "embeddings.patch_embedding."), (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
-    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."), (r"^blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
-    (r"^blocks\.(\d+)\.attn\.q_bias$", r"encoder.layers.\1.self_attn.q_bias"), (r"^blocks\.(\d+)\.attn\.v_bias$", r"encoder.layers.\1.self_attn.v_bias"),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."), (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-]  # fmt: skip
+    (r"^cls_token$", "embeddings.class_embedding"),
+    (r"^pos_embed$", "embeddings.position_embedding"),
+    (r"^patch_embed\.proj\.", "embeddings.patch_embedding."),
+    (r"^blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
+    (r"^blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
+    (r"^blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
+    (r"^blocks\.(\d+)\.attn\.q_bias$", r"encoder.layers.\1.self_attn.q_bias"),
+    (r"^blocks\.(\d+)\.attn\.v_bias$", r"encoder.layers.\1.self_attn.v_bias"),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
+    (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+]
 #: Entries that are read by nothing on purpose: buffers, SAM's prompt side, the ITG decoder tied to the word embeddings.
 _IGNORED = re.compile(r"(\.position_ids$|^sam_model\.(prompt_encoder|mask_decoder)\.|cls\.predictions\.decoder\.(weight|bias)$)")
 _BRANCH_PREFIX = {"Qformer.": "clip", "sam_Qformer.": "sam"}
@@ -64,17 +69,26 @@ class Coverage:
     def report(self, model: MedCapModel, files: Sequence[Path]) -> str:
         names = list(model.state_dict())
         from_files = [n for n in names if n in self.by_target]
-        lines = [f"# Import of the authors' LAVIS checkpoint{'s' if len(files) > 1 else ''}", "",
-                 *[f"- `{f}`" for f in files], "",
-                 f"{len(from_files)} of {len(names)} model weights come from the LAVIS file(s); the rest from the parts named in "
-                 "MODEL_CARD.md (frozen encoders and LM; anything new is listed there).", "",
-                 "| part | weights from LAVIS | of |", "|---|---:|---:|"]  # fmt: skip
+        lines = [
+            f"# Import of the authors' LAVIS checkpoint{'s' if len(files) > 1 else ''}",
+            "",
+            *[f"- `{f}`" for f in files],
+            "",
+            f"{len(from_files)} of {len(names)} model weights come from the LAVIS file(s); the rest from the parts named in "
+            "MODEL_CARD.md (frozen encoders and LM; anything new is listed there).",
+            "",
+            "| part | weights from LAVIS | of |",
+            "|---|---:|---:|",
+        ]
         for part in ("branches.clip.", "branches.sam.", "encoders.clip.", "encoders.sam.", "lm."):
             total = [n for n in names if n.startswith(part)]
             if total:
                 lines.append(f"| `{part}*` | {sum(n in self.by_target for n in total)} | {len(total)} |")
-        lines += ["", "Entries read by nothing, on purpose (buffers, SAM's prompt side, the tied ITG decoder): "
-                  f"{len(self.unused)}", *[f"- `{u}`" for u in self.unused[:50]]]  # fmt: skip
+        lines += [
+            "",
+            f"Entries read by nothing, on purpose (buffers, SAM's prompt side, the tied ITG decoder): {len(self.unused)}",
+            *[f"- `{u}`" for u in self.unused[:50]],
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -85,12 +99,19 @@ def lavis_target(key: str, file_branch: str | None, *, text_side: bool) -> str |
         if key.startswith(prefix):
             targets = branch_name(bert_names(key), query_path=True, text_side=text_side, query_ffn_from_text=False)
             return f"branches.{branch}.{targets[0]}" if targets else None
-    simple = {"query_tokens": "branches.clip.query_tokens", "sam_query_tokens": "branches.sam.query_tokens",
-              "sam_model.shared_image_embedding.positional_embedding": "encoders.sam.positional_gaussian"}  # fmt: skip
+    simple = {
+        "query_tokens": "branches.clip.query_tokens",
+        "sam_query_tokens": "branches.sam.query_tokens",
+        "sam_model.shared_image_embedding.positional_embedding": "encoders.sam.positional_gaussian",
+    }
     if key in simple:
         return simple[key]
-    for prefix, target in (("opt_proj.", "branches.clip.language_projection."), ("sam_opt_proj.", "branches.sam.language_projection."),
-                           ("ln_vision.", "encoders.clip.model.post_layernorm."), ("opt_model.", "lm.")):  # fmt: skip
+    for prefix, target in (
+        ("opt_proj.", "branches.clip.language_projection."),
+        ("sam_opt_proj.", "branches.sam.language_projection."),
+        ("ln_vision.", "encoders.clip.model.post_layernorm."),
+        ("opt_model.", "lm."),
+    ):
         if key.startswith(prefix):
             return target + key[len(prefix) :]
     if key.startswith("visual_encoder."):
@@ -120,10 +141,20 @@ def _file_branch(keys: set[str], path: Path) -> str | None:
 
 
 def import_lavis(
-    files: Sequence[Path], *, out: Path, blip2: str, sam: str | None, model_type: str = "msmedcap", bert: str = "bert-base-uncased",
-    sam_layout: str = "channel", eval_image_size: int | None = None, keep_text_side: bool = False, dtype: torch.dtype = torch.bfloat16,
-    name: str = "", log: Log = print,
-) -> tuple[str, Coverage]:  # fmt: skip
+    files: Sequence[Path],
+    *,
+    out: Path,
+    blip2: str,
+    sam: str | None,
+    model_type: str = "msmedcap",
+    bert: str = "bert-base-uncased",
+    sam_layout: str = "channel",
+    eval_image_size: int | None = None,
+    keep_text_side: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    name: str = "",
+    log: Log = print,
+) -> tuple[str, Coverage]:
     """Write a MedCap checkpoint made from LAVIS ``files`` (later files win) to ``out``; returns
     (weights sha256, coverage). An inference checkpoint (frozen parts in ``dtype``, no text side)
     unless ``keep_text_side``: then a training checkpoint, as compose writes."""
@@ -132,8 +163,9 @@ def import_lavis(
     for path in files:
         if not Path(path).is_file():
             raise ComposeError(f"import-lavis: {path} does not exist")
-    model, tokenizers, provenance = build(blip2=blip2, sam=sam, model_type=model_type, bert=bert, sam_layout=sam_layout,
-                                          eval_image_size=eval_image_size, name=name, log=log)  # fmt: skip
+    model, tokenizers, provenance = build(
+        blip2=blip2, sam=sam, model_type=model_type, bert=bert, sam_layout=sam_layout, eval_image_size=eval_image_size, name=name, log=log
+    )
     coverage = Coverage()
     own = model.state_dict()
     for path in files:
@@ -157,8 +189,14 @@ def import_lavis(
             coverage.by_target[target] = f"{Path(path).name}: {key}"
         _apply(model, values, Path(path))
     _require_query_paths(model, coverage, files)
-    provenance.sources.insert(0, {"part": "Q-Formers, queries, projections (the authors' training)", "source": ", ".join(map(str, files)),
-                                  "sha256": ", ".join(checkpoint.sha256_file(Path(f)) for f in files)})  # fmt: skip
+    provenance.sources.insert(
+        0,
+        {
+            "part": "Q-Formers, queries, projections (the authors' training)",
+            "source": ", ".join(map(str, files)),
+            "sha256": ", ".join(checkpoint.sha256_file(Path(f)) for f in files),
+        },
+    )
     provenance.initialised = [line for line in provenance.initialised if not line.startswith(("CLIP Q-Former:", "SAM Q-Former:"))]
     for branch in model.branches:
         new = [n for n in model.branches[branch].state_dict() if f"branches.{branch}.{n}" not in coverage.by_target]
@@ -167,7 +205,9 @@ def import_lavis(
 
             new = [n for n in new if not TEXT_SIDE.match(n)]
         if new:
-            provenance.initialised.append(f"{branch} branch, not in the LAVIS file(s): {', '.join(new[:8])}{' ...' if len(new) > 8 else ''}")
+            provenance.initialised.append(
+                f"{branch} branch, not in the LAVIS file(s): {', '.join(new[:8])}{' ...' if len(new) > 8 else ''}"
+            )
     staging = out.with_name(out.name + ".importing")
     checkpoint.save(model, tokenizers, staging, provenance)
     if keep_text_side:
@@ -204,10 +244,15 @@ def _apply(model: MedCapModel, values: dict[str, Any], path: Path) -> None:
 def _require_query_paths(model: MedCapModel, coverage: Coverage, files: Sequence[Path]) -> None:
     """Each branch's queries and Q-Former query path must come from the files: otherwise this is not their model."""
     for branch in model.branches:
-        needed = [f"branches.{branch}.query_tokens", f"branches.{branch}.qformer.encoder.layer.0.attention.attention.query.weight",
-                  f"branches.{branch}.qformer.encoder.layer.0.crossattention.attention.key.weight"]  # fmt: skip
+        needed = [
+            f"branches.{branch}.query_tokens",
+            f"branches.{branch}.qformer.encoder.layer.0.attention.attention.query.weight",
+            f"branches.{branch}.qformer.encoder.layer.0.crossattention.attention.key.weight",
+        ]
         missing = [n for n in needed if n not in coverage.by_target]
         if missing:
             lavis = {"clip": "Qformer.bert.* and query_tokens", "sam": "sam_Qformer.bert.* and sam_query_tokens"}[branch]
-            raise ComposeError(f"{', '.join(map(str, files))}: no {lavis} for the {branch} branch (missing e.g. {missing[0]}); "
-                               "a stage-2 MSMedCap checkpoint has both Q-Formers")  # fmt: skip
+            raise ComposeError(
+                f"{', '.join(map(str, files))}: no {lavis} for the {branch} branch (missing e.g. {missing[0]}); "
+                "a stage-2 MSMedCap checkpoint has both Q-Formers"
+            )

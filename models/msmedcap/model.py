@@ -48,8 +48,9 @@ class MedCapModel(nn.Module):
         """A freshly initialised Q-Former branch reading encoder ``name`` (compose builds the
         pretrained parts without memory, then replaces the branches with real ones)."""
         config = Blip2QFormerConfig(**self.config.qformer, encoder_hidden_size=self.encoders[name].width)
-        return QFormerBranch(config, self.config.num_query_tokens, self.lm.config.hidden_size, self.config.itc_dim,
-                             text_side=self.config.qformer_text)  # fmt: skip
+        return QFormerBranch(
+            config, self.config.num_query_tokens, self.lm.config.hidden_size, self.config.itc_dim, text_side=self.config.qformer_text
+        )
 
     # -- images ----------------------------------------------------------------------------
 
@@ -76,9 +77,13 @@ class MedCapModel(nn.Module):
     # -- stage 2 ---------------------------------------------------------------------------
 
     def forward(
-        self, pixels: dict[str, torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        self,
+        pixels: dict[str, torch.Tensor],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
         image_tokens: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """LM loss on the caption tokens (labels are -100 on BOS, prompt and padding).
 
         ``image_tokens`` may carry precomputed encoder outputs (the encoders are frozen).
@@ -95,9 +100,15 @@ class MedCapModel(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, pixels: dict[str, torch.Tensor], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, preset: GenerationPreset,
-        eos_token_id: int, pad_token_id: int, image_tokens: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        pixels: dict[str, torch.Tensor],
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        preset: GenerationPreset,
+        eos_token_id: int,
+        pad_token_id: int,
+        image_tokens: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """New token ids only (the prompt is given as embeddings, so it is not echoed).
 
         Greedy presets run :class:`GreedyDecoder` (static KV cache; one CUDA graph replay per token
@@ -108,15 +119,22 @@ class MedCapModel(nn.Module):
         if preset.num_beams == 1 and self.fast_greedy and bool(prompt_mask.all()):
             if self._greedy is None:
                 self._greedy = GreedyDecoder(self.lm)
-            return self._greedy.generate(embeds, Greedy(preset.max_new_tokens, preset.min_new_tokens, preset.repetition_penalty,
-                                                        eos_token_id, pad_token_id))  # fmt: skip
+            return self._greedy.generate(
+                embeds, Greedy(preset.max_new_tokens, preset.min_new_tokens, preset.repetition_penalty, eos_token_id, pad_token_id)
+            )
         mask = torch.cat([torch.ones(prefix.shape[:2], dtype=prompt_mask.dtype, device=prompt_mask.device), prompt_mask], 1)
         return self.lm.generate(
-            inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=preset.num_beams,
-            max_new_tokens=preset.max_new_tokens, min_new_tokens=preset.min_new_tokens,
-            repetition_penalty=preset.repetition_penalty, length_penalty=preset.length_penalty,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        )  # fmt: skip
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            do_sample=False,
+            num_beams=preset.num_beams,
+            max_new_tokens=preset.max_new_tokens,
+            min_new_tokens=preset.min_new_tokens,
+            repetition_penalty=preset.repetition_penalty,
+            length_penalty=preset.length_penalty,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
 
     # -- the captioner interface (models/families.py) ----------------------------------------
 
@@ -135,8 +153,15 @@ class MedCapModel(nn.Module):
         count = next(iter(features.values())).shape[0]
         device = next(self.lm.parameters()).device
         prompt = {k: v.to(device) for k, v in text.prompt_batch(self.config.prompt, count).items()}
-        ids = self.generate({}, prompt["input_ids"], prompt["attention_mask"], preset, text.eos_id(self.config.eos_text),
-                            int(text.lm.pad_token_id), image_tokens=features)  # fmt: skip
+        ids = self.generate(
+            {},
+            prompt["input_ids"],
+            prompt["attention_mask"],
+            preset,
+            text.eos_id(self.config.eos_text),
+            int(text.lm.pad_token_id),
+            image_tokens=features,
+        )
         return [caption.strip() for caption in text.lm.batch_decode(ids, skip_special_tokens=True)]
 
     def place(self, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -168,9 +193,20 @@ class MedCapModel(nn.Module):
 
 
 FAMILY = Family(
-    config=MedCapConfig, model=MedCapModel, text=Tokenizers,
+    config=MedCapConfig,
+    model=MedCapModel,
+    text=Tokenizers,
     description="BLIP-2 family: frozen CLIP and/or SAM ViT, one Q-Former per encoder, frozen OPT (MSMedCap, BLIP-2, SAM-BLIP2)",
     # Stage 2 as LAVIS runs it (AdamW, cosine from 1e-4, weight decay 0.05); stage 1 has its own command.
-    fit_defaults={"optimizer": "adamw", "lr": 1e-4, "min_lr": 1e-5, "weight_decay": 0.05, "batch_size": 8, "epochs": 5, "warmup_steps": 2000,
-                  "grad_clip": 1.0, "patience": None},
-)  # fmt: skip
+    fit_defaults={
+        "optimizer": "adamw",
+        "lr": 1e-4,
+        "min_lr": 1e-5,
+        "weight_decay": 0.05,
+        "batch_size": 8,
+        "epochs": 5,
+        "warmup_steps": 2000,
+        "grad_clip": 1.0,
+        "patience": None,
+    },
+)

@@ -36,11 +36,15 @@ class QFormerLMHead(nn.Module):
 
 
 #: Parameter names of the text side (under a branch): used by stage 1 only.
-TEXT_SIDE = re.compile(r"^(embeddings\.|vision_proj\.|text_proj\.|itm_head\.|temp$|lm_head\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.)")
+TEXT_SIDE = re.compile(
+    r"^(embeddings\.|vision_proj\.|text_proj\.|itm_head\.|temp$|lm_head\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.)"
+)
 
 
 class QFormerBranch(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig, num_query_tokens: int, lm_hidden_size: int, itc_dim: int, text_side: bool = True) -> None:
+    def __init__(
+        self, config: Blip2QFormerConfig, num_query_tokens: int, lm_hidden_size: int, itc_dim: int, text_side: bool = True
+    ) -> None:
         super().__init__()
         config.use_qformer_text_input = text_side  # the text feed-forward layers exist only with it
         self.config = config
@@ -95,8 +99,10 @@ class QFormerBranch(nn.Module):
 
     def require_text_side(self) -> None:
         if not self.text_side:
-            raise ValueError("this is an inference checkpoint: its Q-Formers have no text side, which stage 1 trains "
-                             "(start stage 1 from a checkpoint made by `medcap model compose`)")  # fmt: skip
+            raise ValueError(
+                "this is an inference checkpoint: its Q-Formers have no text side, which stage 1 trains "
+                "(start stage 1 from a checkpoint made by `medcap model compose`)"
+            )
 
     def text_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text alone through the Q-Former (bidirectional): (B, T, hidden)."""
@@ -122,8 +128,9 @@ class QFormerBranch(nn.Module):
         else:
             mask = keys[:, None, None, :].expand(batch, 1, q + input_ids.shape[1], -1)
         ones = torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=image_tokens.device)
-        out = self.qformer(query_embeds=embeds, query_length=q, attention_mask=mask, encoder_hidden_states=image_tokens,
-                           encoder_attention_mask=ones)  # fmt: skip
+        out = self.qformer(
+            query_embeds=embeds, query_length=q, attention_mask=mask, encoder_hidden_states=image_tokens, encoder_attention_mask=ones
+        )
         return out.last_hidden_state
 
 

@@ -15,9 +15,13 @@ LABEL_SMOOTHING = 0.1
 
 
 def stage1_losses(
-    branch: QFormerBranch, image_tokens: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, bos_id: int,
+    branch: QFormerBranch,
+    image_tokens: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    bos_id: int,
     generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:  # fmt: skip
+) -> dict[str, torch.Tensor]:
     batch = image_tokens.shape[0]
     if batch < 2:
         raise ValueError("batch size must be at least 2 in stage 1 (each sample needs a negative)")
@@ -32,8 +36,10 @@ def stage1_losses(
     sim_i2t = torch.einsum("bqe,te->btq", image_feats, text_feat).max(-1).values / branch.temp
     sim_t2i = torch.einsum("te,bqe->tbq", text_feat, image_feats).max(-1).values / branch.temp
     targets = torch.arange(batch, device=image_tokens.device)
-    itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
-           + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)) / 2  # fmt: skip
+    itc = (
+        F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
+        + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)
+    ) / 2
 
     # ITM with hard negatives sampled by ITC similarity. Samples with the same text are not
     # negatives of each other (LAVIS does this with image ids).

@@ -33,7 +33,9 @@ class Tokenizers:
         for sub in ("lm_tokenizer", "qformer_tokenizer"):
             if not (directory / sub).is_dir():
                 raise FileNotFoundError(f"{directory / sub} is missing: not a MedCap checkpoint")
-        return cls(AutoTokenizer.from_pretrained(directory / "lm_tokenizer"), AutoTokenizer.from_pretrained(directory / "qformer_tokenizer"))
+        return cls(
+            AutoTokenizer.from_pretrained(directory / "lm_tokenizer"), AutoTokenizer.from_pretrained(directory / "qformer_tokenizer")
+        )
 
     def eos_id(self, eos_text: str) -> int:
         ids = self.lm(eos_text, add_special_tokens=False).input_ids
@@ -76,8 +78,9 @@ class Tokenizers:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def qformer_batch(self, captions: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
-        enc = self.qformer([pre_caption(c) for c in captions], padding="longest", truncation=True, max_length=max_tokens,
-                           return_tensors="pt")  # fmt: skip
+        enc = self.qformer(
+            [pre_caption(c) for c in captions], padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt"
+        )
         return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
 
     @property
@@ -93,8 +96,15 @@ def build_small_tokenizers(corpus: Iterable[str], lm_vocab: int = 512, qformer_v
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=lm_vocab, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=lm_vocab,
+            special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     # OPT prepends </s> as BOS.
     bpe.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
     lm = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
@@ -108,6 +118,13 @@ def build_small_tokenizers(corpus: Iterable[str], lm_vocab: int = 512, qformer_v
     wp.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", wp.token_to_id("[CLS]")), ("[SEP]", wp.token_to_id("[SEP]"))]
     )
-    qformer = PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                      sep_token="[SEP]", mask_token="[MASK]", **({"bos_token": QFORMER_BOS} if dec_token else {}))  # fmt: skip
+    qformer = PreTrainedTokenizerFast(
+        tokenizer_object=wp,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        **({"bos_token": QFORMER_BOS} if dec_token else {}),
+    )
     return Tokenizers(lm, qformer)

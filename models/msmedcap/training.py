@@ -107,18 +107,32 @@ def _schedule(settings: TrainSettings, total_steps: int) -> Callable[[int], floa
 
 
 def train(
-    model: MedCapModel, tokenizers: Tokenizers, records: Sequence[CaptionRecord], settings: TrainSettings, out_dir: Path,
-    provenance: checkpoint.Provenance, *, resume: bool = False, progress: bool = True,
+    model: MedCapModel,
+    tokenizers: Tokenizers,
+    records: Sequence[CaptionRecord],
+    settings: TrainSettings,
+    out_dir: Path,
+    provenance: checkpoint.Provenance,
+    *,
+    resume: bool = False,
+    progress: bool = True,
     transform: ImageTransform | None = None,
-) -> TrainResult:  # fmt: skip
+) -> TrainResult:
     if not records:
         raise ValueError("no training records")
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
     device = next(model.branches.parameters()).device
     branches = [settings.branch] if settings.stage == "stage1" else list(model.branches)
-    features = encode_images(model, records, transform or image_transform_for(model, training=True), branches, settings.feature_batch_size, progress,
-                             cache_dir=out_dir.with_name(out_dir.name + ".features") if settings.feature_cache == "disk" else None)  # fmt: skip
+    features = encode_images(
+        model,
+        records,
+        transform or image_transform_for(model, training=True),
+        branches,
+        settings.feature_batch_size,
+        progress,
+        cache_dir=out_dir.with_name(out_dir.name + ".features") if settings.feature_cache == "disk" else None,
+    )
     captions = [r.caption for r in records]
 
     params = model.trainable_parameters(settings.stage, settings.branch)
@@ -138,11 +152,34 @@ def train(
 
     model.train()
     generator = torch.Generator().manual_seed(settings.seed)
-    bar = tqdm(total=total, initial=step, desc=f"{settings.stage}{'/' + settings.branch if settings.branch else ''}",
-               unit="step", disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc=f"{settings.stage}{'/' + settings.branch if settings.branch else ''}",
+        unit="step",
+        disable=not progress,
+    )
     try:
-        step = _loop(model, tokenizers, settings, features, captions, branches, params, optimizer, scheduler, generator, bar, step,
-                     total, steps_per_epoch, losses, device, out_dir, provenance)  # fmt: skip
+        step = _loop(
+            model,
+            tokenizers,
+            settings,
+            features,
+            captions,
+            branches,
+            params,
+            optimizer,
+            scheduler,
+            generator,
+            bar,
+            step,
+            total,
+            steps_per_epoch,
+            losses,
+            device,
+            out_dir,
+            provenance,
+        )
     except KeyboardInterrupt:
         # Ctrl-C (or SIGINT from a scheduler): keep what was learnt, resumable with --resume.
         bar.close()
@@ -154,10 +191,26 @@ def train(
     return TrainResult(step, losses, out_dir)
 
 
-def _loop(model: MedCapModel, tokenizers: Tokenizers, settings: TrainSettings, features: Features, captions: list[str],
-          branches: list[str], params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
-          generator: torch.Generator, bar: Any, step: int, total: int, steps_per_epoch: int, losses: list[dict[str, float]],
-          device: torch.device, out_dir: Path, provenance: checkpoint.Provenance) -> int:  # fmt: skip
+def _loop(
+    model: MedCapModel,
+    tokenizers: Tokenizers,
+    settings: TrainSettings,
+    features: Features,
+    captions: list[str],
+    branches: list[str],
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generator: torch.Generator,
+    bar: Any,
+    step: int,
+    total: int,
+    steps_per_epoch: int,
+    losses: list[dict[str, float]],
+    device: torch.device,
+    out_dir: Path,
+    provenance: checkpoint.Provenance,
+) -> int:
     count = len(captions)
     while step < total:
         epoch = step // steps_per_epoch
@@ -172,13 +225,23 @@ def _loop(model: MedCapModel, tokenizers: Tokenizers, settings: TrainSettings, f
             batch_captions = [captions[i] for i in index]
             if settings.stage == "stage1":
                 text = tokenizers.qformer_batch(batch_captions, model.config.max_text_tokens)
-                parts = stage1_losses(model.branches[settings.branch], tokens[settings.branch], text["input_ids"].to(device),
-                                      text["attention_mask"].to(device), tokenizers.qformer_bos_id, generator)  # fmt: skip
+                parts = stage1_losses(
+                    model.branches[settings.branch],
+                    tokens[settings.branch],
+                    text["input_ids"].to(device),
+                    text["attention_mask"].to(device),
+                    tokenizers.qformer_bos_id,
+                    generator,
+                )
                 loss = parts["loss"]
                 logged = {k: float(v.detach()) for k, v in parts.items()}
             else:
-                batch = {k: v.to(device) for k, v in tokenizers.lm_batch(batch_captions, model.config.prompt, model.config.eos_text,
-                                                                        model.config.max_text_tokens).items()}  # fmt: skip
+                batch = {
+                    k: v.to(device)
+                    for k, v in tokenizers.lm_batch(
+                        batch_captions, model.config.prompt, model.config.eos_text, model.config.max_text_tokens
+                    ).items()
+                }
                 loss = model(pixels={}, image_tokens=tokens, **batch)
                 logged = {"loss": float(loss.detach())}
             if not torch.isfinite(loss):
@@ -197,24 +260,60 @@ def _loop(model: MedCapModel, tokenizers: Tokenizers, settings: TrainSettings, f
     return step
 
 
-def _save(model: MedCapModel, tokenizers: Tokenizers, out_dir: Path, provenance: checkpoint.Provenance, settings: TrainSettings,
-          optimizer: torch.optim.Optimizer, scheduler: Any, step: int, losses: list[dict[str, float]], final: bool) -> None:  # fmt: skip
+def _save(
+    model: MedCapModel,
+    tokenizers: Tokenizers,
+    out_dir: Path,
+    provenance: checkpoint.Provenance,
+    settings: TrainSettings,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    losses: list[dict[str, float]],
+    final: bool,
+) -> None:
     """Write checkpoint and state to a sibling folder, then swap it in: an interrupted save never
     leaves a half-written checkpoint behind."""
     record = checkpoint.Provenance(provenance.sources, provenance.initialised, list(provenance.history))
-    record.history.append({"stage": settings.stage, "branch": settings.branch, "steps": step, "final": final,
-                           "last_loss": losses[-1]["loss"] if losses else None,
-                           "at": datetime.now(UTC).isoformat(timespec="seconds")})  # fmt: skip
+    record.history.append(
+        {
+            "stage": settings.stage,
+            "branch": settings.branch,
+            "steps": step,
+            "final": final,
+            "last_loss": losses[-1]["loss"] if losses else None,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
     tmp = out_dir.with_name(out_dir.name + ".saving")
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.save(model, tokenizers, tmp, record)
-    torch.save({"settings": asdict(settings), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "losses": losses, "torch_rng": torch.get_rng_state()}, tmp / STATE)  # fmt: skip
+    torch.save(
+        {
+            "settings": asdict(settings),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "losses": losses,
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / STATE,
+    )
     checkpoint.swap_in(tmp, out_dir)
 
 
-def pretrain_language_model(model: MedCapModel, tokenizers: Tokenizers, texts: Sequence[str], *, steps: int, batch_size: int = 32,
-                            lr: float = 1e-3, seed: int = 0, max_context: int = 16, progress: bool = True) -> list[float]:  # fmt: skip
+def pretrain_language_model(
+    model: MedCapModel,
+    tokenizers: Tokenizers,
+    texts: Sequence[str],
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    max_context: int = 16,
+    progress: bool = True,
+) -> list[float]:
     """Text-only LM training for tiny from-scratch models, standing in for OPT's pretraining.
 
     MSMedCap keeps a *pretrained* LM frozen and steers it with a soft prompt placed before BOS.
@@ -226,7 +325,15 @@ def pretrain_language_model(model: MedCapModel, tokenizers: Tokenizers, texts: S
     pad = int(tokenizers.lm.pad_token_id)
     encoded = [tokenizers.lm_batch([t], "", model.config.eos_text, model.config.max_text_tokens)["input_ids"][0].tolist() for t in texts]
     bodies = [[i for i in ids[1:] if i != pad] for ids in encoded]  # without OPT's BOS, added back after the context
-    return pretrain_causal_lm(model.lm, bodies, pad=pad, bos=int(tokenizers.lm.bos_token_id), steps=steps, batch_size=batch_size, lr=lr,
-                              seed=seed, max_context=max_context, progress=progress)  # fmt: skip
-
-
+    return pretrain_causal_lm(
+        model.lm,
+        bodies,
+        pad=pad,
+        bos=int(tokenizers.lm.bos_token_id),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        max_context=max_context,
+        progress=progress,
+    )

@@ -38,9 +38,16 @@ def audit_search(params: dict[str, Any], *, limit: int, offset: int) -> aq.Audit
         return (str(value).strip() or None) if value is not None else None
 
     return aq.AuditSearch(
-        study_uid=text("study"), accession=text("accession"), patient=text("patient"), user=text("user"), action=text("action"),
-        since=aq.parse_time(text("since")), until=aq.parse_time(text("until"), end=True), limit=limit, offset=offset,
-    )  # fmt: skip
+        study_uid=text("study"),
+        accession=text("accession"),
+        patient=text("patient"),
+        user=text("user"),
+        action=text("action"),
+        since=aq.parse_time(text("since")),
+        until=aq.parse_time(text("until"), end=True),
+        limit=limit,
+        offset=offset,
+    )
 
 
 def allowed_destination(ctx: WebContext, sr_uid: str, destination: str) -> bool:
@@ -69,9 +76,18 @@ def not_yourself(who: SignedIn, username: str, disabled: bool) -> None:
 
 
 def _overview(request: Request, ctx: WebContext, who: SignedIn, *, message: str = "", error: str = "", status: int = 200) -> Response:
-    return TEMPLATES.TemplateResponse(request, "admin.html", {
-        "who": who, "counts": aq.overview(ctx.db, ctx.clock.now()), "failed": aq.failed_work(ctx.db), "message": message, "error": error,
-    }, status_code=status)  # fmt: skip
+    return TEMPLATES.TemplateResponse(
+        request,
+        "admin.html",
+        {
+            "who": who,
+            "counts": aq.overview(ctx.db, ctx.clock.now()),
+            "failed": aq.failed_work(ctx.db),
+            "message": message,
+            "error": error,
+        },
+        status_code=status,
+    )
 
 
 @router.get("/admin", response_class=HTMLResponse)
@@ -112,17 +128,40 @@ def audit_page(request: Request, ctx: Context, who: Admin, page: int = 1) -> Res
     try:
         search = audit_search(params, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     except aq.QueryError as exc:
-        return TEMPLATES.TemplateResponse(request, "admin_audit.html", {
-            "who": who, "filters": filters, "rows": [], "more": False, "page": page, "error": str(exc), "query": "",
-            "actions": [a.value for a in Action], "families": ACTION_FAMILIES,
-        }, status_code=400)  # fmt: skip
+        return TEMPLATES.TemplateResponse(
+            request,
+            "admin_audit.html",
+            {
+                "who": who,
+                "filters": filters,
+                "rows": [],
+                "more": False,
+                "page": page,
+                "error": str(exc),
+                "query": "",
+                "actions": [a.value for a in Action],
+                "families": ACTION_FAMILIES,
+            },
+            status_code=400,
+        )
     result = aq.search_audit(ctx.db, search)
     audit_event(request, Action.AUDIT_SEARCHED, "audit", "events", filters=search.filters(), page=page, shown=len(result.rows))
     query = urlencode({k: v for k, v in filters.items() if v})
-    return TEMPLATES.TemplateResponse(request, "admin_audit.html", {
-        "who": who, "filters": filters, "rows": result.rows, "more": result.more, "page": page, "error": "", "query": query,
-        "actions": [a.value for a in Action], "families": ACTION_FAMILIES,
-    })  # fmt: skip
+    return TEMPLATES.TemplateResponse(
+        request,
+        "admin_audit.html",
+        {
+            "who": who,
+            "filters": filters,
+            "rows": result.rows,
+            "more": result.more,
+            "page": page,
+            "error": "",
+            "query": query,
+            "actions": [a.value for a in Action],
+            "families": ACTION_FAMILIES,
+        },
+    )
 
 
 @router.get("/admin/audit.csv")
@@ -149,20 +188,45 @@ def stats(request: Request, ctx: Context, who: Admin, days: str = "30") -> Respo
         days = "30"
     window = WINDOWS[days]
     since = ctx.clock.now() - timedelta(days=window) if window else None
-    return TEMPLATES.TemplateResponse(request, "admin_stats.html", {
-        "who": who, "days": days, "windows": list(WINDOWS), "turnaround": aq.turnaround_by_model(ctx.db, since=since),
-        "quality": aq.model_quality(ctx.db, since=since), "duration": aq.duration,
-    })  # fmt: skip
+    return TEMPLATES.TemplateResponse(
+        request,
+        "admin_stats.html",
+        {
+            "who": who,
+            "days": days,
+            "windows": list(WINDOWS),
+            "turnaround": aq.turnaround_by_model(ctx.db, since=since),
+            "quality": aq.model_quality(ctx.db, since=since),
+            "duration": aq.duration,
+        },
+    )
 
 
 # -- users ------------------------------------------------------------------------------------
 
 
-def _users(request: Request, ctx: WebContext, who: SignedIn, *, message: str = "", error: str = "", status: int = 200,
-           form: dict[str, str] | None = None) -> Response:  # fmt: skip
-    return TEMPLATES.TemplateResponse(request, "admin_users.html", {
-        "who": who, "users": ctx.users.list(), "message": message, "error": error, "form": form or {},
-    }, status_code=status)  # fmt: skip
+def _users(
+    request: Request,
+    ctx: WebContext,
+    who: SignedIn,
+    *,
+    message: str = "",
+    error: str = "",
+    status: int = 200,
+    form: dict[str, str] | None = None,
+) -> Response:
+    return TEMPLATES.TemplateResponse(
+        request,
+        "admin_users.html",
+        {
+            "who": who,
+            "users": ctx.users.list(),
+            "message": message,
+            "error": error,
+            "form": form or {},
+        },
+        status_code=status,
+    )
 
 
 def _done(message: str) -> Response:
@@ -179,8 +243,13 @@ async def add_user(request: Request, ctx: Context, who: Admin) -> Response:
     await require_csrf(request, who)
     form = {k: str(v) for k, v in (await request.form()).items()}
     try:
-        account = ctx.users.add(form.get("username", "").strip(), form.get("display_name", "").strip(), form.get("role", ""),
-                                form.get("password", ""), web_actor(who.account.username))  # fmt: skip
+        account = ctx.users.add(
+            form.get("username", "").strip(),
+            form.get("display_name", "").strip(),
+            form.get("role", ""),
+            form.get("password", ""),
+            web_actor(who.account.username),
+        )
     except UserError as exc:
         kept = {k: form.get(k, "") for k in ("username", "display_name", "role")}  # never echo the password
         return _users(request, ctx, who, error=str(exc), status=400, form=kept)

@@ -20,12 +20,9 @@ from service.web.auth import SignedIn
 router = APIRouter(tags=["admin"])
 
 
-
-
 class AdminOverview(BaseModel):
     counts: aq.Overview
     failed: list[aq.FailedWork]
-
 
 
 class AuditPage(BaseModel):
@@ -35,8 +32,6 @@ class AuditPage(BaseModel):
     offset: int
 
 
-
-
 class Stats(BaseModel):
     since: datetime | None
     until: datetime | None
@@ -44,9 +39,10 @@ class Stats(BaseModel):
     quality: list[aq.ModelQuality]
 
 
-
 class Resend(BaseModel):
-    destination: str | None = Field(None, description="AE@host:port of a dispatch of this SR (or a configured one); default: the configured destinations")
+    destination: str | None = Field(
+        None, description="AE@host:port of a dispatch of this SR (or a configured one); default: the configured destinations"
+    )
 
 
 class Queued(BaseModel):
@@ -85,8 +81,7 @@ def _user_error(exc: UserError) -> HTTPException:
 
 @router.get("/overview", response_model=AdminOverview)
 def overview(ctx: Context, who: Admin) -> AdminOverview:
-    return AdminOverview(counts=aq.overview(ctx.db, ctx.clock.now()),
-                         failed=aq.failed_work(ctx.db))  # fmt: skip
+    return AdminOverview(counts=aq.overview(ctx.db, ctx.clock.now()), failed=aq.failed_work(ctx.db))
 
 
 @router.get("/failed", response_model=list[aq.FailedWork])
@@ -95,9 +90,20 @@ def failed(ctx: Context, who: Admin, limit: Annotated[int, Query(ge=1, le=10_000
 
 
 @router.get("/audit", response_model=AuditPage)
-def audit(request: Request, ctx: Context, who: Admin, study: str | None = None, accession: str | None = None, patient: str | None = None,
-          user: str | None = None, action: str | None = None, since: str | None = None, until: str | None = None,
-          limit: Annotated[int, Query(ge=1, le=aq.MAX_ROWS)] = 100, offset: Annotated[int, Query(ge=0)] = 0) -> AuditPage:  # fmt: skip
+def audit(
+    request: Request,
+    ctx: Context,
+    who: Admin,
+    study: str | None = None,
+    accession: str | None = None,
+    patient: str | None = None,
+    user: str | None = None,
+    action: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=aq.MAX_ROWS)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> AuditPage:
     """Audit events, newest first. ``since``/``until``: YYYY-MM-DD (``until`` through that day) or ISO times, UTC unless zoned."""
     params = {"study": study, "accession": accession, "patient": patient, "user": user, "action": action, "since": since, "until": until}
     try:
@@ -113,14 +119,23 @@ def audit(request: Request, ctx: Context, who: Admin, study: str | None = None, 
 def stats(ctx: Context, who: Admin, since: str | None = None, until: str | None = None) -> Stats:
     """Turnaround (studies received in the window) and draft quality (drafts written in it), per model version."""
     start, end = _window(since, until)
-    return Stats(since=start, until=end,
-                 turnaround=aq.turnaround_by_model(ctx.db, since=start, until=end),
-                 quality=aq.model_quality(ctx.db, since=start, until=end))  # fmt: skip
+    return Stats(
+        since=start,
+        until=end,
+        turnaround=aq.turnaround_by_model(ctx.db, since=start, until=end),
+        quality=aq.model_quality(ctx.db, since=start, until=end),
+    )
 
 
 @router.get("/turnaround", response_model=list[aq.StudyTurnaround])
-def turnaround(ctx: Context, who: Admin, since: str | None = None, until: str | None = None,
-               limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0) -> list[aq.StudyTurnaround]:  # fmt: skip
+def turnaround(
+    ctx: Context,
+    who: Admin,
+    since: str | None = None,
+    until: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[aq.StudyTurnaround]:
     """Per study, newest received first: received, drafted, approved."""
     start, end = _window(since, until)
     return aq.study_turnaround(ctx.db, since=start, until=end, limit=limit, offset=offset)

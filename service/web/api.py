@@ -24,7 +24,6 @@ class Me(BaseModel):
     csrf_token: str = Field(description="Send as X-CSRF-Token on every POST")
 
 
-
 class Worklist(BaseModel):
     counts: dict[str, int]
     drafts: list[WorklistRow]
@@ -66,9 +65,18 @@ def me(who: Anyone) -> Me:
 
 
 @router.get("/drafts", response_model=Worklist)
-def drafts(request: Request, ctx: Context, who: Radiologist, state: ReviewState | None = ReviewState.AWAITING, modality: str | None = None,
-           received_from: date | None = None, received_to: date | None = None, q: str | None = None,
-           limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0) -> Worklist:  # fmt: skip
+def drafts(
+    request: Request,
+    ctx: Context,
+    who: Radiologist,
+    state: ReviewState | None = ReviewState.AWAITING,
+    modality: str | None = None,
+    received_from: date | None = None,
+    received_to: date | None = None,
+    q: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Worklist:
     try:
         where = WorklistFilter(state, modality, received_from, received_to, q, limit, offset)
     except ValueError as exc:
@@ -85,20 +93,35 @@ def draft(request: Request, ctx: Context, who: Radiologist, draft_id: int) -> Dr
         raise HTTPException(404, f"there is no draft {draft_id}")
     audit_event(request, Action.STUDY_VIEWED, "sr_document", view.sop_instance_uid, study_uid=view.study_uid, draft_id=draft_id, api=True)
     return DraftDetail(
-        draft_id=view.id, sop_instance_uid=view.sop_instance_uid, study_uid=view.study_uid, accession_number=view.accession_number,
-        patient_id=view.patient_id, patient_name=view.patient_name, study_version=view.study_version, created_at=view.created_at,
-        state=view.state.value, status_banner="AI draft - preliminary, not verified",
-        model={"name": view.model_name, "version": view.model_version, "weights_sha256": view.weights_sha256,
-               "generation_preset": view.generation_preset},
-        series=view.series, impression=view.impression, review=view.review,
-    )  # fmt: skip
+        draft_id=view.id,
+        sop_instance_uid=view.sop_instance_uid,
+        study_uid=view.study_uid,
+        accession_number=view.accession_number,
+        patient_id=view.patient_id,
+        patient_name=view.patient_name,
+        study_version=view.study_version,
+        created_at=view.created_at,
+        state=view.state.value,
+        status_banner="AI draft - preliminary, not verified",
+        model={
+            "name": view.model_name,
+            "version": view.model_version,
+            "weights_sha256": view.weights_sha256,
+            "generation_preset": view.generation_preset,
+        },
+        series=view.series,
+        impression=view.impression,
+        review=view.review,
+    )
 
 
 @router.post("/drafts/{draft_id}/approve", response_model=Approved)
 async def approve(request: Request, ctx: Context, who: Radiologist, draft_id: int, body: Approval) -> Approved:
     await require_csrf(request, who)
     try:
-        uid = ctx.reviews.approve(draft_id, who.account, findings=body.findings, impression=body.impression, address=client_address(request))
+        uid = ctx.reviews.approve(
+            draft_id, who.account, findings=body.findings, impression=body.impression, address=client_address(request)
+        )
     except ReviewConflict as exc:
         raise HTTPException(409, str(exc)) from None
     except ReviewError as exc:

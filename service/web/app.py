@@ -94,15 +94,17 @@ async def require_csrf(request: Request, who: SignedIn) -> None:
         raise Forbidden("missing or wrong CSRF token")
 
 
-def audit_event(request: Request, action: Action, object_type: str, object_id: str | int, *, study_uid: str | None = None,
-                **details: Any) -> None:  # fmt: skip
+def audit_event(
+    request: Request, action: Action, object_type: str, object_id: str | int, *, study_uid: str | None = None, **details: Any
+) -> None:
     """Record what a signed-in user did or saw, with where from."""
     ctx = context(request)
     who: SignedIn | None = getattr(request.state, "signed_in", None)
     actor = audit.web_actor(who.account.username) if who else f"web:{client_address(request)}"
     with ctx.db.session() as s:
-        audit.record(s, ctx.clock.now(), actor, action, object_type, object_id, study_uid=study_uid, address=client_address(request),
-                     **details)  # fmt: skip
+        audit.record(
+            s, ctx.clock.now(), actor, action, object_type, object_id, study_uid=study_uid, address=client_address(request), **details
+        )
 
 
 def wants_json(request: Request) -> bool:
@@ -115,15 +117,29 @@ def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> 
 
     clock = clock or SystemClock()
     users = Users(db, clock)
-    app = FastAPI(title="MedCap", summary="AI report drafts for CT and MR: review, approval and audit.", version="1",
-                  # No Swagger UI: it loads scripts from a CDN, which hospital networks (and our CSP) refuse.
-                  docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")  # fmt: skip
+    app = FastAPI(
+        title="MedCap",
+        summary="AI report drafts for CT and MR: review, approval and audit.",
+        version="1",
+        # No Swagger UI: it loads scripts from a CDN, which hospital networks (and our CSP) refuse.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
     app.state.ctx = WebContext(
-        settings, db, clock, users,
+        settings,
+        db,
+        clock,
+        users,
         Sessions(db, clock, users, hours=settings.session_hours, max_failures=settings.login_max_failures),
-        Reviews(db, clock, reports_dir=settings.reports_dir, destinations=[str(d) for d in settings.destination_list],
-                organization=settings.verifier_organization),
-    )  # fmt: skip
+        Reviews(
+            db,
+            clock,
+            reports_dir=settings.reports_dir,
+            destinations=[str(d) for d in settings.destination_list],
+            organization=settings.verifier_organization,
+        ),
+    )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(pages.router)
     app.include_router(admin_routes.router)

@@ -69,8 +69,17 @@ class Sessions:
                 audit.record(s, now, address_actor(address), Action.LOGIN_FAILED, "user", username[:128], address=address)
                 return None
             token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-            s.add(WebSession(token_sha256=_digest(token), user_id=account.id, csrf_token=csrf, created_at=now, last_seen_at=now,
-                             expires_at=now + self.lifetime, address=address[:45]))  # fmt: skip
+            s.add(
+                WebSession(
+                    token_sha256=_digest(token),
+                    user_id=account.id,
+                    csrf_token=csrf,
+                    created_at=now,
+                    last_seen_at=now,
+                    expires_at=now + self.lifetime,
+                    address=address[:45],
+                )
+            )
             audit.record(s, now, audit.web_actor(account.username), Action.LOGIN_SUCCEEDED, "user", account.username, address=address)
         return SignedIn(account, csrf, token)
 
@@ -93,19 +102,23 @@ class Sessions:
         now = self.clock.now()
         with self.db.session() as s:
             s.execute(update(WebSession).where(WebSession.token_sha256 == _digest(signed_in.token)).values(revoked_at=now))
-            audit.record(s, now, audit.web_actor(signed_in.account.username), Action.LOGOUT, "user", signed_in.account.username,
-                         address=address)  # fmt: skip
+            audit.record(
+                s, now, audit.web_actor(signed_in.account.username), Action.LOGOUT, "user", signed_in.account.username, address=address
+            )
 
     def _recent_failures(self, username: str, address: str) -> int:
         since = self.clock.now() - THROTTLE_WINDOW
         with self.db.session() as s:
-            return s.scalar(
-                select(func.count()).where(
-                    AuditEvent.action == Action.LOGIN_FAILED.value,
-                    AuditEvent.at >= since,
-                    or_(AuditEvent.object_id == username[:128], AuditEvent.actor == address_actor(address)),
+            return (
+                s.scalar(
+                    select(func.count()).where(
+                        AuditEvent.action == Action.LOGIN_FAILED.value,
+                        AuditEvent.at >= since,
+                        or_(AuditEvent.object_id == username[:128], AuditEvent.actor == address_actor(address)),
+                    )
                 )
-            ) or 0
+                or 0
+            )
 
 
 def csrf_matches(expected: str, given: str | None) -> bool:

@@ -43,12 +43,19 @@ def login_page(request: Request, next: str | None = None) -> Response:
 
 
 @router.post("/login", response_class=HTMLResponse)
-def login(request: Request, ctx: Context, username: Annotated[str, Form()], password: Annotated[str, Form()],
-          login_csrf: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "/") -> Response:  # fmt: skip
+def login(
+    request: Request,
+    ctx: Context,
+    username: Annotated[str, Form()],
+    password: Annotated[str, Form()],
+    login_csrf: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "/",
+) -> Response:
     def again(error: str, status: int) -> Response:
         token = secrets.token_urlsafe(24)
-        page = TEMPLATES.TemplateResponse(request, "login.html", {"next": _safe_next(next), "login_csrf": token, "error": error},
-                                          status_code=status)  # fmt: skip
+        page = TEMPLATES.TemplateResponse(
+            request, "login.html", {"next": _safe_next(next), "login_csrf": token, "error": error}, status_code=status
+        )
         page.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, secure=True, samesite="strict", max_age=3600)
         return page
 
@@ -85,38 +92,72 @@ def home(who: Anyone) -> Response:
 
 
 @router.get("/worklist", response_class=HTMLResponse)
-def worklist(request: Request, ctx: Context, who: Radiologist, state: str = ReviewState.AWAITING.value, modality: str = "",
-             received_from: str = "", received_to: str = "", q: str = "", page: Annotated[int, Query(ge=1)] = 1) -> Response:  # fmt: skip
+def worklist(
+    request: Request,
+    ctx: Context,
+    who: Radiologist,
+    state: str = ReviewState.AWAITING.value,
+    modality: str = "",
+    received_from: str = "",
+    received_to: str = "",
+    q: str = "",
+    page: Annotated[int, Query(ge=1)] = 1,
+) -> Response:
     try:
         where = WorklistFilter(
-            state=ReviewState(state) if state else None, modality=modality.strip() or None,
+            state=ReviewState(state) if state else None,
+            modality=modality.strip() or None,
             received_from=date.fromisoformat(received_from) if received_from else None,
-            received_to=date.fromisoformat(received_to) if received_to else None, search=q.strip() or None,
-            limit=50, offset=(page - 1) * 50,
-        )  # fmt: skip
+            received_to=date.fromisoformat(received_to) if received_to else None,
+            search=q.strip() or None,
+            limit=50,
+            offset=(page - 1) * 50,
+        )
     except ValueError as exc:
         return TEMPLATES.TemplateResponse(request, "error.html", {"who": who, "title": "Bad filter", "message": str(exc)}, status_code=400)
     rows, counts = list_drafts(ctx.db, where)
-    audit_event(request, Action.WORKLIST_VIEWED, "worklist", state or "all", filters={"modality": modality, "from": received_from,
-                "to": received_to, "q": q, "page": page}, shown=len(rows))  # fmt: skip
-    return TEMPLATES.TemplateResponse(request, "worklist.html", {
-        "who": who, "rows": rows, "counts": counts, "states": [s.value for s in ReviewState], "page": page,
-        "filters": {"state": state, "modality": modality, "received_from": received_from, "received_to": received_to, "q": q},
-    })  # fmt: skip
+    audit_event(
+        request,
+        Action.WORKLIST_VIEWED,
+        "worklist",
+        state or "all",
+        filters={"modality": modality, "from": received_from, "to": received_to, "q": q, "page": page},
+        shown=len(rows),
+    )
+    return TEMPLATES.TemplateResponse(
+        request,
+        "worklist.html",
+        {
+            "who": who,
+            "rows": rows,
+            "counts": counts,
+            "states": [s.value for s in ReviewState],
+            "page": page,
+            "filters": {"state": state, "modality": modality, "received_from": received_from, "received_to": received_to, "q": q},
+        },
+    )
 
 
 @router.get("/drafts/{draft_id}", response_class=HTMLResponse)
-def review_page(request: Request, ctx: Context, who: Radiologist, draft_id: int, window: str = "default",
-                message: str = "") -> Response:  # fmt: skip
+def review_page(request: Request, ctx: Context, who: Radiologist, draft_id: int, window: str = "default", message: str = "") -> Response:
     view = ctx.reviews.view(draft_id)
     if view is None:
-        return TEMPLATES.TemplateResponse(request, "error.html", {"who": who, "title": "Not found", "message": f"There is no draft {draft_id}."},
-                                          status_code=404)  # fmt: skip
+        return TEMPLATES.TemplateResponse(
+            request, "error.html", {"who": who, "title": "Not found", "message": f"There is no draft {draft_id}."}, status_code=404
+        )
     audit_event(request, Action.STUDY_VIEWED, "sr_document", view.sop_instance_uid, study_uid=view.study_uid, draft_id=draft_id)
-    return TEMPLATES.TemplateResponse(request, "review.html", {
-        "who": who, "view": view, "window": window if window in VIEW_WINDOWS else "default", "windows": VIEW_WINDOWS,
-        "message": message, "awaiting": view.state is ReviewState.AWAITING,
-    })  # fmt: skip
+    return TEMPLATES.TemplateResponse(
+        request,
+        "review.html",
+        {
+            "who": who,
+            "view": view,
+            "window": window if window in VIEW_WINDOWS else "default",
+            "windows": VIEW_WINDOWS,
+            "message": message,
+            "awaiting": view.state is ReviewState.AWAITING,
+        },
+    )
 
 
 @router.post("/drafts/{draft_id}/approve")
@@ -125,13 +166,16 @@ async def approve(request: Request, ctx: Context, who: Radiologist, draft_id: in
     form = await request.form()
     findings = {key.removeprefix("finding:"): str(value) for key, value in form.items() if key.startswith("finding:")}
     try:
-        uid = ctx.reviews.approve(draft_id, who.account, findings=findings, impression=str(form.get("impression", "")),
-                                  address=client_address(request))  # fmt: skip
+        uid = ctx.reviews.approve(
+            draft_id, who.account, findings=findings, impression=str(form.get("impression", "")), address=client_address(request)
+        )
     except ReviewConflict as exc:
         return _review_error(request, ctx, who, draft_id, str(exc), 409)
     except ReviewError as exc:
         return _review_error(request, ctx, who, draft_id, str(exc), 400)
-    return RedirectResponse(f"/drafts/{draft_id}?message={quote(f'Approved. Verified report {uid} is on its way to the PACS.')}", status_code=303)
+    return RedirectResponse(
+        f"/drafts/{draft_id}?message={quote(f'Approved. Verified report {uid} is on its way to the PACS.')}", status_code=303
+    )
 
 
 @router.post("/drafts/{draft_id}/reject")
@@ -151,22 +195,41 @@ def _review_error(request: Request, ctx: Context, who: Radiologist, draft_id: in
     view = ctx.reviews.view(draft_id)
     if view is None:
         return TEMPLATES.TemplateResponse(request, "error.html", {"who": who, "title": "Not found", "message": message}, status_code=404)
-    return TEMPLATES.TemplateResponse(request, "review.html", {
-        "who": who, "view": view, "window": "default", "windows": VIEW_WINDOWS, "message": "", "error": message,
-        "awaiting": view.state is ReviewState.AWAITING,
-    }, status_code=status)  # fmt: skip
+    return TEMPLATES.TemplateResponse(
+        request,
+        "review.html",
+        {
+            "who": who,
+            "view": view,
+            "window": "default",
+            "windows": VIEW_WINDOWS,
+            "message": "",
+            "error": message,
+            "awaiting": view.state is ReviewState.AWAITING,
+        },
+        status_code=status,
+    )
 
 
 @router.get("/drafts/{draft_id}/images/{sop_instance_uid}.png")
-def key_image(request: Request, ctx: Context, who: Radiologist, draft_id: int, sop_instance_uid: str, frame: int | None = None,
-              window: str = "default") -> Response:  # fmt: skip
+def key_image(
+    request: Request,
+    ctx: Context,
+    who: Radiologist,
+    draft_id: int,
+    sop_instance_uid: str,
+    frame: int | None = None,
+    window: str = "default",
+) -> Response:
     """A key image of the draft's study, rendered from the stored DICOM (only images of that study)."""
     with ctx.db.session() as s:
         study_id = s.scalar(select(SRDocument.study_id).where(SRDocument.id == draft_id))
         row = s.execute(select(Instance.series_id, Instance.study_id).where(Instance.sop_instance_uid == sop_instance_uid)).first()
         if study_id is None or row is None or row.study_id != study_id:
             return Response("no such image in this study", status_code=404, media_type="text/plain")
-        paths = tuple(s.scalars(select(Instance.path).where(Instance.series_id == row.series_id, Instance.captionable).order_by(Instance.path)))
+        paths = tuple(
+            s.scalars(select(Instance.path).where(Instance.series_id == row.series_id, Instance.captionable).order_by(Instance.path))
+        )
         series_uid = s.scalar(select(SeriesRow.series_uid).where(SeriesRow.id == row.series_id))
     try:
         png = render_png(_series(paths, series_uid), sop_instance_uid, frame=frame, window=window)

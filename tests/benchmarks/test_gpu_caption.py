@@ -10,13 +10,31 @@ from tests.models.parts import one_thread
 
 def test_the_benchmark_runs_at_reduced_size(tmp_path, capsys):
     with one_thread():
-        assert gpu_caption.main(["--size", "small", "--device", "cpu", "--batches", "1,2", "--repeats", "1", "--models", "msmedcap,blip2",
-                                 "--out", str(tmp_path)]) == 0  # fmt: skip
+        assert (
+            gpu_caption.main(
+                [
+                    "--size",
+                    "small",
+                    "--device",
+                    "cpu",
+                    "--batches",
+                    "1,2",
+                    "--repeats",
+                    "1",
+                    "--models",
+                    "msmedcap,blip2",
+                    "--out",
+                    str(tmp_path),
+                ]
+            )
+            == 0
+        )
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "gpu_caption.json").read_text())
     rows = results["rows"]
-    assert {(r["model"], r["preset"], r["batch"]) for r in rows} == {(m, p, b) for m in ("MSMedCap", "BLIP-2") for p in ("fast", "paper")
-                                                                     for b in (1, 2)}  # fmt: skip
+    assert {(r["model"], r["preset"], r["batch"]) for r in rows} == {
+        (m, p, b) for m in ("MSMedCap", "BLIP-2") for p in ("fast", "paper") for b in (1, 2)
+    }
     for row in rows:
         assert row["images_per_s"] > 0 and row["p95_ms"] >= row["p50_ms"] > 0 and 0 < row["of_ideal"]
         assert (row["vs_generate"] is not None) == (row["preset"] == "fast")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import model_memory
+
+pytestmark = pytest.mark.processes  # every step of the benchmark is a process of its own
 
 
 def test_the_benchmark_runs_at_tiny_size(tmp_path, capsys):

@@ -71,9 +71,18 @@ def uids(datasets: list[Dataset]) -> list[str]:
 class StoreSCP:
     """Answers the n-th C-STORE with ``statuses[n]`` (Success beyond the list), or never, if ``hang``."""
 
-    def __init__(self, *, ae_title: str = "PACS", statuses: list[int] | None = None, require_calling: list[str] | None = None,
-                 sop_classes: tuple[str, ...] = (ComprehensiveSRStorage, BasicTextSRStorage), hang: bool = False,
-                 abort_on_store: bool = False, max_associations: int = 10, ssl_context: ssl.SSLContext | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        ae_title: str = "PACS",
+        statuses: list[int] | None = None,
+        require_calling: list[str] | None = None,
+        sop_classes: tuple[str, ...] = (ComprehensiveSRStorage, BasicTextSRStorage),
+        hang: bool = False,
+        abort_on_store: bool = False,
+        max_associations: int = 10,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.statuses = list(statuses or [])
         self.received: list[str] = []
         self.proposed: list[tuple[str, str]] = []  # (SOP class, first transfer syntax) of each requested context
@@ -505,12 +514,23 @@ def test_each_dataset_proposes_its_own_sop_class_and_transfer_syntax(start_scp):
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("dispatch-pki")
     ca = make_ca(folder, "ca")
-    server = issue(folder, "server", ca, "/CN=127.0.0.1",
-                    "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n")  # fmt: skip
+    server = issue(
+        folder,
+        "server",
+        ca,
+        "/CN=127.0.0.1",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n",
+    )
     client = issue(folder, "client", ca, "/CN=MEDCAP", "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n")
     other_ca, _ = make_ca(folder, "other-ca")
-    return {"ca": ca[0], "server_cert": server[0], "server_key": server[1], "client_cert": client[0], "client_key": client[1],
-            "other_ca": other_ca}  # fmt: skip
+    return {
+        "ca": ca[0],
+        "server_cert": server[0],
+        "server_key": server[1],
+        "client_cert": client[0],
+        "client_key": client[1],
+        "other_ca": other_ca,
+    }
 
 
 def server_context(certs: dict[str, Path]) -> ssl.SSLContext:
@@ -568,8 +588,9 @@ def test_client_tls_settings_are_checked_on_construction(certs, tmp_path):
 
 def test_module_imports_no_service_code():
     code = "import sys, dicom_io.dispatch; print(sorted(m for m in sys.modules if m.split('.')[0] in {'celery', 'sqlalchemy', 'service', 'fastapi', 'workers'}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
-                         cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd=Path(__file__).resolve().parents[2]
+    )
     assert out.stdout.strip() == "[]"
 
 

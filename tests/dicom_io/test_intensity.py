@@ -7,8 +7,15 @@ from tests.conftest import series_files
 
 
 def test_presets_are_the_documented_center_width_pairs():
-    expected = {"brain": (40, 80), "subdural": (75, 215), "stroke": (40, 40), "bone": (400, 1800),
-                "temporal_bone": (600, 2800), "soft_tissue": (50, 350), "lung": (-600, 1500)}  # fmt: skip
+    expected = {
+        "brain": (40, 80),
+        "subdural": (75, 215),
+        "stroke": (40, 40),
+        "bone": (400, 1800),
+        "temporal_bone": (600, 2800),
+        "soft_tissue": (50, 350),
+        "lung": (-600, 1500),
+    }
     assert {k: (w.center, w.width) for k, w in CT_WINDOWS.items()} == expected
 
 

@@ -4,8 +4,14 @@ from dicom_io.sop_classes import ACCEPTED, CAPTIONABLE, IMAGE_CLASSES, is_captio
 
 
 def test_ct_and_mr_families_are_captioned_and_companions_are_not():
-    assert {sc.CTImageStorage, sc.EnhancedCTImageStorage, sc.LegacyConvertedEnhancedCTImageStorage, sc.MRImageStorage,
-            sc.EnhancedMRImageStorage, sc.LegacyConvertedEnhancedMRImageStorage} == CAPTIONABLE  # fmt: skip
+    assert {
+        sc.CTImageStorage,
+        sc.EnhancedCTImageStorage,
+        sc.LegacyConvertedEnhancedCTImageStorage,
+        sc.MRImageStorage,
+        sc.EnhancedMRImageStorage,
+        sc.LegacyConvertedEnhancedMRImageStorage,
+    } == CAPTIONABLE
     for companion in (sc.ComprehensiveSRStorage, sc.SecondaryCaptureImageStorage, sc.GrayscaleSoftcopyPresentationStateStorage):
         assert companion in ACCEPTED and not is_captionable(companion)
 

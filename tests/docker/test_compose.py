@@ -46,8 +46,12 @@ def env_of(service: dict[str, Any]) -> dict[str, str]:
 
 def one_shot(services: dict[str, dict[str, Any]]) -> set[str]:
     """Services others wait to *complete*."""
-    return {target for s in services.values() for target, dep in (s.get("depends_on") or {}).items()
-            if dep.get("condition") == "service_completed_successfully"}  # fmt: skip
+    return {
+        target
+        for s in services.values()
+        for target, dep in (s.get("depends_on") or {}).items()
+        if dep.get("condition") == "service_completed_successfully"
+    }
 
 
 def volume_targets(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -131,8 +135,11 @@ def test_listener_admits_the_compose_network_only(compose, services):
 
 
 def test_metrics_ports_are_published(services):
-    for name, key in (("listener", "MEDCAP_METRICS_PORT"), ("worker-caption", "MEDCAP_WORKER_METRICS_PORT"),
-                      ("worker-dispatch", "MEDCAP_WORKER_METRICS_PORT")):  # fmt: skip
+    for name, key in (
+        ("listener", "MEDCAP_METRICS_PORT"),
+        ("worker-caption", "MEDCAP_WORKER_METRICS_PORT"),
+        ("worker-dispatch", "MEDCAP_WORKER_METRICS_PORT"),
+    ):
         port = env_of(services[name]).get(key)
         assert port and port != "0", f"{name}: {key} is off"
         assert any(str(p).endswith(f":{port}") for p in services[name].get("ports", [])), f"{name}: metrics port {port} not published"
@@ -201,13 +208,16 @@ def test_images_declare_the_same_data_dir_as_compose(services):
         assert image_env(path)["MEDCAP_DATA_DIR"] == data_dir, kind
         volume = last(path, "VOLUME")
         assert volume is not None and volume.args == data_dir, kind
-        assert any(data_dir in i.args and "chown" in i.args for i in instructions(path) if i.keyword == "RUN"), \
-            f"{kind}: {data_dir} is not made and given to the medcap user (a fresh volume copies its owner)"  # fmt: skip
+        assert any(data_dir in i.args and "chown" in i.args for i in instructions(path) if i.keyword == "RUN"), (
+            f"{kind}: {data_dir} is not made and given to the medcap user (a fresh volume copies its owner)"
+        )
 
 
 def test_images_share_one_uid_so_both_can_write_the_data_volume():
-    uids = {kind: {i.args for i in instructions(path) if i.keyword == "ARG" and i.args.startswith(("APP_UID=", "APP_GID="))}
-            for kind, path in DOCKERFILES.items()}  # fmt: skip
+    uids = {
+        kind: {i.args for i in instructions(path) if i.keyword == "ARG" and i.args.startswith(("APP_UID=", "APP_GID="))}
+        for kind, path in DOCKERFILES.items()
+    }
     assert uids["cpu"] == uids["worker"] and len(uids["cpu"]) == 2, uids
     for path in DOCKERFILES.values():
         assert last(path, "USER").args == "medcap"  # type: ignore[union-attr]

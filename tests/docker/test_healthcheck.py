@@ -39,11 +39,14 @@ def _proc(tmp_path, processes):
 
 
 def test_main_command_is_the_oldest_medcap_process(tmp_path):
-    proc = _proc(tmp_path, {
-        1: ["/usr/local/bin/python", "/usr/local/bin/medcap", "serve"],
-        40: ["/usr/local/bin/python", "-m", "service.cli", "worker", "--queues", "caption"],
-        41: ["/usr/local/bin/python", "/usr/local/bin/medcap-healthcheck"],
-    })  # fmt: skip
+    proc = _proc(
+        tmp_path,
+        {
+            1: ["/usr/local/bin/python", "/usr/local/bin/medcap", "serve"],
+            40: ["/usr/local/bin/python", "-m", "service.cli", "worker", "--queues", "caption"],
+            41: ["/usr/local/bin/python", "/usr/local/bin/medcap-healthcheck"],
+        },
+    )
     assert hc.main_command(proc) == "serve"
 
 

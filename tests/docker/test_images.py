@@ -90,8 +90,13 @@ def test_cpu_image_has_what_the_listener_and_the_dispatch_worker_import():
     # transformers, ...), then import what `medcap listen`, `db upgrade` and a dispatch worker
     # (Celery loads workers.tasks) import. A new top-level `import torch` on that path fails here.
     allowed = _closure(cpu_image_requirements())
-    blocked = sorted({module for module, dists in metadata.packages_distributions().items()
-                      if module not in PROJECT_PACKAGES and not any(req.canonical(d) in allowed for d in dists)})  # fmt: skip
+    blocked = sorted(
+        {
+            module
+            for module, dists in metadata.packages_distributions().items()
+            if module not in PROJECT_PACKAGES and not any(req.canonical(d) in allowed for d in dists)
+        }
+    )
     assert "torch" in blocked and "transformers" in blocked, "the test no longer blocks the model stack"
     code = textwrap.dedent(f"""
         import importlib.abc, sys

@@ -56,28 +56,54 @@ def populate(db: Database) -> dict[str, int]:
         for name in ("smith", "jones"):  # reused where the test made them already
             user = s.scalar(select(User).where(User.username == name))
             if user is None:
-                user = User(username=name, display_name=f"{name.title()}^Jane", role="radiologist", password_hash="x", disabled=False,
-                            created_at=T0 - timedelta(days=30), password_changed_at=T0 - timedelta(days=30))  # fmt: skip
+                user = User(
+                    username=name,
+                    display_name=f"{name.title()}^Jane",
+                    role="radiologist",
+                    password_hash="x",
+                    disabled=False,
+                    created_at=T0 - timedelta(days=30),
+                    password_changed_at=T0 - timedelta(days=30),
+                )
                 s.add(user)
                 s.flush()
             users[name] = user.id
         for spec in STUDIES:
             uid = study_uid(spec.accession)
             received = T0 + timedelta(seconds=spec.received)
-            study = Study(study_uid=uid, patient_id=spec.patient_id, patient_name=spec.patient_name, accession_number=spec.accession,
-                          study_date="20260105", study_description="CT HEAD", first_received_at=received)  # fmt: skip
+            study = Study(
+                study_uid=uid,
+                patient_id=spec.patient_id,
+                patient_name=spec.patient_name,
+                accession_number=spec.accession,
+                study_date="20260105",
+                study_description="CT HEAD",
+                first_received_at=received,
+            )
             s.add(study)
             s.flush()
             audit.record(s, received, "dicom:CT1@10.0.0.5", Action.STUDY_RECEIVING, "study", uid, study_uid=uid, calling_ae="CT1")
             for number, (model, after, decision, decide_after, distance, characters) in enumerate(spec.versions, 1):
                 drafted = received + timedelta(seconds=after)
-                version = StudyVersion(study_id=study.id, number=number, created_at=received + timedelta(seconds=5), trigger="stable",
-                                       instance_count=10, captionable_count=10)  # fmt: skip
+                version = StudyVersion(
+                    study_id=study.id,
+                    number=number,
+                    created_at=received + timedelta(seconds=5),
+                    trigger="stable",
+                    instance_count=10,
+                    captionable_count=10,
+                )
                 s.add(version)
                 s.flush()
-                job = Job(study_version_id=version.id, status="succeeded" if model else "failed", created_at=version.created_at,
-                          finished_at=drafted, attempts=1 if model else 3, error=None if model else "PermanentJobError: unreadable pixel data",
-                          worker="worker:gpu1")  # fmt: skip
+                job = Job(
+                    study_version_id=version.id,
+                    status="succeeded" if model else "failed",
+                    created_at=version.created_at,
+                    finished_at=drafted,
+                    attempts=1 if model else 3,
+                    error=None if model else "PermanentJobError: unreadable pixel data",
+                    worker="worker:gpu1",
+                )
                 s.add(job)
                 s.flush()
                 audit.record(s, version.created_at, "system:assembler", Action.JOB_CREATED, "job", job.id, study_uid=uid)
@@ -86,54 +112,155 @@ def populate(db: Database) -> dict[str, int]:
                     ids["failed_job"] = job.id
                     continue
                 audit.record(s, drafted, "worker:gpu1", Action.JOB_SUCCEEDED, "job", job.id, study_uid=uid)
-                doc = SRDocument(kind="draft", idempotency_key=f"draft:{version.id}:{model[2]}", study_id=study.id, study_version_id=version.id,
-                                 job_id=job.id, sop_instance_uid=f"{uid}.{number}.1", series_uid=f"{uid}.{number}.99", completion_flag="PARTIAL",
-                                 verification_flag="UNVERIFIED", path="/nonexistent", sha256="0" * 64, created_at=drafted, created_by="worker:gpu1")  # fmt: skip
+                doc = SRDocument(
+                    kind="draft",
+                    idempotency_key=f"draft:{version.id}:{model[2]}",
+                    study_id=study.id,
+                    study_version_id=version.id,
+                    job_id=job.id,
+                    sop_instance_uid=f"{uid}.{number}.1",
+                    series_uid=f"{uid}.{number}.99",
+                    completion_flag="PARTIAL",
+                    verification_flag="UNVERIFIED",
+                    path="/nonexistent",
+                    sha256="0" * 64,
+                    created_at=drafted,
+                    created_by="worker:gpu1",
+                )
                 s.add(doc)
                 s.flush()
                 ids[f"draft:{spec.accession}:{number}"] = doc.id
                 for series in (1, 2):  # two series, one model: the views count the SR once
-                    s.add(Draft(sr_document_id=doc.id, job_id=job.id, series_uid=f"{uid}.{number}.{series}", modality="CT", text="No acute findings.",
-                                key_images=[], model_name=model[0], model_type="msmedcap", model_version=model[1], weights_sha256=model[2],
-                                generation_preset="fast", created_at=drafted))  # fmt: skip
-                audit.record(s, drafted, "worker:gpu1", Action.SR_WRITTEN, "sr_document", doc.sop_instance_uid, study_uid=uid, model=model[0])
+                    s.add(
+                        Draft(
+                            sr_document_id=doc.id,
+                            job_id=job.id,
+                            series_uid=f"{uid}.{number}.{series}",
+                            modality="CT",
+                            text="No acute findings.",
+                            key_images=[],
+                            model_name=model[0],
+                            model_type="msmedcap",
+                            model_version=model[1],
+                            weights_sha256=model[2],
+                            generation_preset="fast",
+                            created_at=drafted,
+                        )
+                    )
+                audit.record(
+                    s, drafted, "worker:gpu1", Action.SR_WRITTEN, "sr_document", doc.sop_instance_uid, study_uid=uid, model=model[0]
+                )
                 if decision is None:
                     continue
                 decided = drafted + timedelta(seconds=decide_after)
                 verified_id = None
                 if decision == "approved":
-                    verified = SRDocument(kind="verified", idempotency_key=f"verified:{doc.id}", study_id=study.id, study_version_id=version.id,
-                                          predecessor_id=doc.id, sop_instance_uid=f"{uid}.{number}.2", series_uid=f"{uid}.{number}.98",
-                                          completion_flag="COMPLETE", verification_flag="VERIFIED", path="/nonexistent", sha256="1" * 64,
-                                          created_at=decided, created_by="user:smith")  # fmt: skip
+                    verified = SRDocument(
+                        kind="verified",
+                        idempotency_key=f"verified:{doc.id}",
+                        study_id=study.id,
+                        study_version_id=version.id,
+                        predecessor_id=doc.id,
+                        sop_instance_uid=f"{uid}.{number}.2",
+                        series_uid=f"{uid}.{number}.98",
+                        completion_flag="COMPLETE",
+                        verification_flag="VERIFIED",
+                        path="/nonexistent",
+                        sha256="1" * 64,
+                        created_at=decided,
+                        created_by="user:smith",
+                    )
                     s.add(verified)
                     s.flush()
                     verified_id = verified.id
                     ids[f"verified:{spec.accession}"] = verified.id
-                s.add(Review(draft_sr_id=doc.id, decision=decision, reason="wrong side" if decision == "rejected" else None,
-                             reviewer_id=users["smith"], decided_at=decided, verified_sr_id=verified_id, findings=[], impression="Normal.",
-                             edited=distance > 0, edit_distance=distance, draft_characters=characters))  # fmt: skip
+                s.add(
+                    Review(
+                        draft_sr_id=doc.id,
+                        decision=decision,
+                        reason="wrong side" if decision == "rejected" else None,
+                        reviewer_id=users["smith"],
+                        decided_at=decided,
+                        verified_sr_id=verified_id,
+                        findings=[],
+                        impression="Normal.",
+                        edited=distance > 0,
+                        edit_distance=distance,
+                        draft_characters=characters,
+                    )
+                )
                 action = Action.DRAFT_APPROVED if decision == "approved" else Action.DRAFT_REJECTED
-                audit.record(s, decided, "user:smith", action, "sr_document", doc.sop_instance_uid, study_uid=uid, edited=distance > 0,
-                             edit_distance=distance, address="10.0.0.7")  # fmt: skip
+                audit.record(
+                    s,
+                    decided,
+                    "user:smith",
+                    action,
+                    "sr_document",
+                    doc.sop_instance_uid,
+                    study_uid=uid,
+                    edited=distance > 0,
+                    edit_distance=distance,
+                    address="10.0.0.7",
+                )
         # The verified SR of A1001 was refused by the PACS.
         failed_at = T0 + timedelta(seconds=700)
-        dispatch = Dispatch(sr_document_id=ids["verified:A1001"], destination="PACS@10.0.0.9:104", status="failed", attempts=1,
-                            created_at=T0 + timedelta(seconds=660), error="refused: 0xA700 out of resources")  # fmt: skip
+        dispatch = Dispatch(
+            sr_document_id=ids["verified:A1001"],
+            destination="PACS@10.0.0.9:104",
+            status="failed",
+            attempts=1,
+            created_at=T0 + timedelta(seconds=660),
+            error="refused: 0xA700 out of resources",
+        )
         s.add(dispatch)
         s.flush()
-        s.add(DispatchAttempt(dispatch_id=dispatch.id, number=1, started_at=failed_at - timedelta(seconds=1), finished_at=failed_at,
-                              outcome="refused", error=dispatch.error, instances=[], worker="worker:gpu1"))  # fmt: skip
-        audit.record(s, failed_at, "worker:gpu1", Action.DISPATCH_FAILED, "dispatch", dispatch.id, study_uid=study_uid("A1001"),
-                     error=dispatch.error)  # fmt: skip
+        s.add(
+            DispatchAttempt(
+                dispatch_id=dispatch.id,
+                number=1,
+                started_at=failed_at - timedelta(seconds=1),
+                finished_at=failed_at,
+                outcome="refused",
+                error=dispatch.error,
+                instances=[],
+                worker="worker:gpu1",
+            )
+        )
+        audit.record(
+            s, failed_at, "worker:gpu1", Action.DISPATCH_FAILED, "dispatch", dispatch.id, study_uid=study_uid("A1001"), error=dispatch.error
+        )
         ids["failed_dispatch"] = dispatch.id
         # A delivered one, which is not failed work.
-        s.add(Dispatch(sr_document_id=ids["verified:A1002"], destination="PACS@10.0.0.9:104", status="delivered", attempts=1,
-                       created_at=T0 + timedelta(seconds=2320), delivered_at=T0 + timedelta(seconds=2321)))  # fmt: skip
+        s.add(
+            Dispatch(
+                sr_document_id=ids["verified:A1002"],
+                destination="PACS@10.0.0.9:104",
+                status="delivered",
+                attempts=1,
+                created_at=T0 + timedelta(seconds=2320),
+                delivered_at=T0 + timedelta(seconds=2321),
+            )
+        )
         audit.record(s, T0 + timedelta(seconds=5990), "web:10.0.0.66", Action.LOGIN_FAILED, "user", "root", address="10.0.0.66")
-        audit.record(s, T0 + timedelta(seconds=5995), "cli:ops", Action.JOB_RETRY_REQUESTED, "job", ids["failed_job"],
-                     study_uid=study_uid("A1006"), previous_error="PermanentJobError: unreadable pixel data")  # fmt: skip
+        audit.record(
+            s,
+            T0 + timedelta(seconds=5995),
+            "cli:ops",
+            Action.JOB_RETRY_REQUESTED,
+            "job",
+            ids["failed_job"],
+            study_uid=study_uid("A1006"),
+            previous_error="PermanentJobError: unreadable pixel data",
+        )
         audit.record(s, T0 + timedelta(seconds=6000), "user:jones", Action.LOGIN_SUCCEEDED, "user", "jones", address="10.0.0.8")
-        audit.record(s, T0 + timedelta(seconds=6001), "user:jones", Action.STUDY_VIEWED, "sr_document", f"{study_uid('A1005')}.1.1",
-                     study_uid=study_uid("A1005"), address="10.0.0.8")  # fmt: skip
+        audit.record(
+            s,
+            T0 + timedelta(seconds=6001),
+            "user:jones",
+            Action.STUDY_VIEWED,
+            "sr_document",
+            f"{study_uid('A1005')}.1.1",
+            study_uid=study_uid("A1005"),
+            address="10.0.0.8",
+        )
     return ids

@@ -43,8 +43,15 @@ def test_turnaround_per_study_counts_the_newest_draft(db):
     got = {r["accession_number"]: r for r in rows(db, "SELECT * FROM v_turnaround")}
     assert set(got) == {"A1001", "A1002", "A1003", "A1004", "A1005"}, "A1006's job failed: no draft, no row"
     assert [(got[a]["draft_seconds"], got[a]["approval_seconds"], got[a]["total_seconds"]) for a in sorted(got)] == [
-        (60, 600, 660), (120, 1200, 1320), (180, None, None), (240, 60, 300), (90, None, None)]  # fmt: skip
-    assert (got["A1004"]["study_version"], got["A1004"]["model_version"]) == (2, "2.0"), "the second version's draft, not the superseded one"
+        (60, 600, 660),
+        (120, 1200, 1320),
+        (180, None, None),
+        (240, 60, 300),
+        (90, None, None),
+    ]
+    assert (got["A1004"]["study_version"], got["A1004"]["model_version"]) == (2, "2.0"), (
+        "the second version's draft, not the superseded one"
+    )
     assert got["A1003"]["approved_at"] is None, "rejected is not approved"
 
 
@@ -54,9 +61,24 @@ def test_turnaround_by_model(db):
     a, b = got["1.0"], got["2.0"]
     assert (a["weights_sha256"], a["studies"], a["approved"]) == (MODEL_A[2], 3, 2)
     # draft seconds 60, 120, 180: median 120, p90 180; approval 600, 1200: nearest-rank median is the lower, 600
-    assert [a[k] for k in ("draft_median_seconds", "draft_p90_seconds", "approval_median_seconds", "approval_p90_seconds",
-                           "total_median_seconds", "total_p90_seconds")] == [120, 180, 600, 1200, 660, 1320]  # fmt: skip
-    assert (b["studies"], b["approved"], b["draft_median_seconds"], b["draft_p90_seconds"], b["total_median_seconds"]) == (2, 1, 90, 240, 300)
+    assert [
+        a[k]
+        for k in (
+            "draft_median_seconds",
+            "draft_p90_seconds",
+            "approval_median_seconds",
+            "approval_p90_seconds",
+            "total_median_seconds",
+            "total_p90_seconds",
+        )
+    ] == [120, 180, 600, 1200, 660, 1320]
+    assert (b["studies"], b["approved"], b["draft_median_seconds"], b["draft_p90_seconds"], b["total_median_seconds"]) == (
+        2,
+        1,
+        90,
+        240,
+        300,
+    )
     assert [tuple(r.as_dict().values()) for r in aq.turnaround_by_model(db)] == [tuple(got[v].values()) for v in ("1.0", "2.0")]
 
 
@@ -65,10 +87,23 @@ def test_model_quality(db):
     got = {r["model_version"]: r for r in rows(db, "SELECT * FROM v_model_quality")}
     a, b = got["1.0"], got["2.0"]
     # model 1.0: four drafts (one superseded, undecided); approved as is, approved with 20 of 100 characters changed, rejected
-    assert [a[k] for k in ("drafts", "reviewed", "approved", "approved_unchanged", "rejected", "median_edit_distance")] == [4, 3, 2, 1, 1, 0]
+    assert [a[k] for k in ("drafts", "reviewed", "approved", "approved_unchanged", "rejected", "median_edit_distance")] == [
+        4,
+        3,
+        2,
+        1,
+        1,
+        0,
+    ]
     assert a["approved_unchanged_rate"] == pytest.approx(1 / 3) and a["mean_edit_distance"] == pytest.approx(10)
     assert a["normalised_edit_distance"] == pytest.approx(0.1)  # mean of 0/100 and 20/100
-    assert (b["weights_sha256"], b["drafts"], b["reviewed"], b["approved_unchanged_rate"], b["median_edit_distance"]) == (MODEL_B[2], 2, 1, 0, 5)
+    assert (b["weights_sha256"], b["drafts"], b["reviewed"], b["approved_unchanged_rate"], b["median_edit_distance"]) == (
+        MODEL_B[2],
+        2,
+        1,
+        0,
+        5,
+    )
     assert b["normalised_edit_distance"] == pytest.approx(5 / 50)
     assert [tuple(r.as_dict().values()) for r in aq.model_quality(db)] == [tuple(got[v].values()) for v in ("1.0", "2.0")]
 
@@ -77,8 +112,13 @@ def test_failed_work_and_the_audit_trail(db):
     ids = populate(db)
     failed = rows(db, "SELECT * FROM v_failed_work ORDER BY kind")
     assert [(f["kind"], f["job_id"], f["dispatch_id"], f["accession_number"], f["sr_kind"], f["destination"]) for f in failed] == [
-        ("dispatch", None, ids["failed_dispatch"], "A1001", "verified", "PACS@10.0.0.9:104"), ("job", ids["failed_job"], None, "A1006", None, None)]  # fmt: skip
-    assert [(f.kind, f.failed_at) for f in aq.failed_work(db)] == [("job", T0 + timedelta(seconds=5030)), ("dispatch", T0 + timedelta(seconds=700))]
+        ("dispatch", None, ids["failed_dispatch"], "A1001", "verified", "PACS@10.0.0.9:104"),
+        ("job", ids["failed_job"], None, "A1006", None, None),
+    ]
+    assert [(f.kind, f.failed_at) for f in aq.failed_work(db)] == [
+        ("job", T0 + timedelta(seconds=5030)),
+        ("dispatch", T0 + timedelta(seconds=700)),
+    ]
     trail = rows(db, "SELECT * FROM v_audit_trail WHERE accession_number = 'A1002' ORDER BY id")
     assert [r["action"] for r in trail] == ["study.receiving", "job.created", "job.succeeded", "sr.written", "draft.approved"]
     assert {r["patient_id"] for r in trail} == {"PAT002"}
@@ -88,9 +128,14 @@ def test_time_windows_select_studies_and_drafts(db):
     populate(db)
     # A1001 and A1002 were received in the first 1000 s; A1003 (rejected) at 2000 s.
     first = aq.turnaround_by_model(db, since=T0, until=T0 + timedelta(seconds=1001))
-    assert [(t.model_version, t.studies, t.approved, t.draft_median_seconds, t.total_p90_seconds) for t in first] == [("1.0", 2, 2, 60, 1320)]
+    assert [(t.model_version, t.studies, t.approved, t.draft_median_seconds, t.total_p90_seconds) for t in first] == [
+        ("1.0", 2, 2, 60, 1320)
+    ]
     later = aq.model_quality(db, since=T0 + timedelta(seconds=2000), until=T0 + timedelta(days=1))
-    assert [(q.model_version, q.drafts, q.reviewed, q.rejected, q.approved_unchanged_rate) for q in later] == [("1.0", 2, 1, 1, 0.0), ("2.0", 2, 1, 0, 0.0)]
+    assert [(q.model_version, q.drafts, q.reviewed, q.rejected, q.approved_unchanged_rate) for q in later] == [
+        ("1.0", 2, 1, 1, 0.0),
+        ("2.0", 2, 1, 0, 0.0),
+    ]
     studies = aq.study_turnaround(db, since=T0 + timedelta(seconds=2500))
     assert [s.accession_number for s in studies] == ["A1005", "A1004"]
 
@@ -110,8 +155,9 @@ def test_every_view_is_documented():
 def test_the_sql_in_docs_audit_md_runs_and_finds_the_history(db):
     populate(db)
     with db.session() as s:  # for the examples relative to now
-        audit.record(s, datetime.now(UTC) - timedelta(minutes=5), "user:smith", Action.STUDY_VIEWED, "sr_document", "x",
-                     study_uid=study_uid("A1001"))  # fmt: skip
+        audit.record(
+            s, datetime.now(UTC) - timedelta(minutes=5), "user:smith", Action.STUDY_VIEWED, "sr_document", "x", study_uid=study_uid("A1001")
+        )
     dialect = db.engine.dialect.name
     blocks = doc_blocks()
     assert len(blocks) >= 15

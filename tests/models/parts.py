@@ -52,13 +52,28 @@ def tiny_tokenizers() -> Tokenizers:
 
 
 def save_tiny_blip2(directory: Path, tokenizers: Tokenizers, width: int = 32) -> Path:
-    vision = Blip2VisionConfig(hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
-    qformer = Blip2QFormerConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, cross_attention_frequency=1)
-    text = OPTConfig(vocab_size=len(tokenizers.lm), hidden_size=width, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-                     max_position_embeddings=128, word_embed_proj_dim=width, bos_token_id=2, eos_token_id=2, pad_token_id=1)  # fmt: skip
+    vision = Blip2VisionConfig(
+        hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, cross_attention_frequency=1
+    )
+    text = OPTConfig(
+        vocab_size=len(tokenizers.lm),
+        hidden_size=width,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        word_embed_proj_dim=width,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     torch.manual_seed(1)
-    model = Blip2ForConditionalGeneration(Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                                                      text_config=text.to_dict(), num_query_tokens=4))  # fmt: skip
+    model = Blip2ForConditionalGeneration(
+        Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(), num_query_tokens=4)
+    )
     with torch.no_grad():
         model.query_tokens.normal_(std=0.02)  # as a trained checkpoint would have them
     model.save_pretrained(directory)
@@ -73,8 +88,9 @@ def save_tiny_bert(directory: Path, width: int = 32) -> Path:
 
     tokenizer = build_small_tokenizers(CAPTIONS * 5, lm_vocab=300, qformer_vocab=200, dec_token=False).qformer
     torch.manual_seed(5)
-    model = BertForPreTraining(BertConfig(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=2, num_attention_heads=2,
-                                          intermediate_size=64))  # fmt: skip
+    model = BertForPreTraining(
+        BertConfig(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -84,18 +100,38 @@ def save_tiny_blip2_itm(directory: Path, vocab_size: int, width: int = 32) -> Pa
     """A tiny Blip2ForImageTextRetrieval (BLIP-2's stage 1, as Salesforce/blip2-itm-vit-g), with the text side."""
     from transformers import Blip2ForImageTextRetrieval
 
-    vision = Blip2VisionConfig(hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
-    qformer = Blip2QFormerConfig(hidden_size=width, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, cross_attention_frequency=1,
-                                 use_qformer_text_input=True, vocab_size=vocab_size)  # fmt: skip
+    vision = Blip2VisionConfig(
+        hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        cross_attention_frequency=1,
+        use_qformer_text_input=True,
+        vocab_size=vocab_size,
+    )
     torch.manual_seed(6)
-    Blip2ForImageTextRetrieval(Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), num_query_tokens=4,
-                                           image_text_hidden_size=width)).save_pretrained(directory)  # fmt: skip
+    Blip2ForImageTextRetrieval(
+        Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), num_query_tokens=4, image_text_hidden_size=width)
+    ).save_pretrained(directory)
     return directory
 
 
 def tiny_sam_model(width: int = 32) -> SamModel:
-    vision = SamVisionConfig(hidden_size=width, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                             patch_size=8, window_size=2, global_attn_indexes=[1], num_pos_feats=8, mlp_dim=64)  # fmt: skip
+    vision = SamVisionConfig(
+        hidden_size=width,
+        output_channels=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        window_size=2,
+        global_attn_indexes=[1],
+        num_pos_feats=8,
+        mlp_dim=64,
+    )
     torch.manual_seed(2)
     return SamModel(SamConfig(vision_config=vision.to_dict()))
 
@@ -168,8 +204,9 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def train(model: torch.nn.Module, text: object, features: dict[str, torch.Tensor], captions: Sequence[str], *, steps: int,
-          lr: float) -> list[float]:  # fmt: skip
+def train(
+    model: torch.nn.Module, text: object, features: dict[str, torch.Tensor], captions: Sequence[str], *, steps: int, lr: float
+) -> list[float]:
     """A plain Adam loop (seed 0, one thread) on ``trainable_parameters`` over ``caption_loss``; every step's loss.
     Leaves the model in eval mode."""
     torch.manual_seed(0)
@@ -197,8 +234,9 @@ def reproduced(generated: Sequence[str], captions: Sequence[str]) -> list[bool]:
 
 def presets(max_new_tokens: int) -> tuple[GenerationPreset, GenerationPreset]:
     """Greedy search and 3-beam search, no penalties: (greedy, beam)."""
-    greedy = GenerationPreset("greedy", num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=1, repetition_penalty=1.0,
-                              length_penalty=1.0)  # fmt: skip
+    greedy = GenerationPreset(
+        "greedy", num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=1, repetition_penalty=1.0, length_penalty=1.0
+    )
     return greedy, replace(greedy, name="beam", num_beams=3)
 
 
@@ -214,8 +252,11 @@ def save_tiny_clip(directory: Path, captions: Sequence[str], width: int = 32, im
     tokenizer = build_small_clip_tokenizer(captions)
     text = tiny_clip_text_config(tokenizer, width)
     vision = tiny_clip_vision_config(image_size, width)
-    config = CLIPConfig(text_config={k: v for k, v in text.items() if k != "projection_dim"},
-                        vision_config={k: v for k, v in vision.items() if k != "projection_dim"}, projection_dim=width)  # fmt: skip
+    config = CLIPConfig(
+        text_config={k: v for k, v in text.items() if k != "projection_dim"},
+        vision_config={k: v for k, v in vision.items() if k != "projection_dim"},
+        projection_dim=width,
+    )
     torch.manual_seed(3)
     model = CLIPModel(config)
     with torch.no_grad():

@@ -139,8 +139,9 @@ def test_wide_beam_is_exhaustive_and_reorders_the_state(lp: float) -> None:
         step = _history_step(torch.randn(3, VOCAB))
         every = [list(s) for n in range(max_new + 1) for s in itertools.product(words, repeat=n)]
         best = max(every, key=lambda ids: _score(step, ids, max_new, lp))
-        found = beam_search(step, (torch.zeros(1, 2),), 1, sos=SOS, eos=EOS, banned=(PAD, SOS), num_beams=64, max_new_tokens=max_new,
-                            length_penalty=lp)  # fmt: skip
+        found = beam_search(
+            step, (torch.zeros(1, 2),), 1, sos=SOS, eos=EOS, banned=(PAD, SOS), num_beams=64, max_new_tokens=max_new, length_penalty=lp
+        )
         assert found == [best]
 
 

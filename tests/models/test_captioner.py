@@ -34,14 +34,17 @@ def test_inputs_are_checked(tiny_model):
 
 
 def test_summary_keeps_distinct_sentences_in_order():
-    assert summarise(["axial ct of the head. no focal lesion.", "axial ct of the head. small lesion."]) == \
-        "axial ct of the head. no focal lesion. small lesion."
+    assert (
+        summarise(["axial ct of the head. no focal lesion.", "axial ct of the head. small lesion."])
+        == "axial ct of the head. no focal lesion. small lesion."
+    )
 
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("MEDCAP_") or k.startswith("MEDCAP_TEST_")}
 
 
+@pytest.mark.processes
 def test_medcap_caption_command_on_a_study_folder(tiny_model):
     env = _env()
     result = run(["caption", str(SHARED_DATA), "--model", str(tiny_model), "--json"], env, timeout=300)
@@ -55,6 +58,7 @@ def test_medcap_caption_command_on_a_study_folder(tiny_model):
     assert text.returncode == 0 and "AI draft — preliminary, unverified" in text.stdout
 
 
+@pytest.mark.processes
 def test_medcap_caption_explains_a_missing_model():
     result = run(["caption", str(SHARED_DATA / "ct-head-ge")], _env(), timeout=120)
     assert result.returncode == 1 and "no model: pass --model DIR or set MEDCAP_MODEL" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 from models import checkpoint
@@ -28,6 +29,7 @@ def medcap(*args: str, env: dict[str, str] | None = None, threads: int | None = 
     return result.stdout
 
 
+@pytest.mark.processes
 def test_data_train_evaluate_and_info(tmp_path):
     tokenizers = tiny_tokenizers()
     torch.manual_seed(0)
@@ -35,14 +37,66 @@ def test_data_train_evaluate_and_info(tmp_path):
     checkpoint.save(model, tokenizers, tmp_path / "base", checkpoint.Provenance(sources=[{"part": "all", "source": "random"}]))
     medcap("data", "synthetic", "--out", str(tmp_path / "syn"), "--train", "24", "--validation", "0", "--test", "6", "--size", "64")
     data = str(tmp_path / "syn" / "captions.jsonl")
-    out = medcap("train", "stage1", "--qformer", "sam", "--model", str(tmp_path / "base"), "--data", f"M={data}", "--mix", "G+M",
-                 "--out", str(tmp_path / "s1"), "--max-steps", "2", "--batch-size", "8", "--device", "cpu")  # fmt: skip
+    out = medcap(
+        "train",
+        "stage1",
+        "--qformer",
+        "sam",
+        "--model",
+        str(tmp_path / "base"),
+        "--data",
+        f"M={data}",
+        "--mix",
+        "G+M",
+        "--out",
+        str(tmp_path / "s1"),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+    )
     assert "stage1: 2 steps" in out
-    out = medcap("train", "stage2", "--model", str(tmp_path / "s1"), "--data", data, "--out", str(tmp_path / "s2"), "--max-steps", "3",
-                 "--batch-size", "8", "--checkpoint-every", "2", "--device", "cpu", "--threads", "1", threads=1)  # fmt: skip
+    out = medcap(
+        "train",
+        "stage2",
+        "--model",
+        str(tmp_path / "s1"),
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "s2"),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "2",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        threads=1,
+    )
     assert "stage2: 3 steps" in out
-    table = medcap("evaluate", "--model", str(tmp_path / "s2"), "--data", data, "--split", "test", "--device", "cpu",
-                   "--detail-words", "synthetic", "--out", str(tmp_path / "eval"), env={"MEDCAP_TORCH_THREADS": "1"}, threads=1)  # fmt: skip
+    table = medcap(
+        "evaluate",
+        "--model",
+        str(tmp_path / "s2"),
+        "--data",
+        data,
+        "--split",
+        "test",
+        "--device",
+        "cpu",
+        "--detail-words",
+        "synthetic",
+        "--out",
+        str(tmp_path / "eval"),
+        env={"MEDCAP_TORCH_THREADS": "1"},
+        threads=1,
+    )
     assert "| MSMedCap |" in table and "CIDEr" in table and "Acc-presence" in table
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "MSMedCap" in json.dumps(results)
@@ -51,13 +105,18 @@ def test_data_train_evaluate_and_info(tmp_path):
     assert '"stage": "stage1"' in card and '"stage": "stage2"' in card
 
 
+@pytest.mark.processes
 def test_stage1_mix_without_its_data_is_an_error(tmp_path):
     (tmp_path / "t.jsonl").write_text("")
-    result = run(["train", "stage1", "--qformer", "sam", "--model", str(tmp_path), "--data", "x.jsonl", "--out", str(tmp_path / "o")],
-                 _env(), timeout=120)  # fmt: skip
+    result = run(
+        ["train", "stage1", "--qformer", "sam", "--model", str(tmp_path), "--data", "x.jsonl", "--out", str(tmp_path / "o")],
+        _env(),
+        timeout=120,
+    )
     assert result.returncode == 1 and "medcap:" in result.stderr
 
 
+@pytest.mark.processes
 def test_another_family_through_the_same_commands(tmp_path):
     """CNN-LSTM from a local pretrained MobileNetV2: compose → train caption (early stopping) → evaluate → caption DICOM."""
     from tests.conftest import SHARED_DATA
@@ -68,16 +127,56 @@ def test_another_family_through_the_same_commands(tmp_path):
     save_tiny_mobilenet(tmp_path / "mobilenet", {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "crop_size": {"height": 48, "width": 48}})
     refused = run(["model", "compose", "--model-type", "cnn_lstm", "--out", str(tmp_path / "x")], _env(), timeout=120)
     assert refused.returncode == 1 and "needs --mobilenet and --data" in refused.stderr
-    medcap("model", "compose", "--model-type", "cnn_lstm", "--mobilenet", str(tmp_path / "mobilenet"), "--data", data,
-           "--min-word-count", "1", "--out", str(tmp_path / "base"))  # fmt: skip
-    out = medcap("train", "caption", "--model", str(tmp_path / "base"), "--data", data, "--out", str(tmp_path / "trained"),
-                 "--epochs", "3", "--batch-size", "8", "--device", "cpu", env={"MEDCAP_TORCH_THREADS": "1"}, threads=1)  # fmt: skip
+    medcap(
+        "model",
+        "compose",
+        "--model-type",
+        "cnn_lstm",
+        "--mobilenet",
+        str(tmp_path / "mobilenet"),
+        "--data",
+        data,
+        "--min-word-count",
+        "1",
+        "--out",
+        str(tmp_path / "base"),
+    )
+    out = medcap(
+        "train",
+        "caption",
+        "--model",
+        str(tmp_path / "base"),
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "trained"),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        env={"MEDCAP_TORCH_THREADS": "1"},
+        threads=1,
+    )
     assert "CNN-LSTM: 9 steps, 3 epochs" in out and "best epoch" in out
     card = medcap("model", "info", "--model", str(tmp_path / "trained"))
     assert "MobileNetV2" in card and '"stage": "caption"' in card and '"validation_records": 8' in card
     table = medcap("evaluate", "--model", str(tmp_path / "trained"), "--model", str(tmp_path / "base"), "--data", data, "--device", "cpu")
     assert "| CNN-LSTM |" in table and "| CNN-LSTM (base) |" in table and "BLEU-4" in table
-    drafted = json.loads(medcap("caption", str(SHARED_DATA / "ct-head-ge"), "--model", str(tmp_path / "trained"), "--json", "--device", "cpu",
-                                "--threads", "1", threads=1))  # fmt: skip
+    drafted = json.loads(
+        medcap(
+            "caption",
+            str(SHARED_DATA / "ct-head-ge"),
+            "--model",
+            str(tmp_path / "trained"),
+            "--json",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            threads=1,
+        )
+    )
     assert drafted["model"]["name"] == "CNN-LSTM" and drafted["model"]["type"] == "cnn_lstm"
     assert len(drafted["series"]) == 1 and len(drafted["series"][0]["key_images"]) == 3

@@ -54,11 +54,22 @@ def small_config(**overrides: object) -> ClipTransformerConfig:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("model_type", "clipcap"), ("vocab_size", 3), ("d_model", 0), ("num_layers", 0), ("num_heads", 3), ("num_heads", 0),
-        ("ffn_dim", 0), ("dropout", 1.0), ("dropout", -0.1), ("max_caption_tokens", 1), ("min_word_count", 0), ("clip_vision", {}),
-        ("clip_vision", {"hidden_size": 30, "num_attention_heads": 4}), ("format_version", 2),
+        ("model_type", "clipcap"),
+        ("vocab_size", 3),
+        ("d_model", 0),
+        ("num_layers", 0),
+        ("num_heads", 3),
+        ("num_heads", 0),
+        ("ffn_dim", 0),
+        ("dropout", 1.0),
+        ("dropout", -0.1),
+        ("max_caption_tokens", 1),
+        ("min_word_count", 0),
+        ("clip_vision", {}),
+        ("clip_vision", {"hidden_size": 30, "num_attention_heads": 4}),
+        ("format_version", 2),
     ],
-)  # fmt: skip
+)
 def test_config_errors_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         small_config(**{field: value})
@@ -228,8 +239,18 @@ def test_compose_from_a_local_pretrained_clip(tmp_path: Path) -> None:
     source = save_tiny_clip(tmp_path / "clip")
     logged: list[str] = []
     captions = CAPTIONS * 2 + ["a rare word"]
-    out = compose_clip_transformer(tmp_path / "ckpt", clip=str(tmp_path / "clip"), captions=captions, min_word_count=2, name="Test ViL",
-                                   log=logged.append, d_model=16, num_layers=1, num_heads=2, ffn_dim=32)  # fmt: skip
+    out = compose_clip_transformer(
+        tmp_path / "ckpt",
+        clip=str(tmp_path / "clip"),
+        captions=captions,
+        min_word_count=2,
+        name="Test ViL",
+        log=logged.append,
+        d_model=16,
+        num_layers=1,
+        num_heads=2,
+        ffn_dim=32,
+    )
     assert out == tmp_path / "ckpt" and logged
     model, vocab, provenance = checkpoint.load(out)
     assert isinstance(model, ClipTransformerModel) and model.config.display_name == "Test ViL"

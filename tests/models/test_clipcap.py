@@ -249,8 +249,15 @@ def parts(tmp_path_factory, data):
 @pytest.mark.parametrize("mapper", ["mlp", "transformer"])
 def test_compose_loads_every_pretrained_part_exactly(parts, tmp_path, mapper, data):
     root, clip, gpt2 = parts
-    out = compose_clipcap(tmp_path / "out", clip=str(root / "clip"), gpt2=str(root / "gpt2"), mapper=mapper, prefix_length=4,
-                          clip_length=4, log=lambda _: None)  # fmt: skip
+    out = compose_clipcap(
+        tmp_path / "out",
+        clip=str(root / "clip"),
+        gpt2=str(root / "gpt2"),
+        mapper=mapper,
+        prefix_length=4,
+        clip_length=4,
+        log=lambda _: None,
+    )
     model, text, provenance = checkpoint.load(out)
     assert model.config.mapper == mapper and model.config.freeze_lm == (mapper == "transformer")
     vision = model.clip.model.state_dict()

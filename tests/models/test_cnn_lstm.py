@@ -50,11 +50,23 @@ def small_config(**overrides: object) -> CnnLstmConfig:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("model_type", "msmedcap"), ("vocab_size", 4), ("vocab_size", 0), ("image_size", 0), ("embed_dim", 0), ("hidden_dim", -1),
-        ("num_layers", 0), ("max_caption_tokens", 1), ("min_word_count", 0), ("mobilenet", {}), ("mobilenet", {"depth_multiplier": 0}),
-        ("pixel_mean", [0.5, 0.5]), ("pixel_std", [0.5, 0.0, 0.5]), ("pixel_std", "0.5"), ("format_version", 99),
+        ("model_type", "msmedcap"),
+        ("vocab_size", 4),
+        ("vocab_size", 0),
+        ("image_size", 0),
+        ("embed_dim", 0),
+        ("hidden_dim", -1),
+        ("num_layers", 0),
+        ("max_caption_tokens", 1),
+        ("min_word_count", 0),
+        ("mobilenet", {}),
+        ("mobilenet", {"depth_multiplier": 0}),
+        ("pixel_mean", [0.5, 0.5]),
+        ("pixel_std", [0.5, 0.0, 0.5]),
+        ("pixel_std", "0.5"),
+        ("format_version", 99),
     ],
-)  # fmt: skip
+)
 def test_config_errors_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         small_config(**{field: value})
@@ -90,8 +102,10 @@ def test_encode_renormalises_the_clip_view_for_mobilenet() -> None:
     model, _ = tiny_cnn_lstm(CAPTIONS, pixel_mean=[0.2, 0.3, 0.4], pixel_std=[0.6, 0.5, 0.4])
     image = slice_images(WORD_ATTRIBUTES)[1]
     features = model.encode({"clip": torch.from_numpy(clip_input(image, SIZE))[None]})["pooled"]
-    resized = (torch.from_numpy(clip_input(image, SIZE)) * torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
-               + torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None])  # fmt: skip
+    resized = (
+        torch.from_numpy(clip_input(image, SIZE)) * torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+        + torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    )
     expected = (resized - torch.tensor([0.2, 0.3, 0.4])[:, None, None]) / torch.tensor([0.6, 0.5, 0.4])[:, None, None]
     with torch.no_grad():
         direct = model.encoder(pixel_values=expected[None]).pooler_output
@@ -225,13 +239,27 @@ def test_bfloat16_encoder_still_generates_on_cpu(trained, tmp_path: Path) -> Non
 
 
 def test_compose_from_a_local_pretrained_mobilenet(tmp_path: Path) -> None:
-    preprocessor = {"crop_size": {"height": 40, "width": 40}, "do_center_crop": True, "do_normalize": True, "image_mean": [0.4, 0.45, 0.5],
-                    "image_std": [0.3, 0.25, 0.2], "size": {"shortest_edge": 48}}  # fmt: skip
+    preprocessor = {
+        "crop_size": {"height": 40, "width": 40},
+        "do_center_crop": True,
+        "do_normalize": True,
+        "image_mean": [0.4, 0.45, 0.5],
+        "image_std": [0.3, 0.25, 0.2],
+        "size": {"shortest_edge": 48},
+    }
     source = save_tiny_mobilenet(tmp_path / "mobilenet", preprocessor)
     captions = CAPTIONS * 2 + ["a rare word"]
     logged: list[str] = []
-    out = compose_cnn_lstm(tmp_path / "ckpt", mobilenet=str(tmp_path / "mobilenet"), captions=captions, min_word_count=2, name="Test CNN-LSTM",
-                           log=logged.append, embed_dim=16, hidden_dim=24)  # fmt: skip
+    out = compose_cnn_lstm(
+        tmp_path / "ckpt",
+        mobilenet=str(tmp_path / "mobilenet"),
+        captions=captions,
+        min_word_count=2,
+        name="Test CNN-LSTM",
+        log=logged.append,
+        embed_dim=16,
+        hidden_dim=24,
+    )
     assert out == tmp_path / "ckpt" and logged
     model, vocab, provenance = checkpoint.load(out)
     assert isinstance(model, CnnLstmModel) and model.config.display_name == "Test CNN-LSTM"
@@ -266,8 +294,9 @@ def test_compose_refuses_missing_or_wrong_sources(tmp_path: Path) -> None:
         compose_cnn_lstm(tmp_path / "ckpt", mobilenet=str(tmp_path / "nothing"), captions=CAPTIONS, log=lambda _: None)
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1, image_size=32,
-                                     patch_size=8)).save_pretrained(tmp_path / "clip")  # fmt: skip
+    CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1, image_size=32, patch_size=8)
+    ).save_pretrained(tmp_path / "clip")
     with pytest.raises(ComposeError):
         compose_cnn_lstm(tmp_path / "ckpt", mobilenet=str(tmp_path / "clip"), captions=CAPTIONS, log=lambda _: None)
     assert not (tmp_path / "ckpt").exists()

@@ -20,8 +20,15 @@ def test_families_side_by_side_and_sbg_per_candidate_count(tmp_path):
     lstm, vocab = tiny_cnn_lstm(captions, image_size=64)
     checkpoint.save(sbg, sbg_text, tmp_path / "sbg", checkpoint.Provenance())
     checkpoint.save(lstm, vocab, tmp_path / "lstm", checkpoint.Provenance())
-    report = evaluate_checkpoints([tmp_path / "sbg", tmp_path / "lstm"], records, generation=preset("fast"), device="cpu",
-                                  out_dir=tmp_path / "eval", candidates=(1, 2), progress=False)  # fmt: skip
+    report = evaluate_checkpoints(
+        [tmp_path / "sbg", tmp_path / "lstm"],
+        records,
+        generation=preset("fast"),
+        device="cpu",
+        out_dir=tmp_path / "eval",
+        candidates=(1, 2),
+        progress=False,
+    )
     assert list(report.results) == ["SBG (top-1)", "SBG (top-2)", "CNN-LSTM"]  # the LSTM does not rerank: one row
     assert all("BLEU-4" in row and "CIDEr" in row for row in report.results.values())
     written = json.loads((tmp_path / "eval" / "results.json").read_text())

@@ -69,8 +69,9 @@ def test_early_stopping_keeps_the_best_epochs_weights(records, tmp_path):
     validation = _swapped(train)
     model, tokenizers = _model(train)
     settings = FitSettings(epochs=40, batch_size=8, lr=1e-2, patience=2)
-    result = fit(model, tokenizers, train, settings, tmp_path / "run", checkpoint.Provenance(), validation_records=validation,
-                 progress=False)  # fmt: skip
+    result = fit(
+        model, tokenizers, train, settings, tmp_path / "run", checkpoint.Provenance(), validation_records=validation, progress=False
+    )
     losses = [v["loss"] for v in result.validation]
     assert result.stopped_early and result.epochs < 40
     assert result.best_epoch == 1 + losses.index(min(losses)) and result.epochs == result.best_epoch + 2
@@ -94,7 +95,16 @@ def test_an_interrupted_run_resumes_to_the_same_weights(records, tmp_path):
     train, validation = records
     settings = FitSettings(epochs=3, batch_size=8, lr=1e-3, patience=2)
     reference, tokenizers = _model(train)
-    fit(reference, tokenizers, train, settings, tmp_path / "reference", checkpoint.Provenance(), validation_records=validation, progress=False)
+    fit(
+        reference,
+        tokenizers,
+        train,
+        settings,
+        tmp_path / "reference",
+        checkpoint.Provenance(),
+        validation_records=validation,
+        progress=False,
+    )
 
     interrupted, tokenizers = _model(train)
     real_loss, calls = interrupted.caption_loss, []
@@ -107,16 +117,42 @@ def test_an_interrupted_run_resumes_to_the_same_weights(records, tmp_path):
 
     interrupted.caption_loss = loss_then_interrupt
     with pytest.raises(KeyboardInterrupt):
-        fit(interrupted, tokenizers, train, settings, tmp_path / "run", checkpoint.Provenance(), validation_records=validation,
-            progress=False)  # fmt: skip
+        fit(
+            interrupted,
+            tokenizers,
+            train,
+            settings,
+            tmp_path / "run",
+            checkpoint.Provenance(),
+            validation_records=validation,
+            progress=False,
+        )
     assert (tmp_path / "run" / "fit_state.pt").is_file()
 
     resumed, tokenizers, _ = checkpoint.load(tmp_path / "run")
     with pytest.raises(ValueError, match="settings differ"):
-        fit(resumed, tokenizers, train, FitSettings(epochs=4, batch_size=8, lr=1e-3, patience=2), tmp_path / "run", checkpoint.Provenance(),
-            validation_records=validation, resume=True, progress=False)  # fmt: skip
-    result = fit(resumed, tokenizers, train, settings, tmp_path / "run", checkpoint.Provenance(), validation_records=validation,
-                 resume=True, progress=False)  # fmt: skip
+        fit(
+            resumed,
+            tokenizers,
+            train,
+            FitSettings(epochs=4, batch_size=8, lr=1e-3, patience=2),
+            tmp_path / "run",
+            checkpoint.Provenance(),
+            validation_records=validation,
+            resume=True,
+            progress=False,
+        )
+    result = fit(
+        resumed,
+        tokenizers,
+        train,
+        settings,
+        tmp_path / "run",
+        checkpoint.Provenance(),
+        validation_records=validation,
+        resume=True,
+        progress=False,
+    )
     assert result.epochs == 3 and len(result.validation) == 3
     expected, _, _ = checkpoint.load(tmp_path / "reference")
     final, _, _ = checkpoint.load(tmp_path / "run")
@@ -134,7 +170,9 @@ def test_the_msmedcap_family_trains_its_stage_2_parts_through_the_same_loop(reco
     model = MedCapModel(tiny_config("blip2", lm_vocab=len(tokenizers.lm), qformer_vocab=len(tokenizers.qformer), image_size=32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     settings = FitSettings.for_model("blip2", epochs=1, batch_size=8, patience=1)
-    result = fit(model, tokenizers, train, settings, tmp_path / "run", checkpoint.Provenance(), validation_records=validation, progress=False)
+    result = fit(
+        model, tokenizers, train, settings, tmp_path / "run", checkpoint.Provenance(), validation_records=validation, progress=False
+    )
     assert result.steps == 2 and result.best_epoch == 1
     changed = {k for k, v in checkpoint.load(tmp_path / "run")[0].state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("branches.clip.") for k in changed)

@@ -62,8 +62,12 @@ def _values(**overrides):
     from models.gpt2_text import build_small_clip_tokenizer
 
     clip_text = tiny_clip_text_config(build_small_clip_tokenizer(["axial ct"]))
-    return {"clip_vision": tiny_clip_vision_config(), "clip_text": clip_text, "gpt2": tiny_gpt2_config(300, 0),
-            "keywords": ["ct", "head"]} | overrides  # fmt: skip
+    return {
+        "clip_vision": tiny_clip_vision_config(),
+        "clip_text": clip_text,
+        "gpt2": tiny_gpt2_config(300, 0),
+        "keywords": ["ct", "head"],
+    } | overrides
 
 
 @pytest.mark.parametrize(
@@ -279,8 +283,9 @@ def parts(tmp_path_factory, data):
 def test_compose_loads_both_clip_towers_gpt2_and_builds_the_keywords(parts, data, tmp_path):
     captions, pixels = data
     root, clip, gpt2 = parts
-    out = compose_sbg(tmp_path / "out", clip=str(root / "clip"), gpt2=str(root / "gpt2"), captions=captions, min_count=2,
-                      log=lambda _: None)  # fmt: skip
+    out = compose_sbg(
+        tmp_path / "out", clip=str(root / "clip"), gpt2=str(root / "gpt2"), captions=captions, min_count=2, log=lambda _: None
+    )
     model, text, provenance = checkpoint.load(out)
     assert model.config.keywords == build_keywords(captions, min_count=2) and "lesion" in model.config.keywords
     source = clip.state_dict()

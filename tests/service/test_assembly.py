@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from sqlalchemy import select, update
 
 from service.assembly import ForceResult
@@ -25,6 +26,7 @@ def jobs(db: Database) -> list[Job]:
         return list(s.scalars(select(Job).order_by(Job.id)))
 
 
+@pytest.mark.peers
 def test_study_becomes_stable_after_the_quiet_period(db, listener, settings, clock, assembler, publisher):
     assert storescu(listener, series_files(CT)).returncode == 0
     clock.advance(settings.quiet_seconds - 1)
@@ -42,6 +44,7 @@ def test_study_becomes_stable_after_the_quiet_period(db, listener, settings, clo
     assert acts == ["study.version_created", "job.created", "job.enqueued"]
 
 
+@pytest.mark.peers
 def test_parts_sent_further_apart_than_the_quiet_period_make_two_versions(db, listener, settings, clock, assembler, publisher):
     files = series_files(CT)
     assert storescu(listener, files[:14]).returncode == 0
@@ -62,6 +65,7 @@ def test_parts_sent_further_apart_than_the_quiet_period_make_two_versions(db, li
         assert set(s.scalars(select(Instance.version_number))) == {1, 2}
 
 
+@pytest.mark.peers
 def test_parts_within_the_quiet_period_make_one_version(db, listener, settings, clock, assembler):
     files = series_files(CT)
     assert storescu(listener, files[:14]).returncode == 0
@@ -101,6 +105,7 @@ def test_max_wait_caps_a_study_that_never_goes_quiet(db, listener, make_settings
     assoc.release()
 
 
+@pytest.mark.peers
 def test_force(db, listener, clock, assembler):
     files = series_files(CT)
     assert storescu(listener, files[:3]).returncode == 0
@@ -118,6 +123,7 @@ def test_force(db, listener, clock, assembler):
     assert event.actor == "cli:tester" and event.study_uid == study_uid
 
 
+@pytest.mark.peers
 def test_restart_during_the_quiet_period_still_processes_the_study(database_url, settings, clock, start_listener, publisher):
     first = start_listener(settings, name="node-a:11112")
     assert storescu(first, series_files(CT)[:6]).returncode == 0
@@ -131,6 +137,7 @@ def test_restart_during_the_quiet_period_still_processes_the_study(database_url,
     db.dispose()
 
 
+@pytest.mark.peers
 def test_association_left_open_by_a_crashed_listener_is_marked_lost_on_restart(db, settings, clock, start_listener, assembler):
     first = start_listener(settings, name="node-a:11112")
     assert storescu(first, series_files(CT)[:4]).returncode == 0
@@ -146,6 +153,7 @@ def test_association_left_open_by_a_crashed_listener_is_marked_lost_on_restart(d
         assert s.scalar(select(AuditEvent.action).where(AuditEvent.action == "association.lost")) is not None
 
 
+@pytest.mark.peers
 def test_concurrent_assemblers_create_one_version(db, listener, settings, clock, publisher):
     assert storescu(listener, series_files(CT)[:5]).returncode == 0
     clock.advance(settings.quiet_seconds + 1)
@@ -162,6 +170,7 @@ def test_concurrent_assemblers_create_one_version(db, listener, settings, clock,
         a.db.dispose()
 
 
+@pytest.mark.peers
 def test_broker_outage_delays_but_does_not_lose_the_job(db, listener, settings, clock, assembler, publisher):
     assert storescu(listener, series_files(CT)[:2]).returncode == 0
     clock.advance(settings.quiet_seconds + 1)
@@ -173,6 +182,7 @@ def test_broker_outage_delays_but_does_not_lose_the_job(db, listener, settings, 
     assert publisher.published == created and jobs(db)[0].status == "enqueued"
 
 
+@pytest.mark.peers
 def test_jobs_that_go_quiet_are_published_again(db, listener, settings, clock, assembler, publisher):
     assert storescu(listener, series_files(CT)[:2]).returncode == 0
     clock.advance(settings.quiet_seconds + 1)

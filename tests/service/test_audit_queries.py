@@ -49,6 +49,7 @@ def refuse(destination: str) -> object:
     raise ValueError(f"{destination}: no such host")
 
 
+@pytest.mark.peers
 def test_turnaround_quality_and_failed_work_of_real_reviews(db, clock, settings, listener, assembler, captioner, draft_id, reviews, smith):
     # The CT study was received at t, drafted at t + 31 s (quiet period 30 s); approved as drafted 600 s later.
     ct = ct_study(db, draft_id)
@@ -82,8 +83,16 @@ def test_turnaround_quality_and_failed_work_of_real_reviews(db, clock, settings,
     with db.session() as s:
         verified = s.scalars(select(SRDocument).where(SRDocument.predecessor_id == draft_id)).one()
         dispatch_id = s.scalar(select(Dispatch.id).where(Dispatch.sr_document_id == verified.id))
-    sender = DispatchRunner(db, clock, "worker:test", resolve=refuse, sender=lambda d, paths: pytest.fail("must not send"),  # type: ignore[arg-type, return-value]
-                            max_attempts=1, retry_delay=lambda n: 1.0, stale_seconds=60)  # fmt: skip
+    sender = DispatchRunner(
+        db,
+        clock,
+        "worker:test",
+        resolve=refuse,
+        sender=lambda d, paths: pytest.fail("must not send"),  # type: ignore[arg-type, return-value]
+        max_attempts=1,
+        retry_delay=lambda n: 1.0,
+        stale_seconds=60,
+    )
     assert sender.run(dispatch_id) == "failed"
 
     model = view.model_name, view.model_version, view.weights_sha256
@@ -106,18 +115,30 @@ def test_turnaround_quality_and_failed_work_of_real_reviews(db, clock, settings,
 
     failed = aq.failed_work(db)
     assert [(f.kind, f.job_id if f.kind == "job" else f.sr_uid, f.study_uid, f.study_version) for f in failed] == [
-        ("dispatch", verified.sop_instance_uid, ct.study_uid, 1), ("job", ct_job_2, ct.study_uid, 2)], "the latest failure first"  # fmt: skip
+        ("dispatch", verified.sop_instance_uid, ct.study_uid, 1),
+        ("job", ct_job_2, ct.study_uid, 2),
+    ], "the latest failure first"
     assert failed[1].error == "unreadable pixel data" and failed[0].destination == DESTINATION and failed[0].sr_kind == "verified"
     assert "no such host" in (failed[0].error or "") and failed[0].failed_at == failed[1].failed_at + timedelta(seconds=60)
     assert aq.sr_destinations(db, verified.sop_instance_uid) == [DESTINATION]
 
     counts = aq.overview(db, clock.now())
-    assert counts.as_dict() == {"studies": 2, "draft_srs": 2, "undecided_drafts": 0, "approved": 2, "rejected": 0, "failed_jobs": 1,
-                                "failed_dispatches": 1, "active_users": 2, "events_last_24h": counts.events_last_24h}  # fmt: skip
+    assert counts.as_dict() == {
+        "studies": 2,
+        "draft_srs": 2,
+        "undecided_drafts": 0,
+        "approved": 2,
+        "rejected": 0,
+        "failed_jobs": 1,
+        "failed_dispatches": 1,
+        "active_users": 2,
+        "events_last_24h": counts.events_last_24h,
+    }
     assert counts.events_last_24h > 20
     assert aq.overview(db, clock.now() + timedelta(days=2)).events_last_24h == 0
 
 
+@pytest.mark.peers
 def test_searching_the_audit_trail(db, clock, draft_id, reviews, smith):
     study = ct_study(db, draft_id)
     with db.session() as s:  # the RIS filled in the accession number later (the test images have none)
@@ -132,7 +153,9 @@ def test_searching_the_audit_trail(db, clock, draft_id, reviews, smith):
     assert [(r.at, r.id) for r in everything] == sorted(((r.at, r.id) for r in everything), reverse=True), "newest first"
     by_study = aq.search_audit(db, aq.AuditSearch(study_uid=study.study_uid, limit=1000)).rows
     assert {r.study_uid for r in by_study} == {study.study_uid}
-    assert {"study.receiving", "study.version_created", "job.created", "job.started", "sr.written", "draft.approved"} <= {r.action for r in by_study}
+    assert {"study.receiving", "study.version_created", "job.created", "job.started", "sr.written", "draft.approved"} <= {
+        r.action for r in by_study
+    }
     assert {r.accession_number for r in by_study} == {"ACC42"} and {r.patient_id for r in by_study} == {study.patient_id}
     assert len(by_study) < len(everything)
     assert aq.search_audit(db, aq.AuditSearch(accession="ACC42", limit=1000)).rows == by_study
@@ -142,7 +165,12 @@ def test_searching_the_audit_trail(db, clock, draft_id, reviews, smith):
     assert aq.search_audit(db, aq.AuditSearch(accession="ACC4")).rows == [], "accession numbers match exactly"
 
     (approval,) = aq.search_audit(db, aq.AuditSearch(user="smith", action="draft.approved")).rows
-    assert (approval.actor, approval.study_uid, approval.details["address"], approval.details["edited"]) == ("user:smith", study.study_uid, "10.0.0.7", False)
+    assert (approval.actor, approval.study_uid, approval.details["address"], approval.details["edited"]) == (
+        "user:smith",
+        study.study_uid,
+        "10.0.0.7",
+        False,
+    )
     smiths = aq.search_audit(db, aq.AuditSearch(user="user:smith")).rows
     assert approval in smiths and smiths == aq.search_audit(db, aq.AuditSearch(user="smith")).rows
     assert {r.action for r in smiths} == {"draft.approved", "dispatch.queued"}
@@ -180,6 +208,7 @@ def test_bad_searches_are_refused():
     assert aq.parse_time("2026-03-01T10:00") == datetime(2026, 3, 1, 10, tzinfo=UTC)
 
 
+@pytest.mark.processes
 def test_medcap_audit_commands(db, settings):
     populate(db)  # a known history: two model versions, a failed job and a failed dispatch
     env = settings_env(settings)
@@ -196,9 +225,18 @@ def test_medcap_audit_commands(db, settings):
 
     turnaround = run(["audit", "turnaround", "--csv"], env)
     assert list(csv.DictReader(io.StringIO(turnaround.stdout)))[0] | {} == {
-        "model_name": "msmedcap", "model_version": "1.0", "weights_sha256": "a" * 64, "studies": "3", "approved": "2",
-        "draft_median_seconds": "120.0", "draft_p90_seconds": "180.0", "approval_median_seconds": "600.0", "approval_p90_seconds": "1200.0",
-        "total_median_seconds": "660.0", "total_p90_seconds": "1320.0"}  # fmt: skip
+        "model_name": "msmedcap",
+        "model_version": "1.0",
+        "weights_sha256": "a" * 64,
+        "studies": "3",
+        "approved": "2",
+        "draft_median_seconds": "120.0",
+        "draft_p90_seconds": "180.0",
+        "approval_median_seconds": "600.0",
+        "approval_p90_seconds": "1200.0",
+        "total_median_seconds": "660.0",
+        "total_p90_seconds": "1320.0",
+    }
     assert "2.0 min" in run(["audit", "turnaround"], env).stdout
     quality = run(["audit", "quality", "--since", "2026-01-05T08:36"], env)  # from A1003's draft (rejected) on
     lines = quality.stdout.splitlines()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import create_engine, text
 
 import migrations
@@ -11,6 +12,7 @@ from tests.conftest import PG_ADMIN_URL, series_files, storescu
 from tests.processes import run, settings_env
 
 
+@pytest.mark.processes
 def test_help_lists_the_commands(settings):
     result = run(["--help"], settings_env(settings))
     assert result.returncode == 0
@@ -18,12 +20,14 @@ def test_help_lists_the_commands(settings):
         assert command in result.stdout
 
 
+@pytest.mark.processes
 def test_bad_setting_stops_start_up_naming_it(settings):
     result = run(["listen"], settings_env(settings, MEDCAP_DICOM_PORT="not-a-port"))
     assert result.returncode == 2
     assert "invalid setting MEDCAP_DICOM_PORT" in result.stderr
 
 
+@pytest.mark.processes
 def test_db_upgrade_on_a_fresh_embedded_database(make_settings, tmp_path):
     settings = make_settings(database_url="")  # the default: SQLite under the data dir
     env = settings_env(settings)
@@ -36,6 +40,7 @@ def test_db_upgrade_on_a_fresh_embedded_database(make_settings, tmp_path):
     assert run(["db", "current"], env).returncode == 0
 
 
+@pytest.mark.processes
 def test_listen_refuses_an_unmigrated_database(settings, tmp_path):
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -52,6 +57,8 @@ def test_listen_refuses_an_unmigrated_database(settings, tmp_path):
         admin.dispose()
 
 
+@pytest.mark.peers
+@pytest.mark.processes
 def test_studies_and_force(settings, listener):
     env = settings_env(settings)
     assert "no studies received yet" in run(["studies"], env).stdout

@@ -23,7 +23,7 @@ from service.users import Users
 from tests.pipeline import MR, draft_study
 from tests.processes import run, settings_env
 
-EDITED = "Edited by the radiologist: no acute intracranial abnormality, comma, and a \"quote\"."
+EDITED = 'Edited by the radiologist: no acute intracranial abnormality, comma, and a "quote".'
 
 
 @pytest.fixture
@@ -45,6 +45,7 @@ def identifiers(db) -> set[str]:  # type: ignore[no-untyped-def]
     return {v for v in found if v and len(v) > 3}
 
 
+@pytest.mark.peers
 def test_an_edited_approval_becomes_training_data(db, clock, settings, reviews, smith, draft_id, tmp_path):
     view = reviews.view(draft_id)
     series_uid = view.series[0]["series_uid"]
@@ -93,8 +94,10 @@ def instance_path(db, sop_instance_uid: str) -> str:  # type: ignore[no-untyped-
         return s.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))  # type: ignore[no-any-return]
 
 
-def test_only_approved_reports_since_the_date_are_exported(db, clock, settings, reviews, smith, draft_id, listener, assembler,
-                                                           captioner, tmp_path):  # fmt: skip
+@pytest.mark.peers
+def test_only_approved_reports_since_the_date_are_exported(
+    db, clock, settings, reviews, smith, draft_id, listener, assembler, captioner, tmp_path
+):
     reviews.approve(draft_id, smith)  # as drafted, on 2026-01-01
     clock.advance(2 * 86400)
     mr = draft_study(db, clock, settings, listener, assembler, captioner, MR)
@@ -109,6 +112,8 @@ def test_only_approved_reports_since_the_date_are_exported(db, clock, settings, 
         assert next(csv.reader(handle))[:3] == ["image", "caption", "split"]
 
 
+@pytest.mark.peers
+@pytest.mark.processes
 def test_export_feedback_command(db, clock, settings, reviews, smith, draft_id, tmp_path):
     series_uid = reviews.view(draft_id).series[0]["series_uid"]
     reviews.approve(draft_id, smith, findings={series_uid: EDITED})
@@ -131,9 +136,12 @@ def test_export_feedback_command(db, clock, settings, reviews, smith, draft_id, 
     with db.session() as s:
         exports = s.scalars(select(AuditEvent).where(AuditEvent.action == "feedback.exported").order_by(AuditEvent.id)).all()
     assert [(e.actor.startswith("cli:"), e.details["images"], e.details["since"]) for e in exports] == [
-        (True, 3, "2026-01-01T00:00:00+00:00"), (True, 0, "2026-01-02T00:00:00+00:00")]
+        (True, 3, "2026-01-01T00:00:00+00:00"),
+        (True, 0, "2026-01-02T00:00:00+00:00"),
+    ]
 
 
+@pytest.mark.peers
 def test_a_key_image_whose_file_is_gone_is_skipped_and_said(db, clock, reviews, smith, draft_id, tmp_path):
     key = reviews.view(draft_id).series[0]["key_images"][0]["sop_instance_uid"]
     reviews.approve(draft_id, smith)

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
@@ -34,6 +35,7 @@ def actions(db: Database) -> list[str]:
         return list(s.scalars(select(AuditEvent.action).order_by(AuditEvent.id)))
 
 
+@pytest.mark.peers
 def test_receives_a_ct_series_and_records_everything(db, listener, settings):
     files = series_files(CT)
     result = storescu(listener, files, calling="ORTHANC")
@@ -58,6 +60,7 @@ def test_receives_a_ct_series_and_records_everything(db, listener, settings):
     assert actions(db) == ["association.accepted", "study.receiving", "association.ended"]
 
 
+@pytest.mark.peers
 def test_resent_study_is_idempotent(db, listener, settings):
     files = series_files(CT)[:10]
     assert storescu(listener, files).returncode == 0
@@ -69,6 +72,7 @@ def test_resent_study_is_idempotent(db, listener, settings):
     assert second.instances_duplicate == 10 and second.instances_received == 0
 
 
+@pytest.mark.peers
 def test_changed_content_under_a_known_uid_is_kept_and_audited(db, listener, settings, tmp_path):
     original = series_files(CT)[0]
     assert storescu(listener, [original]).returncode == 0
@@ -85,6 +89,7 @@ def test_changed_content_under_a_known_uid_is_kept_and_audited(db, listener, set
     assert len(list(settings.instances_dir.rglob("*.dcm"))) == 2, "the first payload is kept, not overwritten"
 
 
+@pytest.mark.peers
 def test_unknown_calling_ae_is_rejected_and_audited(db, start_listener, make_settings):
     listener = start_listener(make_settings(allowed_peers="ORTHANC@127.0.0.1/32"))
     result = storescu(listener, series_files(CT)[:1], calling="INTRUDER")
@@ -98,12 +103,14 @@ def test_unknown_calling_ae_is_rejected_and_audited(db, start_listener, make_set
     assert count(db, Instance) == 0
 
 
+@pytest.mark.peers
 def test_allowed_ae_from_another_network_is_rejected(db, start_listener, make_settings):
     listener = start_listener(make_settings(allowed_peers="ORTHANC@10.1.0.0/16"))
     assert storescu(listener, series_files(CT)[:1], calling="ORTHANC").returncode != 0
     assert actions(db) == ["association.rejected"]
 
 
+@pytest.mark.peers
 def test_wrong_called_ae_is_rejected(db, listener):
     result = storescu(listener, series_files(CT)[:1], called="NOTMEDCAP")
     assert result.returncode != 0 and "Called AE Title Not Recognized" in result.stderr + result.stdout
@@ -119,6 +126,7 @@ def _send_files(port: int, files: list[Path]) -> list[int]:
         assoc.release()
 
 
+@pytest.mark.peers
 def test_malformed_instances_get_failure_statuses_while_another_association_is_served(db, listener, settings, tmp_path):
     source = series_files(CT)[0]
     bad = [
@@ -155,6 +163,7 @@ def test_malformed_instances_get_failure_statuses_while_another_association_is_s
     assoc.release()
 
 
+@pytest.mark.peers
 def test_association_refused_below_disk_reserve(db, start_listener, make_settings):
     settings = make_settings(min_free_disk_mb=10**9)  # a reserve no disk can meet
     listener = start_listener(settings)
@@ -167,6 +176,7 @@ def test_association_refused_below_disk_reserve(db, start_listener, make_setting
     assert assoc.outcome == "rejected" and "below the reserve" in assoc.reason
 
 
+@pytest.mark.peers
 def test_disk_filling_mid_association_fails_cleanly(db, start_listener, make_settings, small_disk):
     settings = make_settings(data_dir=small_disk, min_free_disk_mb=0)
     listener = start_listener(settings)
@@ -201,8 +211,9 @@ def test_stopping_the_listener_closes_open_associations_as_lost(db, start_listen
 def test_compressed_images_and_companion_classes_are_stored_as_sent(db, listener):
     from pydicom.data import get_testdata_file
 
-    files = {name: Path(get_testdata_file(name)) for name in
-             ("MR_small_jp2klossless.dcm", "SC_rgb_rle.dcm", "JPEG-lossy.dcm", "test-SR.dcm")}  # fmt: skip
+    files = {
+        name: Path(get_testdata_file(name)) for name in ("MR_small_jp2klossless.dcm", "SC_rgb_rle.dcm", "JPEG-lossy.dcm", "test-SR.dcm")
+    }
     statuses = []
     for path in files.values():  # one association per file, proposing exactly its class and syntax
         ds = pydicom.dcmread(path)
@@ -225,6 +236,7 @@ def test_compressed_images_and_companion_classes_are_stored_as_sent(db, listener
             assert pydicom.dcmread(row.path).PixelData == ds.PixelData
 
 
+@pytest.mark.peers
 def test_tcp_nodelay_is_set_on_accepted_sockets(db, listener, socket_options):
     # Nagle + delayed ACK would add ~40 ms to every C-STORE-RSP (environment note); speed itself
     # is measured in benchmarks/receive.py, here only the behaviour is checked.

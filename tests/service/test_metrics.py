@@ -58,8 +58,10 @@ def endpoint(database_url: str) -> Iterator[int]:
             collector.close()
 
 
-def test_the_pipeline_state_is_read_from_the_database_at_each_scrape(db, clock, settings, listener, assembler, captioner, job_id,
-                                                                     storescp, endpoint):  # fmt: skip
+@pytest.mark.peers
+def test_the_pipeline_state_is_read_from_the_database_at_each_scrape(
+    db, clock, settings, listener, assembler, captioner, job_id, storescp, endpoint
+):
     # A second study (MR) arrives and becomes a job of its own, 31 s after the CT's job was created.
     assert storescu(listener, MR).returncode == 0
     clock.advance(settings.quiet_seconds + 1)
@@ -211,6 +213,7 @@ def test_port_0_serves_nothing():
     assert metrics.serve(metrics.service_registry("sqlite:////nonexistent/medcap.sqlite"), 0) is None
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_listen_refuses_to_start_on_a_metrics_port_that_is_taken(settings):
     with socket.socket() as taken:

@@ -35,8 +35,6 @@ CT = "ct-head-ge"
 MR = "mr-t1-brain-uih"
 
 
-
-
 # -- helpers ---------------------------------------------------------------------------------
 
 
@@ -52,8 +50,14 @@ class RecordingPublisher:
 
 def make_assembler(db: Database, clock, settings) -> tuple[Assembler, RecordingPublisher]:  # type: ignore[no-untyped-def]
     publisher = RecordingPublisher()
-    assembler = Assembler(db, clock, publisher, quiet_seconds=settings.quiet_seconds, max_wait_seconds=settings.max_wait_seconds,
-                          redeliver_seconds=settings.job_redeliver_seconds)  # fmt: skip
+    assembler = Assembler(
+        db,
+        clock,
+        publisher,
+        quiet_seconds=settings.quiet_seconds,
+        max_wait_seconds=settings.max_wait_seconds,
+        redeliver_seconds=settings.job_redeliver_seconds,
+    )
     return assembler, publisher
 
 
@@ -82,9 +86,7 @@ def orthanc_listener(start_listener, make_settings):  # type: ignore[no-untyped-
 # -- tests -----------------------------------------------------------------------------------
 
 
-def test_orthanc_pushes_ct_and_mr_studies_which_become_one_version_and_job_each(
-    db, orthanc, pacs_studies, orthanc_listener, clock
-):  # fmt: skip
+def test_orthanc_pushes_ct_and_mr_studies_which_become_one_version_and_job_each(db, orthanc, pacs_studies, orthanc_listener, clock):
     settings = orthanc_listener.settings
     orthanc.register("medcap", "MEDCAP", orthanc_listener.port)
     for name in (CT, MR):

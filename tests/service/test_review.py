@@ -28,6 +28,7 @@ def radiologists(db, clock):  # type: ignore[no-untyped-def]
     return [users.add(name, f"{name.title()}^Jane", "radiologist", "correct horse battery", "cli:test") for name in ("smith", "jones")]
 
 
+@pytest.mark.peers
 def test_approving_as_is_writes_a_verified_sr_that_supersedes_the_draft(db, reviews, radiologists, draft_id):
     view = reviews.view(draft_id)
     assert view.state is ReviewState.AWAITING and view.model_name and len(view.series) == 1
@@ -53,6 +54,7 @@ def test_approving_as_is_writes_a_verified_sr_that_supersedes_the_draft(db, revi
     assert " Error " not in check.stdout + check.stderr, check.stderr
 
 
+@pytest.mark.peers
 def test_approving_an_edited_draft_records_the_edit(db, reviews, radiologists, draft_id):
     view = reviews.view(draft_id)
     series_uid = view.series[0]["series_uid"]
@@ -60,7 +62,9 @@ def test_approving_an_edited_draft_records_the_edit(db, reviews, radiologists, d
         reviews.approve(draft_id, radiologists[1], findings={"1.2.3": "x"})
     with pytest.raises(ReviewError, match="must not be empty"):
         reviews.approve(draft_id, radiologists[1], findings={series_uid: "  "})
-    uid = reviews.approve(draft_id, radiologists[0], findings={series_uid: "No acute intracranial abnormality."}, impression="Normal head CT.")
+    uid = reviews.approve(
+        draft_id, radiologists[0], findings={series_uid: "No acute intracranial abnormality."}, impression="Normal head CT."
+    )
     with db.session() as s:
         review = s.scalars(select(Review)).one()
         sr = pydicom.dcmread(s.scalars(select(SRDocument.path).where(SRDocument.sop_instance_uid == uid)).one())
@@ -69,6 +73,7 @@ def test_approving_an_edited_draft_records_the_edit(db, reviews, radiologists, d
     assert review.findings == [{"series_uid": series_uid, "draft": view.series[0]["text"], "final": "No acute intracranial abnormality."}]
 
 
+@pytest.mark.peers
 def test_two_radiologists_approving_at_once_make_one_sr_and_one_conflict(db, reviews, radiologists, draft_id, settings):
     outcomes: list[object] = []
     barrier = threading.Barrier(2)
@@ -95,7 +100,10 @@ def test_two_radiologists_approving_at_once_make_one_sr_and_one_conflict(db, rev
         reviews.reject(draft_id, radiologists[1], "too late")
 
 
-def test_a_superseded_draft_cannot_be_approved_but_can_be_rejected(db, reviews, radiologists, draft_id, listener, clock, assembler, settings):
+@pytest.mark.peers
+def test_a_superseded_draft_cannot_be_approved_but_can_be_rejected(
+    db, reviews, radiologists, draft_id, listener, clock, assembler, settings
+):
     # Two more slices of the study arrive late: version 2, with a draft of its own to come.
     assert storescu(listener, series_files("ct-head-ge")[8:10]).returncode == 0
     clock.advance(settings.quiet_seconds + 1)
@@ -109,12 +117,15 @@ def test_a_superseded_draft_cannot_be_approved_but_can_be_rejected(db, reviews, 
     assert reviews.view(draft_id).state is ReviewState.REJECTED
 
 
+@pytest.mark.peers
 def test_admins_do_not_sign_reports(db, clock, reviews, draft_id):
     admin = Users(db, clock).add("root", "Admin^Ann", "admin", "correct horse battery", "cli:test")
     with pytest.raises(ReviewError, match="only radiologists"):
         reviews.approve(draft_id, admin)
 
 
-@pytest.mark.parametrize(("a", "b", "distance"), [("", "", 0), ("abc", "abc", 0), ("kitten", "sitting", 3), ("", "abc", 3), ("flaw", "lawn", 2)])
+@pytest.mark.parametrize(
+    ("a", "b", "distance"), [("", "", 0), ("abc", "abc", 0), ("kitten", "sitting", 3), ("", "abc", 3), ("flaw", "lawn", 2)]
+)
 def test_edit_distance(a, b, distance):
     assert edit_distance(a, b) == distance == edit_distance(b, a)

@@ -44,8 +44,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         pytest.fail("the openssl command is needed to make test certificates (apt-get install openssl)")
     folder = tmp_path_factory.mktemp("pki")
     ca = make_ca(folder, "ca")
-    server = issue(folder, "server", ca, "/CN=127.0.0.1",
-                    "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n")  # fmt: skip
+    server = issue(
+        folder,
+        "server",
+        ca,
+        "/CN=127.0.0.1",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n",
+    )
     client_usage = "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n"
     client = issue(folder, "client", ca, "/CN=PACS", client_usage)
     stranger = issue(folder, "stranger", make_ca(folder, "other-ca"), "/CN=PACS", client_usage)
@@ -126,8 +131,9 @@ def test_plain_dicom_client_is_refused(db, tls_listener):
 
 def test_silent_connection_does_not_block_other_clients(db, start_listener, make_settings, pki):
     """A peer that connects and never starts the TLS handshake must not stall the listener."""
-    listener = start_listener(make_settings(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tls_ca_file=pki.ca,
-                                            dicom_timeout_seconds=1))  # fmt: skip
+    listener = start_listener(
+        make_settings(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tls_ca_file=pki.ca, dicom_timeout_seconds=1)
+    )
     with socket.create_connection(("127.0.0.1", listener.port), timeout=10) as silent:
         assoc = associate(listener.port, client_context(pki, pki.client_cert, pki.client_key))
         try:

@@ -69,9 +69,18 @@ def test_a_user_name_with_a_trailing_newline_is_refused():
         check_username("smith\n")
 
 
-@pytest.mark.parametrize("name, why", [("Smith", "Family^Given"), ("^Jane", "Family^Given"), ("", "Family^Given"),
-                                       ("Smith\\Jones^Jane", "no backslashes"), ("Smith=X^Jane", "no backslashes"),
-                                       ("Smith^Jane\n", "control characters"), ("S" * 330 + "^J", "Family^Given")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("Smith", "Family^Given"),
+        ("^Jane", "Family^Given"),
+        ("", "Family^Given"),
+        ("Smith\\Jones^Jane", "no backslashes"),
+        ("Smith=X^Jane", "no backslashes"),
+        ("Smith^Jane\n", "control characters"),
+        ("S" * 330 + "^J", "Family^Given"),
+    ],
+)
 def test_bad_display_names(name, why):
     with pytest.raises(UserError, match=re.escape(why)):
         check_display_name(name)
@@ -82,8 +91,13 @@ def test_roles_and_passwords():
     assert check_role("admin") is Role.ADMIN and check_role("radiologist") is Role.RADIOLOGIST
     with pytest.raises(UserError, match="choose radiologist or admin"):
         check_role("root")
-    for bad, why in (("short", "at least 12"), ("x" * 11, "at least 12"), (" leading space x", "leading or trailing"),
-                     ("trailing space x ", "leading or trailing"), ("two\nlines here", "line breaks")):  # fmt: skip
+    for bad, why in (
+        ("short", "at least 12"),
+        ("x" * 11, "at least 12"),
+        (" leading space x", "leading or trailing"),
+        ("trailing space x ", "leading or trailing"),
+        ("two\nlines here", "line breaks"),
+    ):
         with pytest.raises(UserError, match=why):
             check_password(bad)
     assert check_password("x" * 12) == "x" * 12
@@ -125,6 +139,7 @@ def test_an_old_hash_is_upgraded_at_the_next_sign_in(db, clock):
 # -- the command line -------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_users_from_the_command_line(make_settings, db, clock):
     settings = make_settings(login_max_failures=1000)  # the wrong passwords below are meant, not an attack
     env = settings_env(settings)
@@ -164,25 +179,34 @@ def test_users_from_the_command_line(make_settings, db, clock):
     assert not can_sign_in(app, "smith", PASSWORD) and can_sign_in(app, "smith", "the new passphrase")
 
     events = audit(db, "user.")
-    assert [(e.action, e.object_id) for e in events] == [("user.added", "smith"), ("user.added", "root"), ("user.disabled", "smith"),
-                                                         ("user.enabled", "smith"), ("user.password_reset", "smith")]  # fmt: skip
+    assert [(e.action, e.object_id) for e in events] == [
+        ("user.added", "smith"),
+        ("user.added", "root"),
+        ("user.disabled", "smith"),
+        ("user.enabled", "smith"),
+        ("user.password_reset", "smith"),
+    ]
     assert {e.actor for e in events} == {ME}
     assert events[0].details == {"role": "radiologist", "display_name": "Smith^Jane"}
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_command_line_mistakes_get_clear_errors_and_change_nothing(settings, db):
     env = settings_env(settings)
     cases = [
         (dict(name="Smith"), 1, "medcap: user name 'Smith': use 2-64 lower-case letters, digits, '.', '_' or '-', starting with a letter"),
-        (dict(name="smith", display="Smith Jane"), 1,
-         "medcap: display name 'Smith Jane': write it as a DICOM person name, Family^Given (e.g. Smith^Jane)"),
+        (
+            dict(name="smith", display="Smith Jane"),
+            1,
+            "medcap: display name 'Smith Jane': write it as a DICOM person name, Family^Given (e.g. Smith^Jane)",
+        ),
         (dict(name="smith", display="Smith\\Jane^X"), 1, "no backslashes, '=' or control characters"),
         (dict(name="smith", password="short"), 1, "medcap: password: at least 12 characters"),
         (dict(name="smith", password=""), 1, "medcap: password: at least 12 characters"),  # nothing on stdin
         (dict(name="smith", password=" " + PASSWORD), 1, "medcap: password: no leading or trailing spaces"),
         (dict(name="smith", role="superuser"), 2, "argument --role: invalid choice: 'superuser' (choose from "),
-    ]  # fmt: skip
+    ]
     for kwargs, status, message in cases:
         result = add(env, **kwargs)  # type: ignore[arg-type]
         assert result.returncode == status and message in result.stderr, (kwargs, result.stderr)
@@ -202,6 +226,7 @@ def test_command_line_mistakes_get_clear_errors_and_change_nothing(settings, db)
     assert [e.action for e in audit(db, "user.")] == ["user.added"]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_password_is_never_in_argv(settings, db):
     env = settings_env(settings)
@@ -211,9 +236,15 @@ def test_the_password_is_never_in_argv(settings, db):
         assert result.returncode == 2 and ("unrecognized arguments" in result.stderr or "expected one argument" in result.stderr), flag
     assert user_rows(db) == []
     # ... and while the command waits for it, what `ps` shows holds no secret; it reads the password from stdin.
-    proc = subprocess.Popen([*MEDCAP, "users", "add", "smith", "--role", "radiologist", "--display-name", "Smith^Jane"], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    proc = subprocess.Popen(
+        [*MEDCAP, "users", "add", "smith", "--role", "radiologist", "--display-name", "Smith^Jane"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         argv: list[bytes] = []
 
@@ -235,15 +266,22 @@ def test_the_password_is_never_in_argv(settings, db):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.processes
 def test_on_a_terminal_the_password_is_asked_twice(settings, db):
     env = settings_env(settings)
 
     def on_terminal(first: str, second: str) -> tuple[int, str]:
         controller, terminal = pty.openpty()
-        proc = subprocess.Popen([*MEDCAP, "users", "add", "smith", "--role", "radiologist", "--display-name", "Smith^Jane"], env=env,
-                                stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
-                                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
-                                cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+        proc = subprocess.Popen(
+            [*MEDCAP, "users", "add", "smith", "--role", "radiologist", "--display-name", "Smith^Jane"],
+            env=env,
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            cwd=Path(__file__).resolve().parents[2],
+        )
         os.close(terminal)
         output = b""
 

@@ -17,6 +17,7 @@ from dicom_io.dispatch import send
 from service.reports import RequeueError, list_reports, resend_report
 from service.schema import AuditEvent, Dispatch, DispatchAttempt, Job, SRDocument
 from tests.conftest import ORTHANC_AET, free_port, wait_until
+from tests.tiers import requires
 from tests.workers.conftest import CT, make_drafter, runner
 from workers.dispatching import DispatchRunner
 
@@ -29,9 +30,13 @@ class StoreSCP:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *options: str) -> None:
+        requires("peers")
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(self.directory), *options, str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", "PACS", "-od", str(self.directory), *options, str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_until(self._accepting, "storescp to listen", timeout=30)
 
     def _accepting(self) -> bool:
@@ -59,8 +64,16 @@ def draft_for(db, clock, settings, captioner, job_id, destination: str) -> SRDoc
 
 
 def dispatcher(db, clock, settings, max_attempts: int = 3) -> DispatchRunner:  # type: ignore[no-untyped-def]
-    return DispatchRunner(db, clock, "worker:test", resolve=settings.destination, sender=lambda d, paths: send(d, paths, timeout=5),
-                          max_attempts=max_attempts, retry_delay=lambda n: 30.0 * n, stale_seconds=120)  # fmt: skip
+    return DispatchRunner(
+        db,
+        clock,
+        "worker:test",
+        resolve=settings.destination,
+        sender=lambda d, paths: send(d, paths, timeout=5),
+        max_attempts=max_attempts,
+        retry_delay=lambda n: 30.0 * n,
+        stale_seconds=120,
+    )
 
 
 def dispatch_row(db) -> Dispatch:  # type: ignore[no-untyped-def]
@@ -76,7 +89,12 @@ def test_the_draft_sr_reaches_orthanc_and_the_job_is_acknowledged(db, clock, set
 
     (found,) = orthanc.request("POST", "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": doc.sop_instance_uid}})
     tags = orthanc.request("GET", f"/instances/{found}/simplified-tags")
-    assert (tags["Modality"], tags["CompletionFlag"], tags["VerificationFlag"], tags["PreliminaryFlag"]) == ("SR", "PARTIAL", "UNVERIFIED", "PRELIMINARY")
+    assert (tags["Modality"], tags["CompletionFlag"], tags["VerificationFlag"], tags["PreliminaryFlag"]) == (
+        "SR",
+        "PARTIAL",
+        "UNVERIFIED",
+        "PRELIMINARY",
+    )
     with db.session() as s:
         job = s.get(Job, job_id)
         (attempt,) = s.scalars(select(DispatchAttempt)).all()
@@ -87,7 +105,10 @@ def test_the_draft_sr_reaches_orthanc_and_the_job_is_acknowledged(db, clock, set
     assert acts == ["dispatch.queued", "dispatch.delivered", "dispatch.skipped"]
 
 
-def test_a_pacs_that_is_down_gets_retries_with_backoff_until_it_is_back(db, clock, settings, captioner, job_id, storescp, assembler, publisher):
+@pytest.mark.peers
+def test_a_pacs_that_is_down_gets_retries_with_backoff_until_it_is_back(
+    db, clock, settings, captioner, job_id, storescp, assembler, publisher
+):
     doc = draft_for(db, clock, settings, captioner, job_id, f"PACS@127.0.0.1:{storescp.port}")
     dispatch = dispatch_row(db)
     assert assembler.publish_dispatches() == 1 and publisher.dispatches == [dispatch.id]
@@ -111,6 +132,7 @@ def test_a_pacs_that_is_down_gets_retries_with_backoff_until_it_is_back(db, cloc
     assert outcomes == ["transient", "transient", "delivered"]
 
 
+@pytest.mark.peers
 def test_a_pacs_that_refuses_leaves_a_visible_failed_dispatch_that_can_be_resent(db, clock, settings, captioner, job_id, storescp):
     storescp.start("--refuse")
     destination = f"PACS@127.0.0.1:{storescp.port}"
@@ -136,6 +158,7 @@ def test_a_pacs_that_refuses_leaves_a_visible_failed_dispatch_that_can_be_resent
     assert list_reports(db, failed_only=True) == []
 
 
+@pytest.mark.peers
 def test_a_pacs_down_for_longer_than_the_attempts_ends_failed(db, clock, settings, captioner, job_id):
     draft_for(db, clock, settings, captioner, job_id, f"PACS@127.0.0.1:{free_port()}")
     dispatch = dispatch_row(db)
@@ -146,6 +169,7 @@ def test_a_pacs_down_for_longer_than_the_attempts_ends_failed(db, clock, setting
     assert dispatch_row(db).error.startswith("gave up after 2 attempts")
 
 
+@pytest.mark.peers
 def test_a_missing_sr_file_fails_the_dispatch_with_the_reason(db, clock, settings, captioner, job_id, storescp):
     doc = draft_for(db, clock, settings, captioner, job_id, f"PACS@127.0.0.1:{storescp.port}")
     Path(doc.path).unlink()

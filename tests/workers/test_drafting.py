@@ -17,6 +17,7 @@ from tests.workers.conftest import CT, MR, make_drafter, runner
 from workers.drafting import Drafter, NotOurs, printable
 
 
+@pytest.mark.peers
 def test_a_study_becomes_one_draft_sr_with_its_rows_and_audit_trail(db, clock, settings, captioner, job_id):
     outcome = runner(db, clock).run(job_id, make_drafter(db, clock, captioner, settings).draft)
     assert outcome == "succeeded"
@@ -44,6 +45,7 @@ def test_a_study_becomes_one_draft_sr_with_its_rows_and_audit_trail(db, clock, s
     assert " Error " not in check.stdout + check.stderr, check.stderr
 
 
+@pytest.mark.peers
 def test_a_redelivered_job_never_yields_a_second_sr(db, clock, settings, captioner, job_id):
     drafter = make_drafter(db, clock, captioner, settings)
     assert runner(db, clock).run(job_id, drafter.draft) == "succeeded"
@@ -69,6 +71,7 @@ class RacingModel:
         return self.model.caption(*args, **kwargs)
 
 
+@pytest.mark.peers
 def test_two_workers_racing_on_one_job_commit_one_sr_and_leave_no_orphan_file(db, clock, settings, captioner, job_id):
     assert runner(db, clock).claim(job_id)
     other = make_drafter(db, clock, captioner, settings, actor="worker:other")
@@ -81,6 +84,7 @@ def test_two_workers_racing_on_one_job_commit_one_sr_and_leave_no_orphan_file(db
     assert [p.name for p in settings.reports_dir.rglob("*.dcm")] == [f"{doc.sop_instance_uid}.dcm"]
 
 
+@pytest.mark.peers
 def test_a_job_superseded_while_it_ran_writes_no_sr(db, clock, settings, captioner, job_id):
     assert runner(db, clock).claim(job_id)
     with db.session() as s:
@@ -92,6 +96,7 @@ def test_a_job_superseded_while_it_ran_writes_no_sr(db, clock, settings, caption
     assert list(settings.reports_dir.rglob("*.dcm")) == []
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_every_key_image_of_a_study_goes_to_the_model_in_one_call_for_ct_and_mr(db, listener, clock, assembler, settings, captioner):
     assert storescu(listener, CT).returncode == 0
@@ -116,6 +121,7 @@ def test_every_key_image_of_a_study_goes_to_the_model_in_one_call_for_ct_and_mr(
     assert modalities == ["CT", "MR"]
 
 
+@pytest.mark.peers
 def test_missing_instance_files_fail_the_job_at_once_with_the_reason(db, clock, settings, captioner, job_id):
     for f in settings.instances_dir.rglob("*.dcm"):
         f.unlink()
@@ -130,6 +136,7 @@ def test_model_output_becomes_valid_dicom_text():
     assert printable("\x00\ufffd") == ""
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_any_captioner_family_drafts_and_the_sr_names_it(db, clock, settings, job_id, tmp_path):
     """A CNN-LSTM checkpoint (MEDCAP_MODEL could point at it) goes through the same drafting; it reads no SAM view."""

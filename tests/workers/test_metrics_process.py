@@ -48,12 +48,17 @@ def metrics_dir(output: str) -> Path:
     return Path(found.group(1))
 
 
+@pytest.mark.peers
+@pytest.mark.processes
 def test_a_dispatch_worker_counts_the_sends_of_its_pool_processes(db, clock, settings: Settings, captioner, job_id, storescp, tmp_path):
     storescp.start()
     doc = draft_for(db, clock, settings, captioner, job_id, f"PACS@127.0.0.1:{storescp.port}")
     port = free_port()
-    worker = Process(["worker", "--queues", "dispatch", "--concurrency", "2"], settings_env(settings, MEDCAP_WORKER_METRICS_PORT=str(port)),
-                     tmp_path / "worker.log")  # fmt: skip
+    worker = Process(
+        ["worker", "--queues", "dispatch", "--concurrency", "2"],
+        settings_env(settings, MEDCAP_WORKER_METRICS_PORT=str(port)),
+        tmp_path / "worker.log",
+    )
     try:
         before = scraped(worker, port, lambda m: value(m, "medcap_database_up") == 1)
         assert value(before, "medcap_dispatches", status="pending") == 1
@@ -64,7 +69,9 @@ def test_a_dispatch_worker_counts_the_sends_of_its_pool_processes(db, clock, set
         with Celery("test-producer", broker=kombu_url(settings.effective_broker_url), set_as_current=False) as producer:
             assert make_assembler(db, clock, settings, CeleryPublisher(producer)).publish_dispatches() == 1  # type: ignore[arg-type]
         after = scraped(worker, port, lambda m: value(m, "medcap_dispatches", status="delivered") == 1)
-        after = scraped(worker, port, lambda m: (value(m, "medcap_worker_tasks_total", task="medcap.send_report", outcome="delivered") or 0) >= 1)
+        after = scraped(
+            worker, port, lambda m: (value(m, "medcap_worker_tasks_total", task="medcap.send_report", outcome="delivered") or 0) >= 1
+        )
         assert value(after, "medcap_worker_task_seconds_count", task="medcap.send_report") >= 1
         assert value(after, "medcap_queue_depth", queue="dispatch") == 0
         assert value(after, "process_resident_memory_bytes") is not None
@@ -79,13 +86,20 @@ def test_a_dispatch_worker_counts_the_sends_of_its_pool_processes(db, clock, set
     assert "Traceback" not in worker.output()
 
 
+@pytest.mark.peers
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_serve_serves_its_workers_task_metrics_on_its_own_port(make_settings, tmp_path, tiny_model, storescp):
     storescp.start()
     settings = make_settings(database_url="", broker_url="", **FAST)  # the embedded default
     port, unused_worker_port = free_port(), free_port()
-    env = pipeline_env(settings, tiny_model, f"PACS@127.0.0.1:{storescp.port}", MEDCAP_METRICS_PORT=str(port),
-                       MEDCAP_WORKER_METRICS_PORT=str(unused_worker_port))  # fmt: skip
+    env = pipeline_env(
+        settings,
+        tiny_model,
+        f"PACS@127.0.0.1:{storescp.port}",
+        MEDCAP_METRICS_PORT=str(port),
+        MEDCAP_WORKER_METRICS_PORT=str(unused_worker_port),
+    )
     env.pop("MEDCAP_DATABASE_URL"), env.pop("MEDCAP_BROKER_URL")
     serve = Process(["serve"], env, tmp_path / "serve.log")
     try:
@@ -93,8 +107,10 @@ def test_serve_serves_its_workers_task_metrics_on_its_own_port(make_settings, tm
         assert storescu(settings.dicom_port, series_files("ct-head-ge")[:4]).returncode == 0
 
         def done(m: Samples) -> bool:
-            return (value(m, "medcap_worker_tasks_total", task="medcap.caption_study", outcome="succeeded") == 1
-                    and value(m, "medcap_worker_tasks_total", task="medcap.send_report", outcome="delivered") == 1)  # fmt: skip
+            return (
+                value(m, "medcap_worker_tasks_total", task="medcap.caption_study", outcome="succeeded") == 1
+                and value(m, "medcap_worker_tasks_total", task="medcap.send_report", outcome="delivered") == 1
+            )
 
         m = scraped(serve, port, done)
         assert value(m, "medcap_instances_received_total") == 4 and value(m, "medcap_jobs", status="succeeded") == 1
@@ -110,6 +126,8 @@ def test_serve_serves_its_workers_task_metrics_on_its_own_port(make_settings, tm
     assert f":{unused_worker_port} " not in output, "the workers of `serve` leave their own metrics port off"
 
 
+@pytest.mark.peers
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_listen_serves_the_database_metrics(make_settings, tmp_path):
     settings = make_settings(**FAST)

@@ -38,8 +38,16 @@ FAST = dict(quiet_seconds=1, max_wait_seconds=60, assembly_interval_seconds=0.2)
 
 
 def pipeline_env(settings: Settings, model: Path, destinations: str, **extra: str) -> dict[str, str]:
-    env = settings_env(settings, MEDCAP_MODEL=str(model), MEDCAP_DESTINATIONS=destinations, MEDCAP_DEVICE="cpu",
-                       MEDCAP_RETRY_BASE_SECONDS="1", MEDCAP_RETRY_MAX_SECONDS="2", MEDCAP_DISPATCH_TIMEOUT_SECONDS="5", **extra)  # fmt: skip
+    env = settings_env(
+        settings,
+        MEDCAP_MODEL=str(model),
+        MEDCAP_DESTINATIONS=destinations,
+        MEDCAP_DEVICE="cpu",
+        MEDCAP_RETRY_BASE_SECONDS="1",
+        MEDCAP_RETRY_MAX_SECONDS="2",
+        MEDCAP_DISPATCH_TIMEOUT_SECONDS="5",
+        **extra,
+    )
     return env
 
 
@@ -89,6 +97,7 @@ def clean_pacs(orthanc: Orthanc) -> Iterator[Orthanc]:
     delete_srs(orthanc)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_embedded_default_ct_and_mr_from_the_pacs_come_back_as_draft_srs(make_settings, tmp_path, tiny_model, clean_pacs, pacs_studies):
     orthanc = clean_pacs
@@ -106,10 +115,23 @@ def test_embedded_default_ct_and_mr_from_the_pacs_come_back_as_draft_srs(make_se
         for study in pacs_studies.values():
             check_sr_in_pacs(orthanc, study, db)
         with db.session() as s:
-            story = list(s.scalars(select(AuditEvent.action).where(AuditEvent.study_uid == pacs_studies["ct-head-ge"].study_uid)
-                                  .order_by(AuditEvent.id)))  # fmt: skip
-        assert story == ["study.receiving", "study.version_created", "job.created", "job.enqueued", "job.started", "sr.written",
-                         "dispatch.queued", "job.succeeded", "dispatch.enqueued", "dispatch.delivered"]  # fmt: skip
+            story = list(
+                s.scalars(
+                    select(AuditEvent.action).where(AuditEvent.study_uid == pacs_studies["ct-head-ge"].study_uid).order_by(AuditEvent.id)
+                )
+            )
+        assert story == [
+            "study.receiving",
+            "study.version_created",
+            "job.created",
+            "job.enqueued",
+            "job.started",
+            "sr.written",
+            "dispatch.queued",
+            "job.succeeded",
+            "dispatch.enqueued",
+            "dispatch.delivered",
+        ]
         report = run(["reports"], env)
         assert report.returncode == 0 and report.stdout.count(": delivered after 1 attempt(s)") == 2, report.stdout
 
@@ -136,16 +158,25 @@ def redis_url():  # type: ignore[no-untyped-def]
     client.flushdb()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and_redis(make_settings, redis_url, tmp_path, tiny_model,
-                                                                                        clean_pacs, pacs_studies):  # fmt: skip
+def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and_redis(
+    make_settings, redis_url, tmp_path, tiny_model, clean_pacs, pacs_studies
+):
     orthanc = clean_pacs
     settings = make_settings(broker_url=redis_url, **FAST)
     # Slow the job down (16 slices, beam search, one image per pass: seconds, not milliseconds) so that it is
     # surely mid-way when killed; the time limit leaves room for a loaded 2-core machine. Leases and
     # redelivery at their defaults: the crash must cost seconds, not MEDCAP_JOB_REDELIVER_SECONDS.
-    env = pipeline_env(settings, tiny_model, f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom_port}", MEDCAP_KEY_SLICES="16",
-                       MEDCAP_GENERATION_PRESET="paper", MEDCAP_CAPTION_BATCH_SIZE="1", MEDCAP_JOB_TIME_LIMIT_SECONDS="60")  # fmt: skip
+    env = pipeline_env(
+        settings,
+        tiny_model,
+        f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom_port}",
+        MEDCAP_KEY_SLICES="16",
+        MEDCAP_GENERATION_PRESET="paper",
+        MEDCAP_CAPTION_BATCH_SIZE="1",
+        MEDCAP_JOB_TIME_LIMIT_SECONDS="60",
+    )
     assert settings.job_lease_seconds == 10 and settings.job_redeliver_seconds == 900
     listen = Process(["listen"], env, tmp_path / "listen.log")
     workers: list[Process] = []
@@ -171,8 +202,13 @@ def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and
             started = s.scalars(select(AuditEvent).where(AuditEvent.action == "job.started").order_by(AuditEvent.id)).all()
         assert job.attempts == 2 and len(started) == 2
         assert started[1].details["took_over_from"] == started[0].details["owner"]  # the dead worker's claim, taken over
-        print(f"SR written {(job.sr_written_at - killed_at).total_seconds():.1f} s after the kill")
-        assert (job.sr_written_at - killed_at).total_seconds() < 30, "a crashed worker must cost seconds, not the redelivery timeout"
+        taken_over = (started[1].at - killed_at).total_seconds()
+        written = (job.sr_written_at - killed_at).total_seconds()
+        print(f"taken over {taken_over:.1f} s and SR written {written:.1f} s after the kill")  # quiet machine: 6.4 s to the SR
+        # The lease (10 s) bounds the take-over. The SR then needs the whole slowed-down job again, which on
+        # a CI machine shared with a parallel test worker can take twice as long as alone: its bound is looser.
+        assert taken_over < 15, "a crashed worker must cost seconds, not the redelivery timeout (900 s)"
+        assert written < 45
         assert len(list(settings.reports_dir.rglob("*.dcm"))) == 1
         db.dispose()
     finally:
@@ -182,6 +218,7 @@ def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and
     assert "Traceback" not in listen.output()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_pacs_down_then_back_and_a_refusing_pacs_with_resend(make_settings, redis_url, tmp_path, tiny_model):
     settings = make_settings(broker_url=redis_url, **FAST)
@@ -234,6 +271,7 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_serve_killed_takes_its_children_along_and_restarts_cleanly(make_settings, tmp_path, tiny_model):
     settings = make_settings(**FAST)
@@ -257,12 +295,14 @@ def test_serve_killed_takes_its_children_along_and_restarts_cleanly(make_setting
         again.stop()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_studies_in_flight_share_model_batches(make_settings, tmp_path, tiny_model):
     """One caption worker with two studies in flight: their key images go through the model together."""
     settings = make_settings(**FAST)
-    env = pipeline_env(settings, tiny_model, "", MEDCAP_CAPTION_STUDIES_IN_FLIGHT="2", MEDCAP_CAPTION_BATCH_WAIT_MS="3000",
-                       MEDCAP_CAPTION_BATCH_SIZE="32")  # fmt: skip
+    env = pipeline_env(
+        settings, tiny_model, "", MEDCAP_CAPTION_STUDIES_IN_FLIGHT="2", MEDCAP_CAPTION_BATCH_WAIT_MS="3000", MEDCAP_CAPTION_BATCH_SIZE="32"
+    )
     listen = Process(["listen"], env, tmp_path / "listen.log")
     worker: Process | None = None
     try:
@@ -283,6 +323,7 @@ def test_studies_in_flight_share_model_batches(make_settings, tmp_path, tiny_mod
     assert "Traceback" not in worker.output()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_worker_refuses_to_start_on_an_unmigrated_database(make_settings, tmp_path, tiny_model):
     settings = make_settings(database_url=f"sqlite:///{tmp_path / 'empty.sqlite'}", dicom_port=free_port())
@@ -290,6 +331,7 @@ def test_worker_refuses_to_start_on_an_unmigrated_database(make_settings, tmp_pa
     assert result.returncode == 1 and "medcap db upgrade" in result.stderr
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_caption_workers_and_serve_need_a_model_and_say_how_to_get_one(make_settings):
     env = settings_env(make_settings())
@@ -300,6 +342,7 @@ def test_caption_workers_and_serve_need_a_model_and_say_how_to_get_one(make_sett
     assert result.returncode == 1 and "unknown queue(s) gpu" in result.stderr
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_serve_restarts_a_failing_child_with_backoff(make_settings, tmp_path, tiny_model):
     settings = make_settings(**FAST)
@@ -308,8 +351,11 @@ def test_serve_restarts_a_failing_child_with_backoff(make_settings, tmp_path, ti
     taken.listen()
     serve = Process(["serve"], pipeline_env(settings, tiny_model, ""), tmp_path / "serve.log")
     try:
-        wait_until(lambda: "web exited with status" in serve.output() and "restarting it in 4 s" in serve.output(),
-                   "the third restart of the web app", timeout=120)  # fmt: skip
+        wait_until(
+            lambda: "web exited with status" in serve.output() and "restarting it in 4 s" in serve.output(),
+            "the third restart of the web app",
+            timeout=120,
+        )
         delays = [line.rsplit("restarting it in ", 1)[1] for line in serve.output().splitlines() if "web exited" in line]
         assert delays[:3] == ["1 s", "2 s", "4 s"]
         wait_listening(serve, settings.dicom_port)  # the rest of serve carries on

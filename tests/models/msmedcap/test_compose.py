@@ -58,7 +58,13 @@ def test_compose_loads_every_part_exactly(parts, tmp_path, sam_source):
     card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
     sam_line = next(line for line in card.splitlines() if line.startswith("- SAM Q-Former:"))
     assert sam_source in card and set(sam_line.split(": ", 1)[1].removesuffix(" (train stage 1, then 2)").split(", ")) == {
-        "queries", "ITC temperature (0.07)", "cross-attention", "ITC projections", "ITM head", "projection into the LM"}
+        "queries",
+        "ITC temperature (0.07)",
+        "cross-attention",
+        "ITC projections",
+        "ITM head",
+        "projection into the LM",
+    }
     assert len(tokenizers.qformer) == len(tokenizers.qformer.get_vocab())
 
 
@@ -76,20 +82,29 @@ def test_both_text_sides_and_the_sam_qformer_start_from_bert(parts, tmp_path):
         assert torch.equal(branch["embeddings.position_embeddings.weight"], bert["bert.embeddings.position_embeddings.weight"]), name
         for layer in (0, 1):
             for part in ("intermediate.dense.weight", "output.dense.weight", "output.LayerNorm.weight"):
-                assert torch.equal(branch[f"qformer.encoder.layer.{layer}.{part}"], bert[f"bert.encoder.layer.{layer}.{part}"]), (name, part)
+                assert torch.equal(branch[f"qformer.encoder.layer.{layer}.{part}"], bert[f"bert.encoder.layer.{layer}.{part}"]), (
+                    name,
+                    part,
+                )
         assert torch.equal(branch["lm_head.dense.weight"], bert["cls.predictions.transform.dense.weight"])
         assert torch.equal(branch["lm_head.layer_norm.bias"], bert["cls.predictions.transform.LayerNorm.bias"])
         assert torch.equal(branch["lm_head.bias"][:rows], bert["cls.predictions.bias"])
     # The SAM Q-Former is BERT throughout: self-attention, query feed-forward (a copy of the text one), embedding LayerNorm.
     sam = model.branches["sam"].state_dict()
-    assert torch.equal(sam["qformer.encoder.layer.1.attention.attention.value.weight"], bert["bert.encoder.layer.1.attention.self.value.weight"])
-    assert torch.equal(sam["qformer.encoder.layer.0.intermediate_query.dense.weight"], bert["bert.encoder.layer.0.intermediate.dense.weight"])
+    assert torch.equal(
+        sam["qformer.encoder.layer.1.attention.attention.value.weight"], bert["bert.encoder.layer.1.attention.self.value.weight"]
+    )
+    assert torch.equal(
+        sam["qformer.encoder.layer.0.intermediate_query.dense.weight"], bert["bert.encoder.layer.0.intermediate.dense.weight"]
+    )
     assert torch.equal(sam["qformer.layernorm.weight"], bert["bert.embeddings.LayerNorm.weight"])
     # ... except what reads SAM, which is new: cross-attention keys take SAM's channel-layout width.
     assert sam["qformer.encoder.layer.0.crossattention.attention.key.weight"].shape[1] == model.encoders["sam"].width == 4 * 4
     # The CLIP query path stays BLIP-2's (stage 2), not BERT's.
     clip = model.branches["clip"].state_dict()
-    assert not torch.equal(clip["qformer.encoder.layer.0.attention.attention.query.weight"], bert["bert.encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(
+        clip["qformer.encoder.layer.0.attention.attention.query.weight"], bert["bert.encoder.layer.0.attention.self.query.weight"]
+    )
 
 
 def test_the_clip_text_side_can_come_from_blip2_stage_1(parts, tmp_path):
@@ -102,11 +117,15 @@ def test_the_clip_text_side_can_come_from_blip2_stage_1(parts, tmp_path):
     clip = model.branches["clip"].state_dict()
     assert torch.equal(clip["embeddings.word_embeddings.weight"], itm["embeddings.word_embeddings.weight"])
     assert torch.equal(clip["qformer.encoder.layer.1.output.dense.weight"], itm["qformer.encoder.layer.1.output.dense.weight"])
-    assert torch.equal(clip["vision_proj.weight"], itm["vision_projection.weight"]) and torch.equal(clip["itm_head.bias"], itm["itm_head.bias"])
+    assert torch.equal(clip["vision_proj.weight"], itm["vision_projection.weight"]) and torch.equal(
+        clip["itm_head.bias"], itm["itm_head.bias"]
+    )
     assert any("stage 1" in s["part"] for s in provenance["sources"])
     # The SAM branch is unaffected: still BERT's.
-    assert torch.equal(model.branches["sam"].state_dict()["embeddings.position_embeddings.weight"],
-                       _bert(root)["bert.embeddings.position_embeddings.weight"])  # fmt: skip
+    assert torch.equal(
+        model.branches["sam"].state_dict()["embeddings.position_embeddings.weight"],
+        _bert(root)["bert.embeddings.position_embeddings.weight"],
+    )
     with pytest.raises(ComposeError, match="not a Blip2ForImageTextRetrieval"):
         _compose(root, root / "sam-hf", tmp_path / "out2", blip2_itm=str(root / "bert"))
 
@@ -115,7 +134,9 @@ def test_a_bert_that_does_not_fit_the_qformer_is_refused(parts, tmp_path):
     root, _ = parts
     save_tiny_bert(tmp_path / "bert-wide", width=48)
     with pytest.raises(ComposeError, match="--bert .*hidden_size is 48"):
-        compose(blip2=str(root / "blip2"), sam=str(root / "sam-hf"), out=tmp_path / "out", bert=str(tmp_path / "bert-wide"), log=lambda _: None)
+        compose(
+            blip2=str(root / "blip2"), sam=str(root / "sam-hf"), out=tmp_path / "out", bert=str(tmp_path / "bert-wide"), log=lambda _: None
+        )
 
 
 def test_a_hub_id_is_read_from_the_hub_cache_with_its_positional_matrix(parts, tmp_path, monkeypatch):
@@ -130,8 +151,14 @@ def test_a_hub_id_is_read_from_the_hub_cache_with_its_positional_matrix(parts, t
         (cache / f"models--{repo}" / "refs" / "main").write_text("0123abcd")
         shutil.copytree(source, cache / f"models--{repo}" / "snapshots" / "0123abcd")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    compose(blip2=str(root / "blip2"), sam="facebook/sam-tiny", bert="google/bert-tiny", out=tmp_path / "out", sam_layout="spatial",
-            log=lambda _: None)  # fmt: skip
+    compose(
+        blip2=str(root / "blip2"),
+        sam="facebook/sam-tiny",
+        bert="google/bert-tiny",
+        out=tmp_path / "out",
+        sam_layout="spatial",
+        log=lambda _: None,
+    )
     model, _, provenance = checkpoint.load(tmp_path / "out")
     assert torch.equal(model.encoders["sam"].positional_gaussian, reference.shared_image_embedding.positional_embedding)
     assert provenance["sources"][-1]["sha256"] == checkpoint.sha256_file(root / "sam-hf" / "model.safetensors")
@@ -193,6 +220,15 @@ def test_sam_pth_mapping_infers_the_architecture(parts):
     root, reference = parts
     weights, gaussian = sam_pth_to_hf(torch.load(root / "medsam_vit_tiny.pth", weights_only=True))
     config = sam_config_from_weights(weights)
-    assert config == dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, global_attn_indexes=[1], window_size=2,
-                          output_channels=16, image_size=32, patch_size=8, mlp_dim=64)  # fmt: skip
+    assert config == dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        global_attn_indexes=[1],
+        window_size=2,
+        output_channels=16,
+        image_size=32,
+        patch_size=8,
+        mlp_dim=64,
+    )
     assert gaussian is not None

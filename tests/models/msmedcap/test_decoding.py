@@ -15,19 +15,39 @@ from tests.models.parts import one_thread, tiny_tokenizers
 
 def tiny_opt(**overrides) -> OPTForCausalLM:
     torch.manual_seed(0)
-    values = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, max_position_embeddings=64,
-                  word_embed_proj_dim=32, bos_token_id=2, eos_token_id=2, pad_token_id=1)  # fmt: skip
+    values = dict(
+        vocab_size=60,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     config = OPTConfig(**(values | overrides))
     return OPTForCausalLM(config).eval()
 
 
 def reference(lm, embeds, greedy: Greedy) -> torch.Tensor:
-    return lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long), do_sample=False, num_beams=1,
-                       max_new_tokens=greedy.max_new_tokens, min_new_tokens=greedy.min_new_tokens,
-                       repetition_penalty=greedy.repetition_penalty, eos_token_id=greedy.eos_id, pad_token_id=greedy.pad_id)  # fmt: skip
+    return lm.generate(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=greedy.max_new_tokens,
+        min_new_tokens=greedy.min_new_tokens,
+        repetition_penalty=greedy.repetition_penalty,
+        eos_token_id=greedy.eos_id,
+        pad_token_id=greedy.pad_id,
+    )
 
 
-@pytest.mark.parametrize("variant", [{}, {"word_embed_proj_dim": 16, "do_layer_norm_before": False}], ids=["opt-2.7b-like", "opt-350m-like"])
+@pytest.mark.parametrize(
+    "variant", [{}, {"word_embed_proj_dim": 16, "do_layer_norm_before": False}], ids=["opt-2.7b-like", "opt-350m-like"]
+)
 @pytest.mark.parametrize(("min_new", "penalty"), [(0, 1.0), (5, 1.0), (1, 1.5)])
 def test_greedy_equals_generate(variant, min_new, penalty):
     lm = tiny_opt(init_std=0.2, **variant)  # wide weights: varied tokens, not one repeated

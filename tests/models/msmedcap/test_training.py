@@ -29,8 +29,15 @@ def synthetic(tmp_path_factory):
 def _model(records, model_type="msmedcap", width=32, queries=4):
     tokenizers = build_small_tokenizers([r.caption for r in records], lm_vocab=300, qformer_vocab=200)
     torch.manual_seed(0)
-    config = tiny_config(model_type, lm_vocab=len(tokenizers.lm), qformer_vocab=len(tokenizers.qformer), width=width, image_size=32,
-                         sam_image_size=64, num_query_tokens=queries)  # fmt: skip
+    config = tiny_config(
+        model_type,
+        lm_vocab=len(tokenizers.lm),
+        qformer_vocab=len(tokenizers.qformer),
+        width=width,
+        image_size=32,
+        sam_image_size=64,
+        num_query_tokens=queries,
+    )
     return MedCapModel(config), tokenizers
 
 
@@ -38,6 +45,7 @@ def test_stage1_losses_fall(synthetic, tmp_path):
     model, tokenizers = _model(synthetic)
     settings = TrainSettings(stage="stage1", branch="sam", max_steps=60, batch_size=16, lr=1e-3, min_lr=1e-4)
     result = train(model, tokenizers, synthetic, settings, tmp_path / "s1", checkpoint.Provenance(), progress=False)
+
     def mean(key, part):
         return np.mean([s[key] for s in part])
 
@@ -90,8 +98,9 @@ def test_interrupted_stage2_resumes_to_the_same_weights(synthetic, tmp_path, mon
     assert torch.load(tmp_path / "run" / "training_state.pt", weights_only=False)["step"] == 6
 
     resumed_model, tokenizers, _ = checkpoint.load(tmp_path / "run")
-    resumed = train(resumed_model, tokenizers, synthetic[:40], settings, tmp_path / "run", checkpoint.Provenance(), resume=True,
-                    progress=False)  # fmt: skip
+    resumed = train(
+        resumed_model, tokenizers, synthetic[:40], settings, tmp_path / "run", checkpoint.Provenance(), resume=True, progress=False
+    )
     assert resumed.steps == reference.steps == 10
     final, _, _ = checkpoint.load(tmp_path / "run")
     expected, _, _ = checkpoint.load(tmp_path / "ref")
@@ -104,8 +113,16 @@ def test_resume_refuses_different_settings(synthetic, tmp_path):
     settings = TrainSettings(stage="stage2", max_steps=2, batch_size=8)
     train(model, tokenizers, synthetic[:16], settings, tmp_path / "run", checkpoint.Provenance(), progress=False)
     with pytest.raises(ValueError, match="settings differ"):
-        train(model, tokenizers, synthetic[:16], TrainSettings(stage="stage2", max_steps=4, batch_size=8), tmp_path / "run",
-              checkpoint.Provenance(), resume=True, progress=False)  # fmt: skip
+        train(
+            model,
+            tokenizers,
+            synthetic[:16],
+            TrainSettings(stage="stage2", max_steps=4, batch_size=8),
+            tmp_path / "run",
+            checkpoint.Provenance(),
+            resume=True,
+            progress=False,
+        )
 
 
 def test_settings_validate():
@@ -135,8 +152,9 @@ def test_each_distinct_image_is_encoded_once_and_can_live_on_disk(synthetic, tmp
     assert memory.rows == [0, 0, 1] and memory.by_name["sam"].shape[0] == 2
     disk = encode_images(model, records, transform, ["sam"], 2, progress=False, cache_dir=tmp_path / "features")
     assert (tmp_path / "features" / "sam.npy").is_file()
-    assert torch.allclose(disk.batch("sam", [0, 1, 2], torch.device("cpu")), memory.batch("sam", [0, 1, 2], torch.device("cpu")),
-                          atol=1e-2, rtol=1e-2)  # fmt: skip
+    assert torch.allclose(
+        disk.batch("sam", [0, 1, 2], torch.device("cpu")), memory.batch("sam", [0, 1, 2], torch.device("cpu")), atol=1e-2, rtol=1e-2
+    )
     settings = TrainSettings(stage="stage2", max_steps=2, batch_size=8, feature_cache="disk")
     train(model, _model(synthetic)[1], synthetic[:16], settings, tmp_path / "run", checkpoint.Provenance(), progress=False)
     assert (tmp_path / "run.features" / "clip.npy").is_file()

@@ -56,6 +56,7 @@ def test_only_admins_get_in(client, accounts):
     assert client.get("/api/admin/audit").json() == {"detail": "this needs the admin role"}
 
 
+@pytest.mark.peers
 def test_failed_work_is_retried_and_resent_from_the_overview(client, accounts, db, clock, settings, listener, assembler, draft_id):
     # Real failed work: the approved draft's verified SR is refused on its way out; late images make a version whose job fails.
     reviews = Reviews(db, clock, reports_dir=settings.reports_dir, destinations=[DESTINATION], organization="General Hospital")
@@ -67,8 +68,16 @@ def test_failed_work_is_retried_and_resent_from_the_overview(client, accounts, d
     def refuse(destination: str) -> object:
         raise ValueError("no such host")
 
-    dispatcher = DispatchRunner(db, clock, "worker:test", resolve=refuse, sender=lambda d, p: pytest.fail("must not send"),  # type: ignore[arg-type, return-value]
-                                max_attempts=1, retry_delay=lambda n: 1.0, stale_seconds=60)  # fmt: skip
+    dispatcher = DispatchRunner(
+        db,
+        clock,
+        "worker:test",
+        resolve=refuse,
+        sender=lambda d, p: pytest.fail("must not send"),  # type: ignore[arg-type, return-value]
+        max_attempts=1,
+        retry_delay=lambda n: 1.0,
+        stale_seconds=60,
+    )
     assert dispatcher.run(dispatch_id) == "failed"
     assert storescu(listener, series_files("ct-head-ge")[8:10]).returncode == 0
     clock.advance(settings.quiet_seconds + 1)
@@ -96,15 +105,25 @@ def test_failed_work_is_retried_and_resent_from_the_overview(client, accounts, d
     with db.session() as s:
         job = s.get(Job, job_id)
     assert (job.status, job.attempts) == ("queued", 0)
-    assert len(events(db, "job.enqueued")) + len(events(db, "job.reenqueued")) == published, "queued for the assembler to publish, nothing more"
+    assert len(events(db, "job.enqueued")) + len(events(db, "job.reenqueued")) == published, (
+        "queued for the assembler to publish, nothing more"
+    )
     (requested,) = events(db, "job.retry_requested")
-    assert (requested.actor, requested.object_id, requested.details["previous_error"]) == ("user:root", str(job_id), "unreadable pixel data")
+    assert (requested.actor, requested.object_id, requested.details["previous_error"]) == (
+        "user:root",
+        str(job_id),
+        "unreadable pixel data",
+    )
     again = client.post(f"/admin/jobs/{job_id}/retry", data=buttons[f"/admin/jobs/{job_id}/retry"])
     assert again.status_code == 409 and "only failed jobs are retried" in again.text
 
-    elsewhere = client.post(f"/admin/reports/{verified.sop_instance_uid}/resend", data={"csrf_token": csrf, "destination": "EVIL@10.6.6.6:104"})
+    elsewhere = client.post(
+        f"/admin/reports/{verified.sop_instance_uid}/resend", data={"csrf_token": csrf, "destination": "EVIL@10.6.6.6:104"}
+    )
     assert elsewhere.status_code == 409 and "neither a destination of SR" in unescape(elsewhere.text)
-    resent = client.post(f"/admin/reports/{verified.sop_instance_uid}/resend", data=buttons[f"/admin/reports/{verified.sop_instance_uid}/resend"])
+    resent = client.post(
+        f"/admin/reports/{verified.sop_instance_uid}/resend", data=buttons[f"/admin/reports/{verified.sop_instance_uid}/resend"]
+    )
     assert resent.status_code == 303
     with db.session() as s:
         dispatches = s.scalars(select(Dispatch).where(Dispatch.sr_document_id == verified.id)).all()
@@ -167,11 +186,19 @@ def test_statistics_per_model_version(client, accounts, db, clock):
     stats = client.get("/api/admin/stats", params={"since": "2026-01-05", "until": "2026-01-05"}).json()
     assert stats["since"].startswith("2026-01-05T00:00:00") and stats["until"].startswith("2026-01-06T00:00:00")
     assert [(t["model_version"], t["studies"], t["approval_median_seconds"], t["total_p90_seconds"]) for t in stats["turnaround"]] == [
-        ("1.0", 3, 600.0, 1320.0), ("2.0", 2, 60.0, 300.0)]  # fmt: skip
-    assert [(q["model_version"], q["approved_unchanged_rate"], q["median_edit_distance"]) for q in stats["quality"]] == [("1.0", pytest.approx(1 / 3), 0), ("2.0", 0.0, 5)]
+        ("1.0", 3, 600.0, 1320.0),
+        ("2.0", 2, 60.0, 300.0),
+    ]
+    assert [(q["model_version"], q["approved_unchanged_rate"], q["median_edit_distance"]) for q in stats["quality"]] == [
+        ("1.0", pytest.approx(1 / 3), 0),
+        ("2.0", 0.0, 5),
+    ]
     assert client.get("/api/admin/stats", params={"since": "2026-02-01"}).json()["turnaround"] == []
     studies = client.get("/api/admin/turnaround", params={"limit": 2}).json()
-    assert [(s["accession_number"], s["draft_seconds"], s["approved_at"]) for s in studies] == [("A1005", 90.0, None), ("A1004", 240.0, "2026-01-05T08:55:00Z")]
+    assert [(s["accession_number"], s["draft_seconds"], s["approved_at"]) for s in studies] == [
+        ("A1005", 90.0, None),
+        ("A1004", 240.0, "2026-01-05T08:55:00Z"),
+    ]
     assert client.get("/api/admin/stats", params={"since": "soon"}).status_code == 400
 
 
@@ -179,22 +206,32 @@ def test_user_management(client, accounts, db, clock):
     csrf = sign_in(client, "root")
     page = client.get("/admin/users")
     assert re.findall(r'<tr data-user="([^"]+)">', page.text) == ["jones", "root", "smith"]
-    assert client.post("/admin/users", data={"username": "brown", "display_name": "Brown^Ann", "role": "radiologist", "password": PASSWORD}).status_code == 403
+    assert (
+        client.post(
+            "/admin/users", data={"username": "brown", "display_name": "Brown^Ann", "role": "radiologist", "password": PASSWORD}
+        ).status_code
+        == 403
+    )
 
-    added = client.post("/admin/users", data={"csrf_token": csrf, "username": "brown", "display_name": "Brown^Ann", "role": "radiologist",
-                                              "password": PASSWORD})  # fmt: skip
+    added = client.post(
+        "/admin/users",
+        data={"csrf_token": csrf, "username": "brown", "display_name": "Brown^Ann", "role": "radiologist", "password": PASSWORD},
+    )
     assert added.status_code == 303 and "User brown added as radiologist." in client.get(added.headers["location"]).text
     users = Users(db, clock)
     assert users.authenticate("brown", PASSWORD).display_name == "Brown^Ann"  # type: ignore[union-attr]
     (event,) = events(db, "user.added")[-1:]
     assert (event.actor, event.object_id, event.details["role"]) == ("user:root", "brown", "radiologist")
 
-    short = client.post("/admin/users", data={"csrf_token": csrf, "username": "white", "display_name": "White^Bo", "role": "admin",
-                                              "password": "short pw"})  # fmt: skip
+    short = client.post(
+        "/admin/users", data={"csrf_token": csrf, "username": "white", "display_name": "White^Bo", "role": "admin", "password": "short pw"}
+    )
     assert short.status_code == 400 and "at least 12 characters" in short.text
     assert 'value="White^Bo"' in short.text and "short pw" not in short.text, "the form is kept, the password is not echoed"
-    twice = client.post("/admin/users", data={"csrf_token": csrf, "username": "brown", "display_name": "Brown^Ann", "role": "radiologist",
-                                              "password": PASSWORD})  # fmt: skip
+    twice = client.post(
+        "/admin/users",
+        data={"csrf_token": csrf, "username": "brown", "display_name": "Brown^Ann", "role": "radiologist", "password": PASSWORD},
+    )
     assert twice.status_code == 400 and "exists already" in unescape(twice.text)
 
     disabled = client.post("/admin/users/smith/disable", data={"csrf_token": csrf})
@@ -202,7 +239,9 @@ def test_user_management(client, accounts, db, clock):
     assert re.search(r'<tr data-user="smith">.*?<td class="state">disabled</td>', client.get("/admin/users").text, flags=re.S)
     assert client.post("/admin/users/smith/enable", data={"csrf_token": csrf}).status_code == 303
     assert users.authenticate("smith", PASSWORD) is not None
-    assert [e.object_id for e in events(db, "user.disabled")] == ["smith"] and [e.actor for e in events(db, "user.enabled")] == ["user:root"]
+    assert [e.object_id for e in events(db, "user.disabled")] == ["smith"] and [e.actor for e in events(db, "user.enabled")] == [
+        "user:root"
+    ]
 
     reset = client.post("/admin/users/jones/password", data={"csrf_token": csrf, "password": "a new long passphrase"})
     assert reset.status_code == 303 and users.authenticate("jones", "a new long passphrase") is not None
@@ -229,7 +268,12 @@ def test_the_admin_json_api(client, accounts, db):
     new = {"username": "brown", "display_name": "Brown^Ann", "role": "radiologist", "password": PASSWORD}
     assert client.post("/api/admin/users", json=new).status_code == 403, "no CSRF header"
     created = client.post("/api/admin/users", json=new, headers=headers)
-    assert created.status_code == 201 and created.json() == {"username": "brown", "display_name": "Brown^Ann", "role": "radiologist", "disabled": False}
+    assert created.status_code == 201 and created.json() == {
+        "username": "brown",
+        "display_name": "Brown^Ann",
+        "role": "radiologist",
+        "disabled": False,
+    }
     assert client.post("/api/admin/users", json=new, headers=headers).status_code == 409
     assert client.post("/api/admin/users", json={**new, "username": "Bad Name"}, headers=headers).status_code == 400
     assert client.post("/api/admin/users/brown/disable", headers=headers).status_code == 204

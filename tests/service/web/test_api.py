@@ -42,6 +42,7 @@ def test_me(client, accounts):
     assert len(csrf) >= 32
 
 
+@pytest.mark.peers
 def test_worklist_filters_and_counts(client, two_drafts, radiologist, db):  # signed in after the clock moved on
     ct, mr = two_drafts["CT"], two_drafts["MR"]
     everything = client.get("/api/drafts")
@@ -71,11 +72,19 @@ def test_worklist_filters_and_counts(client, two_drafts, radiologist, db):  # si
     assert client.get("/api/drafts", params={"state": "rejected"}).json()["drafts"] == []
 
 
-@pytest.mark.parametrize("params, status", [
-    ({"modality": "C-T"}, 400), ({"q": "x" * 65}, 400), ({"received_from": "2026-01-05", "received_to": "2026-01-01"}, 400),
-    ({"received_from": "yesterday"}, 422), ({"state": "pending"}, 422), ({"limit": 0}, 422), ({"limit": 1001}, 422),
-    ({"offset": -1}, 422),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "params, status",
+    [
+        ({"modality": "C-T"}, 400),
+        ({"q": "x" * 65}, 400),
+        ({"received_from": "2026-01-05", "received_to": "2026-01-01"}, 400),
+        ({"received_from": "yesterday"}, 422),
+        ({"state": "pending"}, 422),
+        ({"limit": 0}, 422),
+        ({"limit": 1001}, 422),
+        ({"offset": -1}, 422),
+    ],
+)
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_worklist_bad_filters(client, radiologist, params, status):
     response = client.get("/api/drafts", params=params)
@@ -83,6 +92,7 @@ def test_worklist_bad_filters(client, radiologist, params, status):
     assert response.json()["detail"]
 
 
+@pytest.mark.peers
 def test_draft_detail(client, radiologist, draft_id, db):
     detail = client.get(f"/api/drafts/{draft_id}")
     assert detail.status_code == 200
@@ -99,6 +109,7 @@ def test_draft_detail(client, radiologist, draft_id, db):
     assert client.get("/api/drafts/not-a-number").status_code == 422
 
 
+@pytest.mark.peers
 def test_approve_with_edits_then_a_second_approval_is_a_conflict(client, radiologist, accounts, draft_id, db):
     series_uid = client.get(f"/api/drafts/{draft_id}").json()["series"][0]["series_uid"]
     body = {"findings": {series_uid: "  Small hypodensity in the left frontal lobe.  "}, "impression": "Possible small infarct."}
@@ -127,6 +138,7 @@ def test_approve_with_edits_then_a_second_approval_is_a_conflict(client, radiolo
         assert len(s.scalars(select(SRDocument).where(SRDocument.kind == "verified")).all()) == 1
 
 
+@pytest.mark.peers
 def test_reject_with_a_reason(client, radiologist, draft_id, db):
     rejected = client.post(f"/api/drafts/{draft_id}/reject", json={"reason": "Wrong body part described."}, headers=radiologist)
     assert rejected.status_code == 204 and rejected.content == b""
@@ -139,6 +151,7 @@ def test_reject_with_a_reason(client, radiologist, draft_id, db):
     assert (event.actor, event.details["reason"]) == ("user:smith", "Wrong body part described.")
 
 
+@pytest.mark.peers
 def test_bad_input_is_refused_and_changes_nothing(client, radiologist, draft_id, db):
     series_uid = client.get(f"/api/drafts/{draft_id}").json()["series"][0]["series_uid"]
     cases = [
@@ -164,6 +177,7 @@ def test_bad_input_is_refused_and_changes_nothing(client, radiologist, draft_id,
     assert client.get(f"/api/drafts/{draft_id}").json()["state"] == "awaiting review"
 
 
+@pytest.mark.peers
 def test_posts_need_the_csrf_header(client, radiologist, draft_id, db):
     token = radiologist["X-CSRF-Token"]
     for headers in ({}, {"X-CSRF-Token": ""}, {"X-CSRF-Token": token[:-1]}, {"X-CSRF-Token": token + "x"}):
@@ -183,6 +197,7 @@ def test_posts_need_the_csrf_header(client, radiologist, draft_id, db):
     assert client.post(f"/api/drafts/{draft_id}/approve", json={}, headers={"X-CSRF-Token": token}).status_code == 200
 
 
+@pytest.mark.peers
 def test_an_admin_cannot_use_the_review_api(client, accounts, draft_id):
     csrf = sign_in(client, "root")
     assert client.get("/api/me").json()["role"] == "admin"
@@ -198,7 +213,9 @@ def test_openapi_documents_the_api(client):
     assert schema.status_code == 200
     spec = schema.json()
     paths = spec["paths"]
-    assert {"/api/me", "/api/drafts", "/api/drafts/{draft_id}", "/api/drafts/{draft_id}/approve", "/api/drafts/{draft_id}/reject"} <= set(paths)
+    assert {"/api/me", "/api/drafts", "/api/drafts/{draft_id}", "/api/drafts/{draft_id}/approve", "/api/drafts/{draft_id}/reject"} <= set(
+        paths
+    )
     assert set(paths["/api/drafts"]) == {"get"} and set(paths["/api/drafts/{draft_id}/approve"]) == {"post"}
     params = {p["name"] for p in paths["/api/drafts"]["get"]["parameters"]}
     assert {"state", "modality", "received_from", "received_to", "q", "limit", "offset"} <= params

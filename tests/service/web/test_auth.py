@@ -240,8 +240,17 @@ def lands_on_this_site(location: str) -> bool:
     return (target.scheme, target.netloc) == ("https", "testserver")
 
 
-OFF_SITE = ["https://evil.example/", "//evil.example/x", "/\\evil.example", "\\\\evil.example", "/\t/evil.example",
-            "javascript:alert(1)", "evil.example", "///evil.example", "https:evil.example"]  # fmt: skip
+OFF_SITE = [
+    "https://evil.example/",
+    "//evil.example/x",
+    "/\\evil.example",
+    "\\\\evil.example",
+    "/\t/evil.example",
+    "javascript:alert(1)",
+    "evil.example",
+    "///evil.example",
+    "https:evil.example",
+]
 
 
 def test_next_cannot_send_a_signed_in_user_elsewhere(app, accounts):
@@ -255,6 +264,7 @@ def test_next_cannot_send_a_signed_in_user_elsewhere(app, accounts):
             assert location == "/worklist" or re.match(r"^/%(5C|09)", location), (target, location)
 
 
+@pytest.mark.peers
 def test_next_leads_back_to_the_page_asked_for(app, accounts, draft_id):
     with browser(app) as c:
         first = c.get(f"/drafts/{draft_id}")
@@ -269,11 +279,14 @@ def test_next_leads_back_to_the_page_asked_for(app, accounts, draft_id):
 # -- headers ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.peers
 def test_security_headers_on_every_kind_of_response(app, accounts, draft_id):
     with browser(app) as c:
         sign_in(c, "smith")
-        responses = {path: c.get(path) for path in ("/login", "/worklist", f"/drafts/{draft_id}", "/api/me", "/api/drafts",
-                                                    "/static/medcap.css", "/no/such/page")}  # fmt: skip
+        responses = {
+            path: c.get(path)
+            for path in ("/login", "/worklist", f"/drafts/{draft_id}", "/api/me", "/api/drafts", "/static/medcap.css", "/no/such/page")
+        }
     with browser(app) as anonymous:
         responses["/worklist (anonymous)"] = anonymous.get("/worklist")
         responses["/api/me (anonymous)"] = anonymous.get("/api/me")
@@ -289,6 +302,7 @@ def test_security_headers_on_every_kind_of_response(app, accounts, draft_id):
 # -- the audit trail -----------------------------------------------------------------------------
 
 
+@pytest.mark.peers
 def test_every_study_view_and_action_is_an_audit_event_with_who_when_what_and_where_from(app, accounts, db, clock, draft_id):
     second = clone_draft(db, draft_id)
     with db.session() as s:
@@ -301,11 +315,18 @@ def test_every_study_view_and_action_is_an_audit_event_with_who_when_what_and_wh
             ("study.viewed", uids[draft_id], lambda: c.get(f"/drafts/{draft_id}")),
             ("worklist.viewed", "awaiting review", lambda: c.get("/api/drafts")),
             ("study.viewed", uids[second], lambda: c.get(f"/api/drafts/{second}")),
-            ("draft.approved", uids[draft_id], lambda: c.post(f"/drafts/{draft_id}/approve", data={"csrf_token": csrf, "impression": "Normal."})),
-            ("draft.rejected", uids[second], lambda: c.post(f"/api/drafts/{second}/reject", json={"reason": "Motion."},
-                                                            headers={"X-CSRF-Token": csrf})),
+            (
+                "draft.approved",
+                uids[draft_id],
+                lambda: c.post(f"/drafts/{draft_id}/approve", data={"csrf_token": csrf, "impression": "Normal."}),
+            ),
+            (
+                "draft.rejected",
+                uids[second],
+                lambda: c.post(f"/api/drafts/{second}/reject", json={"reason": "Motion."}, headers={"X-CSRF-Token": csrf}),
+            ),
             ("auth.logout", "smith", lambda: c.post("/logout", data={"csrf_token": csrf})),
-        ]  # fmt: skip
+        ]
         for n, (action, object_id, step) in enumerate(steps):
             at = clock.advance(60)
             response = step()
@@ -320,4 +341,8 @@ def test_every_study_view_and_action_is_an_audit_event_with_who_when_what_and_wh
         assert admin.get(f"/drafts/{draft_id}").status_code == 403
         (denied,) = events(db, "auth.access_denied")
         assert (denied.actor, denied.at, denied.object_id, denied.details) == (
-            "user:root", at, f"GET /drafts/{draft_id}", {"reason": "this needs the radiologist role", "address": "10.9.9.9"})
+            "user:root",
+            at,
+            f"GET /drafts/{draft_id}",
+            {"reason": "this needs the radiologist role", "address": "10.9.9.9"},
+        )

@@ -142,22 +142,41 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/worklist"): Rule(LOGIN, 200, DENIED),
     ("GET", "/drafts/{draft_id}"): Rule(LOGIN, 200, DENIED, call=_path("/drafts/{draft_id}")),
     ("GET", "/drafts/{draft_id}/images/{sop_instance_uid}.png"): Rule(
-        LOGIN, 200, DENIED, call=_path("/drafts/{draft_id}/images/{sop_instance_uid}.png")),
+        LOGIN, 200, DENIED, call=_path("/drafts/{draft_id}/images/{sop_instance_uid}.png")
+    ),
     ("POST", "/drafts/{draft_id}/approve"): Rule(
-        LOGIN, 303, DENIED, csrf=True, location="/drafts/",
-        call=lambda w: Call(f"/drafts/{w.fresh_draft()}/approve", data={f"finding:{w.series_uid}": "Edited.", "impression": "Normal."})),
+        LOGIN,
+        303,
+        DENIED,
+        csrf=True,
+        location="/drafts/",
+        call=lambda w: Call(f"/drafts/{w.fresh_draft()}/approve", data={f"finding:{w.series_uid}": "Edited.", "impression": "Normal."}),
+    ),
     ("POST", "/drafts/{draft_id}/reject"): Rule(
-        LOGIN, 303, DENIED, csrf=True, location="/drafts/",
-        call=lambda w: Call(f"/drafts/{w.fresh_draft()}/reject", data={"reason": "Wrong series."})),
+        LOGIN,
+        303,
+        DENIED,
+        csrf=True,
+        location="/drafts/",
+        call=lambda w: Call(f"/drafts/{w.fresh_draft()}/reject", data={"reason": "Wrong series."}),
+    ),
     ("GET", "/api/drafts"): Rule(LOGIN, 200, DENIED),
     ("GET", "/api/drafts/{draft_id}"): Rule(LOGIN, 200, DENIED, call=_path("/api/drafts/{draft_id}")),
     ("POST", "/api/drafts/{draft_id}/approve"): Rule(
-        LOGIN, 200, DENIED, csrf=True,
-        call=lambda w: Call(f"/api/drafts/{w.fresh_draft()}/approve", json={"findings": {w.series_uid: "Edited."}}, csrf_in="header")),
+        LOGIN,
+        200,
+        DENIED,
+        csrf=True,
+        call=lambda w: Call(f"/api/drafts/{w.fresh_draft()}/approve", json={"findings": {w.series_uid: "Edited."}}, csrf_in="header"),
+    ),
     ("POST", "/api/drafts/{draft_id}/reject"): Rule(
-        LOGIN, 204, DENIED, csrf=True,
-        call=lambda w: Call(f"/api/drafts/{w.fresh_draft()}/reject", json={"reason": "Wrong series."}, csrf_in="header")),
-}  # fmt: skip
+        LOGIN,
+        204,
+        DENIED,
+        csrf=True,
+        call=lambda w: Call(f"/api/drafts/{w.fresh_draft()}/reject", json={"reason": "Wrong series."}, csrf_in="header"),
+    ),
+}
 
 
 def rule_for(route: RouteInfo) -> Rule | None:
@@ -299,9 +318,11 @@ def world(app, db, accounts, draft_id) -> Iterator[World]:  # type: ignore[no-un
         draft = s.scalars(select(Draft).where(Draft.sr_document_id == draft_id)).first()
         key_image, series_uid = draft.key_images[0]["sop_instance_uid"], draft.series_uid
     w = World(app, db, draft_id, key_image, series_uid)
-    with (TestClient(app, base_url="https://testserver", follow_redirects=False) as anonymous,
-          TestClient(app, base_url="https://testserver", follow_redirects=False) as radiologist,
-          TestClient(app, base_url="https://testserver", follow_redirects=False) as admin):  # fmt: skip
+    with (
+        TestClient(app, base_url="https://testserver", follow_redirects=False) as anonymous,
+        TestClient(app, base_url="https://testserver", follow_redirects=False) as radiologist,
+        TestClient(app, base_url="https://testserver", follow_redirects=False) as admin,
+    ):
         w.clients = {"anonymous": anonymous, "radiologist": radiologist, "admin": admin}
         w.csrf = {"radiologist": sign_in(radiologist, "smith"), "admin": sign_in(admin, "root")}
         yield w
@@ -336,6 +357,7 @@ def test_every_route_has_a_rule(app):
     assert all(r.key in RULES or r.is_admin for r in routes)
 
 
+@pytest.mark.peers
 def test_authorization_matrix(app, world, db):
     """Every route, every kind of caller: collect every mismatch, then fail once listing them all."""
     problems: list[str] = []

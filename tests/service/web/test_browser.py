@@ -71,8 +71,14 @@ def screenshot(driver: webdriver.Chrome, name: str, tmp_path: Path) -> None:
     """The whole page as PNG: always beside the test's files, and into docs/screenshots when asked for."""
     driver.execute_script("document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0)")
     metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
-    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": {
-        "x": 0, "y": 0, "width": 1280, "height": min(int(metrics["height"]), 4000), "scale": 1}})  # fmt: skip
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": 1280, "height": min(int(metrics["height"]), 4000), "scale": 1},
+        },
+    )
     png = base64.b64decode(shot["data"])
     (tmp_path / f"{name}.png").write_bytes(png)
     if os.environ.get("MEDCAP_TEST_SCREENSHOTS") == "1":
@@ -83,9 +89,11 @@ def screenshot(driver: webdriver.Chrome, name: str, tmp_path: Path) -> None:
             print(f"could not save {name}.png to {SCREENSHOTS}: {exc}")
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_a_radiologist_signs_in_reviews_edits_and_approves_in_chromium(make_settings, tmp_path, tiny_model, clean_pacs, pacs_studies,
-                                                                        chromium):  # fmt: skip
+def test_a_radiologist_signs_in_reviews_edits_and_approves_in_chromium(
+    make_settings, tmp_path, tiny_model, clean_pacs, pacs_studies, chromium
+):
     orthanc, driver = clean_pacs, chromium
     study = pacs_studies["ct-head-ge"]
     web_port = free_port()
@@ -117,10 +125,13 @@ def test_a_radiologist_signs_in_reviews_edits_and_approves_in_chromium(make_sett
         driver.find_element(By.ID, "username").send_keys("smith")
         driver.find_element(By.ID, "password").send_keys(PASSWORD)
         driver.find_element(By.ID, "sign-in").click()
-        wait.until(lambda d: d.current_url != f"{base}/login?next=/worklist" and d.execute_script("return document.readyState") == "complete")
+        wait.until(
+            lambda d: d.current_url != f"{base}/login?next=/worklist" and d.execute_script("return document.readyState") == "complete"
+        )
         cookie = driver.get_cookie("medcap_session")
-        assert cookie is not None, ("Chromium did not keep the Secure session cookie on http://localhost: "
-                                    f"{driver.get_cookies()}; page: {driver.current_url}")  # fmt: skip
+        assert cookie is not None, (
+            f"Chromium did not keep the Secure session cookie on http://localhost: {driver.get_cookies()}; page: {driver.current_url}"
+        )
         assert (cookie["secure"], cookie["httpOnly"], cookie["sameSite"]) == (True, True, "Strict")
         assert driver.current_url == f"{base}/worklist", "the Secure cookie was set but not sent back over http://localhost"
         assert driver.execute_script("return document.cookie") == ""  # HttpOnly: scripts cannot read the session
@@ -137,7 +148,9 @@ def test_a_radiologist_signs_in_reviews_edits_and_approves_in_chromium(make_sett
         wait.until(lambda d: d.current_url == f"{base}/drafts/{draft.id}" and d.execute_script("return document.readyState") == "complete")
         assert driver.find_element(By.ID, "status-banner").text.startswith("AI draft — preliminary")
         wait.until(lambda d: d.execute_script("return Array.from(document.images).every(i => i.complete)"))
-        images = driver.execute_script("return Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth, i.naturalHeight])")
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.getAttribute('src'), i.naturalWidth, i.naturalHeight])"
+        )
         assert len(images) == 3 and all(w > 0 and h > 0 for _, w, h in images), images
         assert all(src.startswith(f"/drafts/{draft.id}/images/") for src, _, _ in images)
         finding = driver.find_element(By.CSS_SELECTOR, "textarea[name^='finding:']")
@@ -180,10 +193,19 @@ def test_a_radiologist_signs_in_reviews_edits_and_approves_in_chromium(make_sett
         assert driver.current_url == f"{base}/login?next=/drafts/{draft.id}"
 
         with db.session() as s:
-            trail = [(e.action, e.details.get("address")) for e in s.scalars(select(AuditEvent).where(AuditEvent.actor == "user:smith")
-                                                                              .order_by(AuditEvent.id))]  # fmt: skip
-        assert [a for a, _ in trail] == ["auth.login", "worklist.viewed", "study.viewed", "draft.approved", "dispatch.queued",
-                                         "study.viewed", "auth.logout"]  # fmt: skip
+            trail = [
+                (e.action, e.details.get("address"))
+                for e in s.scalars(select(AuditEvent).where(AuditEvent.actor == "user:smith").order_by(AuditEvent.id))
+            ]
+        assert [a for a, _ in trail] == [
+            "auth.login",
+            "worklist.viewed",
+            "study.viewed",
+            "draft.approved",
+            "dispatch.queued",
+            "study.viewed",
+            "auth.logout",
+        ]
         assert {address for action, address in trail if action != "dispatch.queued"} == {"127.0.0.1"}
     except WebDriverException as exc:
         pytest.fail(f"the browser failed: {exc.msg}\n{serve.output()[-3000:]}")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 
 import pydicom
+import pytest
 from sqlalchemy import select
 
 from service.schema import AuditEvent, SRDocument
 from tests.service.web.conftest import sign_in
 
 
+@pytest.mark.peers
 def test_a_radiologist_reviews_edits_and_approves_a_draft(client, accounts, draft_id, db):
     sign_in(client, "smith")
     worklist = client.get("/worklist")
@@ -24,7 +26,9 @@ def test_a_radiologist_reviews_edits_and_approves_a_draft(client, accounts, draf
     assert png.status_code == 200 and png.headers["content-type"] == "image/png" and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
     series_field = re.search(r'name="(finding:[0-9.]+)"', page.text).group(1)
-    approved = client.post(f"/drafts/{draft_id}/approve", data={"csrf_token": csrf, series_field: "Edited finding.", "impression": "Normal."})
+    approved = client.post(
+        f"/drafts/{draft_id}/approve", data={"csrf_token": csrf, series_field: "Edited finding.", "impression": "Normal."}
+    )
     assert approved.status_code == 303
     after = client.get(approved.headers["location"])
     assert "Approved by a radiologist" in after.text and 'id="review-state">approved<' in after.text
@@ -35,6 +39,7 @@ def test_a_radiologist_reviews_edits_and_approves_a_draft(client, accounts, draf
     assert viewed.actor == "user:smith" and viewed.details["address"] == "testclient"
 
 
+@pytest.mark.peers
 def test_approval_without_the_csrf_token_is_refused_and_recorded(client, accounts, draft_id, db):
     sign_in(client, "smith")
     response = client.post(f"/drafts/{draft_id}/approve", data={"impression": "Normal."})
