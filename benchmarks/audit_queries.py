@@ -140,11 +140,13 @@ def generate(conn: Any, studies: int, events: int) -> None:
     run(
         """UPDATE reviews SET verified_sr_id = v.id FROM sr_documents v WHERE v.kind = 'verified' AND v.predecessor_id = reviews.draft_sr_id"""
     )
-    run("""INSERT INTO dispatches (sr_document_id, destination, status, attempts, created_at, delivered_at, error)
+    run("""INSERT INTO outputs (report_id, kind, media_type, path, sha256, created_at)
+           SELECT id, 'dicom-sr', 'application/dicom', path, sha256, created_at FROM sr_documents""")
+    run("""INSERT INTO dispatches (output_id, destination, status, attempts, created_at, delivered_at, error)
            SELECT id, 'PACS@10.0.0.9:104', CASE WHEN id % 100 = 3 THEN 'failed' ELSE 'delivered' END, CASE WHEN id % 100 = 3 THEN 5 ELSE 1 END,
                   created_at, CASE WHEN id % 100 = 3 THEN NULL ELSE created_at + interval '2 seconds' END,
                   CASE WHEN id % 100 = 3 THEN 'gave up after 5 attempts: association refused' END
-           FROM sr_documents""")
+           FROM outputs""")
     run("""INSERT INTO dispatch_attempts (dispatch_id, number, started_at, finished_at, outcome, error, instances, worker)
            SELECT id, 5, created_at + interval '1 hour', created_at + interval '1 hour 5 seconds', 'transient', error, '[]', 'worker:gpu1'
            FROM dispatches WHERE status = 'failed'""")

@@ -445,7 +445,7 @@ class MedCapServe:
         """Per study: received, the job milestones, and the dispatch's own steps."""
         from sqlalchemy import func, select
 
-        from service.schema import Dispatch, DispatchAttempt, Instance, SRDocument, Study, UTCDateTime
+        from service.schema import Dispatch, DispatchAttempt, Instance, Output, SRDocument, Study, UTCDateTime
 
         jobs = self.jobs_by_study()
         with self.engine.connect() as conn:
@@ -469,7 +469,9 @@ class MedCapServe:
                     Dispatch.enqueued_at,
                     Dispatch.started_at,
                     Dispatch.delivered_at,
-                ).join(SRDocument, SRDocument.id == Dispatch.sr_document_id)
+                )
+                .join(Output, Output.id == Dispatch.output_id)
+                .join(SRDocument, SRDocument.id == Output.report_id)
             ).all()
             attempts = conn.execute(
                 select(

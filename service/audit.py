@@ -36,6 +36,7 @@ class Action(enum.StrEnum):
     JOB_RETRY_SCHEDULED = "job.retry_scheduled"
     JOB_RETRY_REQUESTED = "job.retry_requested"
     SR_WRITTEN = "sr.written"
+    OUTPUT_BUILT = "output.built"
     DISPATCH_QUEUED = "dispatch.queued"
     DISPATCH_ENQUEUED = "dispatch.enqueued"
     DISPATCH_DELIVERED = "dispatch.delivered"

@@ -28,7 +28,20 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.database import Database
-from service.schema import AuditEvent, Dispatch, DispatchStatus, Job, JobStatus, Review, SRDocument, SRKind, Study, User, UTCDateTime
+from service.schema import (
+    AuditEvent,
+    Dispatch,
+    DispatchStatus,
+    Job,
+    JobStatus,
+    Output,
+    Review,
+    SRDocument,
+    SRKind,
+    Study,
+    User,
+    UTCDateTime,
+)
 
 MAX_ROWS = 100_000  # the most one search (or CSV export) returns
 
@@ -547,7 +560,8 @@ def sr_destinations(db: Database, sr_uid: str) -> list[str]:
         return list(
             s.scalars(
                 select(Dispatch.destination)
-                .join(SRDocument, SRDocument.id == Dispatch.sr_document_id)
+                .join(Output, Output.id == Dispatch.output_id)
+                .join(SRDocument, SRDocument.id == Output.report_id)
                 .where(SRDocument.sop_instance_uid == sr_uid)
                 .order_by(Dispatch.id)
             )

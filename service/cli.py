@@ -518,7 +518,7 @@ def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
-    from service import audit
+    from service import audit, outputs
     from service.clock import SystemClock
     from service.reports import RequeueError, resend_report
 
@@ -527,7 +527,15 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
     try:
         for d in args.destination:
             settings.destination(d)  # validates the form
-        queued = resend_report(db, SystemClock(), args.sr, destinations, audit.cli_actor(getpass.getuser()), force=bool(args.destination))
+        queued = resend_report(
+            db,
+            SystemClock(),
+            args.sr,
+            destinations,
+            audit.cli_actor(getpass.getuser()),
+            force=bool(args.destination),
+            kinds=outputs.configured(settings),
+        )
     except (RequeueError, ValueError) as exc:
         raise CommandError(str(exc)) from None
     make_assembler(settings, db).publish_dispatches()

@@ -1,4 +1,4 @@
-"""The life of a dispatch (one SR to one destination): every status change of a ``dispatches`` row
+"""The life of a dispatch (one output of a report to one destination): every status change of a ``dispatches`` row
 happens here, and nowhere else.
 
 ::
@@ -26,12 +26,13 @@ from typing import Any, Protocol
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service import audit
+from service import audit, outputs
 from service import job_lifecycle as jobs
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
-from service.schema import Dispatch, DispatchStatus, SRDocument, SRKind, Study
+from service.outputs import OutputKinds
+from service.schema import Dispatch, DispatchStatus, Output, SRDocument, SRKind, Study
 
 LOG = logging.getLogger(__name__)
 
@@ -86,9 +87,13 @@ def apply(s: Session, dispatch_id: int, event: DispatchEvent, *conditions: Colum
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def create(s: Session, now: datetime, actor: str, doc: SRDocument, destination: str, study_uid: str | None) -> Dispatch:
-    """A pending dispatch of ``doc`` to ``destination``, in the caller's transaction."""
-    dispatch = Dispatch(sr_document_id=doc.id, destination=destination, status=DispatchStatus.PENDING.value, attempts=0, created_at=now)
+def create(
+    s: Session, now: datetime, actor: str, report: SRDocument, destination: str, study_uid: str | None, kinds: OutputKinds
+) -> Dispatch:
+    """A pending dispatch of ``report`` to ``destination``, in the caller's transaction: the
+    output of the destination's kind is built first if the report has none yet."""
+    output = outputs.ensure(s, now, actor, report, kinds.for_destination(destination))
+    dispatch = Dispatch(output_id=output.id, destination=destination, status=DispatchStatus.PENDING.value, attempts=0, created_at=now)
     s.add(dispatch)
     s.flush()
     audit.record(
@@ -99,16 +104,17 @@ def create(s: Session, now: datetime, actor: str, doc: SRDocument, destination: 
         "dispatch",
         dispatch.id,
         study_uid=study_uid,
-        sr=doc.sop_instance_uid,
+        sr=report.sop_instance_uid,
         destination=destination,
+        output=output.kind,
     )
     return dispatch
 
 
 def create_all(
-    s: Session, now: datetime, actor: str, doc: SRDocument, study_uid: str | None, destinations: Sequence[str]
+    s: Session, now: datetime, actor: str, report: SRDocument, study_uid: str | None, destinations: Sequence[str], kinds: OutputKinds
 ) -> list[Dispatch]:
-    return [create(s, now, actor, doc, destination, study_uid) for destination in destinations]
+    return [create(s, now, actor, report, destination, study_uid, kinds) for destination in destinations]
 
 
 # -- publication --------------------------------------------------------------------------------------
@@ -121,13 +127,14 @@ class Due:
     study_uid: str
 
 
-def due(s: Session, now: datetime, stale_after: timedelta, *, sr_document_id: int | None = None) -> list[Due]:
+def due(s: Session, now: datetime, stale_after: timedelta, *, report_id: int | None = None) -> list[Due]:
     """Dispatches to hand to the broker: new ones, retries whose time has come, and ones whose
     message or worker went quiet for ``stale_after``."""
     stale = now - stale_after
     query = (
         select(Dispatch.id, Dispatch.status, Study.study_uid)
-        .join(SRDocument, SRDocument.id == Dispatch.sr_document_id)
+        .join(Output, Output.id == Dispatch.output_id)
+        .join(SRDocument, SRDocument.id == Output.report_id)
         .join(Study, Study.id == SRDocument.study_id)
         .where(
             or_(
@@ -139,8 +146,8 @@ def due(s: Session, now: datetime, stale_after: timedelta, *, sr_document_id: in
         )
         .order_by(Dispatch.id)
     )
-    if sr_document_id is not None:
-        query = query.where(Dispatch.sr_document_id == sr_document_id)
+    if report_id is not None:
+        query = query.where(Output.report_id == report_id)
     return [Due(dispatch_id, status, study_uid) for dispatch_id, status, study_uid in s.execute(query).all()]
 
 
@@ -164,14 +171,14 @@ def publish_due(
     publisher: DispatchPublisher,
     stale_after: timedelta,
     *,
-    sr_document_id: int | None = None,
+    report_id: int | None = None,
     actor: str = audit.SYSTEM_ASSEMBLER,
 ) -> int:
-    """Publish what is due (all, or one SR's: a caption worker sends its new SR's at once rather
+    """Publish what is due (all, or one report's: a caption worker sends its new SR's at once rather
     than waiting for the assembler's next pass). Returns how many were published."""
     now = clock.now()
     with db.session() as s:
-        items = due(s, now, stale_after, sr_document_id=sr_document_id)
+        items = due(s, now, stale_after, report_id=report_id)
     published = 0
     for item in items:
         try:
@@ -207,12 +214,17 @@ def claim(s: Session, now: datetime, actor: str, dispatch_id: int, stale_after: 
 
 
 def deliver(s: Session, now: datetime, actor: str, dispatch_id: int, **details: Any) -> bool:
-    """Delivered; once every destination of a draft SR has it, its job reaches its last milestone."""
+    """Delivered; once every destination of a draft has each of its outputs, its job reaches its last milestone."""
     if not apply(s, dispatch_id, DispatchEvent.DELIVER, delivered_at=now, error=None):
         return False
     audit.record(s, now, actor, Action.DISPATCH_DELIVERED, "dispatch", dispatch_id, **details)
-    doc_id = s.scalar(select(Dispatch.sr_document_id).where(Dispatch.id == dispatch_id))
-    still_open = s.scalar(select(func.count()).where(Dispatch.sr_document_id == doc_id, Dispatch.status != DispatchStatus.DELIVERED))
+    doc_id = s.scalar(select(Output.report_id).join(Dispatch, Dispatch.output_id == Output.id).where(Dispatch.id == dispatch_id))
+    still_open = s.scalar(
+        select(func.count())
+        .select_from(Dispatch)
+        .join(Output, Output.id == Dispatch.output_id)
+        .where(Output.report_id == doc_id, Dispatch.status != DispatchStatus.DELIVERED)
+    )
     job_id = s.scalar(select(SRDocument.job_id).where(SRDocument.id == doc_id, SRDocument.kind == SRKind.DRAFT))
     if not still_open and job_id is not None:
         jobs.acknowledge(s, now, job_id)

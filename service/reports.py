@@ -14,13 +14,14 @@ from typing import Any
 
 from sqlalchemy import exists, or_, select
 
-from service import audit
+from service import audit, outputs
 from service import dispatch_lifecycle as dispatches
 from service import job_lifecycle as jobs
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
-from service.schema import Dispatch, DispatchStatus, Job, JobStatus, SRDocument, Study, StudyVersion
+from service.outputs import OutputKinds
+from service.schema import Dispatch, DispatchStatus, Job, JobStatus, Output, SRDocument, Study, StudyVersion
 
 
 class RequeueError(ValueError):
@@ -73,13 +74,20 @@ def list_reports(db: Database, *, failed_only: bool = False, limit: int = 50) ->
             .limit(limit)
         )
         if failed_only:
-            failed_dispatch = exists().where(Dispatch.sr_document_id == SRDocument.id, Dispatch.status == DispatchStatus.FAILED)
+            failed_dispatch = exists().where(
+                Output.report_id == SRDocument.id, Dispatch.output_id == Output.id, Dispatch.status == DispatchStatus.FAILED
+            )
             query = query.where(or_(Job.status == JobStatus.FAILED, failed_dispatch))
         rows = s.execute(query).all()
         doc_ids = [row[4] for row in rows if row[4] is not None]
         dispatches: dict[int, list[DispatchState]] = {}
-        for d in s.scalars(select(Dispatch).where(Dispatch.sr_document_id.in_(doc_ids)).order_by(Dispatch.id)):
-            dispatches.setdefault(d.sr_document_id, []).append(DispatchState(d.destination, d.status, d.attempts, d.error))
+        for report_id, d in s.execute(
+            select(Output.report_id, Dispatch)
+            .join(Output, Output.id == Dispatch.output_id)
+            .where(Output.report_id.in_(doc_ids))
+            .order_by(Dispatch.id)
+        ):
+            dispatches.setdefault(report_id, []).append(DispatchState(d.destination, d.status, d.attempts, d.error))
     return [
         ReportStatus(
             job.id,
@@ -111,10 +119,19 @@ def retry_job(db: Database, clock: Clock, job_id: int, actor: str) -> None:
 
 
 def resend_report(
-    db: Database, clock: Clock, sop_instance_uid: str, destinations: Sequence[str], actor: str, *, force: bool = False
+    db: Database,
+    clock: Clock,
+    sop_instance_uid: str,
+    destinations: Sequence[str],
+    actor: str,
+    *,
+    force: bool = False,
+    kinds: OutputKinds | None = None,
 ) -> list[str]:
-    """Queue an SR for ``destinations``: ones never tried get a new dispatch; failed (or, with
-    ``force``, any finished) dispatches start over. Returns the destinations queued."""
+    """Queue a report for ``destinations``: ones never tried get a new dispatch (of the output of
+    the destination's kind); failed (or, with ``force``, any finished) dispatches start over.
+    Returns the destinations queued."""
+    kinds = kinds or outputs.default()
     now = clock.now()
     if not destinations:
         raise RequeueError("no destination: set MEDCAP_DESTINATIONS or pass --destination AE@host:port")
@@ -123,12 +140,15 @@ def resend_report(
         if doc is None:
             raise RequeueError(f"there is no SR {sop_instance_uid}")
         study_uid = s.scalar(select(Study.study_uid).where(Study.id == doc.study_id))
-        existing = {d.destination: d for d in s.scalars(select(Dispatch).where(Dispatch.sr_document_id == doc.id))}
+        existing = {
+            d.destination: d
+            for d in s.scalars(select(Dispatch).join(Output, Output.id == Dispatch.output_id).where(Output.report_id == doc.id))
+        }
         queued = []
         for destination in destinations:
             dispatch = existing.get(destination)
             if dispatch is None:  # a destination it never went to: a new dispatch
-                created = dispatches.create(s, now, actor, doc, destination, study_uid)
+                created = dispatches.create(s, now, actor, doc, destination, study_uid, kinds)
                 audit.record(
                     s,
                     now,

@@ -26,9 +26,11 @@ from dicom_io.atomic import write_atomic
 from dicom_io.sr import SeriesFinding, Verification, read_findings, read_impression, write_verified_sr
 from service import audit
 from service import dispatch_lifecycle as dispatches
+from service import outputs as output_kinds
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
+from service.outputs import OutputKinds
 from service.schema import Decision, Draft, Review, SRDocument, SRKind, Study, StudyVersion
 from service.users import Account
 
@@ -81,11 +83,23 @@ def state_of(decision: str | None, version: int, latest: int) -> ReviewState:
 
 
 class Reviews:
-    def __init__(self, db: Database, clock: Clock, *, reports_dir: Path, destinations: Sequence[str], organization: str) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        *,
+        reports_dir: Path,
+        destinations: Sequence[str],
+        organization: str,
+        outputs: OutputKinds | None = None,
+    ) -> None:
         self.db = db
         self.clock = clock
         self.reports_dir = reports_dir
+        self.outputs = outputs or output_kinds.default()  # each destination gets its kind's output of the verified report
         self.destinations = tuple(destinations)
+        for destination in self.destinations:
+            self.outputs.for_destination(destination)
         self.organization = organization
 
     def view(self, draft_id: int) -> DraftView | None:
@@ -216,7 +230,7 @@ class Reviews:
                     edit_distance=distance,
                     address=address,
                 )
-                dispatches.create_all(s, now, actor, verified, study_uid, self.destinations)
+                dispatches.create_all(s, now, actor, verified, study_uid, self.destinations, self.outputs)
         except IntegrityError:
             path.unlink(missing_ok=True)
             self._conflict(doc, study_uid, reviewer, address)

@@ -273,14 +273,35 @@ class Draft(Base):
     __table_args__ = (UniqueConstraint("sr_document_id", "series_uid"),)
 
 
+class Output(Base):
+    """One report rendered for one output kind (service/outputs): the artefact its dispatches send.
+
+    A DICOM SR output is the report's own SR file; other kinds (an HL7 message, a FHIR resource)
+    are built from the same report. One per report and kind, built once, sent to any number of
+    destinations of that kind.
+    """
+
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("sr_documents.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # an OutputKind's name, e.g. "dicom-sr"
+    media_type: Mapped[str] = mapped_column(String(100))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("report_id", "kind"),)
+
+
 class Dispatch(Base):
-    """One SR on its way to one destination."""
+    """One output on its way to one destination of its kind."""
 
     __tablename__ = "dispatches"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    sr_document_id: Mapped[int] = mapped_column(ForeignKey("sr_documents.id"), index=True)
-    destination: Mapped[str] = mapped_column(String(300))  # AE@host:port
+    output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(300))  # as the output kind writes it, e.g. AE@host:port
     status: Mapped[str] = mapped_column(String(16), index=True)  # DispatchStatus
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -290,7 +311,7 @@ class Dispatch(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (UniqueConstraint("sr_document_id", "destination"),)
+    __table_args__ = (UniqueConstraint("output_id", "destination"),)
 
 
 class DispatchAttempt(Base):

@@ -13,7 +13,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -276,7 +276,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is not None:
         if not config_file.is_file():
             raise SettingsError(f"--config: file {config_file} does not exist")
-        cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}})
+        cls = cast(type[Settings], type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}}))
     try:
         return cls(**overrides)
     except ValidationError as exc:

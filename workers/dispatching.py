@@ -1,29 +1,29 @@
-"""Sending an SR to one destination: claim the dispatch, one association, record what the PACS said.
+"""Sending one output to one destination: claim the dispatch, one attempt by the output's kind,
+record what the peer said.
 
-Every attempt is a row with the per-instance statuses. A transient failure (PACS down, busy,
-timed out) schedules another attempt with exponential backoff; a refusal, or running out of
-attempts, ends in ``failed``: visible in ``medcap reports``, sent again by ``medcap resend``.
-When every destination has acknowledged a draft SR, its job's ``acknowledged_at`` is set.
+Every attempt is a row with the per-item answers (for a DICOM SR, each instance's C-STORE status).
+A transient failure (peer down, busy, timed out) schedules another attempt with exponential
+backoff; a refusal, or running out of attempts, ends in ``failed``: visible in ``medcap
+reports``, sent again by ``medcap resend``. When every destination has acknowledged a draft,
+its job's ``acknowledged_at`` is set.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import timedelta
-from pathlib import Path
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
-from dicom_io.dispatch import Destination, DispatchResult
 from service import dispatch_lifecycle as dispatches
+from service import outputs
 from service.clock import Clock
 from service.database import Database
-from service.schema import Dispatch, DispatchAttempt, SRDocument, Study
+from service.outputs import Delivery, OutputKinds
+from service.schema import Dispatch, DispatchAttempt, Output, SRDocument, Study
 
 LOG = logging.getLogger(__name__)
-
-Sender = Callable[[Destination, list[Path]], DispatchResult]
 
 
 class DispatchRunner:
@@ -33,8 +33,7 @@ class DispatchRunner:
         clock: Clock,
         actor: str,
         *,
-        resolve: Callable[[str], Destination],
-        sender: Sender,
+        kinds: OutputKinds,
         max_attempts: int,
         retry_delay: Callable[[int], float],
         stale_seconds: float,
@@ -42,8 +41,7 @@ class DispatchRunner:
         self.db = db
         self.clock = clock
         self.actor = actor
-        self.resolve = resolve
-        self.sender = sender
+        self.kinds = kinds
         self.max_attempts = max_attempts
         self.retry_delay = retry_delay
         self.stale = timedelta(seconds=stale_seconds)
@@ -56,45 +54,31 @@ class DispatchRunner:
         if not self.claim(dispatch_id):
             return "skipped"
         with self.db.session() as s:
-            dispatch = s.get(Dispatch, dispatch_id)
-            doc = s.get(SRDocument, dispatch.sr_document_id)  # type: ignore[union-attr]
-            study_uid = s.scalar(select(Study.study_uid).where(Study.id == doc.study_id))  # type: ignore[union-attr]
-            destination_text, attempts, path, sop_uid = dispatch.destination, dispatch.attempts, Path(doc.path), doc.sop_instance_uid  # type: ignore[union-attr]
+            dispatch, output, sop_uid, study_uid = s.execute(
+                select(Dispatch, Output, SRDocument.sop_instance_uid, Study.study_uid)
+                .join(Output, Output.id == Dispatch.output_id)
+                .join(SRDocument, SRDocument.id == Output.report_id)
+                .join(Study, Study.id == SRDocument.study_id)
+                .where(Dispatch.id == dispatch_id)
+            ).one()
+            destination, attempts, kind_name, artefact = dispatch.destination, dispatch.attempts, output.kind, outputs.artefact_of(output)
         started = self.clock.now()
-        error: str | None = None
-        result: DispatchResult | None = None
         try:
-            destination = self.resolve(destination_text)
-            if not path.is_file():
-                error = f"the SR file {path} is missing"
-            else:
-                result = self.sender(destination, [path])
-        except ValueError as exc:  # a destination no longer parseable, TLS files gone
-            error = str(exc)
-        return self._record(dispatch_id, study_uid, sop_uid, attempts, started, result, error)
+            delivery = self.kinds.get(kind_name).send(artefact, destination)
+        except LookupError as exc:  # an output kind this deployment no longer has
+            delivery = Delivery(delivered=False, retryable=False, summary=str(exc))
+        return self._record(dispatch_id, study_uid, sop_uid, attempts, started, delivery)
 
-    def _record(
-        self,
-        dispatch_id: int,
-        study_uid: str | None,
-        sop_uid: str,
-        attempts: int,
-        started: object,
-        result: DispatchResult | None,
-        error: str | None,
-    ) -> str:
+    def _record(self, dispatch_id: int, study_uid: str | None, sop_uid: str, attempts: int, started: datetime, delivery: Delivery) -> str:
         now = self.clock.now()
-        if result is not None and result.delivered:
+        if delivery.delivered:
             outcome = "delivered"
-        elif result is not None and result.retryable:
+        elif delivery.retryable:
             outcome = "transient"
         else:
             outcome = "refused"
-        error = error or (None if result is None or result.delivered else result.summary)
-        instances = [
-            {"sop_instance_uid": o.sop_instance_uid, "status": o.status, "category": str(o.category), "error": o.error}
-            for o in (result.outcomes if result else ())
-        ]
+        error = None if delivery.delivered else delivery.summary
+        instances = list(delivery.items)
         with self.db.session() as s:
             s.add(
                 DispatchAttempt(

@@ -14,7 +14,7 @@ import io
 import logging
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -31,9 +31,11 @@ from dicom_io.sr import AlgorithmInfo, SeriesFinding, write_draft_sr
 from service import audit
 from service import dispatch_lifecycle as dispatches
 from service import job_lifecycle as jobs
+from service import outputs as output_kinds
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
+from service.outputs import OutputKinds
 from service.schema import (
     Draft,
     Instance,
@@ -71,6 +73,12 @@ class DraftOptions:
     batch_size: int = 8
     destinations: tuple[str, ...] = ()
     reports_dir: Path = Path("medcap-data/reports")
+    # Each destination gets the output of its kind (service/outputs): the SR over C-STORE by default.
+    outputs: OutputKinds = field(default_factory=output_kinds.default)
+
+    def __post_init__(self) -> None:
+        for destination in self.destinations:
+            self.outputs.for_destination(destination)  # a destination no kind sends to fails here, not after captioning
 
 
 @dataclass(frozen=True)
@@ -260,7 +268,7 @@ class Drafter:
                     weights_sha256=identity.weights_sha256,  # type: ignore[attr-defined]
                     generation_preset=self.options.generation_preset,
                 )
-                dispatches.create_all(s, now, self.actor, doc, source.study_uid, self.options.destinations)
+                dispatches.create_all(s, now, self.actor, doc, source.study_uid, self.options.destinations, self.options.outputs)
                 seconds = (inferred_at - started_at).total_seconds() if started_at is not None else None
                 if not jobs.succeed(
                     s,

@@ -10,9 +10,8 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_ready
 
-from dicom_io.dispatch import send
 from dicom_io.key_slices import KeySliceSpec
-from service import audit, metrics
+from service import audit, metrics, outputs
 from service.clock import SystemClock
 from service.database import Database
 from service.settings import Settings, load_settings
@@ -121,6 +120,7 @@ def caption_study(job_id: int) -> str:
             batch_size=settings.caption_batch_size,
             destinations=tuple(str(d) for d in settings.destination_list),
             reports_dir=settings.reports_dir,
+            outputs=outputs.configured(settings),
         )
         return Drafter(db, SystemClock(), caption_model(settings), options, _actor(), owner=runner.owner).draft(claimed_job_id)
 
@@ -150,23 +150,23 @@ def _send_now(settings: Settings, db: Database, job_id: int) -> None:
             SystemClock(),
             CeleryPublisher(app),
             timedelta(seconds=settings.dispatch_stale_seconds),
-            sr_document_id=doc_id,
+            report_id=doc_id,
             actor=_actor(),
         )
 
 
+# The task keeps its first name ("medcap.send_report"): messages already queued by an older
+# version are still consumed after an upgrade.
 @app.task(name=DISPATCH_TASK, acks_late=True, reject_on_worker_lost=True)
 @metrics.timed_task(DISPATCH_TASK)
-def send_report(dispatch_id: int) -> str:
+def deliver_output(dispatch_id: int) -> str:
+    """Send one dispatch's output to its destination (one attempt)."""
     settings = _settings()
     runner = DispatchRunner(
         _database(settings),
         SystemClock(),
         _actor(),
-        resolve=settings.destination,
-        sender=lambda destination, paths: send(
-            destination, paths, calling_ae=settings.dicom_ae_title, timeout=settings.dispatch_timeout_seconds
-        ),
+        kinds=outputs.configured(settings),
         max_attempts=settings.dispatch_max_attempts,
         retry_delay=settings.retry_delay,
         stale_seconds=settings.dispatch_stale_seconds,

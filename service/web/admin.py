@@ -64,7 +64,7 @@ def resend(ctx: WebContext, who: SignedIn, sr_uid: str, destination: str | None)
         destinations = [destination]
     else:
         destinations = [str(d) for d in ctx.settings.destination_list]
-    return resend_report(ctx.db, ctx.clock, sr_uid, destinations, web_actor(who.account.username))
+    return resend_report(ctx.db, ctx.clock, sr_uid, destinations, web_actor(who.account.username), kinds=ctx.reviews.outputs)
 
 
 def not_yourself(who: SignedIn, username: str, disabled: bool) -> None:

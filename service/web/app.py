@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from service import audit
+from service import audit, outputs
 from service.audit import Action
 from service.clock import Clock, SystemClock
 from service.database import Database
@@ -138,6 +138,7 @@ def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> 
             reports_dir=settings.reports_dir,
             destinations=[str(d) for d in settings.destination_list],
             organization=settings.verifier_organization,
+            outputs=outputs.configured(settings),
         ),
     )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

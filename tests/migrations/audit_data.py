@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from service import audit
 from service.audit import Action
 from service.database import Database
-from service.schema import Dispatch, DispatchAttempt, Draft, Job, Review, SRDocument, Study, StudyVersion, User
+from service.schema import Dispatch, DispatchAttempt, Draft, Job, Output, Review, SRDocument, Study, StudyVersion, User
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 MODEL_A = ("msmedcap", "1.0", "a" * 64)
@@ -42,6 +43,18 @@ STUDIES = [
     StudySpec("A1005", "PAT004", "LOE^ANNA", 4000, ((MODEL_B, 90, None, 0, 0, 0),)),
     StudySpec("A1006", "PAT005", "MOE^IVAN", 5000, ((None, 30, None, 0, 0, 0),)),
 ]
+
+
+def sr_output(s: Session, report_id: int) -> int:
+    """The report's DICOM SR output (what a dispatch sends), as service/outputs builds it."""
+    doc = s.get(SRDocument, report_id)
+    assert doc is not None
+    output = Output(
+        report_id=report_id, kind="dicom-sr", media_type="application/dicom", path=doc.path, sha256=doc.sha256, created_at=doc.created_at
+    )
+    s.add(output)
+    s.flush()
+    return output.id
 
 
 def study_uid(accession: str) -> str:
@@ -205,7 +218,7 @@ def populate(db: Database) -> dict[str, int]:
         # The verified SR of A1001 was refused by the PACS.
         failed_at = T0 + timedelta(seconds=700)
         dispatch = Dispatch(
-            sr_document_id=ids["verified:A1001"],
+            output_id=sr_output(s, ids["verified:A1001"]),
             destination="PACS@10.0.0.9:104",
             status="failed",
             attempts=1,
@@ -233,7 +246,7 @@ def populate(db: Database) -> dict[str, int]:
         # A delivered one, which is not failed work.
         s.add(
             Dispatch(
-                sr_document_id=ids["verified:A1002"],
+                output_id=sr_output(s, ids["verified:A1002"]),
                 destination="PACS@10.0.0.9:104",
                 status="delivered",
                 attempts=1,

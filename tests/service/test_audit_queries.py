@@ -15,8 +15,9 @@ from sqlalchemy import select, update
 from service import audit
 from service import audit_queries as aq
 from service.audit import Action
+from service.outputs import DicomSR, OutputKinds
 from service.review import Reviews, edit_distance
-from service.schema import Dispatch, SRDocument, Study
+from service.schema import Dispatch, Output, SRDocument, Study
 from service.users import Users
 from tests.conftest import series_files, storescu
 from tests.migrations.audit_data import populate
@@ -82,13 +83,12 @@ def test_turnaround_quality_and_failed_work_of_real_reviews(db, clock, settings,
     clock.advance(60)
     with db.session() as s:
         verified = s.scalars(select(SRDocument).where(SRDocument.predecessor_id == draft_id)).one()
-        dispatch_id = s.scalar(select(Dispatch.id).where(Dispatch.sr_document_id == verified.id))
+        dispatch_id = s.scalar(select(Dispatch.id).join(Output).where(Output.report_id == verified.id))
     sender = DispatchRunner(
         db,
         clock,
         "worker:test",
-        resolve=refuse,
-        sender=lambda d, paths: pytest.fail("must not send"),  # type: ignore[arg-type, return-value]
+        kinds=OutputKinds([DicomSR(refuse, lambda d, paths: pytest.fail("must not send"))]),  # type: ignore[arg-type, return-value]
         max_attempts=1,
         retry_delay=lambda n: 1.0,
         stale_seconds=60,
@@ -173,7 +173,7 @@ def test_searching_the_audit_trail(db, clock, draft_id, reviews, smith):
     )
     smiths = aq.search_audit(db, aq.AuditSearch(user="user:smith")).rows
     assert approval in smiths and smiths == aq.search_audit(db, aq.AuditSearch(user="smith")).rows
-    assert {r.action for r in smiths} == {"draft.approved", "dispatch.queued"}
+    assert {r.action for r in smiths} == {"draft.approved", "output.built", "dispatch.queued"}
     jobs = aq.search_audit(db, aq.AuditSearch(action="job.", limit=1000)).rows
     assert jobs and {r.action.split(".")[0] for r in jobs} == {"job"}
     assert {r.actor for r in aq.search_audit(db, aq.AuditSearch(user="worker:test", limit=1000)).rows} == {"worker:test"}

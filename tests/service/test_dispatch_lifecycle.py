@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from service import dispatch_lifecycle as dispatches
 from service.dispatch_lifecycle import TRANSITIONS, DispatchEvent, ForbiddenTransition
-from service.schema import Dispatch, DispatchStatus, SRDocument, Study, StudyVersion
+from service.schema import Dispatch, DispatchStatus, Output, SRDocument, Study, StudyVersion
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,10 @@ def make_dispatch(db, clock, status: DispatchStatus) -> int:  # type: ignore[no-
         )
         s.add(doc)
         s.flush()
-        dispatch = Dispatch(sr_document_id=doc.id, destination="PACS@127.0.0.1:104", status=status.value, attempts=0, created_at=now)
+        output = Output(report_id=doc.id, kind="dicom-sr", media_type="application/dicom", path=doc.path, sha256=doc.sha256, created_at=now)
+        s.add(output)
+        s.flush()
+        dispatch = Dispatch(output_id=output.id, destination="PACS@127.0.0.1:104", status=status.value, attempts=0, created_at=now)
         s.add(dispatch)
         s.flush()
         return dispatch.id
@@ -83,8 +86,8 @@ def test_the_table_reads_as_the_diagram():
     }
 
 
-#: Where each record's status may be written: its lifecycle module, and nowhere else (the schema only declares it).
-OWNERS = {"Job": "service/job_lifecycle.py", "Dispatch": "service/dispatch_lifecycle.py"}
+#: Where each record is created and its status written: its lifecycle module, and nowhere else (the schema only declares it).
+OWNERS = {"Job": "service/job_lifecycle.py", "Dispatch": "service/dispatch_lifecycle.py", "Output": "service/outputs/__init__.py"}
 
 
 @pytest.mark.parametrize("record", sorted(OWNERS))

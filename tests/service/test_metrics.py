@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, select, text
 
 from service import metrics
 from service.reports import resend_report
-from service.schema import Dispatch, DispatchStatus, Job, JobStatus, SRDocument
+from service.schema import Dispatch, DispatchStatus, Job, JobStatus, Output, SRDocument
 from tests.conftest import PG_ADMIN_URL, free_port, storescu
 from tests.pipeline import MR, make_drafter, runner
 from tests.processes import run, settings_env
@@ -99,7 +99,7 @@ def test_the_pipeline_state_is_read_from_the_database_at_each_scrape(
 
     # The PACS is down and we allow one attempt: the dispatch fails. Then it is resent and delivered, 100 s later.
     with db.session() as s:
-        dispatch_id, sr_uid = s.execute(select(Dispatch.id, SRDocument.sop_instance_uid).join(SRDocument)).one()
+        dispatch_id, sr_uid = s.execute(select(Dispatch.id, SRDocument.sop_instance_uid).join(Output).join(SRDocument)).one()
     assert dispatcher(db, clock, settings, max_attempts=1).run(dispatch_id) == "failed"
     m = scrape(endpoint)
     assert value(m, "medcap_dispatches", status="failed") == 1 and value(m, "medcap_dispatch_failures_total") == 1
@@ -200,9 +200,9 @@ def test_task_outcomes_and_durations_are_counted_across_processes(db, multiproce
 def test_the_decorated_task_keeps_its_signature_for_celery():
     from celery.utils.functional import head_from_fun
 
-    from workers.tasks import caption_study, send_report
+    from workers.tasks import caption_study, deliver_output
 
-    for task in (caption_study, send_report):
+    for task in (caption_study, deliver_output):
         check = head_from_fun(task.run)
         check(1)
         with pytest.raises(TypeError):

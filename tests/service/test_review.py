@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from dicom_io.sr import read_findings, read_impression
 from service.review import ReviewConflict, ReviewError, Reviews, ReviewState, edit_distance
-from service.schema import AuditEvent, Dispatch, Review, SRDocument
+from service.schema import AuditEvent, Dispatch, Output, Review, SRDocument
 from service.users import Users
 from tests.conftest import series_files, storescu
 
@@ -37,6 +37,7 @@ def test_approving_as_is_writes_a_verified_sr_that_supersedes_the_draft(db, revi
         draft, verified = s.get(SRDocument, draft_id), s.scalars(select(SRDocument).where(SRDocument.sop_instance_uid == uid)).one()
         review = s.scalars(select(Review)).one()
         dispatch = s.scalars(select(Dispatch)).one()
+        output = s.get(Output, dispatch.output_id)
         event = s.scalars(select(AuditEvent).where(AuditEvent.action == "draft.approved")).one()
     sr = pydicom.dcmread(verified.path)
     assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == ("COMPLETE", "VERIFIED", "FINAL")
@@ -47,7 +48,7 @@ def test_approving_as_is_writes_a_verified_sr_that_supersedes_the_draft(db, revi
     assert sr.VerifyingObserverSequence[0].VerifyingOrganization == "General Hospital"
     assert [f.text for f in read_findings(sr)] == [view.series[0]["text"]]
     assert (review.decision, review.edited, review.edit_distance) == ("approved", False, 0)
-    assert (dispatch.sr_document_id, dispatch.status) == (verified.id, "pending")
+    assert (output.report_id, output.kind, output.path, dispatch.status) == (verified.id, "dicom-sr", verified.path, "pending")
     assert (event.actor, event.details["address"], event.details["verified_sr"]) == ("user:smith", "10.0.0.7", uid)
     assert reviews.view(draft_id).state is ReviewState.APPROVED
     check = subprocess.run(["dciodvfy", "-new", verified.path], capture_output=True, text=True)

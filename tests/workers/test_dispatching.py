@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_io.dispatch import send
+from service.outputs import DicomSR, OutputKinds
 from service.reports import RequeueError, list_reports, resend_report
 from service.schema import AuditEvent, Dispatch, DispatchAttempt, Job, SRDocument
 from tests.conftest import ORTHANC_AET, free_port, wait_until
@@ -68,8 +69,7 @@ def dispatcher(db, clock, settings, max_attempts: int = 3) -> DispatchRunner:  #
         db,
         clock,
         "worker:test",
-        resolve=settings.destination,
-        sender=lambda d, paths: send(d, paths, timeout=5),
+        kinds=OutputKinds([DicomSR(settings.destination, lambda d, paths: send(d, paths, timeout=5))]),
         max_attempts=max_attempts,
         retry_delay=lambda n: 30.0 * n,
         stale_seconds=120,

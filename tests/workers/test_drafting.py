@@ -33,7 +33,7 @@ def test_a_study_becomes_one_draft_sr_with_its_rows_and_audit_trail(db, clock, s
     assert [d.series_uid for d in drafts] == [pydicom.dcmread(CT[0]).SeriesInstanceUID]
     assert len(drafts[0].key_images) == 3 and drafts[0].weights_sha256 == captioner.identity.weights_sha256
     assert (dispatch.destination, dispatch.status) == ("ORTHANC@127.0.0.1:4242", "pending")
-    assert actions[actions.index("job.started") :] == ["job.started", "sr.written", "dispatch.queued", "job.succeeded"]
+    assert actions[actions.index("job.started") :] == ["job.started", "sr.written", "output.built", "dispatch.queued", "job.succeeded"]
 
     sr = pydicom.dcmread(doc.path)
     assert sr.SOPInstanceUID == doc.sop_instance_uid and sr.StudyInstanceUID == pydicom.dcmread(CT[0]).StudyInstanceUID

@@ -127,6 +127,7 @@ def test_embedded_default_ct_and_mr_from_the_pacs_come_back_as_draft_srs(make_se
             "job.enqueued",
             "job.started",
             "sr.written",
+            "output.built",
             "dispatch.queued",
             "job.succeeded",
             "dispatch.enqueued",

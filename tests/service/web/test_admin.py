@@ -14,8 +14,9 @@ from sqlalchemy import select
 
 from service import audit
 from service.audit import Action
+from service.outputs import DicomSR, OutputKinds
 from service.review import Reviews
-from service.schema import AuditEvent, Dispatch, Job, SRDocument
+from service.schema import AuditEvent, Dispatch, Job, Output, SRDocument
 from service.users import Users
 from tests.conftest import series_files, storescu
 from tests.migrations.audit_data import T0, populate
@@ -63,7 +64,7 @@ def test_failed_work_is_retried_and_resent_from_the_overview(client, accounts, d
     reviews.approve(draft_id, accounts["radiologist"])
     with db.session() as s:
         verified = s.scalars(select(SRDocument).where(SRDocument.predecessor_id == draft_id)).one()
-        dispatch_id = s.scalar(select(Dispatch.id).where(Dispatch.sr_document_id == verified.id))
+        dispatch_id = s.scalar(select(Dispatch.id).join(Output).where(Output.report_id == verified.id))
 
     def refuse(destination: str) -> object:
         raise ValueError("no such host")
@@ -72,8 +73,7 @@ def test_failed_work_is_retried_and_resent_from_the_overview(client, accounts, d
         db,
         clock,
         "worker:test",
-        resolve=refuse,
-        sender=lambda d, p: pytest.fail("must not send"),  # type: ignore[arg-type, return-value]
+        kinds=OutputKinds([DicomSR(refuse, lambda d, p: pytest.fail("must not send"))]),  # type: ignore[arg-type, return-value]
         max_attempts=1,
         retry_delay=lambda n: 1.0,
         stale_seconds=60,
@@ -126,7 +126,7 @@ def test_failed_work_is_retried_and_resent_from_the_overview(client, accounts, d
     )
     assert resent.status_code == 303
     with db.session() as s:
-        dispatches = s.scalars(select(Dispatch).where(Dispatch.sr_document_id == verified.id)).all()
+        dispatches = s.scalars(select(Dispatch).join(Output).where(Output.report_id == verified.id)).all()
     assert [(d.id, d.destination, d.status, d.attempts) for d in dispatches] == [(dispatch_id, DESTINATION, "pending", 0)]
     (resend,) = events(db, "dispatch.resend_requested")
     assert (resend.actor, resend.details["destination"], resend.details["sr"]) == ("user:root", DESTINATION, verified.sop_instance_uid)
