@@ -99,7 +99,9 @@ def test_the_pipeline_state_is_read_from_the_database_at_each_scrape(
 
     # The PACS is down and we allow one attempt: the dispatch fails. Then it is resent and delivered, 100 s later.
     with db.session() as s:
-        dispatch_id, sr_uid = s.execute(select(Dispatch.id, SRDocument.sop_instance_uid).join(Output).join(SRDocument)).one()
+        dispatch_id, sr_uid = s.execute(
+            select(Dispatch.id, SRDocument.sop_instance_uid).select_from(Dispatch).join(Output).join(SRDocument)
+        ).one()
     assert dispatcher(db, clock, settings, max_attempts=1).run(dispatch_id) == "failed"
     m = scrape(endpoint)
     assert value(m, "medcap_dispatches", status="failed") == 1 and value(m, "medcap_dispatch_failures_total") == 1
