@@ -373,21 +373,14 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     if not args.path.exists():
         raise ModelCommandError(f"{args.path} does not exist")
     captioner = Captioner.load(_model_dir(settings, args), args.device)
-    clip_size, sam_size = captioner.image_sizes
     series = prepare_series(
-        args.path,
-        key_slices=KeySliceSpec(strategy=args.key_strategy, n=args.key_slices),
-        window=args.window,
-        clip_size=clip_size,
-        sam_size=sam_size,
+        args.path, views=captioner.views, key_slices=KeySliceSpec(strategy=args.key_strategy, n=args.key_slices), window=args.window
     )
     if not series:
         raise ModelCommandError(f"no CT or MR image series under {args.path}")
     drafts = []
     for item in series:
-        captions = captioner.caption(
-            {"clip": item.clip, "sam": item.sam}, _generation(args), batch_size=args.gen_batch_size, seed=args.seed
-        )
+        captions = captioner.caption(dict(item.views), _generation(args), batch_size=args.gen_batch_size, seed=args.seed)
         drafts.append(
             {
                 "series_uid": item.series_uid,

@@ -70,7 +70,7 @@ class ClipTransformerConfig(ClipViewConfig):
         return [
             f"- model type: `clip_transformer` ({self.display_name}), version {self.version}",
             f"- encoder: CLIP ViT (width {vision.get('hidden_size', 768)}, patch {vision.get('patch_size', 32)}, "
-            f"{self.image_sizes[0]} px), frozen; every output token is an image token",
+            f"{self.view_size} px), frozen; every output token is an image token",
             f"- decoder: transformer, {self.num_layers} layers, d_model {self.d_model}, {self.num_heads} heads, "
             f"feed-forward {self.ffn_dim}, dropout {self.dropout}, {self.max_caption_tokens} positions",
             f"- vocabulary: {self.vocab_size} words incl. 4 specials (words seen at least {self.min_word_count} times)",

@@ -5,9 +5,9 @@ A family is three classes: a config (validating, stored as ``config.json``), a m
 saved beside the weights). Loading, captioning, training, evaluation and the workers go through
 this one interface, so a new captioner is a new module here and nothing else changes.
 
-Images reach every model as named views, ``{"clip": (B, 3, S, S)}`` CLIP-normalised squares and
-``{"sam": (B, 3, L, L)}`` SAM-normalised padded squares (``dicom_io.transforms``); a model names
-the views it reads in ``config.branches`` and their sizes in ``config.image_sizes``.
+Images reach every model as named views, ``{name: (B, 3, S, S)}``: a family's config declares
+them in ``config.views`` (``dicom_io.image_views.ImageView``: name, size, normalisation), and the
+pipeline (``dicom_io.model_input.prepare``) computes exactly those from each key image.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the registry is read by the CLI's argument parser, which must not pay for torch
+    import numpy as np
     import torch
     from torch import nn
 
+    from dicom_io.image_views import ImageView
     from models.generation import GenerationPreset
 
 #: model_type -> module holding its ``FAMILY``. Imported lazily: loading one captioner never
@@ -50,10 +52,7 @@ class CaptionConfig(Protocol):
     def display_name(self) -> str: ...  # what SRs and the audit trail name the model
 
     @property
-    def branches(self) -> tuple[str, ...]: ...  # image views read, e.g. ("clip",) or ("clip", "sam")
-
-    @property
-    def image_sizes(self) -> tuple[int, int | None]: ...  # (clip view size, sam view size or None)
+    def views(self) -> tuple[ImageView, ...]: ...  # the image views the model reads when captioning
 
     def to_json(self) -> str: ...
 
@@ -100,6 +99,20 @@ class CaptionModel(Protocol):
     def place(self, device: torch.device, dtype: torch.dtype | None) -> None:
         """Move to ``device``; frozen parts in ``dtype`` (bf16 on CUDA) where the model allows."""
         ...
+
+
+class ImageCaptioner(Protocol):
+    """What the caption workers and ``medcap caption`` need of a loaded captioner
+    (:class:`models.captioner.Captioner`, :class:`models.batching.CaptionBatcher`): who it is, the
+    image views it reads, captions. A protocol, so ``workers/drafting.py`` imports no torch."""
+
+    @property
+    def identity(self) -> object: ...  # models.captioner.ModelIdentity: name, model_type, version, weights_sha256
+
+    @property
+    def views(self) -> tuple[ImageView, ...]: ...  # what dicom_io.model_input.prepare computes for it
+
+    def caption(self, inputs: dict[str, np.ndarray], generation: str = ..., *, batch_size: int = ..., seed: int = ...) -> list[str]: ...
 
 
 @dataclass(frozen=True)
