@@ -28,7 +28,7 @@ from transformers import MobileNetV2Config, MobileNetV2Model
 from dicom_io.image_views import ImageView
 from models.beam import evaluating, search
 from models.config import ConfigError, JsonConfig
-from models.families import Family
+from models.families import ComposeRequest, Family
 from models.frozen import freeze
 from models.generation import GenerationPreset
 from models.word_vocab import EOS, PAD, SOS, WordVocab, check_vocabulary_fields, vocabulary_source
@@ -304,6 +304,18 @@ def compose_cnn_lstm(
     return out
 
 
+def _compose(request: ComposeRequest) -> Path:
+    o = request.options
+    return compose_cnn_lstm(
+        request.out,
+        mobilenet=o["mobilenet"],
+        captions=request.captions,
+        min_word_count=o["min_word_count"],
+        name=request.name,
+        log=request.log,
+    )
+
+
 FAMILY = Family(
     config=CnnLstmConfig,
     model=CnnLstmModel,
@@ -321,4 +333,5 @@ FAMILY = Family(
         "patience": 2,
         "warmup_steps": 0,
     },
+    compose=_compose,
 )
