@@ -218,3 +218,21 @@ def test_compose_checks_each_familys_flags_before_reading_anything(tmp_path, cap
     assert main(["model", "compose", *argv, "--out", str(tmp_path / "x")]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"name": "Clip", "help": "h"}, "ComposeOption.name must be a lower-case identifier"),
+        ({"name": "out", "help": "h"}, "ComposeOption.name: --out is common to every family"),
+        ({"name": "clip", "help": ""}, "ComposeOption.help: --clip needs a help text"),
+        ({"name": "size", "help": "h", "kind": float}, "ComposeOption.kind: str or int"),
+        ({"name": "captions", "help": "h", "data": True}, "ComposeOption.repeat: --captions holds caption data specs"),
+    ],
+)
+def test_a_compose_option_names_the_bad_field(arguments, message):
+    from models.families import ComposeOption
+
+    with pytest.raises(ValueError, match=message):
+        ComposeOption(**arguments)
+    assert ComposeOption("blip2_itm", "h").flag == "--blip2-itm"
