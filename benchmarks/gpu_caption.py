@@ -114,10 +114,8 @@ def build(config: MedCapConfig, device: torch.device, dtype: torch.dtype) -> Med
 
 
 def pixels(config: MedCapConfig, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-    clip, sam = config.image_sizes
     g = torch.Generator(device=device).manual_seed(batch)
-    views = {"clip": clip, "sam": sam}
-    return {b: torch.randn(batch, 3, views[b], views[b], device=device, generator=g) for b in config.branches}  # type: ignore[arg-type]
+    return {v.name: torch.randn(batch, 3, v.size, v.size, device=device, generator=g) for v in config.views}
 
 
 def eos_id(model: MedCapModel) -> int:

@@ -151,8 +151,8 @@ class InferenceBench:
         self.drafter = Drafter(None, SystemClock(), self.captioner, options, "benchmark")  # type: ignore[arg-type]
         identity = self.captioner.identity
         self.algorithm = AlgorithmInfo(identity.name, identity.version, identity.weights_sha256, args.preset)
-        clip_size, sam_size = self.captioner.image_sizes
-        self.info = {**self.captioner.describe(), "torch_threads": torch.get_num_threads(), "clip_size": clip_size, "sam_size": sam_size}
+        views = ", ".join(f"{v.name} {v.size}²" for v in self.captioner.views)
+        self.info = {**self.captioner.describe(), "torch_threads": torch.get_num_threads(), "views": views}
 
     def measure(self, study: StudyInput, repeats: int, untimed_first: bool) -> InferenceAlone:
         import numpy as np
@@ -163,7 +163,7 @@ class InferenceBench:
         from models.captioner import summarise as summarise_captions
         from workers.drafting import _impression, _Source, printable
 
-        clip_size, sam_size = self.captioner.image_sizes
+        views = self.captioner.views
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.files]
         source = _Source(
             0, study.study_uid, 0, 1, {str(h.SOPInstanceUID): (str(h.SOPClassUID), p) for h, p in zip(headers, study.files, strict=True)}
@@ -171,9 +171,9 @@ class InferenceBench:
         run = InferenceAlone(study.source, 0, repeats, [], [])
         for rep in range(repeats + (1 if untimed_first else 0)):
             t0 = time.perf_counter()
-            series = prepare_series(study.files, key_slices=self.spec, clip_size=clip_size, sam_size=sam_size)
+            series = prepare_series(study.files, key_slices=self.spec, views=views)
             t1 = time.perf_counter()
-            inputs = {"clip": np.concatenate([s.clip for s in series]), "sam": np.concatenate([s.sam for s in series])}
+            inputs = {v.name: np.concatenate([s.views[v.name] for s in series]) for v in views}
             flat = self.captioner.caption(inputs, self.args.preset, batch_size=self.args.batch_size)
             t2 = time.perf_counter()
             texts, start = [], 0
@@ -858,8 +858,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Settings: quiet {quiet} s, assembly interval {args.assembly_interval} s, key slices {args.key_slices} "
         f"({args.key_slice_strategy}), caption batch {args.batch_size}, preset {args.preset}, worker concurrency 1, "
         f"device cpu ({model_info['torch_threads']} torch threads in-process and in the worker{' (--torch-threads)' if args.torch_threads else ', torch default'}), model {model_info['name']} "
-        f"{model_info['version']} (weights {str(model_info['weights_sha256'])[:12]}, CLIP {model_info['clip_size']}², "
-        f"SAM {model_info['sam_size']}²), {os.cpu_count()} CPUs, {len(latency)} studies one at a time, "
+        f"{model_info['version']} (weights {str(model_info['weights_sha256'])[:12]}, views {model_info['views']}), "
+        f"{os.cpu_count()} CPUs, {len(latency)} studies one at a time, "
         f"{len(burst)} in the burst"
     )
     print()

@@ -1,6 +1,6 @@
 """Each image encoder's own input transform, from the same unit-range image.
 
-Both branches start from the raw [0, 1] image. The official MSMedCap code fed SAM a CLIP-normalised
+Every view (``dicom_io/image_views.py``) starts from the raw [0, 1] image. The official MSMedCap code fed SAM a CLIP-normalised
 tensor through ``ToPILImage``, where values outside [0, 1] wrap modulo 256; :func:`sam_input`
 refuses anything that is not a [0, 1] image, so that path cannot be rebuilt by accident.
 No flips anywhere: left and right are findings in medical images.
@@ -17,6 +17,9 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 #: SAM ``pixel_mean`` / ``pixel_std`` on the 0–255 scale (ImageNet statistics).
 SAM_PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+#: ImageNet statistics on the [0, 1] scale (torchvision, timm and most CNN checkpoints).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 _RANGE_TOLERANCE = 1e-4  # float32 round-off from windowing may step just outside [0, 1]
 
@@ -27,12 +30,24 @@ def clip_input(image01: np.ndarray, size: int = 224) -> np.ndarray:
     The image is resized to a square without cropping (as LAVIS ``blip_image_eval`` does), in float
     ("F" mode per channel) so no 8-bit quantisation happens. Bicubic overshoot is clipped away.
     """
-    channels = _unit_channels(image01, "clip_input")
+    return square_input(image01, size, CLIP_MEAN, CLIP_STD, caller="clip_input")
+
+
+def square_input(
+    image01: np.ndarray,
+    size: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    *,
+    caller: str = "square_input",
+) -> np.ndarray:
+    """As :func:`clip_input`, with any per-channel ``mean`` / ``std`` on the [0, 1] scale."""
+    channels = _unit_channels(image01, caller)
     _check_size(size, "size")
     out = np.empty((3, size, size), dtype=np.float32)
     resized = [np.clip(_resize(c, (size, size), Image.Resampling.BICUBIC), 0.0, 1.0) for c in channels]
     for k in range(3):
-        out[k] = (resized[k % len(resized)] - np.float32(CLIP_MEAN[k])) / np.float32(CLIP_STD[k])
+        out[k] = (resized[k % len(resized)] - np.float32(mean[k])) / np.float32(std[k])
     return out
 
 

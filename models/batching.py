@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from dicom_io.image_views import ImageView
+
 LOG = logging.getLogger(__name__)
 
 
@@ -59,22 +61,22 @@ class CaptionBatcher:
         return self.captioner.identity
 
     @property
-    def image_sizes(self) -> tuple[int | None, int | None]:
-        return self.captioner.image_sizes  # type: ignore[no-any-return]
-
-    @property
-    def branches(self) -> tuple[str, ...]:
-        return self.captioner.branches  # type: ignore[no-any-return]
+    def views(self) -> tuple[ImageView, ...]:
+        return self.captioner.views  # type: ignore[no-any-return]
 
     def describe(self) -> dict[str, Any]:
         return {**self.captioner.describe(), "batch_images": self.max_images, "batch_wait_ms": self.max_wait * 1000}
 
     def caption(self, inputs: dict[str, np.ndarray], generation: Any = "fast", *, batch_size: int = 8, seed: int = 0) -> list[str]:
         """Captions of these images, in order; blocks until their batch has run. ``batch_size`` is the batcher's own."""
-        counts = {len(v) for b, v in inputs.items() if b in self.branches}
+        names = [v.name for v in self.views]
+        missing = set(names) - set(inputs)
+        if missing:
+            raise ValueError(f"inputs: missing view(s) {sorted(missing)}")
+        counts = {len(inputs[b]) for b in names}
         if len(counts) != 1:
-            raise ValueError(f"inputs: branches disagree on the number of images {counts}")
-        request = _Request({b: inputs[b] for b in self.branches}, generation, seed, counts.pop())
+            raise ValueError(f"inputs: views disagree on the number of images {counts}")
+        request = _Request({b: inputs[b] for b in names}, generation, seed, counts.pop())
         if request.count == 0:
             return []
         with self._lock:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dicom_io.image_views import ImageView
 from models import checkpoint
 from models.families import CaptionModel
 from models.generation import GenerationPreset, default_dtype, preset, select_device
@@ -57,13 +58,9 @@ class Captioner:
         return cls(model, text, identity, target)
 
     @property
-    def image_sizes(self) -> tuple[int | None, int | None]:
-        """(CLIP view, SAM view) sizes the model reads; None for a view it does not read."""
-        return self.model.config.image_sizes  # type: ignore[no-any-return]
-
-    @property
-    def branches(self) -> tuple[str, ...]:
-        return self.model.config.branches  # type: ignore[no-any-return]
+    def views(self) -> tuple[ImageView, ...]:
+        """The image views the model reads, as its family declares them (``dicom_io.model_input.prepare(views=...)``)."""
+        return self.model.config.views  # type: ignore[no-any-return]
 
     def caption(
         self,
@@ -73,29 +70,27 @@ class Captioner:
         batch_size: int = 8,
         seed: int = 0,
     ) -> list[str]:
-        """Caption N images given as {view: (N, 3, S, S)} arrays (the view transforms' output)."""
+        """Caption N images given as {view name: (N, 3, S, S)} arrays (``SeriesInput.views``); other views are ignored."""
         settings = preset(generation) if isinstance(generation, str) else generation
-        missing = set(self.branches) - set(inputs)
+        names = [v.name for v in self.views]
+        missing = set(names) - set(inputs)
         if missing:
-            raise ValueError(f"inputs: missing {sorted(missing)} for {self.identity.name}")
-        count = {len(inputs[b]) for b in self.branches}
+            raise ValueError(f"inputs: missing view(s) {sorted(missing)} for {self.identity.name}")
+        count = {len(inputs[b]) for b in names}
         if len(count) != 1:
-            raise ValueError(f"inputs: branches disagree on the number of images {count}")
+            raise ValueError(f"inputs: views disagree on the number of images {count}")
         torch.manual_seed(seed)  # beam search is deterministic; this pins any sampling-based preset too
         captions: list[str] = []
         total = count.pop()
         for start in range(0, total, batch_size):
-            pixels = {
-                b: torch.from_numpy(np.ascontiguousarray(inputs[b][start : start + batch_size])).to(self.device) for b in self.branches
-            }
+            pixels = {b: torch.from_numpy(np.ascontiguousarray(inputs[b][start : start + batch_size])).to(self.device) for b in names}
             with torch.no_grad():
                 captions.extend(self.model.generate_captions(self.model.encode(pixels), self.text, settings))
         return captions
 
     def warm_up(self) -> None:
         """One tiny generation, so the first study does not pay for lazy initialisation."""
-        sizes = dict(zip(("clip", "sam"), self.image_sizes, strict=True))
-        self.caption({b: np.zeros((1, 3, sizes[b], sizes[b]), dtype=np.float32) for b in self.branches}, "fast")  # type: ignore[arg-type]
+        self.caption({v.name: np.zeros((1, 3, v.size, v.size), dtype=np.float32) for v in self.views}, "fast")
 
     def describe(self) -> dict[str, Any]:
         return {

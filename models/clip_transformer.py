@@ -22,7 +22,7 @@ from transformers import CLIPVisionConfig
 from models.beam import evaluating, search
 from models.clip_parts import ClipImageEncoder, tiny_clip_vision_config
 from models.config import ClipViewConfig, ConfigError
-from models.families import Family
+from models.families import ComposeRequest, Family
 from models.generation import GenerationPreset
 from models.word_vocab import EOS, PAD, SOS, WordVocab, check_vocabulary_fields, vocabulary_source
 
@@ -70,7 +70,7 @@ class ClipTransformerConfig(ClipViewConfig):
         return [
             f"- model type: `clip_transformer` ({self.display_name}), version {self.version}",
             f"- encoder: CLIP ViT (width {vision.get('hidden_size', 768)}, patch {vision.get('patch_size', 32)}, "
-            f"{self.image_sizes[0]} px), frozen; every output token is an image token",
+            f"{self.view_size} px), frozen; every output token is an image token",
             f"- decoder: transformer, {self.num_layers} layers, d_model {self.d_model}, {self.num_heads} heads, "
             f"feed-forward {self.ffn_dim}, dropout {self.dropout}, {self.max_caption_tokens} positions",
             f"- vocabulary: {self.vocab_size} words incl. 4 specials (words seen at least {self.min_word_count} times)",
@@ -226,6 +226,13 @@ def compose_clip_transformer(
     return out
 
 
+def _compose(request: ComposeRequest) -> Path:
+    o = request.options
+    return compose_clip_transformer(
+        request.out, clip=o["clip"], captions=request.captions, min_word_count=o["min_word_count"], name=request.name, log=request.log
+    )
+
+
 FAMILY = Family(
     config=ClipTransformerConfig,
     model=ClipTransformerModel,
@@ -245,4 +252,5 @@ FAMILY = Family(
         "patience": 2,
         "warmup_steps": 100,
     },
+    compose=_compose,
 )

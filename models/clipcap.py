@@ -25,7 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from models.clip_parts import ClipImageEncoder, tiny_clip_vision_config
 from models.config import ClipViewConfig, ConfigError
-from models.families import Family
+from models.families import ComposeRequest, Family
 from models.frozen import freeze
 from models.generation import GenerationPreset
 from models.gpt2_text import (
@@ -279,6 +279,20 @@ def compose_clipcap(
     return out
 
 
+def _compose(request: ComposeRequest) -> Path:
+    o = request.options
+    lm = o["lm"]
+    return compose_clipcap(
+        request.out,
+        clip=o["clip"],
+        gpt2=o["gpt2"],
+        mapper=o["mapper"],
+        freeze_lm=None if lm is None else lm == "frozen",
+        name=request.name,
+        log=request.log,
+    )
+
+
 FAMILY = Family(
     config=ClipCapConfig,
     model=ClipCapModel,
@@ -296,4 +310,5 @@ FAMILY = Family(
         "warmup_steps": 5000,
         "patience": None,
     },
+    compose=_compose,
 )

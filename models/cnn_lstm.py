@@ -6,8 +6,9 @@ the outputs after ``<SOS>`` ... the last word predict the words and ``<EOS>``. T
 packed sequences with cross-entropy over real tokens only. Captions are generated greedily or
 with a beam search (models/beam.py) over a word vocabulary (models/word_vocab.py).
 
-The pipeline hands every model the CLIP-normalised view; ``encode`` turns it back into the
-MobileNet normalisation of the source checkpoint (``google/mobilenet_v2_1.0_224``: mean and std 0.5).
+The encoder reads its own view, ``mobilenet``: a bicubic square at ``image_size`` in the source
+checkpoint's normalisation (``pixel_mean`` / ``pixel_std``; ``google/mobilenet_v2_1.0_224``: 0.5 and 0.5),
+computed by the pipeline from the unit image (``dicom_io/image_views.py``).
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from transformers import MobileNetV2Config, MobileNetV2Model
 
-from dicom_io.transforms import CLIP_MEAN, CLIP_STD
+from dicom_io.image_views import ImageView
 from models.beam import evaluating, search
-from models.config import ClipViewConfig, ConfigError
-from models.families import Family
+from models.config import ConfigError, JsonConfig
+from models.families import ComposeRequest, Family
 from models.frozen import freeze
 from models.generation import GenerationPreset
 from models.word_vocab import EOS, PAD, SOS, WordVocab, check_vocabulary_fields, vocabulary_source
 
 FORMAT_VERSION = 1
+VIEW = "mobilenet"  # the image view the encoder reads
 
 
 @dataclass
-class CnnLstmConfig(ClipViewConfig):
+class CnnLstmConfig(JsonConfig):
     #: Words in the vocabulary, the four specials included (``len(WordVocab)``).
     vocab_size: int
     #: ``transformers.MobileNetV2Config`` arguments.
@@ -82,8 +84,9 @@ class CnnLstmConfig(ClipViewConfig):
         return self.name or "CNN-LSTM"
 
     @property
-    def view_size(self) -> int:
-        return self.image_size
+    def views(self) -> tuple[ImageView, ...]:
+        mean, std = self.pixel_mean, self.pixel_std
+        return (ImageView(VIEW, self.image_size, "mean_std", mean=(mean[0], mean[1], mean[2]), std=(std[0], std[1], std[2])),)
 
     def summary(self) -> list[str]:
         width = self.mobilenet.get("depth_multiplier", 1.0)
@@ -117,11 +120,6 @@ class CnnLstmModel(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=PAD)
         self.lstm = nn.LSTM(config.embed_dim, config.hidden_dim, config.num_layers, batch_first=True)
         self.head = nn.Linear(config.hidden_dim, config.vocab_size)
-        # CLIP view -> [0, 1] -> MobileNet's normalisation, as one affine map per channel.
-        clip_mean, clip_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
-        mean, std = torch.tensor(config.pixel_mean), torch.tensor(config.pixel_std)
-        self.register_buffer("_scale", (clip_std / std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_shift", ((clip_mean - mean) / std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def feature_dim(self) -> int:
@@ -131,13 +129,11 @@ class CnnLstmModel(nn.Module):
 
     @torch.no_grad()
     def encode(self, pixels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{"pooled": (B, feature_dim)} from the CLIP-normalised view, in the encoder's dtype."""
-        if "clip" not in pixels:
-            raise ValueError(f"pixels: {self.config.display_name} reads the 'clip' view, got {sorted(pixels)}")
+        """{"pooled": (B, feature_dim)} from the ``mobilenet`` view (already in MobileNet's normalisation), in the encoder's dtype."""
+        if VIEW not in pixels:
+            raise ValueError(f"pixels: {self.config.display_name} reads the {VIEW!r} view, got {sorted(pixels)}")
         param = next(self.encoder.parameters())
-        x = pixels["clip"].to(device=param.device, dtype=torch.float32)
-        x = (x * self._scale + self._shift).to(param.dtype)
-        return {"pooled": self.encoder(pixel_values=x).pooler_output}
+        return {"pooled": self.encoder(pixel_values=pixels[VIEW].to(device=param.device, dtype=param.dtype)).pooler_output}
 
     def _image_inputs(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, embed_dim) fp32: the trainable part starts here, whatever dtype the encoder ran in."""
@@ -308,6 +304,18 @@ def compose_cnn_lstm(
     return out
 
 
+def _compose(request: ComposeRequest) -> Path:
+    o = request.options
+    return compose_cnn_lstm(
+        request.out,
+        mobilenet=o["mobilenet"],
+        captions=request.captions,
+        min_word_count=o["min_word_count"],
+        name=request.name,
+        log=request.log,
+    )
+
+
 FAMILY = Family(
     config=CnnLstmConfig,
     model=CnnLstmModel,
@@ -325,4 +333,5 @@ FAMILY = Family(
         "patience": 2,
         "warmup_steps": 0,
     },
+    compose=_compose,
 )

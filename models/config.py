@@ -11,6 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dicom_io.image_views import ImageView
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the field."""
@@ -65,16 +67,12 @@ class JsonConfig:
 
 
 class ClipViewConfig(JsonConfig):
-    """A captioner that reads the CLIP view only (every family but MSMedCap's SAM branches)."""
-
-    @property
-    def branches(self) -> tuple[str, ...]:
-        return ("clip",)
+    """A captioner that reads one CLIP-normalised view, named ``clip``, at its CLIP ViT's size."""
 
     @property
     def view_size(self) -> int:
         return int(getattr(self, "clip_vision", {}).get("image_size", 224))
 
     @property
-    def image_sizes(self) -> tuple[int, int | None]:
-        return self.view_size, None
+    def views(self) -> tuple[ImageView, ...]:
+        return (ImageView("clip", self.view_size, "clip"),)

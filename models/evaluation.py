@@ -30,7 +30,7 @@ def caption_records(
     for start in tqdm(range(0, len(ids), batch_size), desc=f"captioning ({captioner.identity.name})", unit="batch", disable=not progress):
         chunk = ids[start : start + batch_size]
         inputs = [transform(load_image(images[i].image_path, color="L")) for i in chunk]
-        arrays = {b: np.stack([x[b] for x in inputs]) for b in captioner.branches}
+        arrays = {v.name: np.stack([x[v.name] for x in inputs]) for v in captioner.views}
         out.update(zip(chunk, captioner.caption(arrays, generation, batch_size=batch_size), strict=True))
     return out
 

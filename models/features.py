@@ -22,22 +22,22 @@ ImageTransform = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
 def image_transform_for(model: torch.nn.Module, *, training: bool = False) -> ImageTransform:
-    """Each view's own input transform from the raw [0,1] image (never one from the other's), at
-    the sizes the model reads when captioning, or (``training``) in training where they differ."""
-    from dicom_io.transforms import clip_input, sam_input
+    """Each of the model's views from the raw [0,1] image (never one from another's): the views it
+    reads when captioning (``config.views``), or (``training``) in training where they differ (``config.train_views``)."""
+    from dicom_io.image_views import view_array
 
     config = model.config
-    clip_size, sam_size = config.train_image_sizes if training and hasattr(config, "train_image_sizes") else config.image_sizes
+    views = config.train_views if training and hasattr(config, "train_views") else config.views
 
     def transform(image: np.ndarray) -> dict[str, np.ndarray]:
-        out = {}
-        if clip_size:
-            out["clip"] = clip_input(image, size=clip_size)
-        if sam_size:
-            out["sam"] = sam_input(image, longest=sam_size)[0]
-        return out
+        return {view.name: view_array(view, image)[0] for view in views}
 
     return transform
+
+
+def view_names(model: torch.nn.Module) -> list[str]:
+    """The names of the views ``model`` reads (what :func:`encode_images` passes to its ``encode``)."""
+    return [view.name for view in model.config.views]
 
 
 @dataclass

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from models import checkpoint
 from models.datasets import CaptionRecord
 from models.families import family
-from models.features import Features, encode_images, image_transform_for
+from models.features import Features, encode_images, image_transform_for, view_names
 
 STATE = "fit_state.pt"
 OPTIMIZERS = ("adam", "adamw")
@@ -137,7 +137,7 @@ def fit(
     if not params:
         raise ValueError(f"{model.config.display_name}: nothing to train (every part is frozen)")
     device = params[0].device
-    transform, branches = image_transform_for(model, training=True), list(model.config.branches)
+    transform, branches = image_transform_for(model, training=True), view_names(model)
     cache = out_dir.with_name(out_dir.name + ".features") if settings.feature_cache == "disk" else None
     train_features = encode_images(
         model, records, transform, branches, settings.feature_batch_size, progress, cache_dir=cache / "train" if cache else None

@@ -35,7 +35,7 @@ from transformers import CLIPTextConfig, GPT2Config, GPT2LMHeadModel, PreTrained
 from models.captions import pre_caption, word_tokens
 from models.clip_parts import ClipImageEncoder, ClipTextEncoder, tiny_clip_vision_config
 from models.config import ClipViewConfig, ConfigError
-from models.families import Family
+from models.families import ComposeRequest, Family
 from models.frozen import freeze
 from models.generation import GenerationPreset
 from models.gpt2_text import (
@@ -487,6 +487,11 @@ def compose_sbg(
     return out
 
 
+def _compose(request: ComposeRequest) -> Path:
+    o = request.options
+    return compose_sbg(request.out, clip=o["clip"], gpt2=o["gpt2"], captions=request.captions, name=request.name, log=request.log)
+
+
 FAMILY = Family(
     config=SbgConfig,
     model=SbgModel,
@@ -504,4 +509,5 @@ FAMILY = Family(
         "warmup_steps": 5000,
         "patience": None,
     },
+    compose=_compose,
 )

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models import cli as models_cli
+from models import model_commands
 from service.settings import Settings, SettingsError, load_settings
 
 LOG = logging.getLogger("medcap")
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(settings, args) or 0)
-    except (CommandError, models_cli.ModelCommandError) as exc:
+    except (CommandError, model_commands.ModelCommandError) as exc:
         print(f"medcap: {exc}", file=sys.stderr)
         return 1
 
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
         q.set_defaults(func=cmd_audit)
 
-    models_cli.register(sub)  # caption, model, train, evaluate, data
+    model_commands.register(sub)  # caption, model, train, evaluate, data
     return parser
 
 

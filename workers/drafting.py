@@ -16,7 +16,6 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import pydicom
@@ -28,6 +27,7 @@ from dicom_io.atomic import write_atomic
 from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import SeriesInput, prepare_series
 from dicom_io.sr import AlgorithmInfo, SeriesFinding, write_draft_sr
+from models.families import ImageCaptioner
 from service import audit
 from service import dispatch_lifecycle as dispatches
 from service import job_lifecycle as jobs
@@ -51,19 +51,6 @@ LOG = logging.getLogger(__name__)
 
 class PermanentJobError(Exception):
     """Retrying cannot help (unreadable input, an SR that cannot be built): the job fails at once."""
-
-
-class CaptionModel(Protocol):
-    """What drafting needs of :class:`models.captioner.Captioner` (kept as a protocol so this module
-    imports no torch)."""
-
-    @property
-    def identity(self) -> object: ...  # ModelIdentity: name, model_type, version, weights_sha256
-
-    @property
-    def image_sizes(self) -> tuple[int | None, int | None]: ...  # (clip, sam); None: a view the model does not read
-
-    def caption(self, inputs: dict[str, np.ndarray], generation: str = ..., *, batch_size: int = ..., seed: int = ...) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -92,7 +79,7 @@ class _Source:
 
 class Drafter:
     def __init__(
-        self, db: Database, clock: Clock, model: CaptionModel, options: DraftOptions, actor: str, owner: str | None = None
+        self, db: Database, clock: Clock, model: ImageCaptioner, options: DraftOptions, actor: str, owner: str | None = None
     ) -> None:
         self.db = db
         self.clock = clock
@@ -160,9 +147,8 @@ class Drafter:
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise PermanentJobError(f"{len(missing)} stored instance file(s) are missing, e.g. {missing[0]}")
-        clip_size, sam_size = self.model.image_sizes
         try:
-            return prepare_series(paths, key_slices=self.options.key_slices, clip_size=clip_size, sam_size=sam_size) if paths else []
+            return prepare_series(paths, key_slices=self.options.key_slices, views=self.model.views) if paths else []
         except (ValueError, pydicom.errors.InvalidDicomError) as exc:
             raise PermanentJobError(f"cannot read the study's images: {exc}") from exc
 
@@ -170,7 +156,7 @@ class Drafter:
         """All key images of the study through the model in batches; one text per series."""
         from models.captioner import summarise
 
-        inputs = {"clip": np.concatenate([s.clip for s in series]), "sam": np.concatenate([s.sam for s in series])}
+        inputs = {v.name: np.concatenate([s.views[v.name] for s in series]) for v in self.model.views}
         flat = self.model.caption(inputs, self.options.generation_preset, batch_size=self.options.batch_size)
         captions, start = [], 0
         for s in series:

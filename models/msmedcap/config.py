@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from dicom_io.image_views import ImageView
 from models.config import ConfigError, JsonConfig
 
 MODEL_TYPES = {"msmedcap": ("clip", "sam"), "blip2": ("clip",), "sam_blip2": ("sam",)}
@@ -90,22 +91,25 @@ class MedCapConfig(JsonConfig):
         return MedCapConfig(**values)
 
     @property
-    def image_sizes(self) -> tuple[int | None, int | None]:
-        """(CLIP view, SAM view) sizes when captioning; None for a view this model does not read."""
-        clip = self.eval_clip_image_size or self.clip_image_size
-        return clip if "clip" in self.branches else None, self.sam_image_size if "sam" in self.branches else None
+    def views(self) -> tuple[ImageView, ...]:
+        """The views captioning reads, one per branch and named after it (CLIP at the evaluation size)."""
+        return self._views(self.eval_clip_image_size or self.clip_image_size)
 
     @property
-    def train_image_sizes(self) -> tuple[int | None, int | None]:
-        """(CLIP view, SAM view) sizes in training."""
-        return self.clip_image_size if "clip" in self.branches else None, self.sam_image_size if "sam" in self.branches else None
+    def train_views(self) -> tuple[ImageView, ...]:
+        """The views training reads."""
+        return self._views(self.clip_image_size)
+
+    def _views(self, clip_size: int) -> tuple[ImageView, ...]:
+        sizes = {"clip": (clip_size, "clip"), "sam": (self.sam_image_size, "sam")}
+        return tuple(ImageView(b, *sizes[b]) for b in self.branches)
 
     def summary(self) -> list[str]:
         return [
             f"- model type: `{self.model_type}` (branches: {', '.join(self.branches)}), version {self.version}",
             f"- SAM token layout: `{self.sam_layout}`" if "sam" in self.branches else "- no SAM branch",
             f"- queries per branch: {self.num_query_tokens}; prompt: {self.prompt!r}",
-            f"- CLIP view: {self.clip_image_size} px in training, {self.image_sizes[0]} px when captioning"
+            f"- CLIP view: {self.clip_image_size} px in training, {self.eval_clip_image_size or self.clip_image_size} px when captioning"
             if "clip" in self.branches
             else "- no CLIP branch",
             "- Q-Former text side: included (stage 1 can train it)"

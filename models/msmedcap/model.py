@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, OPTForCausalLM, SamVisionConfig
 
-from models.families import Family
+from models.families import ComposeRequest, Family
 from models.frozen import freeze
 from models.generation import GenerationPreset
 from models.msmedcap.config import MedCapConfig
@@ -192,6 +192,28 @@ class MedCapModel(nn.Module):
         raise ValueError(f"stage: {stage!r} is not stage1 or stage2")
 
 
+def _compose(request: ComposeRequest) -> str:
+    """``medcap model compose`` for msmedcap, blip2 and sam_blip2 (models/msmedcap/compose.py)."""
+    from models.msmedcap.compose import compose
+    from models.weights import parse_dtype
+
+    o = request.options
+    return compose(
+        blip2=o["blip2"],
+        sam=o.get("sam"),  # blip2 reads no SAM
+        out=request.out,
+        model_type=request.model_type,
+        bert=o["bert"],
+        blip2_itm=o.get("blip2_itm"),  # sam_blip2 has no CLIP Q-Former to take it
+        sam_layout=o["sam_layout"],
+        prompt=o["prompt"],
+        name=request.name,
+        eval_image_size=o["eval_image_size"],
+        frozen_dtype=None if o["frozen_dtype"] == "source" else parse_dtype(o["frozen_dtype"]),
+        log=request.log,
+    )
+
+
 FAMILY = Family(
     config=MedCapConfig,
     model=MedCapModel,
@@ -209,4 +231,5 @@ FAMILY = Family(
         "grad_clip": 1.0,
         "patience": None,
     },
+    compose=_compose,
 )

@@ -52,5 +52,5 @@ def test_the_full_configuration_is_the_4_13_b_parameter_model():
         model = MedCapModel(gpu_caption.full_config("msmedcap"))
     total = sum(p.numel() for p in model.parameters())
     # 4.13 B with the Q-Formers' text side; the inference model leaves it out.
-    assert 3.9e9 < total < 4.13e9 and model.config.image_sizes == (364, 1024)
+    assert 3.9e9 < total < 4.13e9 and [(v.name, v.size) for v in model.config.views] == [("clip", 364), ("sam", 1024)]
     assert model.lm.config.hidden_size == 2560 and model.encoders["clip"].model.config.num_hidden_layers == 39

@@ -30,6 +30,7 @@ from transformers import (
     SamVisionConfig,
 )
 
+from dicom_io.image_views import ImageView, view_array
 from dicom_io.transforms import clip_input
 from models.captions import pre_caption
 from models.clip_parts import tiny_clip_vision_config
@@ -187,8 +188,14 @@ def slice_images(attributes: Sequence[SliceAttributes] = ATTRIBUTES) -> list[np.
     return [render_slice(a, size=64, seed=i).image for i, a in enumerate(attributes)]
 
 
-def training_set(attributes: Sequence[SliceAttributes] = ATTRIBUTES, size: int = 64) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """The slices' captions, and the slices as the CLIP view at ``size``: {"clip": (N, 3, size, size)}."""
+def training_set(
+    attributes: Sequence[SliceAttributes] = ATTRIBUTES, size: int = 64, view: ImageView | None = None
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The slices' captions, and the slices as the CLIP view at ``size``: {"clip": (N, 3, size, size)}
+    (or as ``view``, under its name)."""
+    if view is not None:
+        images = [view_array(view, image)[0] for image in slice_images(attributes)]
+        return training_captions(attributes), {view.name: torch.from_numpy(np.stack(images))}
     images = [clip_input(image, size) for image in slice_images(attributes)]
     return training_captions(attributes), {"clip": torch.from_numpy(np.stack(images))}
 

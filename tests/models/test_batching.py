@@ -16,7 +16,7 @@ class Recording:
 
     def __init__(self, captioner, fail: bool = False) -> None:  # type: ignore[no-untyped-def]
         self.captioner, self.calls, self.fail = captioner, [], fail
-        self.identity, self.image_sizes, self.branches = captioner.identity, captioner.image_sizes, captioner.branches
+        self.identity, self.views = captioner.identity, captioner.views
 
     def caption(self, inputs, generation="fast", *, batch_size=8, seed=0):  # type: ignore[no-untyped-def]
         self.calls.append((len(inputs["clip"]), generation, batch_size))
@@ -27,8 +27,7 @@ class Recording:
 
 def study(captioner, n: int, seed: int) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
     g = np.random.default_rng(seed)
-    sizes = dict(zip(("clip", "sam"), captioner.image_sizes, strict=True))
-    return {b: g.standard_normal((n, 3, sizes[b], sizes[b])).astype(np.float32) for b in captioner.branches}
+    return {v.name: g.standard_normal((n, 3, v.size, v.size)).astype(np.float32) for v in captioner.views}
 
 
 def concurrently(batcher: CaptionBatcher, requests: list[tuple[dict[str, np.ndarray], str]]) -> list[object]:

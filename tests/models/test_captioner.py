@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from dicom_io.image_views import ImageView
 from dicom_io.model_input import prepare_series
 from models import checkpoint
 from models.captioner import Captioner, summarise
@@ -17,8 +18,9 @@ from tests.processes import run
 
 def test_captions_are_deterministic_and_independent_of_batching(tiny_model):
     captioner = Captioner.load(tiny_model, "cpu")
-    (series,) = prepare_series(SHARED_DATA / "ct-head-ge", clip_size=64, sam_size=64)
-    inputs = {"clip": series.clip, "sam": series.sam}
+    assert captioner.views == (ImageView("clip", 64, "clip"), ImageView("sam", 64, "sam"))
+    (series,) = prepare_series(SHARED_DATA / "ct-head-ge", views=captioner.views)
+    inputs = dict(series.views)
     one_by_one = captioner.caption(inputs, batch_size=1)
     assert one_by_one == captioner.caption(inputs, batch_size=3) == captioner.caption(inputs, batch_size=3)
     assert len(one_by_one) == len(series.sop_instance_uids) == 3

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
+from dicom_io.image_views import ImageView
 from models import checkpoint
 from models.captions import pre_caption
 from models.clip_parts import tiny_clip_vision_config
@@ -79,12 +80,12 @@ def test_config_round_trips_and_describes_itself() -> None:
     config = small_config()
     assert ClipTransformerConfig.from_dict(json.loads(config.to_json())) == config
     assert config.display_name == "CLIP-Transformer" and small_config(name="CLIP-ViL").display_name == "CLIP-ViL"
-    assert config.branches == ("clip",) and config.image_sizes == (SIZE, None)
+    assert config.views == (ImageView("clip", SIZE, "clip"),)
     assert config.summary() and all(line.startswith("- ") for line in config.summary())
     with pytest.raises(ConfigError, match="unknown config field"):
         ClipTransformerConfig.from_dict(json.loads(config.to_json()) | {"bogus": 1})
     defaults = ClipTransformerConfig(vocab_size=20, clip_vision={"hidden_size": 64, "num_attention_heads": 2})
-    assert (defaults.d_model, defaults.num_layers, defaults.num_heads, defaults.image_sizes) == (512, 3, 8, (224, None))
+    assert (defaults.d_model, defaults.num_layers, defaults.num_heads, defaults.view_size) == (512, 3, 8, 224)
 
 
 def test_family_registration_and_fit_defaults() -> None:
@@ -254,7 +255,7 @@ def test_compose_from_a_local_pretrained_clip(tmp_path: Path) -> None:
     assert out == tmp_path / "ckpt" and logged
     model, vocab, provenance = checkpoint.load(out)
     assert isinstance(model, ClipTransformerModel) and model.config.display_name == "Test ViL"
-    assert model.config.image_sizes == (32, None) and model.config.clip_vision["projection_dim"] == 24
+    assert model.config.view_size == 32 and model.config.clip_vision["projection_dim"] == 24
     assert "rare" not in vocab.stoi and vocab.min_count == model.config.min_word_count == 2
     expected = source.state_dict()
     for key, value in model.encoder.model.state_dict().items():

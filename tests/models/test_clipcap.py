@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dicom_io.image_views import ImageView
 from models import checkpoint
 from models.captions import pre_caption
 from models.clip_parts import tiny_clip_vision_config
@@ -81,7 +82,7 @@ def test_config_fills_in_the_papers_settings_per_mapper_and_round_trips():
     assert (transformer.prefix_length, transformer.clip_length, transformer.freeze_lm) == (40, 40, True)
     assert (mlp.display_name, transformer.display_name) == ("ClipCap (MLP)", "ClipCap (Transformer)")
     assert _config(name="Mine").display_name == "Mine"
-    assert mlp.branches == ("clip",) and mlp.image_sizes == (64, None)
+    assert mlp.views == (ImageView("clip", 64, "clip"),)
     assert all(line.startswith("- ") for line in transformer.summary()) and "frozen" in transformer.summary()[-1]
     again = ClipCapConfig.from_dict(json.loads(transformer.to_json()))
     assert again == transformer

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dicom_io.image_views import ImageView, view_array
 from dicom_io.transforms import clip_input
 from models import checkpoint
 from models.captions import pre_caption
@@ -26,7 +27,7 @@ GREEDY, BEAM = presets(30)  # whole-word tokens: fewer than GPT-2's 40
 
 
 def pixels() -> dict[str, torch.Tensor]:
-    return training_set(WORD_ATTRIBUTES, SIZE)[1]
+    return training_set(WORD_ATTRIBUTES, view=ImageView("mobilenet", SIZE, "mean_std", mean=(0.5,) * 3, std=(0.5,) * 3))[1]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_config_round_trips_and_describes_itself() -> None:
     assert CnnLstmConfig.from_dict(json.loads(config.to_json())) == config
     assert config.pixel_mean == [0.4, 0.4, 0.4]
     assert config.display_name == "CNN-LSTM" and small_config(name="Zain").display_name == "Zain"
-    assert config.branches == ("clip",) and config.image_sizes == (SIZE, None)
+    assert config.views == (ImageView("mobilenet", SIZE, "mean_std", mean=(0.4, 0.4, 0.4), std=(0.5, 0.5, 0.5)),)
     assert config.summary() and all(line.startswith("- ") for line in config.summary())
     with pytest.raises(ConfigError, match="unknown config field"):
         CnnLstmConfig.from_dict(json.loads(config.to_json()) | {"bogus": 1})
@@ -98,29 +99,34 @@ def test_family_registration_and_fit_defaults() -> None:
 # -- encoder -----------------------------------------------------------------------------------
 
 
-def test_encode_renormalises_the_clip_view_for_mobilenet() -> None:
+def test_encode_reads_its_own_view_as_the_old_clip_conversion_did() -> None:
+    """The ``mobilenet`` view is what checkpoints of format 1 were fed before (the CLIP view mapped
+    back to MobileNet's statistics inside ``encode``), so they caption as before; nothing in the
+    checkpoint changed (the statistics were always in config.json)."""
     model, _ = tiny_cnn_lstm(CAPTIONS, pixel_mean=[0.2, 0.3, 0.4], pixel_std=[0.6, 0.5, 0.4])
+    assert model.config.format_version == 1
     image = slice_images(WORD_ATTRIBUTES)[1]
-    features = model.encode({"clip": torch.from_numpy(clip_input(image, SIZE))[None]})["pooled"]
-    resized = (
+    (view,) = model.config.views
+    features = model.encode({"mobilenet": torch.from_numpy(view_array(view, image)[0])[None]})["pooled"]
+    resized = (  # the former path: CLIP view -> [0, 1] -> MobileNet's normalisation
         torch.from_numpy(clip_input(image, SIZE)) * torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
         + torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
     )
     expected = (resized - torch.tensor([0.2, 0.3, 0.4])[:, None, None]) / torch.tensor([0.6, 0.5, 0.4])[:, None, None]
     with torch.no_grad():
-        direct = model.encoder(pixel_values=expected[None]).pooler_output
+        former = model.encoder(pixel_values=expected[None]).pooler_output
     assert features.shape == (1, model.feature_dim) == (1, 320)
-    torch.testing.assert_close(features, direct, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(features, former, rtol=1e-4, atol=1e-5)
     assert features.std() > 1e-2  # the calibrated random MobileNet does not flatten the image away
-    with pytest.raises(ValueError, match="clip"):
-        model.encode({"sam": torch.zeros(1, 3, SIZE, SIZE)})
+    with pytest.raises(ValueError, match="reads the 'mobilenet' view"):
+        model.encode({"clip": torch.zeros(1, 3, SIZE, SIZE)})
 
 
 def test_the_paper_sizes() -> None:
     model = CnnLstmModel(CnnLstmConfig(vocab_size=10, mobilenet={"depth_multiplier": 1.0}))
     assert model.feature_dim == 1280  # MobileNetV2 1.0's pooled feature
     assert (model.embed.embedding_dim, model.lstm.hidden_size, model.lstm.num_layers) == (256, 512, 1)
-    assert model.encode({"clip": torch.zeros(1, 3, 224, 224)})["pooled"].shape == (1, 1280)
+    assert model.encode({"mobilenet": torch.zeros(1, 3, 224, 224)})["pooled"].shape == (1, 1280)
 
 
 def test_encoder_is_frozen_and_stays_in_eval_mode_while_training() -> None:
@@ -274,7 +280,7 @@ def test_compose_from_a_local_pretrained_mobilenet(tmp_path: Path) -> None:
     assert parts == ["MobileNetV2 image encoder", "word vocabulary"]
     assert provenance["sources"][0]["sha256"] == checkpoint.sha256_file(tmp_path / "mobilenet" / "model.safetensors")
     assert any("LSTM" in part for part in provenance["initialised"])
-    assert len(model.generate_captions(model.encode({"clip": torch.zeros(2, 3, 40, 40)}), vocab, BEAM)) == 2
+    assert len(model.generate_captions(model.encode({"mobilenet": torch.zeros(2, 3, 40, 40)}), vocab, BEAM)) == 2
 
 
 def test_compose_without_preprocessor_uses_the_google_normalisation(tmp_path: Path) -> None:

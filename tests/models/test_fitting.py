@@ -11,7 +11,7 @@ import torch
 from models import checkpoint
 from models.cnn_lstm import tiny_cnn_lstm
 from models.datasets import read_table
-from models.features import encode_images, image_transform_for
+from models.features import encode_images, image_transform_for, view_names
 from models.fitting import FitSettings, fit, validation_loss
 from models.synthetic import generate_dataset
 
@@ -77,7 +77,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(records, tmp_path):
     assert result.best_epoch == 1 + losses.index(min(losses)) and result.epochs == result.best_epoch + 2
     # The checkpoint holds the best epoch's weights, not the last epoch's.
     best, text, provenance = checkpoint.load(tmp_path / "run")
-    features = encode_images(best, validation, image_transform_for(best, training=True), list(best.config.branches), 8, progress=False)
+    features = encode_images(best, validation, image_transform_for(best, training=True), view_names(best), 8, progress=False)
     reloaded = validation_loss(best, text, features, [r.caption for r in validation], 8, torch.device("cpu"))
     assert math.isclose(reloaded, min(losses), rel_tol=1e-4)
     assert reloaded < losses[-1]

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dicom_io.image_views import ImageView
 from models import checkpoint
 from models.captions import pre_caption
 from models.clip_parts import tiny_clip_vision_config
@@ -96,7 +97,7 @@ def test_config_errors_name_the_field(overrides, field):
 
 def test_config_properties_and_json_round_trip():
     config = SbgConfig(**_values())
-    assert config.display_name == "SBG" and config.branches == ("clip",) and config.image_sizes == (64, None)
+    assert config.display_name == "SBG" and config.views == (ImageView("clip", 64, "clip"),)
     assert all(line.startswith("- ") for line in config.summary())
     assert SbgConfig.from_dict(json.loads(config.to_json())) == config
     kind = family("sbg")

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
-from models.cli import load_data, select_records
 from models.datasets import load_image, read_table
+from models.model_commands import load_data, select_records
 from service.feedback import TABLE, export_feedback
 from service.review import Reviews
 from service.schema import AuditEvent, Draft, Instance, Study

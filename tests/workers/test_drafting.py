@@ -64,7 +64,7 @@ class RacingModel:
 
     def __init__(self, model: Captioner, other: Drafter, job_id: int) -> None:
         self.model, self.other, self.job_id = model, other, job_id
-        self.identity, self.image_sizes = model.identity, model.image_sizes
+        self.identity, self.views = model.identity, model.views
 
     def caption(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         assert self.other.draft(self.job_id) == "succeeded"
@@ -107,7 +107,7 @@ def test_every_key_image_of_a_study_goes_to_the_model_in_one_call_for_ct_and_mr(
     calls: list[int] = []
 
     class Counting:
-        identity, image_sizes = captioner.identity, captioner.image_sizes
+        identity, views = captioner.identity, captioner.views
 
         def caption(self, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
             calls.append(len(inputs["clip"]))
@@ -139,7 +139,8 @@ def test_model_output_becomes_valid_dicom_text():
 @pytest.mark.peers
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_any_captioner_family_drafts_and_the_sr_names_it(db, clock, settings, job_id, tmp_path):
-    """A CNN-LSTM checkpoint (MEDCAP_MODEL could point at it) goes through the same drafting; it reads no SAM view."""
+    """A CNN-LSTM checkpoint (MEDCAP_MODEL could point at it) goes through the same drafting; it is
+    given its own view (MobileNet's normalisation), and no CLIP or 1024-px SAM view is computed."""
     from models import checkpoint
     from models.cnn_lstm import tiny_cnn_lstm
     from tests.models.parts import CAPTIONS
@@ -147,18 +148,18 @@ def test_any_captioner_family_drafts_and_the_sr_names_it(db, clock, settings, jo
     model, vocab = tiny_cnn_lstm(CAPTIONS, image_size=64)
     checkpoint.save(model, vocab, tmp_path / "cnn-lstm", checkpoint.Provenance(sources=[{"part": "all", "source": "random (tests)"}]))
     loaded = Captioner.load(tmp_path / "cnn-lstm", "cpu")
-    assert loaded.image_sizes == (64, None)
-    views: list[tuple[int, ...]] = []
+    assert [(v.name, v.size, v.normalisation) for v in loaded.views] == [("mobilenet", 64, "mean_std")]
+    views: list[dict[str, tuple[int, ...]]] = []
 
     class Recording:
-        identity, image_sizes = loaded.identity, loaded.image_sizes
+        identity, views = loaded.identity, loaded.views
 
         def caption(self, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
-            views.append(inputs["sam"].shape)
+            views.append({name: array.shape for name, array in inputs.items()})
             return loaded.caption(inputs, *args, **kwargs)
 
     assert runner(db, clock).run(job_id, make_drafter(db, clock, Recording(), settings).draft) == "succeeded"
-    assert views == [(3, 3, 0, 0)]  # no 1024-px SAM input computed for a model that does not read it
+    assert views == [{"mobilenet": (3, 3, 64, 64)}]  # only the view the model reads is computed
     with db.session() as s:
         doc = s.scalars(select(SRDocument)).one()
         draft = s.scalars(select(Draft)).one()

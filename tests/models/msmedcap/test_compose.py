@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dicom_io.image_views import ImageView
 from models import checkpoint
 from models.msmedcap.compose import compose, sam_config_from_weights, sam_pth_to_hf
 from models.sources import ComposeError
@@ -193,7 +194,7 @@ def test_frozen_parts_can_be_stored_in_bf16_and_the_paper_evaluates_at_364(parts
     assert stored["encoders.sam.model.vision_encoder.pos_embed"].dtype == torch.bfloat16
     assert stored["branches.sam.query_tokens"].dtype == torch.float32  # trained parts stay fp32
     model, _, _ = checkpoint.load(tmp_path / "out")
-    assert model.config.image_sizes[0] == 48 and model.config.train_image_sizes[0] == 32
+    assert model.config.views[0] == ImageView("clip", 48, "clip") and model.config.train_views[0] == ImageView("clip", 32, "clip")
 
 
 def test_a_missing_weight_fails_loudly(parts, tmp_path):

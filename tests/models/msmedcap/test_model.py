@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from dicom_io.image_views import ImageView
 from models import checkpoint
 from models.config import ConfigError
 from models.generation import PRESETS, GenerationPreset, select_device
@@ -229,7 +230,7 @@ def test_captioning_reads_the_clip_view_at_its_evaluation_size(tokenizers, tmp_p
     config = tiny_config("blip2", lm_vocab=len(tokenizers.lm), qformer_vocab=len(tokenizers.qformer), eval_clip_image_size=96)
     checkpoint.save(MedCapModel(config), tokenizers, tmp_path / "ckpt", checkpoint.Provenance())
     captioner = Captioner.load(tmp_path / "ckpt", "cpu")
-    assert captioner.image_sizes == (96, None)
+    assert captioner.views == (ImageView("clip", 96, "clip"),)
     image = torch.rand(64, 64).numpy()
     assert image_transform_for(captioner.model)(image)["clip"].shape[-1] == 96
     assert image_transform_for(captioner.model, training=True)(image)["clip"].shape[-1] == 64

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from models.families import MODULES
+from models.families import REGISTRY, compose_flags
 
 LOG = logging.getLogger("medcap.models")
 
@@ -61,52 +61,9 @@ def register(sub: Any) -> None:
     model = sub.add_parser("model", help="build and inspect captioner checkpoints")
     msub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     p = msub.add_parser("compose", help="build a checkpoint of any captioner from pretrained parts (hub ids or local directories)")
-    p.add_argument("--model-type", default="msmedcap", choices=list(MODULES))
+    p.add_argument("--model-type", default="msmedcap", choices=list(REGISTRY))
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--blip2", help="msmedcap, blip2, sam_blip2: BLIP-2 (HF format) hub id or directory, e.g. Salesforce/blip2-opt-2.7b")
-    p.add_argument("--sam", help="msmedcap, sam_blip2: SAM hub id or directory (facebook/sam-vit-base, wanglab/medsam-vit-base) or a .pth")
-    p.add_argument(
-        "--bert",
-        default="bert-base-uncased",
-        help="msmedcap family: BERT (id or directory, weights and tokenizer) that both "
-        "Q-Formers' text side and the SAM Q-Former start from, as in LAVIS",
-    )
-    p.add_argument(
-        "--blip2-itm",
-        help="msmedcap, blip2: BLIP-2's stage-1 checkpoint (Salesforce/blip2-itm-vit-g): the CLIP Q-Former's "
-        "text side and ITC/ITM heads from it instead of from --bert",
-    )
-    p.add_argument(
-        "--eval-image-size",
-        type=int,
-        help="msmedcap family: CLIP view when captioning (default: 364 for a ViT trained at "
-        "224, as the paper evaluates; else its training size)",
-    )
-    p.add_argument(
-        "--frozen-dtype",
-        choices=["source", "bf16", "fp16", "fp32"],
-        default="source",
-        help="msmedcap family: store the frozen encoders and the LM in this dtype (default: as the source stores them)",
-    )
-    p.add_argument("--sam-layout", default="channel", choices=["channel", "spatial"])
-    p.add_argument("--prompt", default="", help="text before every caption, in training and inference (MSMedCap family)")
-    p.add_argument("--clip", help="clipcap, sbg, clip_transformer: CLIPModel hub id or directory, e.g. openai/clip-vit-large-patch14")
-    p.add_argument("--gpt2", help="clipcap, sbg: GPT-2 hub id or directory with its tokenizer, e.g. gpt2")
-    p.add_argument("--mobilenet", help="cnn_lstm: MobileNetV2 hub id or directory, e.g. google/mobilenet_v2_1.0_224")
-    p.add_argument(
-        "--mapper",
-        default="mlp",
-        choices=["mlp", "transformer"],
-        help="clipcap: mapping network (paper: MLP with GPT-2 fine-tuned, transformer with GPT-2 frozen)",
-    )
-    p.add_argument("--lm", choices=["frozen", "finetuned"], help="clipcap: override the mapper's GPT-2 default")
-    p.add_argument(
-        "--data",
-        action="append",
-        metavar="SPEC",
-        help="sbg, cnn_lstm, clip_transformer: training captions (same specs as train) for the keyword or word vocabulary",
-    )
-    p.add_argument("--min-word-count", type=int, default=5, help="cnn_lstm, clip_transformer: words seen fewer times become <UNK>")
+    _compose_args(p)
     p.add_argument("--name", default="")
     _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_compose))
@@ -235,6 +192,26 @@ def register(sub: Any) -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_friendly(cmd_synthetic))
+
+
+def _compose_args(p: argparse.ArgumentParser) -> None:
+    """The flags every registered family reads (models/families.py), each once; its help names the families."""
+    for option, readers in compose_flags().values():
+        by_help: dict[str, list[str]] = {}
+        for model_type in readers:
+            own = next(o for o in REGISTRY[model_type].compose if o.name == option.name)
+            by_help.setdefault(own.help, []).append(model_type)
+        text = "; ".join(f"{', '.join(types)}: {help_text}" for help_text, types in by_help.items())
+        kwargs: dict[str, Any] = {"default": option.default, "help": text}
+        if option.choices:
+            kwargs["choices"] = list(option.choices)
+        if option.kind is int:
+            kwargs["type"] = int
+        if option.repeat:
+            kwargs["action"] = "append"
+        if option.data:
+            kwargs["metavar"] = "SPEC"
+        p.add_argument(option.flag, dest=option.name, **kwargs)
 
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
@@ -373,21 +350,14 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     if not args.path.exists():
         raise ModelCommandError(f"{args.path} does not exist")
     captioner = Captioner.load(_model_dir(settings, args), args.device)
-    clip_size, sam_size = captioner.image_sizes
     series = prepare_series(
-        args.path,
-        key_slices=KeySliceSpec(strategy=args.key_strategy, n=args.key_slices),
-        window=args.window,
-        clip_size=clip_size,
-        sam_size=sam_size,
+        args.path, views=captioner.views, key_slices=KeySliceSpec(strategy=args.key_strategy, n=args.key_slices), window=args.window
     )
     if not series:
         raise ModelCommandError(f"no CT or MR image series under {args.path}")
     drafts = []
     for item in series:
-        captions = captioner.caption(
-            {"clip": item.clip, "sam": item.sam}, _generation(args), batch_size=args.gen_batch_size, seed=args.seed
-        )
+        captions = captioner.caption(dict(item.views), _generation(args), batch_size=args.gen_batch_size, seed=args.seed)
         drafts.append(
             {
                 "series_uid": item.series_uid,
@@ -409,68 +379,27 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-#: What each model type is composed from: the flags it needs.
-COMPOSE_NEEDS = {
-    "msmedcap": ("blip2", "sam"),
-    "blip2": ("blip2",),
-    "sam_blip2": ("blip2", "sam"),
-    "clipcap": ("clip", "gpt2"),
-    "sbg": ("clip", "gpt2", "data"),
-    "cnn_lstm": ("mobilenet", "data"),
-    "clip_transformer": ("clip", "data"),
-}
-
-
 def cmd_compose(settings: Any, args: argparse.Namespace) -> int:
+    """Whatever the family's registration declares: its required flags are checked here, a flag of
+    another family is refused, and the family's own ``compose`` builds the checkpoint."""
     _prepare(settings, args)
+    from models.families import ComposeRequest, family
+
     kind = args.model_type
-    missing = [f"--{flag}" for flag in COMPOSE_NEEDS[kind] if not getattr(args, flag)]
+    declared = {o.name: o for o in REGISTRY[kind].compose}
+    missing = [o.flag for o in declared.values() if o.required and not getattr(args, o.name)]
     if missing:
         raise ModelCommandError(f"model compose --model-type {kind} needs {' and '.join(missing)}")
-    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    captions = [r.caption for r in select_records(load_data(args.data), "train", None)] if args.data else []
-    if kind in ("msmedcap", "blip2", "sam_blip2"):
-        from models.msmedcap.compose import compose
-        from models.weights import parse_dtype
-
-        compose(
-            blip2=args.blip2,
-            sam=args.sam,
-            out=args.out,
-            model_type=kind,
-            bert=args.bert,
-            blip2_itm=args.blip2_itm,
-            sam_layout=args.sam_layout,
-            prompt=args.prompt,
-            name=args.name,
-            eval_image_size=args.eval_image_size,
-            frozen_dtype=None if args.frozen_dtype == "source" else parse_dtype(args.frozen_dtype),
-            log=log,
-        )
-    elif kind == "clipcap":
-        from models.clipcap import compose_clipcap
-
-        compose_clipcap(
-            args.out,
-            clip=args.clip,
-            gpt2=args.gpt2,
-            mapper=args.mapper,
-            freeze_lm=None if args.lm is None else args.lm == "frozen",
-            name=args.name,
-            log=log,
-        )
-    elif kind == "sbg":
-        from models.sbg import compose_sbg
-
-        compose_sbg(args.out, clip=args.clip, gpt2=args.gpt2, captions=captions, name=args.name, log=log)
-    elif kind == "cnn_lstm":
-        from models.cnn_lstm import compose_cnn_lstm
-
-        compose_cnn_lstm(args.out, mobilenet=args.mobilenet, captions=captions, min_word_count=args.min_word_count, name=args.name, log=log)
-    else:
-        from models.clip_transformer import compose_clip_transformer
-
-        compose_clip_transformer(args.out, clip=args.clip, captions=captions, min_word_count=args.min_word_count, name=args.name, log=log)
+    foreign = [o.flag for name, (o, _) in compose_flags().items() if name not in declared and getattr(args, name) not in (None, o.default)]
+    if foreign:
+        raise ModelCommandError(f"model compose --model-type {kind} does not read {', '.join(foreign)}")
+    compose = family(kind).compose
+    if compose is None:
+        raise ModelCommandError(f"model compose: {kind} cannot be composed from pretrained parts")
+    specs = [spec for o in declared.values() if o.data for spec in getattr(args, o.name) or []]
+    captions = [r.caption for r in select_records(load_data(specs), "train", None)] if specs else []
+    options = {name: getattr(args, name) for name in declared}
+    compose(ComposeRequest(kind, args.out, options, captions, args.name, lambda m: print(m, file=sys.stderr)))
     print(f"wrote {args.out}; train it with: medcap train caption --model {args.out} --data SPEC --out DIR")
     return 0
 

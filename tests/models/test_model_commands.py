@@ -180,3 +180,59 @@ def test_another_family_through_the_same_commands(tmp_path):
     )
     assert drafted["model"]["name"] == "CNN-LSTM" and drafted["model"]["type"] == "cnn_lstm"
     assert len(drafted["series"]) == 1 and len(drafted["series"][0]["key_images"]) == 3
+
+
+def test_every_registered_family_composes_through_its_own_function():
+    from models import families
+
+    flags = families.compose_flags()  # the registry is consistent: shared flags agree
+    assert flags["clip"][1] == ("clipcap", "sbg", "clip_transformer") and flags["data"][0].data
+    for model_type, registration in families.REGISTRY.items():
+        assert families.family(model_type).compose is not None, model_type
+        assert any(o.required for o in registration.compose), model_type
+
+
+def test_families_sharing_a_flag_must_agree_on_it(monkeypatch):
+    from models import families
+
+    clashing = families.Registration("models.clipcap", (families.ComposeOption("clip", "CLIP", required=True, default="openai/clip"),))
+    monkeypatch.setitem(families.REGISTRY, "clashing", clashing)
+    with pytest.raises(ValueError, match="--clip: clashing declares it unlike clipcap, sbg, clip_transformer"):
+        families.compose_flags()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model-type", "sbg"], "model compose --model-type sbg needs --clip and --gpt2 and --data"),
+        (["--model-type", "blip2", "--blip2", "b", "--sam", "s"], "model compose --model-type blip2 does not read --sam"),
+        (["--model-type", "sam_blip2", "--blip2", "b", "--sam", "s", "--blip2-itm", "i"], "does not read --blip2-itm"),
+        (["--model-type", "clipcap", "--clip", "c", "--gpt2", "g", "--min-word-count", "2"], "does not read --min-word-count"),
+    ],
+)
+def test_compose_checks_each_familys_flags_before_reading_anything(tmp_path, capsys, monkeypatch, argv, message):
+    from service.cli import main
+
+    for name in [k for k in os.environ if k.startswith("MEDCAP_") and not k.startswith("MEDCAP_TEST_")]:
+        monkeypatch.delenv(name)
+    assert main(["model", "compose", *argv, "--out", str(tmp_path / "x")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"name": "Clip", "help": "h"}, "ComposeOption.name must be a lower-case identifier"),
+        ({"name": "out", "help": "h"}, "ComposeOption.name: --out is common to every family"),
+        ({"name": "clip", "help": ""}, "ComposeOption.help: --clip needs a help text"),
+        ({"name": "size", "help": "h", "kind": float}, "ComposeOption.kind: str or int"),
+        ({"name": "captions", "help": "h", "data": True}, "ComposeOption.repeat: --captions holds caption data specs"),
+    ],
+)
+def test_a_compose_option_names_the_bad_field(arguments, message):
+    from models.families import ComposeOption
+
+    with pytest.raises(ValueError, match=message):
+        ComposeOption(**arguments)
+    assert ComposeOption("blip2_itm", "h").flag == "--blip2-itm"
