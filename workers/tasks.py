@@ -12,7 +12,7 @@ from celery.signals import worker_process_init, worker_ready
 
 from dicom_io.dispatch import send
 from dicom_io.key_slices import KeySliceSpec
-from service import audit, metrics
+from service import audit, prometheus
 from service.clock import SystemClock
 from service.database import Database
 from service.settings import Settings, load_settings
@@ -106,7 +106,7 @@ def _actor() -> str:
 
 
 @app.task(name=CAPTION_TASK, acks_late=True, reject_on_worker_lost=True)
-@metrics.timed_task(CAPTION_TASK)
+@prometheus.timed_task(CAPTION_TASK)
 def caption_study(job_id: int) -> str:
     settings = _settings()
     db = _database(settings)
@@ -156,7 +156,7 @@ def _send_now(settings: Settings, db: Database, job_id: int) -> None:
 
 
 @app.task(name=DISPATCH_TASK, acks_late=True, reject_on_worker_lost=True)
-@metrics.timed_task(DISPATCH_TASK)
+@prometheus.timed_task(DISPATCH_TASK)
 def send_report(dispatch_id: int) -> str:
     settings = _settings()
     runner = DispatchRunner(
