@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from dicom_io.dispatch import Destination, DispatchResult
+from dicom_io.store_scu import Destination, DispatchResult
 from service import dispatch_lifecycle as dispatches
 from service.clock import Clock
 from service.database import Database

@@ -10,8 +10,8 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_ready
 
-from dicom_io.dispatch import send
 from dicom_io.key_slices import KeySliceSpec
+from dicom_io.store_scu import send
 from service import audit, prometheus
 from service.clock import SystemClock
 from service.database import Database
