@@ -18,8 +18,8 @@ from dicom_io.series import Series, read_series
 from service.audit import Action
 from service.review import ReviewConflict, ReviewError, ReviewState
 from service.schema import Instance, SeriesRecord, SRDocument
-from service.web.app import TEMPLATES, Anyone, Context, Radiologist, audit_event, client_address, require_csrf
 from service.web.auth import COOKIE, LoginThrottled
+from service.web.context import TEMPLATES, Anyone, Context, Radiologist, audit_event, client_address, require_csrf
 from service.worklist import WorklistFilter, list_drafts
 
 router = APIRouter(include_in_schema=False)
