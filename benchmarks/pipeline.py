@@ -264,7 +264,7 @@ class StoreSCP:
         self.port = rb.free_port()
         self.log = workdir / "storescp.log"
         # storescp has no bind option and listens on 0.0.0.0; only 127.0.0.1 is ever used.
-        self.proc = rb.spawn([rb.STORESCP, "-aet", PACS_AET, "-od", str(self.out), str(self.port)], rb._dcmtk_env(), self.log)
+        self.proc = rb.spawn([rb.STORESCP, "-aet", PACS_AET, "-od", str(self.out), str(self.port)], rb.dcmtk_env(), self.log)
         rb.wait_ready(self.proc, self.port, PACS_AET, self.log)
 
     @property
@@ -305,7 +305,7 @@ class OrthancPACS:
         (home / "orthanc.json").write_text(json.dumps(config, indent=2))
         self.log = workdir / "orthanc.log"
         # TCP_NODELAY=1: Debian's Orthanc leaves Nagle on otherwise (~40 ms per C-STORE-RSP).
-        self.proc = rb.spawn([self.binary, str(home / "orthanc.json")], rb._dcmtk_env(), self.log)
+        self.proc = rb.spawn([self.binary, str(home / "orthanc.json")], rb.dcmtk_env(), self.log)
         rb.wait_ready(self.proc, self.port, PACS_AET, self.log)
 
     @property
@@ -513,7 +513,7 @@ def send_study(port: int, study: StudyInput, logdir: Path) -> None:
     with log.open("wb") as out:
         proc = subprocess.run(
             [rb.STORESCU, "-aet", SENDER_AET, "-aec", MEDCAP_AET, "+sd", "+r", "127.0.0.1", str(port), str(study.directory)],
-            env=rb._dcmtk_env(),
+            env=rb.dcmtk_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
         )

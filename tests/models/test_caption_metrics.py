@@ -159,9 +159,9 @@ def test_tokenizer_fallback_for_a_read_only_package_matches_upstream(monkeypatch
         ("r", "1"): [{"caption": "Axial CT (arrow), left-sided mass."}, {"caption": ""}],
         ("p", "1"): [{"caption": "It's 3.5 cm; no!"}],
     }
-    upstream = caption_metrics._tokenize(captions)
+    upstream = caption_metrics.ptb_tokenize(captions)
     monkeypatch.setattr(caption_metrics.os, "access", lambda *a: False)
-    assert caption_metrics._tokenize(captions) == upstream
+    assert caption_metrics.ptb_tokenize(captions) == upstream
 
 
 def test_inputs_must_cover_the_same_ids(scorer: CaptionScorer) -> None:
