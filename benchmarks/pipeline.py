@@ -161,11 +161,11 @@ class InferenceBench:
         from dicom_io.model_input import prepare_series
         from dicom_io.sr import SeriesFinding, write_draft_sr
         from models.captioner import summarise as summarise_captions
-        from workers.drafting import _impression, _Source, printable
+        from workers.drafting import DraftSource, draft_impression, printable
 
         clip_size, sam_size = self.captioner.image_sizes
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.files]
-        source = _Source(
+        source = DraftSource(
             0, study.study_uid, 0, 1, {str(h.SOPInstanceUID): (str(h.SOPClassUID), p) for h, p in zip(headers, study.files, strict=True)}
         )
         run = InferenceAlone(study.source, 0, repeats, [], [])
@@ -191,7 +191,7 @@ class InferenceBench:
             t3 = time.perf_counter()
             evidence = self.drafter._evidence(source, {s.series_uid for s in series})
             t4 = time.perf_counter()
-            sr = write_draft_sr(findings, _impression(texts), self.algorithm, evidence, created_at=utcnow())
+            sr = write_draft_sr(findings, draft_impression(texts), self.algorithm, evidence, created_at=utcnow())
             t5 = time.perf_counter()
             self.drafter._store(sr, study.study_uid)
             t6 = time.perf_counter()
