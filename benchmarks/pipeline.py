@@ -161,11 +161,11 @@ class InferenceBench:
         from dicom_io.model_input import prepare_series
         from dicom_io.sr import SeriesFinding, write_draft_sr
         from models.captioner import summarise as summarise_captions
-        from workers.drafting import _impression, _Source, printable
+        from workers.drafting import DraftSource, draft_impression, printable
 
         views = self.captioner.views
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.files]
-        source = _Source(
+        source = DraftSource(
             0, study.study_uid, 0, 1, {str(h.SOPInstanceUID): (str(h.SOPClassUID), p) for h, p in zip(headers, study.files, strict=True)}
         )
         run = InferenceAlone(study.source, 0, repeats, [], [])
@@ -191,7 +191,7 @@ class InferenceBench:
             t3 = time.perf_counter()
             evidence = self.drafter._evidence(source, {s.series_uid for s in series})
             t4 = time.perf_counter()
-            sr = write_draft_sr(findings, _impression(texts), self.algorithm, evidence, created_at=utcnow())
+            sr = write_draft_sr(findings, draft_impression(texts), self.algorithm, evidence, created_at=utcnow())
             t5 = time.perf_counter()
             self.drafter._store(sr, study.study_uid)
             t6 = time.perf_counter()
@@ -264,7 +264,7 @@ class StoreSCP:
         self.port = rb.free_port()
         self.log = workdir / "storescp.log"
         # storescp has no bind option and listens on 0.0.0.0; only 127.0.0.1 is ever used.
-        self.proc = rb.spawn([rb.STORESCP, "-aet", PACS_AET, "-od", str(self.out), str(self.port)], rb._dcmtk_env(), self.log)
+        self.proc = rb.spawn([rb.STORESCP, "-aet", PACS_AET, "-od", str(self.out), str(self.port)], rb.dcmtk_env(), self.log)
         rb.wait_ready(self.proc, self.port, PACS_AET, self.log)
 
     @property
@@ -305,7 +305,7 @@ class OrthancPACS:
         (home / "orthanc.json").write_text(json.dumps(config, indent=2))
         self.log = workdir / "orthanc.log"
         # TCP_NODELAY=1: Debian's Orthanc leaves Nagle on otherwise (~40 ms per C-STORE-RSP).
-        self.proc = rb.spawn([self.binary, str(home / "orthanc.json")], rb._dcmtk_env(), self.log)
+        self.proc = rb.spawn([self.binary, str(home / "orthanc.json")], rb.dcmtk_env(), self.log)
         rb.wait_ready(self.proc, self.port, PACS_AET, self.log)
 
     @property
@@ -515,7 +515,7 @@ def send_study(port: int, study: StudyInput, logdir: Path) -> None:
     with log.open("wb") as out:
         proc = subprocess.run(
             [rb.STORESCU, "-aet", SENDER_AET, "-aec", MEDCAP_AET, "+sd", "+r", "127.0.0.1", str(port), str(study.directory)],
-            env=rb._dcmtk_env(),
+            env=rb.dcmtk_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -58,7 +58,7 @@ _CHILDREN: list[subprocess.Popen[bytes]] = []
 # -- processes ----------------------------------------------------------------------------
 
 
-def _dcmtk_env() -> dict[str, str]:
+def dcmtk_env() -> dict[str, str]:
     # Debian's dcmtk leaves Nagle on unless told: ~11 instead of ~700 instances/s.
     return {**os.environ, "TCP_NODELAY": "1"}
 
@@ -105,7 +105,7 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, called_aet: str, log: P
         if proc.poll() is not None:
             raise RuntimeError(f"receiver exited with status {proc.returncode} before it was ready; see {log}")
         echo = subprocess.run(
-            [ECHOSCU, "-aet", SENDER_AET, "-aec", called_aet, "-to", "2", "127.0.0.1", str(port)], env=_dcmtk_env(), capture_output=True
+            [ECHOSCU, "-aet", SENDER_AET, "-aec", called_aet, "-to", "2", "127.0.0.1", str(port)], env=dcmtk_env(), capture_output=True
         )
         if echo.returncode == 0:
             return
@@ -118,7 +118,7 @@ def send(port: int, called_aet: str, sets: list[list[Path]], logdir: Path, tag: 
     cmds = [[STORESCU, "-aet", SENDER_AET, "-aec", called_aet, "+sd", "+r", "127.0.0.1", str(port), *map(str, dirs)] for dirs in sets]
     logs = [logdir / f"storescu-{tag}-{i}.log" for i in range(len(cmds))]
     start = time.perf_counter()
-    procs = [spawn(cmd, _dcmtk_env(), log) for cmd, log in zip(cmds, logs, strict=True)]
+    procs = [spawn(cmd, dcmtk_env(), log) for cmd, log in zip(cmds, logs, strict=True)]
     for proc in procs:
         proc.wait()
     elapsed = time.perf_counter() - start
@@ -201,7 +201,7 @@ def run_storescp(inputs: Inputs, sets: list[list[Path]], scenario: str, workdir:
     if len(sets) > 1:
         cmd.append("--fork")  # without it storescp serves one association at a time
     # storescp has no bind option and listens on 0.0.0.0; we only ever send to 127.0.0.1.
-    proc = spawn([*cmd, str(port)], _dcmtk_env(), log)
+    proc = spawn([*cmd, str(port)], dcmtk_env(), log)
     try:
         wait_ready(proc, port, STORESCP_AET, log)
         send(port, STORESCP_AET, [[inputs.warmup]], workdir, "warmup")

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from models.caption_metrics import evaluate_models
 from models.captioner import Captioner
 from models.datasets import CaptionRecord, load_image, references_by_image
 from models.features import image_transform_for
 from models.generation import GenerationPreset
-from models.metrics import evaluate_models
 
 
 def caption_records(
@@ -79,7 +79,7 @@ def evaluate_checkpoints(
     )
     if detail_words == "synthetic":
         # The scene words as well: a model may get the scene right and miss the lesion, or the reverse.
-        from models.metrics import detail_word_scores
+        from models.caption_metrics import detail_word_scores
         from models.synthetic import GLOBAL_WORDS
 
         for name, preds in predictions.items():

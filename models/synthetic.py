@@ -70,7 +70,7 @@ DETAIL_WORDS: dict[str, tuple[str, ...]] = {
     "size": SIZES,
     "density": ("hyperdense", "hypodense", "hyperintense", "hypointense"),
 }
-"""Local-finding vocabulary, grouped by attribute (input to `models.metrics.detail_word_scores`)."""
+"""Local-finding vocabulary, grouped by attribute (input to `models.caption_metrics.detail_word_scores`)."""
 
 GLOBAL_WORDS: dict[str, tuple[str, ...]] = {"modality": MODALITIES, "region": REGIONS, "plane": PLANES}
 

@@ -204,15 +204,15 @@ def make_assembler(settings: Settings, db: Any) -> Any:
 
 
 def start_metrics(settings: Settings, *, worker: bool = False, children: bool = False) -> dict[str, str]:
-    """Prometheus metrics (service/metrics.py) on the configured port, if any; returns the environment for worker children."""
-    from service import metrics
+    """Prometheus metrics (service/prometheus.py) on the configured port, if any; returns the environment for worker children."""
+    from service import prometheus
 
     port = settings.worker_metrics_port if worker else settings.metrics_port
     try:
         if worker:
-            metrics.start_worker(settings)
+            prometheus.start_worker(settings)
             return {}
-        return metrics.start_service(settings, children=children)
+        return prometheus.start_service(settings, children=children)
     except OSError as exc:
         raise CommandError(f"cannot serve metrics on port {port}: {exc}") from None
 

@@ -30,8 +30,7 @@ from service import audit
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
-from service.schema import Decision, Draft, Instance, Review, SRDocument
-from service.schema import Series as SeriesRow
+from service.schema import Decision, Draft, Instance, Review, SeriesRecord, SRDocument
 
 TABLE = "table.csv"
 IMAGES = "images"
@@ -143,7 +142,7 @@ def _series(db: Database, series_id: int, series_uid: str, loaded: dict[int, Ser
             paths = list(
                 s.scalars(select(Instance.path).where(Instance.series_id == series_id, Instance.captionable).order_by(Instance.path))
             )
-            uid = s.scalar(select(SeriesRow.series_uid).where(SeriesRow.id == series_id)) or series_uid
+            uid = s.scalar(select(SeriesRecord.series_uid).where(SeriesRecord.id == series_id)) or series_uid
         present = [Path(p) for p in paths if os.path.isfile(p)]
         loaded[series_id] = next((x for x in read_series(present) if x.series_uid == uid), None) if present else None
     return loaded[series_id]

@@ -27,7 +27,7 @@ from service.audit import Action
 from service.clock import Clock
 from service.database import Database, insert_ignoring_conflicts
 from service.instance_store import InstanceStore
-from service.schema import Association, AssociationOutcome, Instance, Series, Study
+from service.schema import Association, AssociationOutcome, Instance, SeriesRecord, Study
 
 LOG = logging.getLogger(__name__)
 SUCCESS = 0x0000
@@ -312,7 +312,7 @@ class Ingest:
             )
         insert_ignoring_conflicts(
             s,
-            Series.__table__,
+            SeriesRecord.__table__,
             dict(
                 study_id=study_id,
                 series_uid=header.series_uid,
@@ -322,7 +322,9 @@ class Ingest:
             ),
             "series_uid",
         )
-        series_study_id, series_id = s.execute(select(Series.study_id, Series.id).where(Series.series_uid == header.series_uid)).one()
+        series_study_id, series_id = s.execute(
+            select(SeriesRecord.study_id, SeriesRecord.id).where(SeriesRecord.series_uid == header.series_uid)
+        ).one()
         if series_study_id != study_id:
             raise InvalidInstance(STATUS_BAD_ATTRIBUTE, f"series {header.series_uid} already belongs to another study")
         assoc.series_ids[header.series_uid] = (study_id, series_id)

@@ -132,10 +132,6 @@ class Listener:
         for assoc in remaining:
             self.ingest.association_ended(assoc, AssociationOutcome.LOST, "listener stopped")
 
-    def has_open_associations(self) -> bool:
-        with self._lock:
-            return bool(self._open)
-
     # -- handlers ----------------------------------------------------------------------
 
     def _on_conn_open(self, event: evt.Event) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 import pydicom
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from dicom_io.atomic import write_atomic
 from dicom_io.sr import SeriesFinding, Verification, read_findings, read_impression, write_verified_sr
@@ -70,10 +69,6 @@ class DraftView:
     series: list[dict[str, object]] = field(default_factory=list)  # [{series_uid, modality, text, key_images}]
     impression: str = ""
     review: dict[str, object] | None = None
-
-
-def latest_version_numbers(s: Session) -> dict[int, int]:
-    return dict(s.execute(select(StudyVersion.study_id, func.max(StudyVersion.number)).group_by(StudyVersion.study_id)).tuples().all())
 
 
 def state_of(decision: str | None, version: int, latest: int) -> ReviewState:

@@ -148,7 +148,7 @@ class Study(Base):
     force_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
-class Series(Base):
+class SeriesRecord(Base):
     __tablename__ = "series"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -25,7 +25,7 @@ from pydantic_settings import (
 )
 
 from dicom_io.ae_title import validate_ae_title
-from dicom_io.dispatch import ClientTLS, Destination, parse_destinations
+from dicom_io.store_scu import ClientTLS, Destination, parse_destinations
 
 ENV_PREFIX = "MEDCAP_"
 TEST_PREFIX = "MEDCAP_TEST_"  # reserved for the test suite's own variables

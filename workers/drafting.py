@@ -69,7 +69,7 @@ class DraftOptions:
 
 
 @dataclass(frozen=True)
-class _Source:
+class DraftSource:
     study_id: int
     study_uid: str
     version_id: int
@@ -111,7 +111,7 @@ class Drafter:
         ]
         evidence = self._evidence(source, {s.series_uid for s in series})
         try:
-            sr = write_draft_sr(findings, _impression(texts), algorithm, evidence, created_at=inferred_at)
+            sr = write_draft_sr(findings, draft_impression(texts), algorithm, evidence, created_at=inferred_at)
         except ValueError as exc:
             raise PermanentJobError(f"cannot build the draft SR: {exc}") from exc
         path, digest = self._store(sr, source.study_uid)
@@ -123,7 +123,7 @@ class Drafter:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _source(self, job_id: int) -> _Source:
+    def _source(self, job_id: int) -> DraftSource:
         with self.db.session() as s:
             row = s.execute(
                 select(Study.id, Study.study_uid, StudyVersion.id, StudyVersion.number)
@@ -136,13 +136,13 @@ class Drafter:
                     Instance.study_id == row[0], Instance.captionable, Instance.version_number <= row[3]
                 )
             ).all()
-        return _Source(row[0], row[1], row[2], row[3], {uid: (cls, Path(path)) for uid, cls, path in instances})
+        return DraftSource(row[0], row[1], row[2], row[3], {uid: (cls, Path(path)) for uid, cls, path in instances})
 
     def _already_written(self, key: str) -> bool:
         with self.db.session() as s:
             return s.scalar(select(SRDocument.id).where(SRDocument.idempotency_key == key)) is not None
 
-    def _prepare(self, source: _Source) -> list[SeriesInput]:
+    def _prepare(self, source: DraftSource) -> list[SeriesInput]:
         paths = [path for _, path in source.instances.values()]
         missing = [p for p in paths if not p.is_file()]
         if missing:
@@ -166,7 +166,7 @@ class Drafter:
         texts = [summarise(c) or "(the model produced no text for this series)" for c in captions]
         return texts, captions
 
-    def _evidence(self, source: _Source, series_uids: set[str]) -> list[Dataset]:
+    def _evidence(self, source: DraftSource, series_uids: set[str]) -> list[Dataset]:
         headers = []
         for _, path in source.instances.values():
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -185,7 +185,7 @@ class Drafter:
     def _commit(
         self,
         job_id: int,
-        source: _Source,
+        source: DraftSource,
         key: str,
         sr: Dataset,
         path: Path,
@@ -278,7 +278,7 @@ class Drafter:
         LOG.info("job %d: draft SR %s for study %s (%d series)", job_id, sr.SOPInstanceUID, source.study_uid, len(series))
         return "succeeded"
 
-    def _finish_without_sr(self, job_id: int, source: _Source, why: str) -> str:
+    def _finish_without_sr(self, job_id: int, source: DraftSource, why: str) -> str:
         now = self.clock.now()
         with self.db.session() as s:
             jobs.succeed(s, now, self.actor, job_id, owner=self.owner, study_uid=source.study_uid, result=why)
@@ -297,7 +297,7 @@ def printable(text: str) -> str:
     return " ".join(kept.split())
 
 
-def _impression(texts: Sequence[str]) -> str:
+def draft_impression(texts: Sequence[str]) -> str:
     from models.captioner import summarise
 
     return summarise(texts) or "(no impression)"

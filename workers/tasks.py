@@ -11,7 +11,7 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready
 
 from dicom_io.key_slices import KeySliceSpec
-from service import audit, metrics, outputs
+from service import audit, outputs, prometheus
 from service.clock import SystemClock
 from service.database import Database
 from service.settings import Settings, load_settings
@@ -105,7 +105,7 @@ def _actor() -> str:
 
 
 @app.task(name=CAPTION_TASK, acks_late=True, reject_on_worker_lost=True)
-@metrics.timed_task(CAPTION_TASK)
+@prometheus.timed_task(CAPTION_TASK)
 def caption_study(job_id: int) -> str:
     settings = _settings()
     db = _database(settings)
@@ -158,7 +158,7 @@ def _send_now(settings: Settings, db: Database, job_id: int) -> None:
 # The task keeps its first name ("medcap.send_report"): messages already queued by an older
 # version are still consumed after an upgrade.
 @app.task(name=DISPATCH_TASK, acks_late=True, reject_on_worker_lost=True)
-@metrics.timed_task(DISPATCH_TASK)
+@prometheus.timed_task(DISPATCH_TASK)
 def deliver_output(dispatch_id: int) -> str:
     """Send one dispatch's output to its destination (one attempt)."""
     settings = _settings()

@@ -44,7 +44,7 @@ PAPER_EVAL_IMAGE_SIZE = 364
 
 # -- SAM ------------------------------------------------------------------------------------
 
-_SAM_RENAMES = [  # original segment-anything -> transformers SamVisionModel (convert_sam_to_hf.py)
+SAM_RENAMES = [  # original segment-anything -> transformers SamVisionModel (convert_sam_to_hf.py)
     ("image_encoder.", "vision_encoder."),
     ("patch_embed.proj", "patch_embed.projection"),
     ("blocks.", "layers."),
@@ -65,7 +65,7 @@ def sam_pth_to_hf(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     for key, value in state.items():
         if not key.startswith("image_encoder."):
             continue
-        for old, new in _SAM_RENAMES:
+        for old, new in SAM_RENAMES:
             key = key.replace(old, new)
         mapped[key] = value
     if not mapped:

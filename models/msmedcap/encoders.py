@@ -50,10 +50,6 @@ class SamEncoder(nn.Module):
     def width(self) -> int:
         return self.grid * self.grid if self.layout == "channel" else self.channels
 
-    @property
-    def num_tokens(self) -> int:
-        return self.channels if self.layout == "channel" else self.grid * self.grid
-
     def positional_encoding(self) -> torch.Tensor:
         """(H*W, C) sin/cos encoding of the grid cell centres, as ``SamModel.get_image_wide_positional_embeddings``."""
         coords = (torch.arange(self.grid, device=self.positional_gaussian.device, dtype=torch.float32) + 0.5) / self.grid

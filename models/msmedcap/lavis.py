@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from models import checkpoint
-from models.msmedcap.compose import _SAM_RENAMES, bert_names, branch_name, build, fill
+from models.msmedcap.compose import SAM_RENAMES, bert_names, branch_name, build, fill
 from models.msmedcap.inference import export
 from models.msmedcap.model import MedCapModel
 from models.sources import ComposeError
@@ -124,7 +124,7 @@ def lavis_target(key: str, file_branch: str | None, *, text_side: bool) -> str |
         return "encoders.sam.model." + key[len("sam_model.") :]
     if key.startswith("sam_model.image_encoder."):  # an original segment-anything model inside
         rest = key[len("sam_model.") :]
-        for old, new in _SAM_RENAMES:
+        for old, new in SAM_RENAMES:
             rest = rest.replace(old, new)
         return "encoders.sam.model." + rest
     if key.startswith(_HEADS) and file_branch is not None:

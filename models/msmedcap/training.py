@@ -92,7 +92,7 @@ class TrainResult:
     out_dir: Path | None = None
 
 
-def _schedule(settings: TrainSettings, total_steps: int) -> Callable[[int], float]:
+def lr_schedule(settings: TrainSettings, total_steps: int) -> Callable[[int], float]:
     """Linear warm-up from warmup_lr, then cosine from lr to min_lr (LAVIS linear_warmup_cosine_lr,
     with the cosine over steps instead of epochs), as a factor of lr."""
 
@@ -143,7 +143,7 @@ def train(
     optimizer = torch.optim.AdamW(decay_groups(params, settings.weight_decay), lr=settings.lr)
     steps_per_epoch = math.ceil(len(records) / settings.batch_size)
     total = settings.max_steps or settings.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(settings, total))
     step, losses = 0, []
     state_path = out_dir / STATE
     if resume:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dicom_io.dispatch import Destination, DispatchResult, send
+from dicom_io.store_scu import Destination, DispatchResult, send
 from service.outputs.kind import Artefact, Delivery, OutputKind
 from service.schema import SRDocument
 

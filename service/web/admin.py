@@ -8,7 +8,6 @@ admin); the assembler publishes it, as after ``medcap retry`` / ``medcap resend`
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Request
@@ -16,60 +15,16 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from service import audit_queries as aq
 from service.audit import Action, web_actor
-from service.reports import RequeueError, resend_report, retry_job
+from service.reports import RequeueError, retry_job
 from service.users import UserError
-from service.web.app import TEMPLATES, Admin, Context, WebContext, audit_event, require_csrf
+from service.web.admin_actions import audit_search, not_yourself, resend
 from service.web.auth import SignedIn
+from service.web.context import TEMPLATES, Admin, Context, WebContext, audit_event, require_csrf
 
 router = APIRouter(include_in_schema=False)
 PAGE_SIZE = 100
 ACTION_FAMILIES = sorted({a.value.split(".")[0] + "." for a in Action})
 WINDOWS = {"7": 7, "30": 30, "90": 90, "365": 365, "all": None}  # the statistics page's periods, in days
-
-
-# -- shared with admin_api.py -----------------------------------------------------------------
-
-
-def audit_search(params: dict[str, Any], *, limit: int, offset: int) -> aq.AuditSearch:
-    """The search the query parameters ask for (raises aq.QueryError)."""
-
-    def text(name: str) -> str | None:
-        value = params.get(name)
-        return (str(value).strip() or None) if value is not None else None
-
-    return aq.AuditSearch(
-        study_uid=text("study"),
-        accession=text("accession"),
-        patient=text("patient"),
-        user=text("user"),
-        action=text("action"),
-        since=aq.parse_time(text("since")),
-        until=aq.parse_time(text("until"), end=True),
-        limit=limit,
-        offset=offset,
-    )
-
-
-def allowed_destination(ctx: WebContext, sr_uid: str, destination: str) -> bool:
-    """A resend may go where the SR was sent before, or to a configured destination; nowhere else."""
-    configured = {str(d) for d in ctx.settings.destination_list}
-    return destination in configured or destination in aq.sr_destinations(ctx.db, sr_uid)
-
-
-def resend(ctx: WebContext, who: SignedIn, sr_uid: str, destination: str | None) -> list[str]:
-    """Queue an SR again: to ``destination`` (a failed dispatch's), or to the configured destinations."""
-    if destination:
-        if not allowed_destination(ctx, sr_uid, destination):
-            raise RequeueError(f"{destination} is neither a destination of SR {sr_uid} nor a configured one")
-        destinations = [destination]
-    else:
-        destinations = [str(d) for d in ctx.settings.destination_list]
-    return resend_report(ctx.db, ctx.clock, sr_uid, destinations, web_actor(who.account.username), kinds=ctx.reviews.outputs)
-
-
-def not_yourself(who: SignedIn, username: str, disabled: bool) -> None:
-    if disabled and username == who.account.username:
-        raise UserError("you cannot disable your own account (another admin, or `medcap users disable`, can)")
 
 
 # -- overview, retry, resend ------------------------------------------------------------------

@@ -13,9 +13,9 @@ from service import audit_queries as aq
 from service.audit import Action, web_actor
 from service.reports import RequeueError, retry_job
 from service.users import UserError
-from service.web.admin import audit_search, not_yourself, resend
-from service.web.app import Admin, Context, WebContext, audit_event, require_csrf
+from service.web.admin_actions import audit_search, not_yourself, resend
 from service.web.auth import SignedIn
+from service.web.context import Admin, Context, WebContext, audit_event, require_csrf
 
 router = APIRouter(tags=["admin"])
 

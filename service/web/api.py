@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from service.audit import Action
 from service.review import ReviewConflict, ReviewError, ReviewState
-from service.web.app import Anyone, Context, Radiologist, audit_event, client_address, require_csrf
+from service.web.context import Anyone, Context, Radiologist, audit_event, client_address, require_csrf
 from service.worklist import WorklistFilter, WorklistRow, list_drafts
 
 router = APIRouter(tags=["review"])

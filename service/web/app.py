@@ -1,110 +1,32 @@
 """The review web app: server-rendered pages for people, a JSON API (with its OpenAPI schema) for programs.
 
 ``create_app`` wires the domain objects (users, sessions, reviews) to FastAPI; the routes live in
-``pages.py`` (HTML), ``api.py`` (JSON) and ``admin.py``. Access rules are dependencies in this
-module: signed in, then a role; state-changing requests also need the session's CSRF token.
-Every refusal is an audit event.
+``pages.py`` (HTML), ``api.py`` (JSON), ``admin.py`` and ``admin_api.py``. Access rules are
+dependencies in ``context.py``: signed in, then a role; state-changing requests also need the
+session's CSRF token. Every refusal is an audit event.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 
-from service import audit, outputs
+from service import outputs
 from service.audit import Action
 from service.clock import Clock, SystemClock
 from service.database import Database
 from service.review import Reviews
-from service.schema import Role
 from service.settings import Settings
 from service.users import Users
-from service.web.auth import COOKIE, Sessions, SignedIn, csrf_matches
+from service.web import admin, admin_api, api, pages
+from service.web.auth import Sessions
+from service.web.context import TEMPLATES, Forbidden, NotSignedIn, WebContext, audit_event
 
 HERE = Path(__file__).resolve().parent
-TEMPLATES = Jinja2Templates(directory=HERE / "templates")
-
-
-@dataclass
-class WebContext:
-    settings: Settings
-    db: Database
-    clock: Clock
-    users: Users
-    sessions: Sessions
-    reviews: Reviews
-
-
-class NotSignedIn(Exception):
-    pass
-
-
-class Forbidden(Exception):
-    def __init__(self, why: str) -> None:
-        super().__init__(why)
-        self.why = why
-
-
-def context(request: Request) -> WebContext:
-    return request.app.state.ctx  # type: ignore[no-any-return]
-
-
-def client_address(request: Request) -> str:
-    # The direct peer; behind a reverse proxy this is the proxy (X-Forwarded-For is not trusted by default).
-    return request.client.host if request.client else "unknown"
-
-
-def signed_in(request: Request) -> SignedIn:
-    found = context(request).sessions.lookup(request.cookies.get(COOKIE))
-    if found is None:
-        raise NotSignedIn
-    request.state.signed_in = found
-    return found
-
-
-def _role(role: Role) -> Any:
-    def check(request: Request, who: Annotated[SignedIn, Depends(signed_in)]) -> SignedIn:
-        if who.account.role is not role:
-            raise Forbidden(f"this needs the {role.value} role")
-        return who
-
-    return check
-
-
-radiologist = _role(Role.RADIOLOGIST)
-admin = _role(Role.ADMIN)
-Radiologist = Annotated[SignedIn, Depends(radiologist)]
-Admin = Annotated[SignedIn, Depends(admin)]
-Anyone = Annotated[SignedIn, Depends(signed_in)]
-Context = Annotated[WebContext, Depends(context)]
-
-
-async def require_csrf(request: Request, who: SignedIn) -> None:
-    """State-changing requests echo the session's CSRF token, as a form field or a header."""
-    given = request.headers.get("X-CSRF-Token")
-    if given is None and request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
-        given = (await request.form()).get("csrf_token")  # type: ignore[assignment]
-    if not csrf_matches(who.csrf_token, given):
-        raise Forbidden("missing or wrong CSRF token")
-
-
-def audit_event(
-    request: Request, action: Action, object_type: str, object_id: str | int, *, study_uid: str | None = None, **details: Any
-) -> None:
-    """Record what a signed-in user did or saw, with where from."""
-    ctx = context(request)
-    who: SignedIn | None = getattr(request.state, "signed_in", None)
-    actor = audit.web_actor(who.account.username) if who else f"web:{client_address(request)}"
-    with ctx.db.session() as s:
-        audit.record(
-            s, ctx.clock.now(), actor, action, object_type, object_id, study_uid=study_uid, address=client_address(request), **details
-        )
 
 
 def wants_json(request: Request) -> bool:
@@ -112,9 +34,6 @@ def wants_json(request: Request) -> bool:
 
 
 def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> FastAPI:
-    from service.web import admin as admin_routes
-    from service.web import admin_api, api, pages
-
     clock = clock or SystemClock()
     users = Users(db, clock)
     app = FastAPI(
@@ -143,7 +62,7 @@ def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> 
     )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(pages.router)
-    app.include_router(admin_routes.router)
+    app.include_router(admin.router)
     app.include_router(api.router, prefix="/api")
     app.include_router(admin_api.router, prefix="/api/admin")
 

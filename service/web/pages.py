@@ -17,10 +17,9 @@ from dicom_io.render import VIEW_WINDOWS, render_png
 from dicom_io.series import Series, read_series
 from service.audit import Action
 from service.review import ReviewConflict, ReviewError, ReviewState
-from service.schema import Instance, SRDocument
-from service.schema import Series as SeriesRow
-from service.web.app import TEMPLATES, Anyone, Context, Radiologist, audit_event, client_address, require_csrf
+from service.schema import Instance, SeriesRecord, SRDocument
 from service.web.auth import COOKIE, LoginThrottled
+from service.web.context import TEMPLATES, Anyone, Context, Radiologist, audit_event, client_address, require_csrf
 from service.worklist import WorklistFilter, list_drafts
 
 router = APIRouter(include_in_schema=False)
@@ -230,7 +229,7 @@ def key_image(
         paths = tuple(
             s.scalars(select(Instance.path).where(Instance.series_id == row.series_id, Instance.captionable).order_by(Instance.path))
         )
-        series_uid = s.scalar(select(SeriesRow.series_uid).where(SeriesRow.id == row.series_id))
+        series_uid = s.scalar(select(SeriesRecord.series_uid).where(SeriesRecord.id == row.series_id))
     try:
         png = render_png(_series(paths, series_uid), sop_instance_uid, frame=frame, window=window)
     except (KeyError, ValueError) as exc:

@@ -106,7 +106,7 @@ def test_cpu_image_has_what_the_listener_and_the_dispatch_worker_import():
                 if name.partition(".")[0] in BLOCKED:
                     raise ModuleNotFoundError(f"{{name}} is not in the CPU image", name=name)
         sys.meta_path.insert(0, Block())
-        import service.cli, service.listener, service.assembly, service.metrics, migrations
+        import service.cli, service.listener, service.assembly, service.prometheus, migrations
         import workers.celery_app, workers.tasks
         from service.cli import build_parser
         build_parser().parse_args(["worker", "--queues", "dispatch"])

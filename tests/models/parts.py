@@ -37,7 +37,7 @@ from models.clip_parts import tiny_clip_vision_config
 from models.cnn_lstm import calibrate_batchnorm, tiny_mobilenet_config
 from models.generation import GenerationPreset
 from models.gpt2_text import build_small_clip_tokenizer, build_small_gpt2_tokenizer, tiny_clip_text_config, tiny_gpt2_config
-from models.msmedcap.compose import _SAM_RENAMES, SAM_PE_KEY_PTH
+from models.msmedcap.compose import SAM_PE_KEY_PTH, SAM_RENAMES
 from models.msmedcap.tokenizers import Tokenizers, build_small_tokenizers
 from models.synthetic import SliceAttributes, caption_for, render_slice
 
@@ -148,7 +148,7 @@ def save_tiny_sam_pth(path: Path) -> tuple[Path, SamModel]:
     state = {}
     for key, value in model.vision_encoder.state_dict().items():
         key = "vision_encoder." + key
-        for old, new in reversed(_SAM_RENAMES):
+        for old, new in reversed(SAM_RENAMES):
             key = key.replace(new, old)
         state[key] = value.clone()
     state[SAM_PE_KEY_PTH] = model.shared_image_embedding.positional_embedding.detach().clone()

@@ -18,7 +18,7 @@ from dicom_io.instance import (
     STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
 )
 from service.database import Database
-from service.schema import Association, AuditEvent, Instance, Series, Study
+from service.schema import Association, AuditEvent, Instance, SeriesRecord, Study
 from tests import samples
 from tests.conftest import open_association, send_raw, series_files, storescu
 
@@ -45,7 +45,7 @@ def test_receives_a_ct_series_and_records_everything(db, listener, settings):
         instances = s.scalars(select(Instance)).all()
         study = s.scalars(select(Study)).one()
         assoc = s.scalars(select(Association)).one()
-        assert s.scalar(select(func.count()).select_from(Series)) == 1
+        assert s.scalar(select(func.count()).select_from(SeriesRecord)) == 1
     assert len(instances) == len(files)
     assert study.patient_id == "QMNx85rKkkg" and study.accession_number is None
     assert assoc.calling_ae == "ORTHANC" and assoc.outcome == "released" and assoc.instances_received == len(files)

@@ -23,7 +23,7 @@ from service.schema import (
     AuditEvent,
     Instance,
     Job,
-    Series,
+    SeriesRecord,
     Study,
     StudyVersion,
 )
@@ -98,7 +98,7 @@ def test_orthanc_pushes_ct_and_mr_studies_which_become_one_version_and_job_each(
         instances = s.scalars(select(Instance)).all()
         associations = s.scalars(select(Association).order_by(Association.id)).all()
         studies = {study.study_uid: study for study in s.scalars(select(Study))}
-        series = s.scalars(select(Series)).all()
+        series = s.scalars(select(SeriesRecord)).all()
     # Every instance of both studies arrived, exactly once, with its bytes intact on disk.
     sent = pacs_studies[CT].files.keys() | pacs_studies[MR].files.keys()
     assert {i.sop_instance_uid for i in instances} == sent and len(instances) == len(sent)
@@ -157,7 +157,7 @@ def test_pushing_the_same_study_twice_adds_no_rows(db, orthanc, pacs_studies, or
     assert assembler.tick() == [], "identical instances must not make a new version"
 
     assert count(db, Instance) == len(ct.files)
-    assert count(db, Study) == 1 and count(db, Series) == 1
+    assert count(db, Study) == 1 and count(db, SeriesRecord) == 1
     assert count(db, StudyVersion) == 1 and count(db, Job) == 1 and len(publisher.published) == 1
     assert len([p for p in settings.instances_dir.rglob("*") if p.is_file()]) == len(ct.files)
     with db.session() as s:

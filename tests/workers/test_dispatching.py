@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from dicom_io.dispatch import send
+from dicom_io.store_scu import send
 from service.outputs import DicomSR, OutputKinds
 from service.reports import RequeueError, list_reports, resend_report
 from service.schema import AuditEvent, Dispatch, DispatchAttempt, Job, SRDocument

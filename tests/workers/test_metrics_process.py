@@ -16,7 +16,7 @@ from celery import Celery
 from service.settings import Settings
 from tests.conftest import free_port, make_assembler, series_files, storescu, wait_until
 from tests.processes import Process, settings_env
-from tests.service.test_metrics import Samples, scrape, value
+from tests.service.test_prometheus import Samples, scrape, value
 from tests.workers import test_dispatching
 from tests.workers.test_dispatching import draft_for
 from tests.workers.test_processes import FAST, pipeline_env, wait_listening
@@ -122,7 +122,7 @@ def test_serve_serves_its_workers_task_metrics_on_its_own_port(make_settings, tm
         serve.stop()
     assert not directory.exists(), "serve removes the workers' metrics directory when it stops"
     output = serve.output()
-    assert "service/metrics.py" not in output and "cannot serve metrics" not in output, output[-3000:]
+    assert "service/prometheus.py" not in output and "cannot serve metrics" not in output, output[-3000:]
     assert f":{unused_worker_port} " not in output, "the workers of `serve` leave their own metrics port off"
 
 

@@ -211,13 +211,13 @@ def test_weight_decay_spares_biases_norms_and_the_temperature(tokenizers):
 
 
 def test_stage_defaults_follow_the_paper_and_the_warm_up_starts_at_warmup_lr():
-    from models.msmedcap.training import TrainSettings, _schedule
+    from models.msmedcap.training import TrainSettings, lr_schedule
 
     stage1 = TrainSettings.for_stage("stage1", branch="sam")
     assert (stage1.epochs, stage1.warmup_steps, stage1.warmup_lr, stage1.lr, stage1.min_lr) == (3, 5000, 1e-6, 1e-4, 1e-5)
     assert TrainSettings.for_stage("stage2").warmup_steps == 2000
     assert TrainSettings.for_stage("stage1", branch="clip", epochs=1).epochs == 1
-    factor = _schedule(TrainSettings(stage="stage2", warmup_steps=100, warmup_lr=1e-6, lr=1e-4, min_lr=1e-5), 1000)
+    factor = lr_schedule(TrainSettings(stage="stage2", warmup_steps=100, warmup_lr=1e-6, lr=1e-4, min_lr=1e-5), 1000)
     assert factor(0) * 1e-4 == pytest.approx(1e-6) and factor(50) * 1e-4 == pytest.approx(1e-6 + 0.5 * (1e-4 - 1e-6))
     assert factor(100) == pytest.approx(1.0) and factor(1000) * 1e-4 == pytest.approx(1e-5)
 

@@ -17,7 +17,7 @@ from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select, text
 
-from service import metrics
+from service import prometheus
 from service.reports import resend_report
 from service.schema import Dispatch, DispatchStatus, Job, JobStatus, Output, SRDocument
 from tests.conftest import PG_ADMIN_URL, free_port, storescu
@@ -46,15 +46,15 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
 @pytest.fixture
 def endpoint(database_url: str) -> Iterator[int]:
     """The listener's registry (database collector) served on a port of its own."""
-    registry = metrics.service_registry(database_url)
+    registry = prometheus.service_registry(database_url)
     port = free_port()
-    server = metrics.serve(registry, port)
+    server = prometheus.serve(registry, port)
     assert server is not None
     yield port
     server.shutdown()
     server.server_close()
     for collector in list(registry._collector_to_names):
-        if isinstance(collector, metrics.DatabaseCollector):
+        if isinstance(collector, prometheus.DatabaseCollector):
             collector.close()
 
 
@@ -142,7 +142,7 @@ def test_a_database_that_goes_away_is_reported_and_the_endpoint_keeps_answering(
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE "{database_url.rsplit("/", 1)[1]}" WITH (FORCE)'))
         admin.dispose()
-    with caplog.at_level(logging.WARNING, logger="service.metrics"):
+    with caplog.at_level(logging.WARNING, logger="service.prometheus"):
         for _ in range(2):
             m = scrape(endpoint)
             assert value(m, "medcap_database_up") == 0
@@ -156,16 +156,16 @@ def multiprocess_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     """Multiprocess mode in this process, as `medcap worker` sets it up, undone afterwards."""
     directory = tmp_path / "prometheus"
     directory.mkdir()
-    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(directory))  # restored (removed) at teardown
+    monkeypatch.setenv(prometheus.MULTIPROC_ENV, str(directory))  # restored (removed) at teardown
     monkeypatch.setattr(values, "ValueClass", values.ValueClass)
-    monkeypatch.setattr(metrics, "_task_metrics", None)
-    metrics.use_multiprocess_dir(str(directory))
+    monkeypatch.setattr(prometheus, "_task_metrics", None)
+    prometheus.use_multiprocess_dir(str(directory))
     yield directory
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_task_outcomes_and_durations_are_counted_across_processes(db, multiprocess_dir):
-    @metrics.timed_task("medcap.send_report")
+    @prometheus.timed_task("medcap.send_report")
     def send(dispatch_id: int) -> str:
         if dispatch_id < 0:
             raise ConnectionError("broker gone")
@@ -184,7 +184,7 @@ def test_task_outcomes_and_durations_are_counted_across_processes(db, multiproce
     assert len(list(multiprocess_dir.glob("*.db"))) >= 2, "one file per process"
 
     port = free_port()
-    server = metrics.serve(metrics.service_registry(db.url, str(multiprocess_dir)), port)
+    server = prometheus.serve(prometheus.service_registry(db.url, str(multiprocess_dir)), port)
     assert server is not None
     try:
         m = scrape(port)
@@ -212,7 +212,7 @@ def test_the_decorated_task_keeps_its_signature_for_celery():
 
 
 def test_port_0_serves_nothing():
-    assert metrics.serve(metrics.service_registry("sqlite:////nonexistent/medcap.sqlite"), 0) is None
+    assert prometheus.serve(prometheus.service_registry("sqlite:////nonexistent/medcap.sqlite"), 0) is None
 
 
 @pytest.mark.processes

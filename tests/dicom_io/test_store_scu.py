@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from dicom_io.dispatch import (
+from dicom_io.store_scu import (
     Category,
     ClientTLS,
     Destination,
@@ -587,7 +587,7 @@ def test_client_tls_settings_are_checked_on_construction(certs, tmp_path):
 
 
 def test_module_imports_no_service_code():
-    code = "import sys, dicom_io.dispatch; print(sorted(m for m in sys.modules if m.split('.')[0] in {'celery', 'sqlalchemy', 'service', 'fastapi', 'workers'}))"
+    code = "import sys, dicom_io.store_scu; print(sorted(m for m in sys.modules if m.split('.')[0] in {'celery', 'sqlalchemy', 'service', 'fastapi', 'workers'}))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, cwd=Path(__file__).resolve().parents[2]
     )

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import metrics
-from models.metrics import (
+from models import caption_metrics
+from models.caption_metrics import (
     COCO_METRICS,
     CaptionScorer,
     JavaNotFoundError,
@@ -159,9 +159,9 @@ def test_tokenizer_fallback_for_a_read_only_package_matches_upstream(monkeypatch
         ("r", "1"): [{"caption": "Axial CT (arrow), left-sided mass."}, {"caption": ""}],
         ("p", "1"): [{"caption": "It's 3.5 cm; no!"}],
     }
-    upstream = metrics._tokenize(captions)
-    monkeypatch.setattr(metrics.os, "access", lambda *a: False)
-    assert metrics._tokenize(captions) == upstream
+    upstream = caption_metrics.ptb_tokenize(captions)
+    monkeypatch.setattr(caption_metrics.os, "access", lambda *a: False)
+    assert caption_metrics.ptb_tokenize(captions) == upstream
 
 
 def test_inputs_must_cover_the_same_ids(scorer: CaptionScorer) -> None:
@@ -174,9 +174,9 @@ def test_inputs_must_cover_the_same_ids(scorer: CaptionScorer) -> None:
 
 
 def test_missing_java_fails_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(caption_metrics.shutil, "which", lambda name: None)
     with pytest.raises(JavaNotFoundError, match="default-jre-headless"):
-        metrics.caption_scores(SAME, REFS)
+        caption_metrics.caption_scores(SAME, REFS)
 
 
 def test_detail_word_scores_by_hand() -> None:

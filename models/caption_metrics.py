@@ -31,6 +31,7 @@ __all__ = [
     "comparison_table",
     "detail_word_scores",
     "evaluate_models",
+    "ptb_tokenize",
     "require_java",
     "semantic_scores",
     "write_report",
@@ -121,7 +122,7 @@ class CaptionScorer:
         batch: dict[tuple[int, str], list[dict[str, str]]] = {(-1, i): [{"caption": clean(r)} for r in references[i]] for i in ids}
         for m, predictions in enumerate(predictions_by_model.values()):
             batch.update({(m, i): [{"caption": clean(predictions[i])}] for i in ids})
-        tokens = _tokenize(batch)
+        tokens = ptb_tokenize(batch)
         gts = {i: tokens[(-1, i)] for i in ids}
         return {name: self._coco(gts, {i: tokens[(m, i)] for i in ids}) for m, name in enumerate(predictions_by_model)}
 
@@ -139,7 +140,7 @@ class CaptionScorer:
         return scores
 
 
-def _tokenize(captions: Mapping[Any, list[dict[str, str]]]) -> dict[Any, list[str]]:
+def ptb_tokenize(captions: Mapping[Any, list[dict[str, str]]]) -> dict[Any, list[str]]:
     """pycocoevalcap's PTBTokenizer. Its temporary file goes next to its jar; when that folder is
     read-only (an installed image), run the same command on a temporary file elsewhere."""
     from pycocoevalcap.tokenizer import ptbtokenizer
