@@ -158,8 +158,8 @@ def test_the_graph_sees_the_packages_and_their_imports() -> None:
     assert len(graph) > 80 and {name.split(".")[0] for name in graph} == set(PACKAGES)
     assert {"service.web.context", "service.web.pages", "service.web.admin"} <= graph["service.web.app"]
     assert "service.web.admin_actions" in graph["service.web.admin_api"]
-    assert "dicom_io.store_scu" in graph["workers.tasks"]  # `from dicom_io.store_scu import send`
-    assert "service.prometheus" in graph["workers.tasks"]  # `from service import audit, prometheus`
+    assert "dicom_io.store_scu" in graph["service.outputs.dicom_sr"]  # `from dicom_io.store_scu import Destination, ...`
+    assert "service.prometheus" in graph["workers.tasks"]  # `from service import audit, outputs, prometheus`
     assert "models.caption_metrics" in graph["models.evaluation"]  # also imported inside a function there
 
 

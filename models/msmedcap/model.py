@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, OPTForCausalLM, SamVisionConfig
 
-from models.families import ComposeRequest, Family
 from models.frozen import freeze
 from models.generation import GenerationPreset
 from models.msmedcap.config import MedCapConfig
@@ -190,46 +189,3 @@ class MedCapModel(nn.Module):
             # The query path only: the text side gets no gradient from the LM loss (LAVIS deletes it).
             return [p for b in self.branches.values() for n, p in b.named_parameters() if not TEXT_SIDE.match(n)]
         raise ValueError(f"stage: {stage!r} is not stage1 or stage2")
-
-
-def _compose(request: ComposeRequest) -> str:
-    """``medcap model compose`` for msmedcap, blip2 and sam_blip2 (models/msmedcap/compose.py)."""
-    from models.msmedcap.compose import compose
-    from models.weights import parse_dtype
-
-    o = request.options
-    return compose(
-        blip2=o["blip2"],
-        sam=o.get("sam"),  # blip2 reads no SAM
-        out=request.out,
-        model_type=request.model_type,
-        bert=o["bert"],
-        blip2_itm=o.get("blip2_itm"),  # sam_blip2 has no CLIP Q-Former to take it
-        sam_layout=o["sam_layout"],
-        prompt=o["prompt"],
-        name=request.name,
-        eval_image_size=o["eval_image_size"],
-        frozen_dtype=None if o["frozen_dtype"] == "source" else parse_dtype(o["frozen_dtype"]),
-        log=request.log,
-    )
-
-
-FAMILY = Family(
-    config=MedCapConfig,
-    model=MedCapModel,
-    text=Tokenizers,
-    description="BLIP-2 family: frozen CLIP and/or SAM ViT, one Q-Former per encoder, frozen OPT (MSMedCap, BLIP-2, SAM-BLIP2)",
-    # Stage 2 as LAVIS runs it (AdamW, cosine from 1e-4, weight decay 0.05); stage 1 has its own command.
-    fit_defaults={
-        "optimizer": "adamw",
-        "lr": 1e-4,
-        "min_lr": 1e-5,
-        "weight_decay": 0.05,
-        "batch_size": 8,
-        "epochs": 5,
-        "warmup_steps": 2000,
-        "grad_clip": 1.0,
-        "patience": None,
-    },
-    compose=_compose,
-)
