@@ -28,6 +28,7 @@ class SeriesInput:
     clip: np.ndarray  # (N, 3, S, S) float32, CLIP-normalised; (N, 3, 0, 0) when the model reads no CLIP view
     sam: np.ndarray  # (N, 3, L, L) float32, SAM-normalised and zero-padded; (N, 3, 0, 0) when not read
     sam_sizes: tuple[tuple[int, int], ...]  # (h, w) of each SAM image before padding ((0, 0) when not read)
+    series: Series  # what it was prepared from: its instances and header are the SR's evidence, no second read
 
     def __post_init__(self) -> None:
         n = len(self.key_slices)
@@ -80,7 +81,7 @@ def prepare(
         if sam_size:
             sam[k], resized = sam_input(image, sam_size)  # from the unit image, never from the CLIP tensor
         sizes.append(resized)
-    return SeriesInput(series.series_uid, series.study_uid, series.modality, chosen, mapping, clip, sam, tuple(sizes))
+    return SeriesInput(series.series_uid, series.study_uid, series.modality, chosen, mapping, clip, sam, tuple(sizes), series)
 
 
 def prepare_series(

@@ -457,6 +457,23 @@ def draft_id(db, clock, settings, captioner, job_id) -> int:  # type: ignore[no-
         return s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id))  # type: ignore[no-any-return]
 
 
+# -- counting reads and statements ------------------------------------------------------------
+
+
+@pytest.fixture
+def dcmread_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The path of every ``pydicom.dcmread`` call from here on (MedCap's code calls it by that name)."""
+    calls: list[Path] = []
+    real = pydicom.dcmread
+
+    def counting(fp: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(Path(fp) if isinstance(fp, str | os.PathLike) else Path(getattr(fp, "name", "<file object>")))
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    return calls
+
+
 # -- test tiers (tests/tiers.py) ---------------------------------------------------------------------
 
 #: Fixtures that bring a peer or a browser with them: their tests get the marker by using them.

@@ -114,7 +114,7 @@ class Drafter:
             )
             for s, text in zip(series, texts, strict=True)
         ]
-        evidence = self._evidence(source, {s.series_uid for s in series})
+        evidence = sr_evidence(series)
         try:
             sr = write_draft_sr(findings, _impression(texts), algorithm, evidence, created_at=inferred_at)
         except ValueError as exc:
@@ -171,14 +171,6 @@ class Drafter:
         captions = [[printable(c) for c in series_captions] for series_captions in captions]
         texts = [summarise(c) or "(the model produced no text for this series)" for c in captions]
         return texts, captions
-
-    def _evidence(self, source: _Source, series_uids: set[str]) -> list[Dataset]:
-        headers = []
-        for _, path in source.instances.values():
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            if str(ds.get("SeriesInstanceUID", "")) in series_uids:
-                headers.append(ds)
-        return headers
 
     def _store(self, sr: Dataset, study_uid: str) -> tuple[Path, str]:
         buffer = io.BytesIO()
@@ -301,6 +293,25 @@ def printable(text: str) -> str:
     undecodable-byte markers, single spaces."""
     kept = "".join(ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" and ch != "\ufffd" else " " for ch in text)
     return " ".join(kept.split())
+
+
+def sr_evidence(series: Sequence[SeriesInput]) -> list[Dataset]:
+    """Every instance of the captioned series, from the headers :func:`load_series` kept: no file is
+    read again. Per series its kept header (patient, study and equipment, which the SR copies from
+    the first), the other instances by their UIDs, which is all the evidence sequence needs of them."""
+    evidence = []
+    for item in series:
+        header = item.series.header
+        evidence.append(header)
+        for uid in item.series.sop_instance_uids:
+            if uid != header.SOPInstanceUID:
+                ref = Dataset()
+                ref.StudyInstanceUID = item.series.study_uid
+                ref.SeriesInstanceUID = item.series.series_uid
+                ref.SOPClassUID = item.series.sop_class_uid
+                ref.SOPInstanceUID = uid
+                evidence.append(ref)
+    return evidence
 
 
 def _impression(texts: Sequence[str]) -> str:
