@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, event, select, text
 
 from service.assembly import Assembler
 from service.clock import ManualClock
@@ -472,6 +473,21 @@ def dcmread_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 
     monkeypatch.setattr(pydicom, "dcmread", counting)
     return calls
+
+
+@contextmanager
+def sql_statements(db: Database) -> Iterator[list[str]]:
+    """The SQL statements ``db`` sends while the block runs, in order."""
+    sent: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
 
 
 # -- test tiers (tests/tiers.py) ---------------------------------------------------------------------
