@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from dicom_io.atomic import write_atomic
 from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import SeriesInput, prepare_series
-from dicom_io.sr import AlgorithmInfo, SeriesFinding, write_draft_sr
+from dicom_io.sr import AlgorithmInfo, SeriesFinding, read_impression, write_draft_sr
 from service import audit
 from service import dispatch_lifecycle as dispatches
 from service import job_lifecycle as jobs
@@ -212,6 +212,7 @@ class Drafter:
                     sha256=digest,
                     created_at=now,
                     created_by=self.actor,
+                    impression=read_impression(sr),  # for the review page, which then never reads the file
                 )
                 s.add(doc)
                 s.flush()
