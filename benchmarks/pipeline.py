@@ -111,8 +111,8 @@ class InferenceAlone:
     repeats: int
     prepare: list[float]
     caption: list[float]
-    # The worker's SR step without the database, timed once per repeat as well: re-reading the
-    # headers for the evidence, building the SR (highdicom), serialising + durable write.
+    # The worker's SR step without the database, timed once per repeat as well: the evidence from
+    # the headers prepare_series kept, building the SR (highdicom), serialising + durable write.
     sr_evidence: list[float] = field(default_factory=list)
     sr_build: list[float] = field(default_factory=list)
     sr_store: list[float] = field(default_factory=list)
@@ -161,7 +161,7 @@ class InferenceBench:
         from dicom_io.model_input import prepare_series
         from dicom_io.sr import SeriesFinding, write_draft_sr
         from models.captioner import summarise as summarise_captions
-        from workers.drafting import DraftSource, draft_impression, printable
+        from workers.drafting import DraftSource, draft_impression, printable, sr_evidence
 
         views = self.captioner.views
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.files]
@@ -189,7 +189,7 @@ class InferenceBench:
                 for s, text in zip(series, texts, strict=True)
             ]
             t3 = time.perf_counter()
-            evidence = self.drafter._evidence(source, {s.series_uid for s in series})
+            evidence = sr_evidence(series)
             t4 = time.perf_counter()
             sr = write_draft_sr(findings, draft_impression(texts), self.algorithm, evidence, created_at=utcnow())
             t5 = time.perf_counter()

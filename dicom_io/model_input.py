@@ -28,6 +28,7 @@ class SeriesInput:
     window: Window  # the intensity mapping actually used, in modality units (for the audit trail)
     views: Mapping[str, np.ndarray]  # view name -> (N, 3, S, S) float32, as its ImageView says
     content_sizes: Mapping[str, tuple[tuple[int, int], ...]]  # view name -> (h, w) of each image inside its square (padded views)
+    series: Series  # what it was prepared from: its instances and header are the SR's evidence, no second read
 
     def __post_init__(self) -> None:
         n = len(self.key_slices)
@@ -88,6 +89,7 @@ def prepare(
         mapping,
         arrays,
         {name: tuple(s) for name, s in sizes.items()},
+        series,
     )
 
 

@@ -7,6 +7,7 @@ Headers are read up front (pixel data deferred); each slice decodes its pixels w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -31,6 +32,8 @@ Vector = tuple[float, float, float]
 
 _DEFER = "64 KB"  # leave pixel data on disk while reading headers
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_GROUP = 0x7FE00000  # pixel data of every kind and its offset tables
+_PER_FRAME_GROUPS = 0x52009230
 # Direction cosines are written with about 7 decimals; a localizer or a second stack differs by far more.
 _ORIENTATION_TOLERANCE = 1e-4
 # Two slices closer than this along the normal are the same location (echoes, phases, repeats).
@@ -116,6 +119,9 @@ class Series:
     row_cosines: Vector
     column_cosines: Vector
     pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing) in mm
+    # The header of one instance (the first read) as :func:`report_header` keeps it: what a report on
+    # the series copies (patient, study, equipment), so that writing one needs no second read of the files.
+    header: Dataset = dataclasses.field(compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.slices:
@@ -128,6 +134,11 @@ class Series:
 
     def __len__(self) -> int:
         return len(self.slices)
+
+    @property
+    def sop_instance_uids(self) -> tuple[str, ...]:
+        """Each instance of the series once (a multi-frame instance holds several slices), in slice order."""
+        return tuple(dict.fromkeys(s.sop_instance_uid for s in self.slices))
 
     @property
     def normal(self) -> Vector:
@@ -208,6 +219,7 @@ def load_series(source: PathLike | Iterable[PathLike]) -> LoadResult:
     if not paths:
         raise SeriesError(f"no input files in {source!r}")
     frames: dict[str, list[_Frame]] = defaultdict(list)
+    headers: dict[str, Dataset] = {}  # series UID -> the header of its first instance read
     skipped: list[Skipped] = []
     seen: dict[str, Path] = {}
     for path in paths:
@@ -230,7 +242,9 @@ def load_series(source: PathLike | Iterable[PathLike]) -> LoadResult:
         seen[sop_uid] = path
         for frame in _read_frames(ds, path, sop_class, sop_uid):
             frames[frame.header.series_uid].append(frame)
-    built = [_build_series(uid, group) for uid, group in frames.items()]
+            if frame.header.series_uid not in headers:
+                headers[frame.header.series_uid] = report_header(ds)
+    built = [_build_series(uid, group, headers[uid]) for uid, group in frames.items()]
     built.sort(key=lambda s: (s.study_uid, s.series_number if s.series_number is not None else math.inf, s.series_uid))
     return LoadResult(tuple(built), tuple(skipped))
 
@@ -348,7 +362,24 @@ def _read_frames(ds: Dataset, path: Path, sop_class: str, sop_uid: str) -> list[
     return result
 
 
-def _build_series(series_uid: str, frames: list[_Frame]) -> Series:
+def report_header(ds: Dataset) -> Dataset:
+    """The top-level header of ``ds`` without what a report never copies: pixel data, the per-frame
+    functional groups (megabytes in a large Enhanced instance) and values left on disk (over 64 KB).
+
+    Elements are shared with ``ds``, not copied: ``ds`` is read for this header and then dropped.
+    """
+    header = Dataset()
+    for tag in ds.keys():
+        if tag >= _PIXEL_GROUP or tag == _PER_FRAME_GROUPS:
+            continue
+        raw = ds.get_item(tag, keep_deferred=True)
+        if getattr(raw, "value", True) is None and getattr(raw, "length", 0) != 0:
+            continue  # deferred: reading it would open the file again
+        header.add(ds[tag])
+    return header
+
+
+def _build_series(series_uid: str, frames: list[_Frame], header: Dataset) -> Series:
     first = frames[0]
     for frame in frames[1:]:
         if not _same_orientation(frame.orientation, first.orientation):
@@ -398,6 +429,7 @@ def _build_series(series_uid: str, frames: list[_Frame]) -> Series:
         row_cosines=_vector(row / np.linalg.norm(row)),
         column_cosines=_vector(col / np.linalg.norm(col)),
         pixel_spacing=h.pixel_spacing,
+        header=header,
     )
 
 

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pydicom
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicom_io.atomic import write_atomic
@@ -51,7 +51,7 @@ class ReviewConflict(ReviewError):
 
 @dataclass(frozen=True)
 class DraftView:
-    """A draft SR with what a reviewer needs to see, read from the database and the SR file."""
+    """A draft SR with what a reviewer needs to see, from the database (the SR file is not read)."""
 
     id: int
     sop_instance_uid: str
@@ -113,7 +113,7 @@ class Reviews:
             review = s.scalar(select(Review).where(Review.draft_sr_id == doc.id))
             verified_uid = s.scalar(select(SRDocument.sop_instance_uid).where(SRDocument.id == review.verified_sr_id)) if review else None
         first = drafts[0] if drafts else None
-        sr = pydicom.dcmread(doc.path)
+        impression = doc.impression if doc.impression is not None else self._stored_impression(doc)
         return DraftView(
             doc.id,
             doc.sop_instance_uid,
@@ -129,7 +129,7 @@ class Reviews:
             first.weights_sha256 if first else "",
             first.generation_preset if first else "",
             [{"series_uid": d.series_uid, "modality": d.modality, "text": d.text, "key_images": d.key_images} for d in drafts],
-            read_impression(sr),
+            impression,
             {
                 "decision": review.decision,
                 "reason": review.reason,
@@ -142,6 +142,13 @@ class Reviews:
             if review
             else None,
         )
+
+    def _stored_impression(self, doc: SRDocument) -> str:
+        """A draft written before migration 0007: its impression from the file, kept for later views."""
+        impression = read_impression(pydicom.dcmread(doc.path))
+        with self.db.session() as s:
+            s.execute(update(SRDocument).where(SRDocument.id == doc.id, SRDocument.impression.is_(None)).values(impression=impression))
+        return impression
 
     def approve(
         self,
@@ -191,6 +198,7 @@ class Reviews:
                     sha256=hashlib.sha256(data).hexdigest(),
                     created_at=now,
                     created_by=actor,
+                    impression=final_impression,
                 )
                 s.add(verified)
                 s.flush()

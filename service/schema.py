@@ -249,6 +249,9 @@ class SRDocument(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     created_by: Mapped[str] = mapped_column(String(128))
+    # The impression the file holds, so the review page need not read the file; None for rows older
+    # than migration 0007 until their first view stores it (service/review.py).
+    impression: Mapped[str | None] = mapped_column(Text)
 
 
 class Draft(Base):

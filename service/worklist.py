@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import and_, case, exists, func, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.database import Database
@@ -66,6 +66,15 @@ def _state_condition(state: ReviewState, latest: Any) -> ColumnElement[bool]:
     return and_(undecided, StudyVersion.number >= latest.c.latest)
 
 
+def _state_of_row(latest: Any) -> ColumnElement[str]:
+    """:func:`service.review.state_of` in SQL, as :func:`_state_condition` selects each state."""
+    return case(
+        (Review.id.is_not(None), Review.decision),
+        (StudyVersion.number < latest.c.latest, ReviewState.SUPERSEDED.value),
+        else_=ReviewState.AWAITING.value,
+    )
+
+
 def list_drafts(db: Database, where: WorklistFilter) -> tuple[list[WorklistRow], dict[str, int]]:
     """The page of drafts matching ``where`` (oldest first) and the count per state under the other filters."""
     latest = _latest()
@@ -94,11 +103,10 @@ def list_drafts(db: Database, where: WorklistFilter) -> tuple[list[WorklistRow],
             )
         )
     with db.session() as s:
-        counts = {}
-        for state in ReviewState:
-            counts[state.value] = (
-                s.scalar(select(func.count()).select_from(base.where(*filters, _state_condition(state, latest)).subquery())) or 0
-            )
+        row_state = _state_of_row(latest)  # one grouped query for every state's count
+        counts = {state.value: 0 for state in ReviewState}
+        for value, count in s.execute(base.with_only_columns(row_state, func.count()).where(*filters).group_by(row_state)):
+            counts[value] = count
         page_filters = [*filters, _state_condition(where.state, latest)] if where.state else filters
         rows = s.execute(
             base.with_only_columns(

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, event, select, text
 
 from service.assembly import Assembler
 from service.clock import ManualClock
@@ -455,6 +456,38 @@ def draft_id(db, clock, settings, captioner, job_id) -> int:  # type: ignore[no-
     assert runner(db, clock).run(job_id, make_drafter(db, clock, captioner, settings, destinations=()).draft) == "succeeded"
     with db.session() as s:
         return s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id))  # type: ignore[no-any-return]
+
+
+# -- counting reads and statements ------------------------------------------------------------
+
+
+@pytest.fixture
+def dcmread_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The path of every ``pydicom.dcmread`` call from here on (MedCap's code calls it by that name)."""
+    calls: list[Path] = []
+    real = pydicom.dcmread
+
+    def counting(fp: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(Path(fp) if isinstance(fp, str | os.PathLike) else Path(getattr(fp, "name", "<file object>")))
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    return calls
+
+
+@contextmanager
+def sql_statements(db: Database) -> Iterator[list[str]]:
+    """The SQL statements ``db`` sends while the block runs, in order."""
+    sent: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
 
 
 # -- test tiers (tests/tiers.py) ---------------------------------------------------------------------

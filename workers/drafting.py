@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from dicom_io.atomic import write_atomic
 from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import SeriesInput, prepare_series
-from dicom_io.sr import AlgorithmInfo, SeriesFinding, write_draft_sr
+from dicom_io.sr import AlgorithmInfo, SeriesFinding, read_impression, write_draft_sr
 from models.families import ImageCaptioner
 from service import audit
 from service import dispatch_lifecycle as dispatches
@@ -109,7 +109,7 @@ class Drafter:
             )
             for s, text in zip(series, texts, strict=True)
         ]
-        evidence = self._evidence(source, {s.series_uid for s in series})
+        evidence = sr_evidence(series)
         try:
             sr = write_draft_sr(findings, draft_impression(texts), algorithm, evidence, created_at=inferred_at)
         except ValueError as exc:
@@ -166,14 +166,6 @@ class Drafter:
         texts = [summarise(c) or "(the model produced no text for this series)" for c in captions]
         return texts, captions
 
-    def _evidence(self, source: DraftSource, series_uids: set[str]) -> list[Dataset]:
-        headers = []
-        for _, path in source.instances.values():
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            if str(ds.get("SeriesInstanceUID", "")) in series_uids:
-                headers.append(ds)
-        return headers
-
     def _store(self, sr: Dataset, study_uid: str) -> tuple[Path, str]:
         buffer = io.BytesIO()
         sr.save_as(buffer, enforce_file_format=True)
@@ -214,6 +206,7 @@ class Drafter:
                     sha256=digest,
                     created_at=now,
                     created_by=self.actor,
+                    impression=read_impression(sr),  # for the review page, which then never reads the file
                 )
                 s.add(doc)
                 s.flush()
@@ -295,6 +288,25 @@ def printable(text: str) -> str:
     undecodable-byte markers, single spaces."""
     kept = "".join(ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" and ch != "\ufffd" else " " for ch in text)
     return " ".join(kept.split())
+
+
+def sr_evidence(series: Sequence[SeriesInput]) -> list[Dataset]:
+    """Every instance of the captioned series, from the headers :func:`load_series` kept: no file is
+    read again. Per series its kept header (patient, study and equipment, which the SR copies from
+    the first), the other instances by their UIDs, which is all the evidence sequence needs of them."""
+    evidence = []
+    for item in series:
+        header = item.series.header
+        evidence.append(header)
+        for uid in item.series.sop_instance_uids:
+            if uid != header.SOPInstanceUID:
+                ref = Dataset()
+                ref.StudyInstanceUID = item.series.study_uid
+                ref.SeriesInstanceUID = item.series.series_uid
+                ref.SOPClassUID = item.series.sop_class_uid
+                ref.SOPInstanceUID = uid
+                evidence.append(ref)
+    return evidence
 
 
 def draft_impression(texts: Sequence[str]) -> str:

@@ -77,11 +77,11 @@ def test_series_input_refuses_arrays_that_do_not_match_its_key_slices():
     item = prepare(read_series(series_files("ct-head-ge"))[0], key_slices=KeySliceSpec("uniform", 2), views=[ImageView("u", 8, "unit")])
     fields = (item.series_uid, item.study_uid, item.modality, item.key_slices, item.window)
     with pytest.raises(ValueError, match=r"SeriesInput.views\['u'\] must be float32 \(2, 3, S, S\)"):
-        type(item)(*fields, {"u": item.views["u"][:1]}, item.content_sizes)
+        type(item)(*fields, {"u": item.views["u"][:1]}, item.content_sizes, item.series)
     with pytest.raises(ValueError, match=r"SeriesInput.content_sizes\['u'\] has 1 entries for 2"):
-        type(item)(*fields, item.views, {"u": ((8, 8),)})
+        type(item)(*fields, item.views, {"u": ((8, 8),)}, item.series)
     with pytest.raises(ValueError, match="SeriesInput.content_sizes has views"):
-        type(item)(*fields, item.views, {})
+        type(item)(*fields, item.views, {}, item.series)
     with pytest.raises(TypeError):
         item.views["u"] = item.views["u"]  # type: ignore[index]  # read-only
 

@@ -207,6 +207,29 @@ def test_missing_geometry_and_repeated_positions_fail(edited):
         load_series(edited(series_files("ct-phantom-philips")[:1], flat))
 
 
+def test_a_series_keeps_one_header_for_reports_and_reads_each_file_once(edited, dcmread_calls):
+    def big_private_value(ds, index):  # over the 64 KB that load_series leaves on disk
+        ds.add_new(0x00291010, "OB", b"x" * 70_000)
+        ds.add_new(0x00290010, "LO", "MEDCAP TEST")
+
+    files = edited(series_files("ct-head-ge")[:4], big_private_value)
+    dcmread_calls.clear()
+    ct = only(files)
+    assert sorted(dcmread_calls) == sorted(files)
+    assert sorted(ct.sop_instance_uids) == sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in files)
+    source = pydicom.dcmread(next(f for f in files if pydicom.dcmread(f).SOPInstanceUID == ct.header.SOPInstanceUID))
+    kept = {e.tag for e in ct.header}
+    assert kept == {e.tag for e in source if e.tag < 0x7FE00000} - {0x00291010}  # no pixel data, nothing left on disk
+    assert ct.header.PatientName == source.PatientName and ct.header.Manufacturer == source.Manufacturer
+
+
+def test_a_multiframe_header_leaves_out_the_per_frame_groups(multiframe):
+    ct = only([multiframe("ct-head-ge")])
+    assert ct.sop_instance_uids == (ct.slices[0].sop_instance_uid,)  # 28 frames, one instance
+    assert "PerFrameFunctionalGroupsSequence" not in ct.header and "PixelData" not in ct.header
+    assert "SharedFunctionalGroupsSequence" in ct.header and ct.header.NumberOfFrames == 28
+
+
 def test_slice_constructor_validates_its_fields():
     good = only(series_files("ct-phantom-philips")[:1]).slices[0]
     fields = {**good.__dict__}

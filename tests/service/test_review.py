@@ -68,8 +68,10 @@ def test_approving_an_edited_draft_records_the_edit(db, reviews, radiologists, d
     )
     with db.session() as s:
         review = s.scalars(select(Review)).one()
-        sr = pydicom.dcmread(s.scalars(select(SRDocument.path).where(SRDocument.sop_instance_uid == uid)).one())
+        verified = s.scalars(select(SRDocument).where(SRDocument.sop_instance_uid == uid)).one()
+        sr = pydicom.dcmread(verified.path)
     assert [f.text for f in read_findings(sr)] == ["No acute intracranial abnormality."] and read_impression(sr) == "Normal head CT."
+    assert verified.impression == "Normal head CT."  # kept beside the file, as the draft's is
     assert review.edited and review.edit_distance > 0
     assert review.findings == [{"series_uid": series_uid, "draft": view.series[0]["text"], "final": "No acute intracranial abnormality."}]
 

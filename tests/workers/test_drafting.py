@@ -4,17 +4,22 @@ and its rows in the database (SQLite and PostgreSQL), with the races a redeliver
 from __future__ import annotations
 
 import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pydicom
 import pytest
 from sqlalchemy import select, update
 
-from dicom_io.sr import read_findings
+from dicom_io.image_views import ImageView
+from dicom_io.key_slices import KeySliceSpec
+from dicom_io.model_input import prepare_series
+from dicom_io.sr import AlgorithmInfo, SeriesFinding, read_findings, write_draft_sr
 from models.captioner import Captioner
-from service.schema import AuditEvent, Dispatch, Draft, Job, SRDocument
+from service.schema import AuditEvent, Dispatch, Draft, Instance, Job, SRDocument
 from tests.conftest import storescu
 from tests.workers.conftest import CT, MR, make_drafter, runner
-from workers.drafting import Drafter, NotOurs, printable
+from workers.drafting import Drafter, NotOurs, printable, sr_evidence
 
 
 @pytest.mark.peers
@@ -168,3 +173,40 @@ def test_any_captioner_family_drafts_and_the_sr_names_it(db, clock, settings, jo
     sr = pydicom.dcmread(doc.path)
     assert sr.ContributingEquipmentSequence[-1].ManufacturerModelName == "CNN-LSTM"
     assert (sr.CompletionFlag, sr.VerificationFlag) == ("PARTIAL", "UNVERIFIED")
+
+
+@pytest.mark.peers
+def test_a_draft_reads_each_instance_file_once(db, clock, settings, captioner, job_id, dcmread_calls):
+    with db.session() as s:
+        stored = sorted(Path(p) for p in s.scalars(select(Instance.path)))
+    assert len(stored) == len(CT)
+    dcmread_calls.clear()  # receiving is not drafting
+    assert runner(db, clock).run(job_id, make_drafter(db, clock, captioner, settings).draft) == "succeeded"
+    assert sorted(dcmread_calls) == stored  # loading reads each once; the SR's evidence comes from those headers
+
+
+@pytest.mark.parametrize("files", [CT, MR], ids=["ct", "mr"])
+def test_the_evidence_from_the_kept_headers_makes_the_same_sr_as_the_files_read_again(files, dcmread_calls):
+    series = prepare_series(files, key_slices=KeySliceSpec(strategy="uniform", n=3), views=[ImageView("clip", 32, "clip")])
+    kept = sr_evidence(series)
+    assert sorted(dcmread_calls) == sorted(files)  # prepare_series read each file once, sr_evidence none
+    assert sorted(str(ds.SOPInstanceUID) for ds in kept) == sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in files)
+    by_uid = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in files}
+    reread = [pydicom.dcmread(by_uid[str(ds.SOPInstanceUID)], stop_before_pixels=True) for ds in kept]  # as drafting did
+    findings = [
+        SeriesFinding(
+            s.series_uid, "finding", [(s.series.sop_class_uid, u, f) for u, f in zip(s.sop_instance_uids, s.key_slices.frames, strict=True)]
+        )
+        for s in series
+    ]
+    algorithm = AlgorithmInfo("demo", "1", "a" * 64, "fast")
+    at = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    ours, theirs = (write_draft_sr(findings, "impression", algorithm, e, series_instance_uid=uid, created_at=at) for e in (kept, reread))
+    assert ours.PatientID == reread[0].PatientID and ours.StudyInstanceUID == reread[0].StudyInstanceUID
+    for sr in (ours, theirs):  # stamped with the time of writing by highdicom
+        del sr.InstanceCreationDate, sr.InstanceCreationTime
+        for item in sr.ContributingEquipmentSequence:
+            item.ContributionDateTime = None
+    differ = {e.keyword for e in ours if theirs.get(e.tag) != e} | {e.keyword for e in theirs if e.tag not in ours}
+    assert differ == {"SOPInstanceUID"}  # a fresh UID per SR; patient, study, equipment and evidence are the same

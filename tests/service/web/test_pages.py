@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import html
 import re
+from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from dicom_io.sr import read_impression
 from service.schema import AuditEvent, SRDocument
 from tests.service.web.conftest import sign_in
 
@@ -48,3 +51,24 @@ def test_approval_without_the_csrf_token_is_refused_and_recorded(client, account
         denied = s.scalars(select(AuditEvent).where(AuditEvent.action == "auth.access_denied")).one()
         assert s.scalars(select(SRDocument).where(SRDocument.kind == "verified")).all() == []
     assert denied.details["reason"] == "missing or wrong CSRF token"
+
+
+@pytest.mark.peers
+def test_the_review_page_reads_no_sr_file_and_an_older_draft_its_file_once(client, accounts, draft_id, db, dcmread_calls):
+    with db.session() as s:
+        doc = s.get(SRDocument, draft_id)
+    stored = read_impression(pydicom.dcmread(doc.path))
+    assert doc.impression == stored  # written with the SR
+    sign_in(client, "smith")
+    dcmread_calls.clear()
+    for _ in range(2):
+        assert client.get(f"/drafts/{draft_id}").status_code == 200
+    assert Path(doc.path) not in dcmread_calls
+    with db.session() as s:  # a draft written before migration 0007
+        s.execute(update(SRDocument).where(SRDocument.id == draft_id).values(impression=None))
+    for _ in range(3):
+        page = client.get(f"/drafts/{draft_id}")
+        assert page.status_code == 200 and html.escape(stored, quote=False) in page.text
+    assert dcmread_calls.count(Path(doc.path)) == 1  # its first view reads the file and keeps the text
+    with db.session() as s:
+        assert s.get(SRDocument, draft_id).impression == stored
