@@ -12,7 +12,7 @@ with engine.connect() as connection:
         # drop of a table other rows point at fails. The pragma only takes effect outside a
         # transaction, so it is set on the driver's connection before SQLAlchemy begins one, and
         # the keys are checked in full before the commit.
-        connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
+        connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
     try:
         context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=sqlite)
         with context.begin_transaction():
@@ -24,4 +24,4 @@ with engine.connect() as connection:
         connection.commit()
     finally:
         if sqlite:  # the connection goes back to the pool: enforce the keys again for its next user
-            connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")

@@ -62,7 +62,7 @@ class CaptionBatcher:
 
     @property
     def views(self) -> tuple[ImageView, ...]:
-        return self.captioner.views  # type: ignore[no-any-return]
+        return self.captioner.views
 
     def describe(self) -> dict[str, Any]:
         return {**self.captioner.describe(), "batch_images": self.max_images, "batch_wait_ms": self.max_wait * 1000}
@@ -103,7 +103,8 @@ class CaptionBatcher:
                 if sum(r.count for r in alike) >= self.max_images or remaining <= 0:
                     break
                 self._lock.wait(timeout=remaining)
-            batch, total = [], 0
+            batch: list[_Request] = []
+            total = 0
             for request in alike:
                 if batch and total + request.count > self.max_images:
                     break

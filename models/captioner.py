@@ -60,7 +60,7 @@ class Captioner:
     @property
     def views(self) -> tuple[ImageView, ...]:
         """The image views the model reads, as its family declares them (``dicom_io.model_input.prepare(views=...)``)."""
-        return self.model.config.views  # type: ignore[no-any-return]
+        return self.model.config.views
 
     def caption(
         self,

@@ -248,7 +248,7 @@ def family(model_type: str) -> Family:
         module = REGISTRY[model_type].module
     except KeyError:
         raise UnknownModelType(f"model_type: {model_type!r} is not one of {sorted(REGISTRY)}") from None
-    return importlib.import_module(module).FAMILY  # type: ignore[no-any-return]
+    return importlib.import_module(module).FAMILY
 
 
 def read_config(path: Path) -> Any:

@@ -53,7 +53,7 @@ def restore_state(path: Path, settings: dict[str, Any], optimizer: torch.optim.O
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
-    return state  # type: ignore[no-any-return]
+    return state
 
 
 @dataclass

@@ -10,5 +10,5 @@ def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    module.train = lambda mode=True: module  # type: ignore[method-assign,assignment]
+    module.train = lambda mode=True: module  # type: ignore[method-assign]
     return module

@@ -276,6 +276,6 @@ def parse_dtype(name: str) -> torch.dtype:
         "float32": torch.float32,
     }
     try:
-        return table[name]  # type: ignore[no-any-return]
+        return table[name]
     except KeyError:
         raise ValueError(f"dtype {name!r} is not one of bf16, fp16, fp32") from None

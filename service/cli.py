@@ -317,14 +317,14 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     open_database(settings).dispose()  # fail fast on a missing or outdated schema
     start_metrics(settings, worker=True)  # before the pool forks
     app = configure(settings)
-    app.medcap_load_model = "caption" in queues  # type: ignore[attr-defined]  # loaded once per worker process
+    app.medcap_load_model = "caption" in queues  # loaded once per worker process
     concurrency = args.concurrency or settings.worker_concurrency
     pool = "prefork"
     if "caption" in queues and settings.caption_studies_in_flight > 1:
         # One process holds the model; its threads are the studies in flight, batched together
         # (workers/tasks.py caption_model). A crashed process's studies are taken over once stale.
         pool, concurrency = "threads", settings.caption_studies_in_flight
-        app.medcap_threads_pool = True  # type: ignore[attr-defined]
+        app.medcap_threads_pool = True
     app.worker_main(
         [
             "worker",
@@ -421,7 +421,7 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
         proxy_headers=False,
         server_header=False,
         **tls,
-    )  # type: ignore[arg-type]
+    )
     return 0
 
 

@@ -305,7 +305,7 @@ class Ingest:
                 Action.STUDY_RECEIVING,
                 "study",
                 header.study_uid,
-                study_uid=header.study_uid,  # type: ignore[arg-type]
+                study_uid=header.study_uid,
                 association_id=assoc.id,
                 patient_id=header.patient_id,
                 accession_number=header.accession_number,

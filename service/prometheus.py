@@ -75,8 +75,14 @@ class DatabaseCollector:
         self._engine: Engine | None = None
         self._lock = threading.Lock()
         ref = weakref.ref(self)
+
         # A forked child (a Celery pool process) must not share the parent's connections.
-        os.register_at_fork(after_in_child=lambda: (collector := ref()) is not None and collector._forget())
+        def forget_in_child() -> None:
+            collector = ref()
+            if collector is not None:
+                collector._forget()
+
+        os.register_at_fork(after_in_child=forget_in_child)
 
     def collect(self) -> Iterator[Metric]:
         metrics: list[Metric] = []

@@ -119,7 +119,7 @@ def db(database_url: str) -> Iterator[Database]:
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path, database_url: str):  # type: ignore[no-untyped-def]
+def make_settings(tmp_path: Path, database_url: str):
     def make(**overrides: object) -> Settings:
         values: dict[str, object] = dict(
             data_dir=tmp_path / "data",
@@ -140,7 +140,7 @@ def make_settings(tmp_path: Path, database_url: str):  # type: ignore[no-untyped
 
 
 @pytest.fixture
-def settings(make_settings) -> Settings:  # type: ignore[no-untyped-def]
+def settings(make_settings) -> Settings:
     return make_settings()
 
 
@@ -150,7 +150,7 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def start_listener(db: Database, clock: ManualClock):  # type: ignore[no-untyped-def]
+def start_listener(db: Database, clock: ManualClock):
     started: list[Listener] = []
 
     def start(settings: Settings, name: str = "test-listener") -> Listener:
@@ -165,7 +165,7 @@ def start_listener(db: Database, clock: ManualClock):  # type: ignore[no-untyped
 
 
 @pytest.fixture
-def listener(start_listener, settings: Settings) -> Listener:  # type: ignore[no-untyped-def]
+def listener(start_listener, settings: Settings) -> Listener:
     return start_listener(settings)
 
 
@@ -400,7 +400,7 @@ def socket_options(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]
     calls: list[tuple[int, int, int]] = []
     original = socket.socket.setsockopt
 
-    def spy(self, level, option, value, *rest):  # type: ignore[no-untyped-def]
+    def spy(self, level, option, value, *rest):
         calls.append((level, option, value))
         return original(self, level, option, value, *rest)
 
@@ -430,14 +430,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def captioner(tiny_model: Path):  # type: ignore[no-untyped-def]
+def captioner(tiny_model: Path):
     from models.captioner import Captioner
 
     return Captioner.load(tiny_model, "cpu")
 
 
 @pytest.fixture
-def job_id(db, listener, clock, assembler, settings) -> int:  # type: ignore[no-untyped-def]
+def job_id(db, listener, clock, assembler, settings) -> int:
     """A CT study received by the listener and assembled into version 1 with its job."""
     from tests.pipeline import CT
 
@@ -448,14 +448,14 @@ def job_id(db, listener, clock, assembler, settings) -> int:  # type: ignore[no-
 
 
 @pytest.fixture
-def draft_id(db, clock, settings, captioner, job_id) -> int:  # type: ignore[no-untyped-def]
+def draft_id(db, clock, settings, captioner, job_id) -> int:
     """The draft SR of that study, written by the drafting step (no destinations)."""
     from service.schema import SRDocument
     from tests.pipeline import make_drafter, runner
 
     assert runner(db, clock).run(job_id, make_drafter(db, clock, captioner, settings, destinations=()).draft) == "succeeded"
     with db.session() as s:
-        return s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id))  # type: ignore[no-any-return]
+        return s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id))
 
 
 # -- counting reads and statements ------------------------------------------------------------

@@ -14,18 +14,18 @@ CT = series_files("ct-head-ge")[:8]
 MR = series_files("mr-t1-brain-uih")[:6]
 
 
-def make_drafter(db, clock, model, settings, destinations=("ORTHANC@127.0.0.1:4242",), actor="worker:test") -> Drafter:  # type: ignore[no-untyped-def]
+def make_drafter(db, clock, model, settings, destinations=("ORTHANC@127.0.0.1:4242",), actor="worker:test") -> Drafter:
     options = DraftOptions(
         key_slices=KeySliceSpec(strategy="uniform", n=3), destinations=tuple(destinations), reports_dir=settings.reports_dir
     )
     return Drafter(db, clock, model, options, actor)
 
 
-def runner(db, clock) -> JobRunner:  # type: ignore[no-untyped-def]
+def runner(db, clock) -> JobRunner:
     return JobRunner(db, clock, "worker:test", lease_seconds=900, max_attempts=3, retry_delay=lambda n: 10.0 * n)
 
 
-def draft_study(db, clock, settings, listener, assembler, captioner, files) -> int:  # type: ignore[no-untyped-def]
+def draft_study(db, clock, settings, listener, assembler, captioner, files) -> int:
     """Send ``files`` to the listener, let the study settle and draft it (no destinations): the draft SR's id."""
     assert storescu(listener, files).returncode == 0
     clock.advance(settings.quiet_seconds + 1)

@@ -16,7 +16,7 @@ def test_every_setting_is_documented():
 
 
 def test_every_command_is_documented():
-    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    commands = build_parser()._subparsers._group_actions[0].choices
     for name in commands:
         assert f"medcap [--config FILE] {name}" in README
 

@@ -43,7 +43,7 @@ def configure(settings: Settings) -> Celery:
         if settings.effective_broker_url.startswith("redis")
         else {},
     )
-    app.medcap_settings = settings  # type: ignore[attr-defined]
+    app.medcap_settings = settings
     return app
 
 

@@ -226,7 +226,7 @@ class Drafter:
                             model_type=identity.model_type,
                             model_version=identity.version,  # type: ignore[attr-defined]
                             weights_sha256=identity.weights_sha256,
-                            generation_preset=self.options.generation_preset,  # type: ignore[attr-defined]
+                            generation_preset=self.options.generation_preset,
                             created_at=now,
                         )
                     )

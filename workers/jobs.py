@@ -17,6 +17,7 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from service import job_lifecycle as jobs
 from service.clock import Clock
@@ -70,7 +71,7 @@ class JobRunner:
         with self.db.session() as s:
             return jobs.renew(s, self.clock.now(), job_id, self.owner, self.lease)
 
-    def finish(self, job_id: int, *, error: str | None = None, **details: object) -> None:
+    def finish(self, job_id: int, *, error: str | None = None, **details: Any) -> None:
         """Record the outcome here (tests, and work that does not commit its own success)."""
         now = self.clock.now()
         with self.db.session() as s:

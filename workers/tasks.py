@@ -29,7 +29,7 @@ _captioner_lock = threading.Lock()
 
 def _settings() -> Settings:
     # Set by `medcap worker`; a worker started with `celery -A workers.celery_app` reads the environment.
-    return getattr(app, "medcap_settings", None) or configure(load_settings()).medcap_settings  # type: ignore[attr-defined,no-any-return]
+    return getattr(app, "medcap_settings", None) or configure(load_settings()).medcap_settings
 
 
 def _database(settings: Settings) -> Database:

@@ -47,7 +47,7 @@ class Forbidden(Exception):
 
 
 def context(request: Request) -> WebContext:
-    return request.app.state.ctx  # type: ignore[no-any-return]
+    return request.app.state.ctx
 
 
 def client_address(request: Request) -> str:

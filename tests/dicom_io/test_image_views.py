@@ -30,7 +30,7 @@ def test_square_views_differ_only_in_their_statistics(mr_slice):
     imagenet, _ = view_array(ImageView("i", 96, "imagenet"), mr_slice)
     for k, (m, s) in enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), strict=True)):
         np.testing.assert_allclose(imagenet[k], (unit[k] - m) / s, atol=1e-5)
-    half, _ = view_array(ImageView("m", 96, "mean_std", mean=(0.5, 0.5, 0.5), std=[0.5, 0.5, 0.5]), mr_slice)  # type: ignore[arg-type]
+    half, _ = view_array(ImageView("m", 96, "mean_std", mean=(0.5, 0.5, 0.5), std=[0.5, 0.5, 0.5]), mr_slice)
     np.testing.assert_allclose(half, unit * 2 - 1, atol=1e-6)
     clip, _ = view_array(ImageView("c", 96, "clip"), mr_slice)
     np.testing.assert_allclose(clip[0], (unit[0] - 0.48145466) / 0.26862954, atol=1e-5)

@@ -59,9 +59,9 @@ def test_spec_validates_its_fields():
     with pytest.raises(ValueError, match=r"KeySliceSpec.n must be an integer >= 1, got 0"):
         KeySliceSpec(n=0)
     with pytest.raises(ValueError, match="KeySliceSpec.n must be an integer"):
-        KeySliceSpec(n=2.5)  # type: ignore[arg-type]
+        KeySliceSpec(n=2.5)
     with pytest.raises(ValueError, match="KeySliceSpec.strategy must be one of"):
-        KeySliceSpec("random")  # type: ignore[arg-type]
+        KeySliceSpec("random")
     with pytest.raises(ValueError, match="KeySliceSpec.margin"):
         KeySliceSpec(margin=0.5)
     with pytest.raises(ValueError, match="KeySlices.indices must be increasing"):

@@ -83,7 +83,7 @@ def test_series_input_refuses_arrays_that_do_not_match_its_key_slices():
     with pytest.raises(ValueError, match="SeriesInput.content_sizes has views"):
         type(item)(*fields, item.views, {}, item.series)
     with pytest.raises(TypeError):
-        item.views["u"] = item.views["u"]  # type: ignore[index]  # read-only
+        item.views["u"] = item.views["u"]  # read-only
 
 
 def test_bad_arguments_fail_before_any_work():
@@ -91,6 +91,6 @@ def test_bad_arguments_fail_before_any_work():
     with pytest.raises(ValueError, match="ImageView.size must be a positive integer"):
         prepare(series, views=[ImageView("clip", 0, "clip")])
     with pytest.raises(ValueError, match="views: expected ImageView"):
-        prepare(series, views=[("clip", 224)])  # type: ignore[list-item]
+        prepare(series, views=[("clip", 224)])
     with pytest.raises(ValueError, match="KeySliceSpec.strategy"):
-        prepare(series, views=[CLIP], key_slices="middle")  # type: ignore[arg-type]
+        prepare(series, views=[CLIP], key_slices="middle")

@@ -191,9 +191,9 @@ def test_destination_errors_name_the_field(text, message):
 
 def test_destination_constructor_validates_too():
     with pytest.raises(ValueError, match="Destination.port"):
-        Destination("PACS", "127.0.0.1", True)  # type: ignore[arg-type]
+        Destination("PACS", "127.0.0.1", True)
     with pytest.raises(TypeError, match="Destination.tls"):
-        Destination("PACS", "127.0.0.1", 104, tls="yes")  # type: ignore[arg-type]
+        Destination("PACS", "127.0.0.1", 104, tls="yes")
 
 
 def test_parse_destinations():
@@ -579,8 +579,8 @@ def test_client_tls_settings_are_checked_on_construction(certs, tmp_path):
     with pytest.raises(ValueError, match="ClientTLS.cert_file/key_file .* are not a matching PEM certificate and key"):
         ClientTLS(certs["ca"], certs["client_cert"], certs["server_key"])
     with pytest.raises(TypeError, match="ClientTLS.ca_file must be a path"):
-        ClientTLS(42)  # type: ignore[arg-type]
-    tls = ClientTLS(str(certs["ca"]))  # type: ignore[arg-type]
+        ClientTLS(42)
+    tls = ClientTLS(str(certs["ca"]))
     assert tls.ca_file == certs["ca"] and tls.context().check_hostname
     dest = Destination.parse("PACS@127.0.0.1:2762", tls=tls)
     assert dest.tls is tls and parse_destinations("A@h:1,B@h:2", tls=tls)[1].tls is tls

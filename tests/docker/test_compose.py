@@ -108,7 +108,7 @@ def test_all_medcap_containers_share_database_broker_and_destinations(services):
 
 def test_destination_is_the_demo_pacs(services):
     destination = env_of(services["worker-dispatch"])["MEDCAP_DESTINATIONS"]
-    ae, host, port = re.fullmatch(r"(\w+)@([\w.-]+):(\d+)", destination).groups()  # type: ignore[union-attr]
+    ae, host, port = re.fullmatch(r"(\w+)@([\w.-]+):(\d+)", destination).groups()
     orthanc = services[host]
     assert orthanc["environment"]["ORTHANC__DICOM_AET"] == ae
     assert port == str(orthanc["environment"].get("ORTHANC__DICOM_PORT", 4242))  # Orthanc's default DICOM port
@@ -220,7 +220,7 @@ def test_images_share_one_uid_so_both_can_write_the_data_volume():
     }
     assert uids["cpu"] == uids["worker"] and len(uids["cpu"]) == 2, uids
     for path in DOCKERFILES.values():
-        assert last(path, "USER").args == "medcap"  # type: ignore[union-attr]
+        assert last(path, "USER").args == "medcap"
 
 
 def test_caption_worker_gets_the_model_read_only_at_medcap_model(services):
@@ -314,7 +314,7 @@ def test_worker_image_installs_cuda_torch_at_the_projects_pin():
     runs = " ".join(i.args for i in instructions(DOCKERFILES["worker"]) if i.keyword == "RUN")
     assert "requirements.py --no-base --extra model=torch" in runs
     assert re.search(r"--index-url \"?\$\{TORCH_INDEX_URL\}", runs)
-    index = re.search(r"ARG TORCH_INDEX_URL=(\S+)", text).group(1)  # type: ignore[union-attr]
+    index = re.search(r"ARG TORCH_INDEX_URL=(\S+)", text).group(1)
     cuda = re.search(r"ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.\d+\.\d+-\S*runtime-ubuntu22\.04", text)
     assert cuda is not None, "base image is not a CUDA runtime image"
     assert re.fullmatch(rf"https://download\.pytorch\.org/whl/cu{cuda.group(1)}\d+", index), f"{index} is not a CUDA {cuda.group(1)} build"

@@ -20,11 +20,11 @@ VIEWS = {"v_audit_trail", "v_drafts", "v_turnaround", "v_turnaround_by_model", "
 DOC = Path(__file__).resolve().parents[2] / "docs" / "audit.md"
 
 
-def view_names(db) -> set[str]:  # type: ignore[no-untyped-def]
+def view_names(db) -> set[str]:
     return set(inspect(db.engine).get_view_names())
 
 
-def rows(db, sql: str) -> list[dict]:  # type: ignore[no-untyped-def, type-arg]
+def rows(db, sql: str) -> list[dict]:
     with db.engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(text(sql))]
 

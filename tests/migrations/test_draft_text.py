@@ -14,7 +14,7 @@ MIGRATION = ScriptDirectory.from_config(migrations.alembic_config(None)).get_rev
 PREVIOUS = MIGRATION.module.down_revision  # rechained at a merge: nothing here names the revision before
 
 
-def columns(db) -> set[str]:  # type: ignore[no-untyped-def]
+def columns(db) -> set[str]:
     return {c["name"] for c in inspect(db.engine).get_columns("sr_documents")}
 
 

@@ -18,13 +18,13 @@ spec.loader.exec_module(OUTPUTS)
 BEFORE = OUTPUTS.down_revision  # the old shape
 
 
-def run(db, sql: str, **params: object) -> list[dict]:  # type: ignore[no-untyped-def, type-arg]
+def run(db, sql: str, **params: object) -> list[dict]:
     with db.engine.begin() as conn:
         result = conn.execute(text(sql), params)
         return [dict(r._mapping) for r in result] if result.returns_rows else []
 
 
-def old_shape(db) -> None:  # type: ignore[no-untyped-def]
+def old_shape(db) -> None:
     """Two SRs: a draft sent to two PACS (one failed after two attempts), a verified one sent to one; a third never sent."""
     migrations.downgrade(db.engine, BEFORE)
     t = "2026-03-01 12:00:00+00:00"

@@ -14,18 +14,18 @@ from tests.models.parts import one_thread
 class Recording:
     """The real captioner, recording how many images each model call got."""
 
-    def __init__(self, captioner, fail: bool = False) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, captioner, fail: bool = False) -> None:
         self.captioner, self.calls, self.fail = captioner, [], fail
         self.identity, self.views = captioner.identity, captioner.views
 
-    def caption(self, inputs, generation="fast", *, batch_size=8, seed=0):  # type: ignore[no-untyped-def]
+    def caption(self, inputs, generation="fast", *, batch_size=8, seed=0):
         self.calls.append((len(inputs["clip"]), generation, batch_size))
         if self.fail:
             raise RuntimeError("CUDA out of memory (as a GPU may say)")
         return self.captioner.caption(inputs, generation, batch_size=batch_size, seed=seed)
 
 
-def study(captioner, n: int, seed: int) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+def study(captioner, n: int, seed: int) -> dict[str, np.ndarray]:
     g = np.random.default_rng(seed)
     return {v.name: g.standard_normal((n, 3, v.size, v.size)).astype(np.float32) for v in captioner.views}
 

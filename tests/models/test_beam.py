@@ -34,7 +34,7 @@ def preset(beams: int = 1, max_new: int = 10, min_new: int = 0, rep: float = 1.0
     )
 
 
-def run(step, p: GenerationPreset, batch: int = 1, state: tuple[torch.Tensor, ...] | None = None) -> list[list[int]]:  # type: ignore[no-untyped-def]
+def run(step, p: GenerationPreset, batch: int = 1, state: tuple[torch.Tensor, ...] | None = None) -> list[list[int]]:
     return search(step, state if state is not None else (torch.zeros(batch, 1),), batch, p, sos=SOS, eos=EOS, banned=(PAD, SOS))
 
 
@@ -105,7 +105,7 @@ def test_banned_tokens_are_never_generated() -> None:
         assert run(wants_pad, preset(beams=beams)) == [[A]]
 
 
-def _history_step(weights: torch.Tensor):  # type: ignore[no-untyped-def]
+def _history_step(weights: torch.Tensor):
     """Next-token log-probs that depend on the whole history, carried in the state (sum of token ids and length)."""
 
     def step(tokens: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -118,7 +118,7 @@ def _history_step(weights: torch.Tensor):  # type: ignore[no-untyped-def]
     return step
 
 
-def _score(step, ids: list[int], max_new: int, lp: float) -> float:  # type: ignore[no-untyped-def]
+def _score(step, ids: list[int], max_new: int, lp: float) -> float:
     """Brute force: the score beam search gives a complete sequence (ids, then EOS unless cut at max_new)."""
     tokens, state, total = torch.tensor([[SOS]]), (torch.zeros(1, 2),), 0.0
     targets = ids + ([EOS] if len(ids) < max_new else [])

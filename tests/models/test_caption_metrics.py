@@ -170,7 +170,7 @@ def test_inputs_must_cover_the_same_ids(scorer: CaptionScorer) -> None:
     with pytest.raises(ValueError, match="non-empty list"):
         scorer.score({"1": "x"}, {"1": []})
     with pytest.raises(ValueError, match="non-empty list"):
-        scorer.score({"1": "x"}, {"1": "a string, not a list"})  # type: ignore[dict-item]
+        scorer.score({"1": "x"}, {"1": "a string, not a list"})
 
 
 def test_missing_java_fails_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -131,7 +131,7 @@ def test_encode_gives_every_clip_token_and_the_encoder_is_frozen() -> None:
 # -- training ----------------------------------------------------------------------------------
 
 
-def test_it_learns_the_training_captions_greedy_and_beam(trained) -> None:  # type: ignore[no-untyped-def]
+def test_it_learns_the_training_captions_greedy_and_beam(trained) -> None:
     model, vocab, losses, before = trained
     expected = [pre_caption(c) for c in CAPTIONS]
     assert before != expected  # untrained, it cannot already say them
@@ -141,7 +141,7 @@ def test_it_learns_the_training_captions_greedy_and_beam(trained) -> None:  # ty
     assert model.generate_captions(features, vocab, BEAM) == expected
 
 
-def test_padding_does_not_leak_into_the_loss(trained) -> None:  # type: ignore[no-untyped-def]
+def test_padding_does_not_leak_into_the_loss(trained) -> None:
     model, vocab, _, _ = trained
     model = copy.deepcopy(model).eval()
     captions = [
@@ -159,7 +159,7 @@ def test_padding_does_not_leak_into_the_loss(trained) -> None:  # type: ignore[n
     torch.testing.assert_close(together, weighted)
 
 
-def test_the_image_matters_and_generation_leaves_the_mode_alone(trained) -> None:  # type: ignore[no-untyped-def]
+def test_the_image_matters_and_generation_leaves_the_mode_alone(trained) -> None:
     model, vocab, _, _ = trained
     features = model.encode(pixels())
     swapped = {"patches": features["patches"].flip(0)}
@@ -172,7 +172,7 @@ def test_the_image_matters_and_generation_leaves_the_mode_alone(trained) -> None
         model.eval()
 
 
-def test_generation_respects_the_preset_and_the_positions(trained) -> None:  # type: ignore[no-untyped-def]
+def test_generation_respects_the_preset_and_the_positions(trained) -> None:
     model, vocab, _, _ = trained
     features = {"patches": model.encode(pixels())["patches"][:2]}
     short = GenerationPreset("short", num_beams=2, max_new_tokens=3, min_new_tokens=0, repetition_penalty=1.0, length_penalty=1.0)
@@ -195,7 +195,7 @@ def test_mismatched_inputs_are_refused() -> None:
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def test_checkpoint_round_trip_keeps_weights_and_captions(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_round_trip_keeps_weights_and_captions(trained, tmp_path: Path) -> None:
     model, vocab, _, _ = trained
     checkpoint.save(model, vocab, tmp_path / "ckpt", checkpoint.Provenance())
     loaded, text, _ = checkpoint.load(tmp_path / "ckpt")
@@ -210,7 +210,7 @@ def test_checkpoint_round_trip_keeps_weights_and_captions(trained, tmp_path: Pat
     assert "CLIP-Transformer" in (tmp_path / "ckpt" / "MODEL_CARD.md").read_text()
 
 
-def test_bfloat16_encoder_still_generates_on_cpu(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_bfloat16_encoder_still_generates_on_cpu(trained, tmp_path: Path) -> None:
     model, vocab, _, _ = trained
     checkpoint.save(model, vocab, tmp_path / "ckpt", checkpoint.Provenance())
     loaded, text, _ = checkpoint.load(tmp_path / "ckpt", dtype=torch.bfloat16)

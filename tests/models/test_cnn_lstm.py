@@ -154,7 +154,7 @@ def test_encoder_is_frozen_and_stays_in_eval_mode_while_training() -> None:
 # -- training ----------------------------------------------------------------------------------
 
 
-def test_it_learns_the_training_captions_greedy_and_beam(trained) -> None:  # type: ignore[no-untyped-def]
+def test_it_learns_the_training_captions_greedy_and_beam(trained) -> None:
     model, vocab, losses, before = trained
     expected = [pre_caption(c) for c in CAPTIONS]
     assert before != expected  # untrained, it cannot already say them
@@ -165,7 +165,7 @@ def test_it_learns_the_training_captions_greedy_and_beam(trained) -> None:  # ty
     assert not model.training
 
 
-def test_packed_loss_equals_a_masked_unpacked_computation(trained) -> None:  # type: ignore[no-untyped-def]
+def test_packed_loss_equals_a_masked_unpacked_computation(trained) -> None:
     model, vocab, _, _ = trained
     model = copy.deepcopy(model).eval()  # running BatchNorm statistics: rows do not affect each other
     captions = [
@@ -213,7 +213,7 @@ def test_mismatched_inputs_are_refused() -> None:
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def test_checkpoint_round_trip_keeps_weights_and_captions(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_checkpoint_round_trip_keeps_weights_and_captions(trained, tmp_path: Path) -> None:
     model, vocab, _, _ = trained
     checkpoint.save(model, vocab, tmp_path / "ckpt", checkpoint.Provenance())
     loaded, text, _ = checkpoint.load(tmp_path / "ckpt")
@@ -228,7 +228,7 @@ def test_checkpoint_round_trip_keeps_weights_and_captions(trained, tmp_path: Pat
     assert "CNN-LSTM" in (tmp_path / "ckpt" / "MODEL_CARD.md").read_text()
 
 
-def test_bfloat16_encoder_still_generates_on_cpu(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_bfloat16_encoder_still_generates_on_cpu(trained, tmp_path: Path) -> None:
     model, vocab, _, _ = trained
     checkpoint.save(model, vocab, tmp_path / "ckpt", checkpoint.Provenance())
     loaded, text, _ = checkpoint.load(tmp_path / "ckpt", dtype=torch.bfloat16)

@@ -158,7 +158,7 @@ def test_gpt2_never_sees_the_image(data):
     first = calls[0]["input_ids"]
     assert text.gpt2.decode(first[0][first[0] != text.gpt2.pad_id]).startswith("keywords:")
     # The same keywords give the same caption, whatever the image (one candidate: no reranking).
-    model.select_keywords = lambda logits: [["ct", "head"]] * logits.shape[0]  # type: ignore[method-assign]
+    model.select_keywords = lambda logits: [["ct", "head"]] * logits.shape[0]
     other = {"embedding": torch.randn_like(features["embedding"])}
     preset = GREEDY.with_candidates(1)
     assert model.generate_captions(features, text, preset) == model.generate_captions(other, text, preset)

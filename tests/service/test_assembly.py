@@ -78,7 +78,7 @@ def test_parts_within_the_quiet_period_make_one_version(db, listener, settings, 
     assert [v.instance_count for v in versions(db)] == [28]
 
 
-def _open_association(port: int, files):  # type: ignore[no-untyped-def]
+def _open_association(port: int, files):
     assoc = open_association(port, "SLOWPACS")
     assert send_raw(assoc, files) == [0] * len(files)
     return assoc

@@ -30,18 +30,18 @@ DESTINATION = "PACS@127.0.0.1:11112"
 
 
 @pytest.fixture
-def reviews(db, clock, settings) -> Reviews:  # type: ignore[no-untyped-def]
+def reviews(db, clock, settings) -> Reviews:
     return Reviews(db, clock, reports_dir=settings.reports_dir, destinations=[DESTINATION], organization="General Hospital")
 
 
 @pytest.fixture
-def smith(db, clock):  # type: ignore[no-untyped-def]
+def smith(db, clock):
     users = Users(db, clock)
     users.add("jones", "Jones^Tom", "radiologist", "correct horse battery", "cli:test")
     return users.add("smith", "Smith^Jane", "radiologist", "correct horse battery", "cli:test")
 
 
-def ct_study(db, draft_id: int) -> Study:  # type: ignore[no-untyped-def]
+def ct_study(db, draft_id: int) -> Study:
     with db.session() as s:
         return s.scalars(select(Study).join(SRDocument, SRDocument.study_id == Study.id).where(SRDocument.id == draft_id)).one()
 
@@ -88,7 +88,7 @@ def test_turnaround_quality_and_failed_work_of_real_reviews(db, clock, settings,
         db,
         clock,
         "worker:test",
-        kinds=OutputKinds([DicomSR(refuse, lambda d, paths: pytest.fail("must not send"))]),  # type: ignore[arg-type, return-value]
+        kinds=OutputKinds([DicomSR(refuse, lambda d, paths: pytest.fail("must not send"))]),
         max_attempts=1,
         retry_delay=lambda n: 1.0,
         stale_seconds=60,

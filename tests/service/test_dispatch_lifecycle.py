@@ -15,7 +15,7 @@ from service.schema import Dispatch, DispatchStatus, Output, SRDocument, Study, 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_dispatch(db, clock, status: DispatchStatus) -> int:  # type: ignore[no-untyped-def]
+def make_dispatch(db, clock, status: DispatchStatus) -> int:
     now = clock.now()
     with db.session() as s:
         study = Study(study_uid=f"1.2.{status.value}.{now.timestamp()}", first_received_at=now)

@@ -27,16 +27,16 @@ EDITED = 'Edited by the radiologist: no acute intracranial abnormality, comma, a
 
 
 @pytest.fixture
-def reviews(db, clock, settings) -> Reviews:  # type: ignore[no-untyped-def]
+def reviews(db, clock, settings) -> Reviews:
     return Reviews(db, clock, reports_dir=settings.reports_dir, destinations=[], organization="General Hospital")
 
 
 @pytest.fixture
-def smith(db, clock):  # type: ignore[no-untyped-def]
+def smith(db, clock):
     return Users(db, clock).add("smith", "Smith^Jane", "radiologist", "correct horse battery", "cli:test")
 
 
-def identifiers(db) -> set[str]:  # type: ignore[no-untyped-def]
+def identifiers(db) -> set[str]:
     """What would identify a patient or a study: patient IDs and names, study, series and instance UIDs."""
     with db.session() as s:
         found = {v for row in s.execute(select(Study.patient_id, Study.patient_name, Study.study_uid, Study.accession_number)) for v in row}
@@ -89,9 +89,9 @@ def test_an_edited_approval_becomes_training_data(db, clock, settings, reviews, 
     assert (event.actor, event.details["images"], event.details["reports"], event.details["since"]) == ("cli:test", 3, 1, None)
 
 
-def instance_path(db, sop_instance_uid: str) -> str:  # type: ignore[no-untyped-def]
+def instance_path(db, sop_instance_uid: str) -> str:
     with db.session() as s:
-        return s.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))  # type: ignore[no-any-return]
+        return s.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
 @pytest.mark.peers

@@ -17,7 +17,7 @@ from service.schema import AuditEvent, Job, JobStatus, Study, StudyVersion
 LEASE = timedelta(seconds=10)
 
 
-def make_job(db, clock, status: JobStatus = JobStatus.ENQUEUED, **values) -> int:  # type: ignore[no-untyped-def]
+def make_job(db, clock, status: JobStatus = JobStatus.ENQUEUED, **values) -> int:
     now = clock.now()
     with db.session() as s:
         study = s.scalar(select(Study).where(Study.study_uid == "1.2.3"))
@@ -35,9 +35,9 @@ def make_job(db, clock, status: JobStatus = JobStatus.ENQUEUED, **values) -> int
         return job.id
 
 
-def job_status(db, job_id: int) -> str:  # type: ignore[no-untyped-def]
+def job_status(db, job_id: int) -> str:
     with db.session() as s:
-        return s.scalar(select(Job.status).where(Job.id == job_id))  # type: ignore[return-value]
+        return s.scalar(select(Job.status).where(Job.id == job_id))
 
 
 @pytest.mark.parametrize("event", list(JobEvent))

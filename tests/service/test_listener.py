@@ -144,7 +144,7 @@ def test_malformed_instances_get_failure_statuses_while_another_association_is_s
     assert statuses[0] in (STATUS_CANNOT_DECODE, STATUS_BAD_ATTRIBUTE)
     assert statuses[1] == STATUS_CANNOT_DECODE
     assert statuses[2] == STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
-    assert results["good"].returncode == 0  # type: ignore[attr-defined]
+    assert results["good"].returncode == 0
     assert count(db, Instance) == len(good)
     with db.session() as s:
         failures = s.scalars(select(AuditEvent).where(AuditEvent.action == "instance.failed")).all()

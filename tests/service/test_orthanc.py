@@ -48,7 +48,7 @@ class RecordingPublisher:
         self.published.append(job_id)
 
 
-def make_assembler(db: Database, clock, settings) -> tuple[Assembler, RecordingPublisher]:  # type: ignore[no-untyped-def]
+def make_assembler(db: Database, clock, settings) -> tuple[Assembler, RecordingPublisher]:
     publisher = RecordingPublisher()
     assembler = Assembler(
         db,
@@ -78,7 +78,7 @@ def wait_for_associations_closed(db: Database, expected: int) -> None:
 
 
 @pytest.fixture
-def orthanc_listener(start_listener, make_settings):  # type: ignore[no-untyped-def]
+def orthanc_listener(start_listener, make_settings):
     """A listener that admits only Orthanc's AE title from loopback."""
     return start_listener(make_settings(allowed_peers=f"{ORTHANC_AET}@127.0.0.1/32"))
 

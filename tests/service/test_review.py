@@ -18,12 +18,12 @@ from tests.conftest import series_files, storescu
 
 
 @pytest.fixture
-def reviews(db, clock, settings) -> Reviews:  # type: ignore[no-untyped-def]
+def reviews(db, clock, settings) -> Reviews:
     return Reviews(db, clock, reports_dir=settings.reports_dir, destinations=["ORTHANC@127.0.0.1:4242"], organization="General Hospital")
 
 
 @pytest.fixture
-def radiologists(db, clock):  # type: ignore[no-untyped-def]
+def radiologists(db, clock):
     users = Users(db, clock)
     return [users.add(name, f"{name.title()}^Jane", "radiologist", "correct horse battery", "cli:test") for name in ("smith", "jones")]
 
@@ -81,7 +81,7 @@ def test_two_radiologists_approving_at_once_make_one_sr_and_one_conflict(db, rev
     outcomes: list[object] = []
     barrier = threading.Barrier(2)
 
-    def approve(account) -> None:  # type: ignore[no-untyped-def]
+    def approve(account) -> None:
         barrier.wait()
         try:
             outcomes.append(reviews.approve(draft_id, account))

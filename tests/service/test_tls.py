@@ -58,7 +58,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture
-def tls_listener(start_listener, make_settings, pki: Pki):  # type: ignore[no-untyped-def]
+def tls_listener(start_listener, make_settings, pki: Pki):
     settings = make_settings(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tls_ca_file=pki.ca)
     return start_listener(settings)
 
@@ -71,7 +71,7 @@ def client_context(pki: Pki, cert: Path | None = None, key: Path | None = None) 
     return ctx
 
 
-def associate(port: int, tls: ssl.SSLContext | None, server_hostname: str = "localhost"):  # type: ignore[no-untyped-def]
+def associate(port: int, tls: ssl.SSLContext | None, server_hostname: str = "localhost"):
     ae = AE(ae_title="PACS")
     ae.add_requested_context(CTImageStorage)
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10  # a refused peer must not hang the test

@@ -28,21 +28,21 @@ PASSWORD = "a long enough passphrase"
 ME = f"cli:{getpass.getuser()}"
 
 
-def add(env: dict[str, str], name: str, *, role: str = "radiologist", display: str = "Smith^Jane", password: str = PASSWORD):  # type: ignore[no-untyped-def]
+def add(env: dict[str, str], name: str, *, role: str = "radiologist", display: str = "Smith^Jane", password: str = PASSWORD):
     return run(["users", "add", name, "--role", role, "--display-name", display], env, stdin=password + "\n")
 
 
-def user_rows(db) -> list[User]:  # type: ignore[no-untyped-def]
+def user_rows(db) -> list[User]:
     with db.session() as s:
         return list(s.scalars(select(User).order_by(User.username)))
 
 
-def audit(db, prefix: str) -> list[AuditEvent]:  # type: ignore[no-untyped-def]
+def audit(db, prefix: str) -> list[AuditEvent]:
     with db.session() as s:
         return list(s.scalars(select(AuditEvent).where(AuditEvent.action.startswith(prefix)).order_by(AuditEvent.id)))
 
 
-def can_sign_in(app, username: str, password: str) -> bool:  # type: ignore[no-untyped-def]
+def can_sign_in(app, username: str, password: str) -> bool:
     with TestClient(app, base_url="https://testserver", follow_redirects=False) as c:
         page = c.get("/login")
         token = re.search(r'name="login_csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
@@ -163,7 +163,7 @@ def test_users_from_the_command_line(make_settings, db, clock):
     # disable: refused at sign-in, and a session that is already open stops working at once
     with TestClient(app, base_url="https://testserver", follow_redirects=False) as live:
         page = live.get("/login")
-        token = re.search(r'name="login_csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+        token = re.search(r'name="login_csrf" value="([^"]+)"', page.text).group(1)
         assert live.post("/login", data={"username": "smith", "password": PASSWORD, "login_csrf": token}).status_code == 303
         assert live.get("/api/me").status_code == 200
         disabled = run(["users", "disable", "smith"], env)
@@ -208,7 +208,7 @@ def test_command_line_mistakes_get_clear_errors_and_change_nothing(settings, db)
         (dict(name="smith", role="superuser"), 2, "argument --role: invalid choice: 'superuser' (choose from "),
     ]
     for kwargs, status, message in cases:
-        result = add(env, **kwargs)  # type: ignore[arg-type]
+        result = add(env, **kwargs)
         assert result.returncode == status and message in result.stderr, (kwargs, result.stderr)
         assert "Traceback" not in result.stderr and result.stdout == ""
     missing = run(["users", "add", "smith", "--role", "radiologist"], env, stdin=PASSWORD + "\n")
@@ -312,4 +312,4 @@ def test_on_a_terminal_the_password_is_asked_twice(settings, db):
     assert user_rows(db) == []
     status, output = on_terminal(PASSWORD, PASSWORD)
     assert status == 0 and "user smith added as radiologist" in output and PASSWORD not in output
-    assert Users(db, None).authenticate("smith", PASSWORD) is not None  # type: ignore[arg-type]
+    assert Users(db, None).authenticate("smith", PASSWORD) is not None

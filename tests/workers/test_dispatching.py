@@ -58,13 +58,13 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     server.stop()
 
 
-def draft_for(db, clock, settings, captioner, job_id, destination: str) -> SRDocument:  # type: ignore[no-untyped-def]
+def draft_for(db, clock, settings, captioner, job_id, destination: str) -> SRDocument:
     assert runner(db, clock).run(job_id, make_drafter(db, clock, captioner, settings, destinations=[destination]).draft) == "succeeded"
     with db.session() as s:
         return s.scalars(select(SRDocument)).one()
 
 
-def dispatcher(db, clock, settings, max_attempts: int = 3) -> DispatchRunner:  # type: ignore[no-untyped-def]
+def dispatcher(db, clock, settings, max_attempts: int = 3) -> DispatchRunner:
     return DispatchRunner(
         db,
         clock,
@@ -76,7 +76,7 @@ def dispatcher(db, clock, settings, max_attempts: int = 3) -> DispatchRunner:  #
     )
 
 
-def dispatch_row(db) -> Dispatch:  # type: ignore[no-untyped-def]
+def dispatch_row(db) -> Dispatch:
     with db.session() as s:
         return s.scalars(select(Dispatch)).one()
 

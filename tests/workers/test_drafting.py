@@ -71,7 +71,7 @@ class RacingModel:
         self.model, self.other, self.job_id = model, other, job_id
         self.identity, self.views = model.identity, model.views
 
-    def caption(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def caption(self, *args, **kwargs):
         assert self.other.draft(self.job_id) == "succeeded"
         return self.model.caption(*args, **kwargs)
 
@@ -80,7 +80,7 @@ class RacingModel:
 def test_two_workers_racing_on_one_job_commit_one_sr_and_leave_no_orphan_file(db, clock, settings, captioner, job_id):
     assert runner(db, clock).claim(job_id)
     other = make_drafter(db, clock, captioner, settings, actor="worker:other")
-    mine = make_drafter(db, clock, RacingModel(captioner, other, job_id), settings)  # type: ignore[arg-type]
+    mine = make_drafter(db, clock, RacingModel(captioner, other, job_id), settings)
     with pytest.raises(NotOurs):
         mine.draft(job_id)
     with db.session() as s:
@@ -114,7 +114,7 @@ def test_every_key_image_of_a_study_goes_to_the_model_in_one_call_for_ct_and_mr(
     class Counting:
         identity, views = captioner.identity, captioner.views
 
-        def caption(self, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def caption(self, inputs, *args, **kwargs):
             calls.append(len(inputs["clip"]))
             return captioner.caption(inputs, *args, **kwargs)
 
@@ -159,7 +159,7 @@ def test_any_captioner_family_drafts_and_the_sr_names_it(db, clock, settings, jo
     class Recording:
         identity, views = loaded.identity, loaded.views
 
-        def caption(self, inputs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def caption(self, inputs, *args, **kwargs):
             views.append({name: array.shape for name, array in inputs.items()})
             return loaded.caption(inputs, *args, **kwargs)
 

@@ -26,7 +26,7 @@ from workers.embedded_broker import kombu_url
 storescp = test_dispatching.storescp  # the fixture: dcmtk's storescp as the PACS
 
 
-def scraped(proc: Process, port: int, condition) -> Samples:  # type: ignore[no-untyped-def]
+def scraped(proc: Process, port: int, condition) -> Samples:
     """Scrape ``port`` until ``condition(samples)`` holds; the process must stay up meanwhile."""
     last: dict[str, Samples] = {}
 

@@ -60,7 +60,7 @@ def wait_listening(proc: Process, port: int) -> None:
     wait_until(accepting, "the listener to accept connections", timeout=60)
 
 
-def rows(db: Database, column) -> list:  # type: ignore[no-untyped-def]
+def rows(db: Database, column) -> list:
     with db.session() as s:
         return list(s.scalars(select(column).order_by(column)))
 
@@ -151,7 +151,7 @@ def test_embedded_default_ct_and_mr_from_the_pacs_come_back_as_draft_srs(make_se
 
 
 @pytest.fixture
-def redis_url():  # type: ignore[no-untyped-def]
+def redis_url():
     url = "redis://127.0.0.1:6379/11"  # a database number of the tests' own
     client = redis.Redis.from_url(url)
     client.flushdb()

@@ -42,7 +42,7 @@ class FolderDrop(OutputKind):
         return Delivery(delivered=True, retryable=False, summary=f"copied to {folder}", items=({"file": artefact.path.name},))
 
 
-def make_report(db, clock, tmp_path: Path) -> int:  # type: ignore[no-untyped-def]
+def make_report(db, clock, tmp_path: Path) -> int:
     """A report row with a file behind it (what drafting or a review writes)."""
     now = clock.now()
     path = tmp_path / "report.dcm"
@@ -73,7 +73,7 @@ def make_report(db, clock, tmp_path: Path) -> int:  # type: ignore[no-untyped-de
         return doc.id
 
 
-def runner(db, clock, kinds: OutputKinds, max_attempts: int = 3) -> DispatchRunner:  # type: ignore[no-untyped-def]
+def runner(db, clock, kinds: OutputKinds, max_attempts: int = 3) -> DispatchRunner:
     return DispatchRunner(db, clock, "worker:test", kinds=kinds, max_attempts=max_attempts, retry_delay=lambda n: 10.0, stale_seconds=60)
 
 
@@ -83,7 +83,7 @@ def test_artefacts_and_deliveries_are_checked_on_construction():
     with pytest.raises(ValueError, match="Artefact.sha256"):
         Artefact(Path("x"), "application/dicom", "abc")
     with pytest.raises(TypeError, match="Artefact.path"):
-        Artefact(3, "application/dicom", "0" * 64)  # type: ignore[arg-type]
+        Artefact(3, "application/dicom", "0" * 64)
     with pytest.raises(ValueError, match="Delivery.retryable"):
         Delivery(delivered=True, retryable=True, summary="both")
     with pytest.raises(ValueError, match="Delivery.summary"):
@@ -162,7 +162,7 @@ def test_a_new_kind_is_built_once_dispatched_and_sent_by_the_same_lifecycle(db, 
 
 def test_the_sr_kind_fails_a_missing_file_and_an_unusable_destination_without_sending(tmp_path):
     sent: list[object] = []
-    kind = DicomSR(sender=lambda destination, paths: sent.append(paths))  # type: ignore[arg-type, func-returns-value]
+    kind = DicomSR(sender=lambda destination, paths: sent.append(paths))
     artefact = Artefact(tmp_path / "gone.dcm", "application/dicom", "0" * 64)
     assert kind.send(artefact, PACS) == Delivery(False, False, f"the SR file {tmp_path / 'gone.dcm'} is missing")
     assert "must look like AE_TITLE@host:port" in kind.send(artefact, "nonsense").summary

@@ -15,7 +15,7 @@ PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture
-def accounts(db, clock):  # type: ignore[no-untyped-def]
+def accounts(db, clock):
     users = Users(db, clock)
     return {
         "radiologist": users.add("smith", "Smith^Jane", "radiologist", PASSWORD, "cli:test"),
@@ -25,12 +25,12 @@ def accounts(db, clock):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def app(db, clock, settings):  # type: ignore[no-untyped-def]
+def app(db, clock, settings):
     return create_app(settings, db, clock)
 
 
 @pytest.fixture
-def client(app) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+def client(app) -> Iterator[TestClient]:
     # https: the session cookie is Secure, so a client only sends it back over TLS (or to localhost).
     with TestClient(app, base_url="https://testserver", follow_redirects=False) as c:
         yield c
@@ -42,4 +42,4 @@ def sign_in(client: TestClient, username: str, password: str = PASSWORD) -> str:
     token = re.search(r'name="login_csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
     response = client.post("/login", data={"username": username, "password": password, "login_csrf": token, "next": "/"})
     assert response.status_code == 303, response.text
-    return client.get("/api/me").json()["csrf_token"]  # type: ignore[no-any-return]
+    return client.get("/api/me").json()["csrf_token"]

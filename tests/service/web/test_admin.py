@@ -29,7 +29,7 @@ ADMIN_PAGES = ["/admin", "/admin/audit", "/admin/audit.csv", "/admin/stats", "/a
 DESTINATION = "PACS@127.0.0.1:11112"
 
 
-def events(db, action: str) -> list[AuditEvent]:  # type: ignore[no-untyped-def]
+def events(db, action: str) -> list[AuditEvent]:
     with db.session() as s:
         return list(s.scalars(select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.id)))
 
@@ -73,7 +73,7 @@ def test_failed_work_is_retried_and_resent_from_the_overview(client, accounts, d
         db,
         clock,
         "worker:test",
-        kinds=OutputKinds([DicomSR(refuse, lambda d, p: pytest.fail("must not send"))]),  # type: ignore[arg-type, return-value]
+        kinds=OutputKinds([DicomSR(refuse, lambda d, p: pytest.fail("must not send"))]),
         max_attempts=1,
         retry_delay=lambda n: 1.0,
         stale_seconds=60,
@@ -144,7 +144,7 @@ def test_the_audit_trail_page_and_its_csv_export(client, accounts, db, clock):
     assert page.status_code == 200
     shown = re.findall(r'<td class="action">([^<]+)</td>', page.text)
     assert shown == ["listener.started"] * 100 and "l129" in page.text and "l29" not in page.text.replace("l129", "")
-    older = re.search(r'href="\?([^"]+)" id="older"', page.text).group(1)  # type: ignore[union-attr]
+    older = re.search(r'href="\?([^"]+)" id="older"', page.text).group(1)
     second = client.get("/admin/audit?" + unescape(older))
     assert re.findall(r'<td class="action">([^<]+)</td>', second.text) == ["listener.started"] * 30 and 'id="older"' not in second.text
     (searched, searched_again) = events(db, "audit.searched")
@@ -174,7 +174,7 @@ def test_statistics_per_model_version(client, accounts, db, clock):
     sign_in(client, "root")
     page = client.get("/admin/stats", params={"days": "all"})
     assert page.status_code == 200
-    row_a = re.search(r'<tr data-model="msmedcap 1.0">(.*?)</tr>', page.text, flags=re.S).group(1)  # type: ignore[union-attr]
+    row_a = re.search(r'<tr data-model="msmedcap 1.0">(.*?)</tr>', page.text, flags=re.S).group(1)
     cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row_a, flags=re.S)]
     assert cells[2:] == ["3", "2", "2.0 min / 3.0 min", "10.0 min / 20.0 min", "11.0 min / 22.0 min"]
     quality_a = re.findall(r'<tr data-model="msmedcap 1.0">(.*?)</tr>', page.text, flags=re.S)[1]
@@ -219,7 +219,7 @@ def test_user_management(client, accounts, db, clock):
     )
     assert added.status_code == 303 and "User brown added as radiologist." in client.get(added.headers["location"]).text
     users = Users(db, clock)
-    assert users.authenticate("brown", PASSWORD).display_name == "Brown^Ann"  # type: ignore[union-attr]
+    assert users.authenticate("brown", PASSWORD).display_name == "Brown^Ann"
     (event,) = events(db, "user.added")[-1:]
     assert (event.actor, event.object_id, event.details["role"]) == ("user:root", "brown", "radiologist")
 

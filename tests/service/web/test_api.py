@@ -29,7 +29,7 @@ def two_drafts(db, clock, settings, listener, assembler, captioner, draft_id) ->
     return {"CT": draft_id, "MR": mr}
 
 
-def ids(response) -> list[int]:  # type: ignore[no-untyped-def]
+def ids(response) -> list[int]:
     assert response.status_code == 200, response.text
     return [d["draft_id"] for d in response.json()["drafts"]]
 

@@ -24,20 +24,20 @@ from tests.service.web.test_authorization import clone_draft
 
 
 @contextmanager
-def browser(app, address: str = "testclient") -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+def browser(app, address: str = "testclient") -> Iterator[TestClient]:
     """A client of its own (its own cookies), calling from ``address``."""
     with TestClient(app, base_url="https://testserver", follow_redirects=False, client=(address, 50000)) as c:
         yield c
 
 
-def attempt(client: TestClient, username: str, password: str = PASSWORD, next: str = "/"):  # type: ignore[no-untyped-def]
+def attempt(client: TestClient, username: str, password: str = PASSWORD, next: str = "/"):
     """Fill in and send the sign-in form (fetching the form first, as a browser does)."""
     page = client.get("/login")
     token = re.search(r'name="login_csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
     return client.post("/login", data={"username": username, "password": password, "login_csrf": token, "next": next})
 
 
-def set_cookies(response) -> dict[str, dict[str, str | bool]]:  # type: ignore[no-untyped-def]
+def set_cookies(response) -> dict[str, dict[str, str | bool]]:
     """The Set-Cookie headers of a response, parsed: name → {value, attributes (lower case)}."""
     found: dict[str, dict[str, str | bool]] = {}
     for header in response.headers.get_list("set-cookie"):
@@ -51,7 +51,7 @@ def set_cookies(response) -> dict[str, dict[str, str | bool]]:  # type: ignore[n
     return found
 
 
-def events(db, action: str) -> list[AuditEvent]:  # type: ignore[no-untyped-def]
+def events(db, action: str) -> list[AuditEvent]:
     with db.session() as s:
         return list(s.scalars(select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.id)))
 
@@ -144,7 +144,7 @@ def test_a_password_reset_ends_existing_sessions(app, accounts, db, clock):
 
 
 @pytest.fixture
-def strict_app(make_settings, db, clock):  # type: ignore[no-untyped-def]
+def strict_app(make_settings, db, clock):
     """The app with MEDCAP_LOGIN_MAX_FAILURES=3."""
     return create_app(make_settings(login_max_failures=3), db, clock)
 
@@ -199,7 +199,7 @@ def test_cookie_flags(app, accounts, settings):
         form = c.get("/login")
         login_cookie = set_cookies(form)[LOGIN_CSRF_COOKIE]
         assert login_cookie["secure"] is True and login_cookie["httponly"] is True and login_cookie["samesite"].lower() == "strict"
-        token = re.search(r'name="login_csrf" value="([^"]+)"', form.text).group(1)  # type: ignore[union-attr]
+        token = re.search(r'name="login_csrf" value="([^"]+)"', form.text).group(1)
         assert login_cookie["value"] == token  # double submit: the form field must match the cookie
         response = c.post("/login", data={"username": "smith", "password": PASSWORD, "login_csrf": token, "next": "/"})
         cookies = set_cookies(response)
@@ -216,7 +216,7 @@ def test_cookie_flags(app, accounts, settings):
 def test_the_login_form_needs_its_csrf_cookie(app, accounts, db):
     with browser(app) as c:
         page = c.get("/login")
-        token = re.search(r'name="login_csrf" value="([^"]+)"', page.text).group(1)  # type: ignore[union-attr]
+        token = re.search(r'name="login_csrf" value="([^"]+)"', page.text).group(1)
         for label, field, cookie in (("no field", "", token), ("wrong field", "forged", token), ("no cookie", token, None)):
             c.cookies.clear()
             if cookie:

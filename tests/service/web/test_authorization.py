@@ -313,7 +313,7 @@ def clone_draft(db: Any, draft_id: int) -> int:
 
 
 @pytest.fixture
-def world(app, db, accounts, draft_id) -> Iterator[World]:  # type: ignore[no-untyped-def]
+def world(app, db, accounts, draft_id) -> Iterator[World]:
     with db.session() as s:
         draft = s.scalars(select(Draft).where(Draft.sr_document_id == draft_id)).first()
         key_image, series_uid = draft.key_images[0]["sop_instance_uid"], draft.series_uid
