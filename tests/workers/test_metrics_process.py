@@ -110,6 +110,8 @@ def test_serve_serves_its_workers_task_metrics_on_its_own_port(make_settings, tm
             return (
                 value(m, "medcap_worker_tasks_total", task="medcap.caption_study", outcome="succeeded") == 1
                 and value(m, "medcap_worker_tasks_total", task="medcap.send_report", outcome="delivered") == 1
+                # one scrape reads the database before the workers' counters: wait for a snapshot after the delivery
+                and value(m, "medcap_pipeline_seconds_count") == 1
             )
 
         m = scraped(serve, port, done)
