@@ -10,18 +10,13 @@ version cannot be approved.
 from __future__ import annotations
 
 import enum
-import hashlib
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
-import pydicom
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from dicom_io.atomic import write_atomic
 from dicom_io.sr import SeriesFinding, Verification, read_findings, read_impression, write_verified_sr
 from service import audit
 from service import dispatch_lifecycle as dispatches
@@ -31,6 +26,7 @@ from service.clock import Clock
 from service.database import Database
 from service.outputs import OutputKinds
 from service.schema import Decision, Draft, Review, SRDocument, SRKind, Study, StudyVersion
+from service.storage import Storage
 from service.users import Account
 
 
@@ -83,14 +79,14 @@ class Reviews:
         db: Database,
         clock: Clock,
         *,
-        reports_dir: Path,
+        storage: Storage,
         destinations: Sequence[str],
         organization: str,
         outputs: OutputKinds | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
-        self.reports_dir = reports_dir
+        self.storage = storage
         self.outputs = outputs or output_kinds.default()  # each destination gets its kind's output of the verified report
         self.destinations = tuple(destinations)
         for destination in self.destinations:
@@ -113,7 +109,7 @@ class Reviews:
             review = s.scalar(select(Review).where(Review.draft_sr_id == doc.id))
             verified_uid = s.scalar(select(SRDocument.sop_instance_uid).where(SRDocument.id == review.verified_sr_id)) if review else None
         first = drafts[0] if drafts else None
-        sr = pydicom.dcmread(doc.path)
+        sr = self.storage.read_dataset(doc.path)
         return DraftView(
             doc.id,
             doc.sop_instance_uid,
@@ -156,7 +152,7 @@ class Reviews:
         if reviewer.is_admin:
             raise ReviewError("only radiologists sign reports")
         doc, study_uid = self._decidable(draft_id)
-        draft = pydicom.dcmread(doc.path)
+        draft = self.storage.read_dataset(doc.path)
         draft_findings = read_findings(draft)
         draft_impression = read_impression(draft)
         finals = _final_findings(draft_findings, findings or {})
@@ -166,11 +162,7 @@ class Reviews:
         now = self.clock.now()
         verification = Verification(reviewer.display_name, self.organization, now)
         sr = write_verified_sr(draft, verification, findings=finals, impression=final_impression)
-        buffer = io.BytesIO()
-        sr.save_as(buffer, enforce_file_format=True)
-        data = buffer.getvalue()
-        path = self.reports_dir / study_uid / f"{sr.SOPInstanceUID}.dcm"
-        write_atomic(path, data)
+        stored = self.storage.write_report(study_uid, sr)
         pairs = [(d.text, f.text) for d, f in zip(draft_findings, finals, strict=True)] + [(draft_impression, final_impression)]
         distance = sum(edit_distance(a, b) for a, b in pairs)
         actor = audit.web_actor(reviewer.username)
@@ -187,8 +179,8 @@ class Reviews:
                     series_uid=str(sr.SeriesInstanceUID),
                     completion_flag=str(sr.CompletionFlag),
                     verification_flag=str(sr.VerificationFlag),
-                    path=str(path),
-                    sha256=hashlib.sha256(data).hexdigest(),
+                    path=str(stored.path),
+                    sha256=stored.sha256,
                     created_at=now,
                     created_by=actor,
                 )
@@ -227,7 +219,7 @@ class Reviews:
                 )
                 dispatches.create_all(s, now, actor, verified, study_uid, self.destinations, self.outputs)
         except IntegrityError:
-            path.unlink(missing_ok=True)
+            self.storage.delete(stored.path)
             self._conflict(doc, study_uid, reviewer, address)
         return str(sr.SOPInstanceUID)
 
