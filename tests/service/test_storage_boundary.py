@@ -87,6 +87,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("service/reports.py", "exists"): "SQL EXISTS",
     ("service/worklist.py", "exists"): "SQL EXISTS",
     ("workers/drafting.py", "prepare_series"): "reads the paths Storage.existing_all checked",
+    ("service/outputs/__init__.py", "Path"): "an output's recorded path as its artefact; DicomSR.send opens it through Storage",
+    ("service/outputs/dicom_sr.py", "Path"): "the report's recorded path as its artefact; send opens it through Storage",
+    ("service/outputs/kind.py", "Path"): "Artefact takes its recorded path as text or Path",
 }
 
 
