@@ -138,6 +138,7 @@ class InferenceBench:
         from dicom_io.sr import AlgorithmInfo
         from models.captioner import Captioner
         from service.clock import SystemClock
+        from service.storage import Storage
         from workers.drafting import Drafter, DraftOptions
 
         self.args = args
@@ -146,8 +147,10 @@ class InferenceBench:
         self.captioner = Captioner.load(model_dir, "cpu")
         self.captioner.warm_up()
         self.spec = KeySliceSpec(strategy=args.key_slice_strategy, n=args.key_slices)
-        self.reports = scratch / "sr"
-        options = DraftOptions(args.preset, self.spec, args.batch_size, (), self.reports)
+        # The worker's data dir: the study copies (inputs/) lie under it, the SRs go to its reports/.
+        self.storage = Storage(scratch)
+        self.reports = self.storage.reports_dir
+        options = DraftOptions(args.preset, self.spec, args.batch_size, (), self.storage)
         self.drafter = Drafter(None, SystemClock(), self.captioner, options, "benchmark")  # type: ignore[arg-type]
         identity = self.captioner.identity
         self.algorithm = AlgorithmInfo(identity.name, identity.version, identity.weights_sha256, args.preset)

@@ -254,7 +254,7 @@ def require_model(settings: Settings) -> None:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     require_model(settings)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.storage.prepare()
     db = open_database(settings, upgrade=True)
     worker_env = {**os.environ, **start_metrics(settings, children=True)}  # the workers' metrics are served here
     stop = _stop_on_signals()
@@ -556,7 +556,9 @@ def cmd_export_feedback(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandError(f"--since {args.since!r}: give a day as YYYY-MM-DD") from None
     if args.out.exists() and not args.out.is_dir():
         raise CommandError(f"--out {args.out}: not a folder")
-    result = export_feedback(open_database(settings), SystemClock(), args.out, actor=audit.cli_actor(getpass.getuser()), since=since)
+    result = export_feedback(
+        open_database(settings), settings.storage, SystemClock(), args.out, actor=audit.cli_actor(getpass.getuser()), since=since
+    )
     for why in result.skipped:
         print(f"skipped {why}", file=sys.stderr)
     print(f"{result.images} key image(s) from {result.reports} approved report(s) written to {result.table}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,12 +24,13 @@ from sqlalchemy import select
 
 from dicom_io.atomic import write_atomic
 from dicom_io.render import render_png
-from dicom_io.series import Series, read_series
+from dicom_io.series import Series
 from service import audit
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
 from service.schema import Decision, Draft, Instance, Review, SeriesRecord, SRDocument
+from service.storage import Storage
 
 TABLE = "table.csv"
 IMAGES = "images"
@@ -47,7 +47,9 @@ class FeedbackExport:
     skipped: list[str] = field(default_factory=list)  # key images that could not be rendered, and why
 
 
-def export_feedback(db: Database, clock: Clock, out: Path, *, actor: str, since: datetime | None = None) -> FeedbackExport:
+def export_feedback(
+    db: Database, storage: Storage, clock: Clock, out: Path, *, actor: str, since: datetime | None = None
+) -> FeedbackExport:
     """Write ``out/table.csv`` and ``out/images/*.png`` for the reports approved at or after ``since`` (all if None)."""
     out = Path(out)
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,7 @@ def export_feedback(db: Database, clock: Clock, out: Path, *, actor: str, since:
             for k_index, key in enumerate(draft.key_images, 1):
                 name = f"r{review_id:06d}-s{s_index}-k{k_index}"
                 series_id = instances.get(key["sop_instance_uid"])
-                series = _series(db, series_id, draft.series_uid, loaded) if series_id is not None else None
+                series = _series(db, storage, series_id, draft.series_uid, loaded) if series_id is not None else None
                 if series is None:
                     skipped.append(f"{name}: the key image's DICOM file is no longer stored")
                     continue
@@ -135,7 +137,7 @@ def export_feedback(db: Database, clock: Clock, out: Path, *, actor: str, since:
     return FeedbackExport(table, reports, len(rows), skipped)
 
 
-def _series(db: Database, series_id: int, series_uid: str, loaded: dict[int, Series | None]) -> Series | None:
+def _series(db: Database, storage: Storage, series_id: int, series_uid: str, loaded: dict[int, Series | None]) -> Series | None:
     """The stored series (its headers read once for all its key images); None when its files are gone."""
     if series_id not in loaded:
         with db.session() as s:
@@ -143,6 +145,5 @@ def _series(db: Database, series_id: int, series_uid: str, loaded: dict[int, Ser
                 s.scalars(select(Instance.path).where(Instance.series_id == series_id, Instance.captionable).order_by(Instance.path))
             )
             uid = s.scalar(select(SeriesRecord.series_uid).where(SeriesRecord.id == series_id)) or series_uid
-        present = [Path(p) for p in paths if os.path.isfile(p)]
-        loaded[series_id] = next((x for x in read_series(present) if x.series_uid == uid), None) if present else None
+        loaded[series_id] = next((x for x in storage.read_series(paths, skip_missing=True) if x.series_uid == uid), None)
     return loaded[series_id]

@@ -26,8 +26,8 @@ from service import audit
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database, insert_ignoring_conflicts
-from service.instance_store import InstanceStore
 from service.schema import Association, AssociationOutcome, Instance, SeriesRecord, Study
+from service.storage import Storage
 
 LOG = logging.getLogger(__name__)
 SUCCESS = 0x0000
@@ -54,7 +54,7 @@ class OpenAssociation:
 
 
 class Ingest:
-    def __init__(self, db: Database, store: InstanceStore, clock: Clock, listener_name: str) -> None:
+    def __init__(self, db: Database, store: Storage, clock: Clock, listener_name: str) -> None:
         self.db = db
         self.store = store
         self.clock = clock
@@ -188,8 +188,8 @@ class Ingest:
         transaction that checks for an earlier copy and records the instance.
         """
         sha256 = instance.sha256
-        path = self.store.path_for(header, sha256)
-        fresh_file = not path.exists()  # exists: a re-send, or a crash after write, before commit
+        path = self.store.instance_path(header, sha256)
+        fresh_file = not self.store.exists(path)  # exists: a re-send, or a crash after write, before commit
         if fresh_file:
             if not self.store.has_room(instance.size):
                 return self._fail(assoc, instance, STATUS_OUT_OF_RESOURCES, "free disk below the reserve", keep=False)
@@ -236,7 +236,7 @@ class Ingest:
             return
         try:
             if self._stored_as(sop_instance_uid) != sha256:
-                path.unlink(missing_ok=True)
+                self.store.delete(path)
         except Exception:
             LOG.warning("cannot check %s; leaving the file in place", path)
 

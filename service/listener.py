@@ -27,9 +27,9 @@ from dicom_io.sop_classes import ACCEPTED, TRANSFER_SYNTAXES
 from service.clock import Clock, SystemClock
 from service.database import Database
 from service.ingest import Ingest, OpenAssociation
-from service.instance_store import MB, InstanceStore
 from service.schema import AssociationOutcome
 from service.settings import Settings
+from service.storage import MB
 
 LOG = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class Listener:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.name = name or f"{socket.gethostname()}:{settings.dicom_port}"
-        store = InstanceStore(settings.instances_dir, settings.quarantine_dir, settings.min_free_disk_mb * MB)
+        store = settings.storage
+        store.prepare()
         self.ingest = Ingest(db, store, self.clock, self.name)
         self._open: dict[int, OpenAssociation] = {}
         self._refused: set[int] = set()

@@ -10,18 +10,13 @@ version cannot be approved.
 from __future__ import annotations
 
 import enum
-import hashlib
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
-import pydicom
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from dicom_io.atomic import write_atomic
 from dicom_io.sr import SeriesFinding, Verification, read_findings, read_impression, write_verified_sr
 from service import audit
 from service import dispatch_lifecycle as dispatches
@@ -31,6 +26,7 @@ from service.clock import Clock
 from service.database import Database
 from service.outputs import OutputKinds
 from service.schema import Decision, Draft, Review, SRDocument, SRKind, Study, StudyVersion
+from service.storage import Storage
 from service.users import Account
 
 
@@ -83,14 +79,14 @@ class Reviews:
         db: Database,
         clock: Clock,
         *,
-        reports_dir: Path,
+        storage: Storage,
         destinations: Sequence[str],
         organization: str,
         outputs: OutputKinds | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
-        self.reports_dir = reports_dir
+        self.storage = storage
         self.outputs = outputs or output_kinds.default()  # each destination gets its kind's output of the verified report
         self.destinations = tuple(destinations)
         for destination in self.destinations:
@@ -145,7 +141,7 @@ class Reviews:
 
     def _stored_impression(self, doc: SRDocument) -> str:
         """A draft written before migration 0007: its impression from the file, kept for later views."""
-        impression = read_impression(pydicom.dcmread(doc.path))
+        impression = read_impression(self.storage.read_dataset(doc.path))
         with self.db.session() as s:
             s.execute(update(SRDocument).where(SRDocument.id == doc.id, SRDocument.impression.is_(None)).values(impression=impression))
         return impression
@@ -163,7 +159,7 @@ class Reviews:
         if reviewer.is_admin:
             raise ReviewError("only radiologists sign reports")
         doc, study_uid = self._decidable(draft_id)
-        draft = pydicom.dcmread(doc.path)
+        draft = self.storage.read_dataset(doc.path)
         draft_findings = read_findings(draft)
         draft_impression = read_impression(draft)
         finals = _final_findings(draft_findings, findings or {})
@@ -173,11 +169,7 @@ class Reviews:
         now = self.clock.now()
         verification = Verification(reviewer.display_name, self.organization, now)
         sr = write_verified_sr(draft, verification, findings=finals, impression=final_impression)
-        buffer = io.BytesIO()
-        sr.save_as(buffer, enforce_file_format=True)
-        data = buffer.getvalue()
-        path = self.reports_dir / study_uid / f"{sr.SOPInstanceUID}.dcm"
-        write_atomic(path, data)
+        stored = self.storage.write_report(study_uid, sr)
         pairs = [(d.text, f.text) for d, f in zip(draft_findings, finals, strict=True)] + [(draft_impression, final_impression)]
         distance = sum(edit_distance(a, b) for a, b in pairs)
         actor = audit.web_actor(reviewer.username)
@@ -194,8 +186,8 @@ class Reviews:
                     series_uid=str(sr.SeriesInstanceUID),
                     completion_flag=str(sr.CompletionFlag),
                     verification_flag=str(sr.VerificationFlag),
-                    path=str(path),
-                    sha256=hashlib.sha256(data).hexdigest(),
+                    path=str(stored.path),
+                    sha256=stored.sha256,
                     created_at=now,
                     created_by=actor,
                     impression=final_impression,
@@ -235,7 +227,7 @@ class Reviews:
                 )
                 dispatches.create_all(s, now, actor, verified, study_uid, self.destinations, self.outputs)
         except IntegrityError:
-            path.unlink(missing_ok=True)
+            self.storage.delete(stored.path)
             self._conflict(doc, study_uid, reviewer, address)
         return str(sr.SOPInstanceUID)
 

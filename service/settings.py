@@ -26,6 +26,7 @@ from pydantic_settings import (
 
 from dicom_io.ae_title import validate_ae_title
 from dicom_io.store_scu import ClientTLS, Destination, parse_destinations
+from service.storage import MB, Storage, StorageError
 
 ENV_PREFIX = "MEDCAP_"
 TEST_PREFIX = "MEDCAP_TEST_"  # reserved for the test suite's own variables
@@ -196,6 +197,10 @@ class Settings(BaseSettings):
         if self.retry_max_seconds < self.retry_base_seconds:
             raise ValueError("retry_max_seconds must be at least retry_base_seconds")
         self.destination_list  # noqa: B018 -- parse now, so a bad destination or TLS file stops start-up
+        try:
+            self.storage  # noqa: B018 -- a data_dir that is a file stops start-up
+        except StorageError as exc:
+            raise ValueError(f"data_dir: {exc}") from None
         if self.model is not None and not (self.model / "config.json").is_file():
             raise ValueError(f"model: {self.model} is not a MedCap checkpoint directory (no config.json)")
         return self
@@ -236,10 +241,6 @@ class Settings(BaseSettings):
         """A send takes at most a few network timeouts (connect, associate, store, release)."""
         return max(60.0, 5 * self.dispatch_timeout_seconds)
 
-    @property
-    def reports_dir(self) -> Path:
-        return self.data_dir / "reports"
-
     def retry_delay(self, attempts: int) -> float:
         """Exponential backoff after ``attempts`` failed attempts (1, 2, …)."""
         return float(min(self.retry_max_seconds, self.retry_base_seconds * 2 ** max(0, attempts - 1)))
@@ -249,12 +250,9 @@ class Settings(BaseSettings):
         return self.tls_cert_file is not None
 
     @property
-    def instances_dir(self) -> Path:
-        return self.data_dir / "instances"
-
-    @property
-    def quarantine_dir(self) -> Path:
-        return self.data_dir / "quarantine"
+    def storage(self) -> Storage:
+        """The data directory's files (instances, reports, quarantine): built and opened only there."""
+        return Storage(self.data_dir, min_free_bytes=self.min_free_disk_mb * MB)
 
     @classmethod
     def settings_customise_sources(

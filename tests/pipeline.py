@@ -15,9 +15,7 @@ MR = series_files("mr-t1-brain-uih")[:6]
 
 
 def make_drafter(db, clock, model, settings, destinations=("ORTHANC@127.0.0.1:4242",), actor="worker:test") -> Drafter:
-    options = DraftOptions(
-        key_slices=KeySliceSpec(strategy="uniform", n=3), destinations=tuple(destinations), reports_dir=settings.reports_dir
-    )
+    options = DraftOptions(key_slices=KeySliceSpec(strategy="uniform", n=3), destinations=tuple(destinations), storage=settings.storage)
     return Drafter(db, clock, model, options, actor)
 
 

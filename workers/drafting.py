@@ -9,8 +9,6 @@ and the unique idempotency key plus the conditional job update let exactly one t
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import unicodedata
 from collections.abc import Sequence
@@ -23,7 +21,6 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from dicom_io.atomic import write_atomic
 from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import SeriesInput, prepare_series
 from dicom_io.sr import AlgorithmInfo, SeriesFinding, read_impression, write_draft_sr
@@ -45,6 +42,7 @@ from service.schema import (
     Study,
     StudyVersion,
 )
+from service.storage import Storage, StorageError
 
 LOG = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ class DraftOptions:
     key_slices: KeySliceSpec = KeySliceSpec()
     batch_size: int = 8
     destinations: tuple[str, ...] = ()
-    reports_dir: Path = Path("medcap-data/reports")
+    storage: Storage = field(default_factory=lambda: Storage("medcap-data"))  # the data dir (settings.storage)
     # Each destination gets the output of its kind (service/outputs): the SR over C-STORE by default.
     outputs: OutputKinds = field(default_factory=output_kinds.default)
 
@@ -74,7 +72,7 @@ class DraftSource:
     study_uid: str
     version_id: int
     version_number: int
-    instances: dict[str, tuple[str, Path]]  # sop_instance_uid -> (sop_class_uid, path), captionable only
+    instances: dict[str, tuple[str, str]]  # sop_instance_uid -> (sop_class_uid, recorded path), captionable only
 
 
 class Drafter:
@@ -118,7 +116,7 @@ class Drafter:
         try:
             return self._commit(job_id, source, key, sr, path, digest, series, texts, captions, inferred_at)
         except BaseException:
-            path.unlink(missing_ok=True)  # not recorded, so never sent: remove the orphan
+            self.options.storage.delete(path)  # not recorded, so never sent: remove the orphan
             raise
 
     # -- steps -----------------------------------------------------------------------------
@@ -136,17 +134,17 @@ class Drafter:
                     Instance.study_id == row[0], Instance.captionable, Instance.version_number <= row[3]
                 )
             ).all()
-        return DraftSource(row[0], row[1], row[2], row[3], {uid: (cls, Path(path)) for uid, cls, path in instances})
+        return DraftSource(row[0], row[1], row[2], row[3], {uid: (cls, path) for uid, cls, path in instances})
 
     def _already_written(self, key: str) -> bool:
         with self.db.session() as s:
             return s.scalar(select(SRDocument.id).where(SRDocument.idempotency_key == key)) is not None
 
     def _prepare(self, source: DraftSource) -> list[SeriesInput]:
-        paths = [path for _, path in source.instances.values()]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise PermanentJobError(f"{len(missing)} stored instance file(s) are missing, e.g. {missing[0]}")
+        try:
+            paths = self.options.storage.existing_all(path for _, path in source.instances.values())
+        except StorageError as exc:  # missing, or recorded outside the data dir
+            raise PermanentJobError(str(exc)) from exc
         try:
             return prepare_series(paths, key_slices=self.options.key_slices, views=self.model.views) if paths else []
         except (ValueError, pydicom.errors.InvalidDicomError) as exc:
@@ -167,12 +165,11 @@ class Drafter:
         return texts, captions
 
     def _store(self, sr: Dataset, study_uid: str) -> tuple[Path, str]:
-        buffer = io.BytesIO()
-        sr.save_as(buffer, enforce_file_format=True)
-        data = buffer.getvalue()
-        path = self.options.reports_dir / study_uid / f"{sr.SOPInstanceUID}.dcm"
-        write_atomic(path, data)
-        return path, hashlib.sha256(data).hexdigest()
+        try:
+            stored = self.options.storage.write_report(study_uid, sr)
+        except StorageError as exc:  # a study UID no file name may hold
+            raise PermanentJobError(f"cannot store the draft SR: {exc}") from exc
+        return stored.path, stored.sha256
 
     def _commit(
         self,

@@ -119,7 +119,7 @@ def caption_study(job_id: int) -> str:
             key_slices=KeySliceSpec(strategy=settings.key_slice_strategy, n=settings.key_slices),  # type: ignore[arg-type]
             batch_size=settings.caption_batch_size,
             destinations=tuple(str(d) for d in settings.destination_list),
-            reports_dir=settings.reports_dir,
+            storage=settings.storage,
             outputs=outputs.configured(settings),
         )
         return Drafter(db, SystemClock(), caption_model(settings), options, _actor(), owner=runner.owner).draft(claimed_job_id)

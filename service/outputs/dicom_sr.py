@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from dicom_io.store_scu import Destination, DispatchResult, send
 from service.outputs.kind import Artefact, Delivery, OutputKind
 from service.schema import SRDocument
+from service.storage import Storage, StorageError
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -20,9 +21,12 @@ class DicomSR(OutputKind):
     name = "dicom-sr"
     media_type = "application/dicom"
 
-    def __init__(self, resolve: Callable[[str], Destination] = Destination.parse, sender: Sender = send) -> None:
+    def __init__(
+        self, resolve: Callable[[str], Destination] = Destination.parse, sender: Sender = send, *, storage: Storage | None = None
+    ) -> None:
         self.resolve = resolve  # a stored destination string -> a Destination with today's TLS settings
         self.sender = sender
+        self.storage = storage or Storage("medcap-data")  # where the SR files are read from: the settings' data dir
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DicomSR:
@@ -31,6 +35,7 @@ class DicomSR(OutputKind):
             lambda destination, paths: send(
                 destination, paths, calling_ae=settings.dicom_ae_title, timeout=settings.dispatch_timeout_seconds
             ),
+            storage=settings.storage,
         )
 
     def accepts(self, destination: str) -> bool:
@@ -48,9 +53,11 @@ class DicomSR(OutputKind):
             peer = self.resolve(destination)
         except ValueError as exc:  # a destination no longer parseable, TLS files gone
             return Delivery(delivered=False, retryable=False, summary=str(exc))
-        if not artefact.path.is_file():
-            return Delivery(delivered=False, retryable=False, summary=f"the SR file {artefact.path} is missing")
-        result = self.sender(peer, [artefact.path])
+        try:
+            path = self.storage.existing(artefact.path, "SR file")
+        except StorageError as exc:  # missing, or recorded outside the data dir
+            return Delivery(delivered=False, retryable=False, summary=str(exc))
+        result = self.sender(peer, [path])
         items = tuple(
             {"sop_instance_uid": o.sop_instance_uid, "status": o.status, "category": str(o.category), "error": o.error}
             for o in result.outcomes

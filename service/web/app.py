@@ -54,7 +54,7 @@ def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> 
         Reviews(
             db,
             clock,
-            reports_dir=settings.reports_dir,
+            storage=settings.storage,
             destinations=[str(d) for d in settings.destination_list],
             organization=settings.verifier_organization,
             outputs=outputs.configured(settings),

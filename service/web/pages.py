@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 from datetime import date
 from functools import lru_cache
-from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
@@ -14,10 +13,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 
 from dicom_io.render import VIEW_WINDOWS, render_png
-from dicom_io.series import Series, read_series
+from dicom_io.series import Series
 from service.audit import Action
 from service.review import ReviewConflict, ReviewError, ReviewState
 from service.schema import Instance, SeriesRecord, SRDocument
+from service.storage import Storage
 from service.web.auth import COOKIE, LoginThrottled
 from service.web.context import TEMPLATES, Anyone, Context, Radiologist, audit_event, client_address, require_csrf
 from service.worklist import WorklistFilter, list_drafts
@@ -231,16 +231,16 @@ def key_image(
         )
         series_uid = s.scalar(select(SeriesRecord.series_uid).where(SeriesRecord.id == row.series_id))
     try:
-        png = render_png(_series(paths, series_uid), sop_instance_uid, frame=frame, window=window)
+        png = render_png(_series(ctx.settings.storage, paths, series_uid), sop_instance_uid, frame=frame, window=window)
     except (KeyError, ValueError) as exc:
         return Response(str(exc), status_code=404 if isinstance(exc, KeyError) else 400, media_type="text/plain")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
 
 @lru_cache(maxsize=8)
-def _series(paths: tuple[str, ...], series_uid: str | None) -> Series:
+def _series(storage: Storage, paths: tuple[str, ...], series_uid: str | None) -> Series:
     # Headers of a series are read once for all its key images; pixel data is read per slice.
-    for series in read_series([Path(p) for p in paths]):
+    for series in storage.read_series(paths):
         if series.series_uid == series_uid:
             return series
     raise KeyError(f"series {series_uid} cannot be loaded")

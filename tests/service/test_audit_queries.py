@@ -31,7 +31,7 @@ DESTINATION = "PACS@127.0.0.1:11112"
 
 @pytest.fixture
 def reviews(db, clock, settings) -> Reviews:
-    return Reviews(db, clock, reports_dir=settings.reports_dir, destinations=[DESTINATION], organization="General Hospital")
+    return Reviews(db, clock, storage=settings.storage, destinations=[DESTINATION], organization="General Hospital")
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ EDITED = 'Edited by the radiologist: no acute intracranial abnormality, comma, a
 
 @pytest.fixture
 def reviews(db, clock, settings) -> Reviews:
-    return Reviews(db, clock, reports_dir=settings.reports_dir, destinations=[], organization="General Hospital")
+    return Reviews(db, clock, storage=settings.storage, destinations=[], organization="General Hospital")
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_an_edited_approval_becomes_training_data(db, clock, settings, reviews, 
     reviews.approve(draft_id, smith, findings={series_uid: EDITED}, impression="Normal.")
 
     out = tmp_path / "feedback"
-    result = export_feedback(db, clock, out, actor="cli:test")
+    result = export_feedback(db, settings.storage, clock, out, actor="cli:test")
     assert (result.images, result.reports, result.skipped) == (3, 1, [])
 
     records = read_table(out / TABLE, strict=True)
@@ -103,10 +103,10 @@ def test_only_approved_reports_since_the_date_are_exported(
     mr = draft_study(db, clock, settings, listener, assembler, captioner, MR)
     reviews.reject(mr, smith, "Wrong sequence.")
 
-    everything = read_table(export_feedback(db, clock, tmp_path / "all", actor="cli:test").table)
+    everything = read_table(export_feedback(db, settings.storage, clock, tmp_path / "all", actor="cli:test").table)
     assert {r.caption for r in everything} == {reviews.view(draft_id).series[0]["text"]}  # unedited: the draft's text, now approved
     assert len(everything) == 3  # the rejected MR draft is not training data
-    later = export_feedback(db, clock, tmp_path / "later", actor="cli:test", since=datetime(2026, 1, 2, tzinfo=UTC))
+    later = export_feedback(db, settings.storage, clock, tmp_path / "later", actor="cli:test", since=datetime(2026, 1, 2, tzinfo=UTC))
     assert (later.images, read_table(later.table)) == (0, [])
     with (tmp_path / "later" / TABLE).open() as handle:
         assert next(csv.reader(handle))[:3] == ["image", "caption", "split"]
@@ -142,11 +142,11 @@ def test_export_feedback_command(db, clock, settings, reviews, smith, draft_id, 
 
 
 @pytest.mark.peers
-def test_a_key_image_whose_file_is_gone_is_skipped_and_said(db, clock, reviews, smith, draft_id, tmp_path):
+def test_a_key_image_whose_file_is_gone_is_skipped_and_said(db, clock, settings, reviews, smith, draft_id, tmp_path):
     key = reviews.view(draft_id).series[0]["key_images"][0]["sop_instance_uid"]
     reviews.approve(draft_id, smith)
     os.unlink(instance_path(db, key))
-    result = export_feedback(db, clock, tmp_path / "out", actor="cli:test")
+    result = export_feedback(db, settings.storage, clock, tmp_path / "out", actor="cli:test")
     assert result.images == 2 and len(result.skipped) == 1 and re.match(r"r\d{6}-s1-k1: ", result.skipped[0])
     assert len(read_table(result.table, strict=True)) == 2
     assert np.isfinite(load_image(read_table(result.table)[0].image_path)).all()

@@ -56,7 +56,7 @@ def test_receives_a_ct_series_and_records_everything(db, listener, settings):
         assert inst.captionable and inst.version_number is None
         # The stored file is the DICOM file as sent: it parses and carries the same UID.
         assert pydicom.dcmread(inst.path, stop_before_pixels=True).SOPInstanceUID == inst.sop_instance_uid
-    assert not list(settings.instances_dir.rglob("*.tmp"))
+    assert not list(settings.storage.instances_dir.rglob("*.tmp"))
     assert actions(db) == ["association.accepted", "study.receiving", "association.ended"]
 
 
@@ -66,7 +66,7 @@ def test_resent_study_is_idempotent(db, listener, settings):
     assert storescu(listener, files).returncode == 0
     assert storescu(listener, files).returncode == 0, "a re-sent instance must get Success"
     assert count(db, Instance) == 10
-    assert len(list(settings.instances_dir.rglob("*.dcm"))) == 10
+    assert len(list(settings.storage.instances_dir.rglob("*.dcm"))) == 10
     with db.session() as s:
         second = s.scalars(select(Association).order_by(Association.id.desc())).first()
     assert second.instances_duplicate == 10 and second.instances_received == 0
@@ -86,7 +86,7 @@ def test_changed_content_under_a_known_uid_is_kept_and_audited(db, listener, set
         replaced = s.scalars(select(AuditEvent).where(AuditEvent.action == "instance.replaced")).one()
     assert inst.sha256 == hashlib.sha256(Path(inst.path).read_bytes()).hexdigest()
     assert replaced.details["old_sha256"] != replaced.details["new_sha256"] == inst.sha256
-    assert len(list(settings.instances_dir.rglob("*.dcm"))) == 2, "the first payload is kept, not overwritten"
+    assert len(list(settings.storage.instances_dir.rglob("*.dcm"))) == 2, "the first payload is kept, not overwritten"
 
 
 @pytest.mark.peers
@@ -170,7 +170,7 @@ def test_association_refused_below_disk_reserve(db, start_listener, make_setting
     result = storescu(listener, series_files(CT)[:3])
     assert result.returncode != 0
     assert count(db, Instance) == 0
-    assert not any(p.is_file() for p in settings.instances_dir.rglob("*"))
+    assert not any(p.is_file() for p in settings.storage.instances_dir.rglob("*"))
     with db.session() as s:
         assoc = s.scalars(select(Association)).one()
     assert assoc.outcome == "rejected" and "below the reserve" in assoc.reason
@@ -189,7 +189,7 @@ def test_disk_filling_mid_association_fails_cleanly(db, start_listener, make_set
     assert len(stored) + len(failures) == len(files)
     assert all(f.details["status"] == "0xA700" for f in failures)
     # Every stored file is whole and has its row; no temporary or orphan files remain.
-    on_disk = {str(p) for p in settings.instances_dir.rglob("*") if p.is_file()}
+    on_disk = {str(p) for p in settings.storage.instances_dir.rglob("*") if p.is_file()}
     assert on_disk == {i.path for i in stored}
     for inst in stored:
         assert hashlib.sha256(Path(inst.path).read_bytes()).hexdigest() == inst.sha256

@@ -159,7 +159,7 @@ def test_pushing_the_same_study_twice_adds_no_rows(db, orthanc, pacs_studies, or
     assert count(db, Instance) == len(ct.files)
     assert count(db, Study) == 1 and count(db, SeriesRecord) == 1
     assert count(db, StudyVersion) == 1 and count(db, Job) == 1 and len(publisher.published) == 1
-    assert len([p for p in settings.instances_dir.rglob("*") if p.is_file()]) == len(ct.files)
+    assert len([p for p in settings.storage.instances_dir.rglob("*") if p.is_file()]) == len(ct.files)
     with db.session() as s:
         second = s.scalars(select(Association).order_by(Association.id.desc())).first()
     assert second is not None and second.outcome == "released"
@@ -183,4 +183,4 @@ def test_orthanc_not_in_the_allow_list_is_refused(db, orthanc, pacs_studies, sta
     assert assoc.outcome == "rejected" and f"{ORTHANC_AET}@127.0.0.1" in assoc.reason
     assert event.actor == f"dicom:{ORTHANC_AET}@127.0.0.1" and event.object_id == str(assoc.id)
     assert count(db, Instance) == 0 and count(db, Study) == 0
-    assert not any(p.is_file() for p in listener.settings.instances_dir.rglob("*"))
+    assert not any(p.is_file() for p in listener.settings.storage.instances_dir.rglob("*"))

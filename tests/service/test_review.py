@@ -19,7 +19,7 @@ from tests.conftest import series_files, storescu
 
 @pytest.fixture
 def reviews(db, clock, settings) -> Reviews:
-    return Reviews(db, clock, reports_dir=settings.reports_dir, destinations=["ORTHANC@127.0.0.1:4242"], organization="General Hospital")
+    return Reviews(db, clock, storage=settings.storage, destinations=["ORTHANC@127.0.0.1:4242"], organization="General Hospital")
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_two_radiologists_approving_at_once_make_one_sr_and_one_conflict(db, rev
     with db.session() as s:
         assert len(s.scalars(select(SRDocument).where(SRDocument.kind == "verified")).all()) == 1
         assert len(s.scalars(select(Review)).all()) == 1
-    files = {p.name for p in settings.reports_dir.rglob("*.dcm")}
+    files = {p.name for p in settings.storage.reports_dir.rglob("*.dcm")}
     assert len(files) == 2, "the draft and one verified SR; the loser's file is removed"
     with pytest.raises(ReviewConflict, match="already approved"):
         reviews.reject(draft_id, radiologists[1], "too late")

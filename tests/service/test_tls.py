@@ -120,7 +120,7 @@ def test_client_without_a_trusted_certificate_is_refused(db, tls_listener, pki, 
     if assoc.is_established:  # pragma: no cover - only on failure, to not leave it open
         assoc.abort()
     assert count(db, Association) == 0 and count(db, Instance) == 0
-    assert not any(p.is_file() for p in tls_listener.settings.instances_dir.rglob("*"))
+    assert not any(p.is_file() for p in tls_listener.settings.storage.instances_dir.rglob("*"))
 
 
 def test_plain_dicom_client_is_refused(db, tls_listener):

@@ -69,7 +69,7 @@ def dispatcher(db, clock, settings, max_attempts: int = 3) -> DispatchRunner:
         db,
         clock,
         "worker:test",
-        kinds=OutputKinds([DicomSR(settings.destination, lambda d, paths: send(d, paths, timeout=5))]),
+        kinds=OutputKinds([DicomSR(settings.destination, lambda d, paths: send(d, paths, timeout=5), storage=settings.storage)]),
         max_attempts=max_attempts,
         retry_delay=lambda n: 30.0 * n,
         stale_seconds=120,

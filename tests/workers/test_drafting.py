@@ -61,7 +61,7 @@ def test_a_redelivered_job_never_yields_a_second_sr(db, clock, settings, caption
     with db.session() as s:
         assert s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id)) is not None
         assert len(s.scalars(select(SRDocument)).all()) == 1
-    assert len(list(settings.reports_dir.rglob("*.dcm"))) == 1
+    assert len(list(settings.storage.reports_dir.rglob("*.dcm"))) == 1
 
 
 class RacingModel:
@@ -86,7 +86,7 @@ def test_two_workers_racing_on_one_job_commit_one_sr_and_leave_no_orphan_file(db
     with db.session() as s:
         (doc,) = s.scalars(select(SRDocument)).all()
         assert s.get(Job, job_id).worker == "worker:other"
-    assert [p.name for p in settings.reports_dir.rglob("*.dcm")] == [f"{doc.sop_instance_uid}.dcm"]
+    assert [p.name for p in settings.storage.reports_dir.rglob("*.dcm")] == [f"{doc.sop_instance_uid}.dcm"]
 
 
 @pytest.mark.peers
@@ -98,7 +98,7 @@ def test_a_job_superseded_while_it_ran_writes_no_sr(db, clock, settings, caption
         make_drafter(db, clock, captioner, settings).draft(job_id)
     with db.session() as s:
         assert s.scalars(select(SRDocument)).all() == []
-    assert list(settings.reports_dir.rglob("*.dcm")) == []
+    assert list(settings.storage.reports_dir.rglob("*.dcm")) == []
 
 
 @pytest.mark.peers
@@ -128,7 +128,7 @@ def test_every_key_image_of_a_study_goes_to_the_model_in_one_call_for_ct_and_mr(
 
 @pytest.mark.peers
 def test_missing_instance_files_fail_the_job_at_once_with_the_reason(db, clock, settings, captioner, job_id):
-    for f in settings.instances_dir.rglob("*.dcm"):
+    for f in settings.storage.instances_dir.rglob("*.dcm"):
         f.unlink()
     assert runner(db, clock).run(job_id, make_drafter(db, clock, captioner, settings).draft) == "failed"
     with db.session() as s:

@@ -210,7 +210,7 @@ def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and
         # a CI machine shared with a parallel test worker can take twice as long as alone: its bound is looser.
         assert taken_over < 15, "a crashed worker must cost seconds, not the redelivery timeout (900 s)"
         assert written < 45
-        assert len(list(settings.reports_dir.rglob("*.dcm"))) == 1
+        assert len(list(settings.storage.reports_dir.rglob("*.dcm"))) == 1
         db.dispose()
     finally:
         listen.stop()

@@ -14,6 +14,7 @@ from service import dispatch_lifecycle as dispatches
 from service import outputs
 from service.outputs import Artefact, Delivery, DicomSR, OutputKind, OutputKinds
 from service.schema import AuditEvent, Dispatch, DispatchAttempt, Output, SRDocument, Study, StudyVersion
+from service.storage import Storage
 from workers.dispatching import DispatchRunner
 
 PACS = "PACS@127.0.0.1:104"
@@ -162,8 +163,10 @@ def test_a_new_kind_is_built_once_dispatched_and_sent_by_the_same_lifecycle(db, 
 
 def test_the_sr_kind_fails_a_missing_file_and_an_unusable_destination_without_sending(tmp_path):
     sent: list[object] = []
-    kind = DicomSR(sender=lambda destination, paths: sent.append(paths))
+    kind = DicomSR(sender=lambda destination, paths: sent.append(paths), storage=Storage(tmp_path))
     artefact = Artefact(tmp_path / "gone.dcm", "application/dicom", "0" * 64)
     assert kind.send(artefact, PACS) == Delivery(False, False, f"the SR file {tmp_path / 'gone.dcm'} is missing")
     assert "must look like AE_TITLE@host:port" in kind.send(artefact, "nonsense").summary
+    elsewhere = Artefact(tmp_path.parent / "not-ours.dcm", "application/dicom", "0" * 64)  # a recorded path outside the data dir
+    assert "outside the data directory" in kind.send(elsewhere, PACS).summary
     assert sent == []

@@ -60,7 +60,7 @@ def test_only_admins_get_in(client, accounts):
 @pytest.mark.peers
 def test_failed_work_is_retried_and_resent_from_the_overview(client, accounts, db, clock, settings, listener, assembler, draft_id):
     # Real failed work: the approved draft's verified SR is refused on its way out; late images make a version whose job fails.
-    reviews = Reviews(db, clock, reports_dir=settings.reports_dir, destinations=[DESTINATION], organization="General Hospital")
+    reviews = Reviews(db, clock, storage=settings.storage, destinations=[DESTINATION], organization="General Hospital")
     reviews.approve(draft_id, accounts["radiologist"])
     with db.session() as s:
         verified = s.scalars(select(SRDocument).where(SRDocument.predecessor_id == draft_id)).one()
