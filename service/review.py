@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from dicom_io.atomic import write_atomic
 from dicom_io.sr import SeriesFinding, Verification, read_findings, read_impression, write_verified_sr
-from service import audit
+from service import audit, draft_outcomes
 from service import dispatch_lifecycle as dispatches
 from service.audit import Action
 from service.clock import Clock
@@ -217,6 +217,7 @@ class Reviews:
                     address=address,
                 )
                 dispatches.create_all(s, now, actor, verified, study_uid, self.destinations)
+                draft_outcomes.refresh(s, doc.id)
         except IntegrityError:
             path.unlink(missing_ok=True)
             self._conflict(doc, study_uid, reviewer, address)
@@ -246,6 +247,7 @@ class Reviews:
                     reason=reason,
                     address=address,
                 )
+                draft_outcomes.refresh(s, doc.id)
         except IntegrityError:
             self._conflict(doc, study_uid, reviewer, address)
 
