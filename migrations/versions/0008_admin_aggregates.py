@@ -3,16 +3,20 @@
 Revision ID: 0008
 Revises: 0005 (a placeholder: 0006 and 0007 land first; only ``down_revision`` changes)
 The audit views of 0004 joined six tables (draft SRs, studies, versions, the first series' draft,
-reviews, users, verified SRs) for every query, and the per-model statistics over all studies
-took a few hundred milliseconds with a year of work. ``draft_outcomes`` holds that join, one row
-per draft SR, written by service/draft_outcomes.py in the transaction that writes the draft
-(workers/drafting.py) and again in the one that decides it (service/review.py). ``v_drafts`` and
-``v_turnaround`` now read it; ``v_turnaround_by_model`` and ``v_model_quality`` are recreated
-unchanged on top (views bind to the views they read). Same columns, same rows: the tests compare
-them with 0004's definitions on the same data. ``v_audit_trail`` and ``v_failed_work`` stay.
+reviews, users, verified SRs) for every query, and the per-model statistics sorted every study:
+with a year of work, a few hundred milliseconds per query. ``draft_outcomes`` holds that join, one
+row per draft SR, with v_turnaround's seconds and whether it is its study's newest draft; it is
+written by service/draft_outcomes.py in the transaction that writes the draft (workers/drafting.py)
+and again in the one that decides it (service/review.py).
 
-The upgrade backfills the table from the existing rows with 0004's ``v_drafts`` query; the
-downgrade restores 0004's views and drops the table.
+* ``v_drafts`` and ``v_turnaround`` read it (one table, no joins);
+* on PostgreSQL ``v_turnaround_by_model`` and ``v_model_quality`` count per model and read each
+  nearest-rank percentile off a partial index at its offset (the value percentile_disc finds after
+  sorting them all); on SQLite they stay 0004's window functions over the views above.
+
+Same columns, same rows: the tests compare every rebuilt view with 0004's definition on the same
+data. ``v_audit_trail`` and ``v_failed_work`` stay as they are. The upgrade backfills the table from
+0004's views; the downgrade restores them and drops the table.
 """
 
 import importlib.util
@@ -29,7 +33,16 @@ down_revision: str | Sequence[str] | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+MODEL = "model_name, model_version, weights_sha256"
 REBUILT = ("v_drafts", "v_turnaround", "v_turnaround_by_model", "v_model_quality")  # in creation order
+
+# The per-model percentiles read these partial indexes at an offset (see _pick).
+PERCENTILE_INDEXES = (
+    ("draft_seconds", "latest"),
+    ("approval_seconds", "latest AND approval_seconds IS NOT NULL"),
+    ("total_seconds", "latest AND total_seconds IS NOT NULL"),
+    ("edit_distance", "decision = 'approved' AND edit_distance IS NOT NULL"),
+)
 
 COLUMNS = (
     "draft_sr_id, draft_sr_uid, study_id, study_uid, accession_number, patient_id, patient_name, study_version, "
@@ -48,25 +61,67 @@ def _audit_views() -> ModuleType:
     return module
 
 
+def _pick(column: str, n: str, percent: int, where: str) -> str:
+    """The ``percent``-th nearest-rank percentile of ``column`` within the model group ``m``: the value at
+    position ceil(percent/100 * n) in ascending order, read off the partial index on (model, column) at
+    that offset, as percentile_disc would find it after sorting all of them (NULL when n is 0)."""
+    return f"""(SELECT o.{column} FROM draft_outcomes o
+                     WHERE {where} AND o.{column} IS NOT NULL AND o.model_name = m.model_name
+                       AND o.model_version = m.model_version AND o.weights_sha256 = m.weights_sha256
+                     ORDER BY o.{column} OFFSET GREATEST(({percent} * m.{n} + 99) / 100 - 1, 0) LIMIT 1)"""
+
+
+def _turnaround_by_model() -> str:
+    columns = ",\n                   ".join(
+        f"{_pick(f'{name}_seconds', n, p, 'o.latest')} AS {name}_{label}_seconds"
+        for name, n in (("draft", "drafted"), ("approval", "approved"), ("total", "approved"))
+        for p, label in ((50, "median"), (90, "p90"))
+    )
+    return f"""
+            SELECT m.model_name, m.model_version, m.weights_sha256, m.studies, m.approved,
+                   {columns}
+            FROM (SELECT {MODEL}, COUNT(*) AS studies, COUNT(draft_seconds) AS drafted, COUNT(approval_seconds) AS approved
+                  FROM draft_outcomes WHERE latest GROUP BY {MODEL}) m"""
+
+
+def _model_quality() -> str:
+    median = _pick("edit_distance", "approved_edits", 50, "o.decision = 'approved'")
+    return f"""
+            SELECT m.model_name, m.model_version, m.weights_sha256, m.drafts, m.reviewed, m.approved, m.approved_unchanged,
+                   m.rejected, m.approved_unchanged_rate, m.mean_edit_distance, {median} AS median_edit_distance,
+                   m.normalised_edit_distance
+            FROM (
+                SELECT {MODEL},
+                       COUNT(*) AS drafts,
+                       COUNT(decision) AS reviewed,
+                       SUM(CASE WHEN decision = 'approved' THEN 1 ELSE 0 END) AS approved,
+                       SUM(CASE WHEN decision = 'approved' AND NOT edited THEN 1 ELSE 0 END) AS approved_unchanged,
+                       SUM(CASE WHEN decision = 'rejected' THEN 1 ELSE 0 END) AS rejected,
+                       CAST(SUM(CASE WHEN decision = 'approved' AND NOT edited THEN 1 ELSE 0 END) AS DOUBLE PRECISION)
+                           / NULLIF(COUNT(decision), 0) AS approved_unchanged_rate,
+                       AVG(CASE WHEN decision = 'approved' THEN CAST(edit_distance AS DOUBLE PRECISION) END) AS mean_edit_distance,
+                       COUNT(CASE WHEN decision = 'approved' THEN edit_distance END) AS approved_edits,
+                       AVG(CASE WHEN decision = 'approved' AND draft_characters > 0
+                                THEN CAST(edit_distance AS DOUBLE PRECISION) / draft_characters END) AS normalised_edit_distance
+                FROM draft_outcomes
+                GROUP BY {MODEL}
+            ) m"""
+
+
 def views(dialect: str) -> dict[str, str]:
     """name -> SELECT of the views this migration rebuilds, in creation order."""
     old = _audit_views().views(dialect)
-    seconds = _audit_views()._seconds
     return {
         "v_drafts": f"SELECT {COLUMNS} FROM draft_outcomes",
-        # Per study, its newest draft: an index anti-join on (study_id, draft_sr_id) rather than the
-        # old anti-join over sr_documents (every draft SR has an outcome row, written with it).
         "v_turnaround": f"""
-            SELECT t.study_uid, t.accession_number, t.patient_id, t.study_version, t.draft_sr_id, t.draft_sr_uid,
-                   t.model_name, t.model_version, t.weights_sha256,
-                   t.received_at, t.drafted_at, CASE WHEN t.decision = 'approved' THEN t.decided_at END AS approved_at,
-                   {seconds(dialect, "t.received_at", "t.drafted_at")} AS draft_seconds,
-                   CASE WHEN t.decision = 'approved' THEN {seconds(dialect, "t.drafted_at", "t.decided_at")} END AS approval_seconds,
-                   CASE WHEN t.decision = 'approved' THEN {seconds(dialect, "t.received_at", "t.decided_at")} END AS total_seconds
-            FROM draft_outcomes t
-            WHERE NOT EXISTS (SELECT 1 FROM draft_outcomes b WHERE b.study_id = t.study_id AND b.draft_sr_id > t.draft_sr_id)""",
-        "v_turnaround_by_model": old["v_turnaround_by_model"],
-        "v_model_quality": old["v_model_quality"],
+            SELECT study_uid, accession_number, patient_id, study_version, draft_sr_id, draft_sr_uid,
+                   {MODEL}, received_at, drafted_at, CASE WHEN decision = 'approved' THEN decided_at END AS approved_at,
+                   draft_seconds, approval_seconds, total_seconds
+            FROM draft_outcomes
+            WHERE latest""",
+        # On SQLite, 0004's window functions over the views above (the same numbers; not what is slow).
+        "v_turnaround_by_model": _turnaround_by_model() if dialect == "postgresql" else old["v_turnaround_by_model"],
+        "v_model_quality": _model_quality() if dialect == "postgresql" else old["v_model_quality"],
     }
 
 
@@ -78,7 +133,6 @@ def _drop_views() -> None:
 def upgrade() -> None:
     """Upgrade schema."""
     dialect = op.get_bind().dialect.name
-    old = _audit_views().views(dialect)
     op.create_table(
         "draft_outcomes",
         sa.Column("draft_sr_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
@@ -101,15 +155,37 @@ def upgrade() -> None:
         sa.Column("edit_distance", sa.Integer(), nullable=True),
         sa.Column("draft_characters", sa.Integer(), nullable=True),
         sa.Column("verified_sr_uid", sa.String(length=64), nullable=True),
+        sa.Column("draft_seconds", sa.Float(), nullable=False),
+        sa.Column("approval_seconds", sa.Float(), nullable=True),
+        sa.Column("total_seconds", sa.Float(), nullable=True),
+        sa.Column("latest", sa.Boolean(), nullable=False),
         sa.ForeignKeyConstraint(["draft_sr_id"], ["sr_documents.id"], name=op.f("fk_draft_outcomes_draft_sr_id_sr_documents")),
         sa.ForeignKeyConstraint(["study_id"], ["studies.id"], name=op.f("fk_draft_outcomes_study_id_studies")),
         sa.PrimaryKeyConstraint("draft_sr_id", name=op.f("pk_draft_outcomes")),
     )
-    # Backfill before the indexes (one sort each instead of index maintenance per row).
-    op.execute(f"INSERT INTO draft_outcomes ({COLUMNS}) SELECT {COLUMNS} FROM ({old['v_drafts'].strip()}) d")
+    # Backfill from 0004's views (still in place) before the indexes are built. The seconds are
+    # v_turnaround's own expression, for every draft; ``latest``: the draft is the one v_turnaround shows.
+    seconds = _audit_views()._seconds
+    op.execute(f"""
+        INSERT INTO draft_outcomes ({COLUMNS}, draft_seconds, approval_seconds, total_seconds, latest)
+        SELECT {", ".join(f"d.{c.strip()}" for c in COLUMNS.split(","))},
+               {seconds(dialect, "d.received_at", "d.drafted_at")},
+               CASE WHEN d.decision = 'approved' THEN {seconds(dialect, "d.drafted_at", "d.decided_at")} END,
+               CASE WHEN d.decision = 'approved' THEN {seconds(dialect, "d.received_at", "d.decided_at")} END,
+               EXISTS (SELECT 1 FROM v_turnaround t WHERE t.draft_sr_id = d.draft_sr_id)
+        FROM v_drafts d""")
     op.create_index("ix_draft_outcomes_study_id_draft_sr_id", "draft_outcomes", ["study_id", "draft_sr_id"], unique=False)
     op.create_index(op.f("ix_draft_outcomes_received_at"), "draft_outcomes", ["received_at"], unique=False)
     op.create_index(op.f("ix_draft_outcomes_drafted_at"), "draft_outcomes", ["drafted_at"], unique=False)
+    for column, where in PERCENTILE_INDEXES:
+        op.create_index(
+            f"ix_draft_outcomes_model_{column}",
+            "draft_outcomes",
+            ["model_name", "model_version", "weights_sha256", column],
+            unique=False,
+            postgresql_where=sa.text(where),
+            sqlite_where=sa.text(where),
+        )
     _drop_views()
     for name, select in views(dialect).items():
         op.execute(f"CREATE VIEW {name} AS {select.strip()}")
@@ -123,6 +199,8 @@ def downgrade() -> None:
     _drop_views()
     for name in REBUILT:
         op.execute(f"CREATE VIEW {name} AS {old[name].strip()}")
+    for column, _ in PERCENTILE_INDEXES:
+        op.drop_index(f"ix_draft_outcomes_model_{column}", table_name="draft_outcomes")
     op.drop_index(op.f("ix_draft_outcomes_drafted_at"), table_name="draft_outcomes")
     op.drop_index(op.f("ix_draft_outcomes_received_at"), table_name="draft_outcomes")
     op.drop_index("ix_draft_outcomes_study_id_draft_sr_id", table_name="draft_outcomes")
