@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 from datetime import datetime, timedelta
 from types import ModuleType
 from typing import Any
@@ -227,3 +228,29 @@ def test_the_rebuilt_views_equal_the_old_definitions_on_a_random_history(db, see
     everything = {"since": T0 - timedelta(days=1), "until": T0 + timedelta(days=400)}
     assert stats(aq.turnaround_by_model(db)) == stats(aq.turnaround_by_model(db, **everything))
     assert stats(aq.model_quality(db)) == stats(aq.model_quality(db, **everything))
+
+
+def test_two_drafts_of_one_study_committed_at_once_leave_one_newest(db):
+    if db.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time")
+    ids = populate(db, outcomes=False)
+    older, newer = ids["draft:A1004:1"], ids["draft:A1004:2"]
+    with db.engine.begin() as conn:
+        conn.execute(text("DELETE FROM draft_outcomes"))
+    second_done = threading.Event()
+
+    def second() -> None:
+        with db.session() as s:
+            draft_outcomes.refresh(s, older)  # waits for the first transaction's lock on the study
+        second_done.set()
+
+    with db.session() as s:
+        draft_outcomes.refresh(s, newer)
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not second_done.wait(1.0), "the second refresh must wait for the first to commit"
+    thread.join(10)
+    assert second_done.is_set()
+    with db.engine.connect() as conn:
+        latest = dict(conn.execute(text(f"SELECT draft_sr_id, latest FROM draft_outcomes WHERE draft_sr_id IN ({older}, {newer})")).all())
+    assert latest == {older: False, newer: True}
