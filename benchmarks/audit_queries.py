@@ -1,10 +1,11 @@
 """Latency of the admins' audit queries on PostgreSQL with a million audit events.
 
-Creates a scratch database, migrates it, fills it with a year of synthetic but realistically
-mixed history (studies, versions, jobs, draft and verified SRs, reviews, dispatches, and
+Creates a scratch database, migrates it to the revision before 0008 (``down_revision`` of that
+migration), fills it with a year of synthetic but realistically mixed history (studies, versions, jobs, draft and verified SRs, reviews, dispatches, and
 ``--events`` audit events from DICOM peers, the assembler, workers, radiologists and admins,
 each study's events around its arrival time) using set-based ``INSERT ... SELECT`` from
-``generate_series``, then times every query the admins are documented to run: the functions of
+``generate_series``, upgrades it to head (0008 backfills ``draft_outcomes`` from that history, as
+it does in a database upgraded in place), then times every query the admins are documented to run: the functions of
 ``service/audit_queries.py`` (what ``medcap audit``, the admin pages and ``/api/admin`` call) and
 every SQL example of ``docs/audit.md`` (``sql`` and ``sql postgresql`` blocks, their literal
 study, accession, patient and user replaced by ones present in the data; run after

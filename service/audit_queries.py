@@ -3,7 +3,9 @@ reports take, how good each model version's drafts are, and what failed.
 
 Used by ``medcap audit``, the admin pages and ``/api/admin``. Turnaround, quality and failed work
 read the SQL views of migration 0004 (documented for direct SQL use in docs/audit.md), so the
-pages, the command line and an admin's own SQL give the same numbers. The audit search reads the
+pages, the command line and an admin's own SQL give the same numbers; since migration 0008 the
+draft and turnaround views read ``draft_outcomes`` (service/draft_outcomes.py), kept as drafts
+and reviews are written, and the all-time statistics are the per-model views themselves. The audit search reads the
 tables, written for the indexes on ``audit_events`` (newest first, by action, actor or study)
 so that it stays fast with millions of events.
 
