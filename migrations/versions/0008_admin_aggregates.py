@@ -1,7 +1,7 @@
 """admin aggregates: one outcome row per draft SR, kept as drafts and reviews are written
 
 Revision ID: 0008
-Revises: 0005 (a placeholder: 0006 and 0007 land first; only ``down_revision`` changes)
+Revises: ``down_revision`` below ("0005" is a placeholder: 0006 and 0007 land first, then it is rechained)
 The audit views of 0004 joined six tables (draft SRs, studies, versions, the first series' draft,
 reviews, users, verified SRs) for every query, and the per-model statistics sorted every study:
 with a year of work, a few hundred milliseconds per query. ``draft_outcomes`` holds that join, one
