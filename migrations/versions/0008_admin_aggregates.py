@@ -63,12 +63,16 @@ def _audit_views() -> ModuleType:
 
 def _pick(column: str, n: str, percent: int, where: str) -> str:
     """The ``percent``-th nearest-rank percentile of ``column`` within the model group ``m``: the value at
-    position ceil(percent/100 * n) in ascending order, read off the partial index on (model, column) at
-    that offset, as percentile_disc would find it after sorting all of them (NULL when n is 0)."""
+    position k = ceil(percent/100 * n) in ascending order, as percentile_disc finds it after sorting
+    them all, read here off the partial index on (model, column) at that offset (NULL when n is 0).
+    Above the median it is walked from the top, at offset n - k, so that a 90th percentile reads a
+    tenth of the index rather than nine tenths."""
+    k = f"({percent} * m.{n} + 99) / 100"
+    order, offset = (f"o.{column} DESC", f"m.{n} - {k}") if percent > 50 else (f"o.{column}", f"{k} - 1")
     return f"""(SELECT o.{column} FROM draft_outcomes o
                      WHERE {where} AND o.{column} IS NOT NULL AND o.model_name = m.model_name
                        AND o.model_version = m.model_version AND o.weights_sha256 = m.weights_sha256
-                     ORDER BY o.{column} OFFSET GREATEST(({percent} * m.{n} + 99) / 100 - 1, 0) LIMIT 1)"""
+                     ORDER BY {order} OFFSET GREATEST({offset}, 0) LIMIT 1)"""
 
 
 def _turnaround_by_model() -> str:
