@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicom_io.sr import SeriesFinding, Verification, read_findings, read_impression, write_verified_sr
-from service import audit
+from service import audit, draft_outcomes
 from service import dispatch_lifecycle as dispatches
 from service import outputs as output_kinds
 from service.audit import Action
@@ -226,6 +226,7 @@ class Reviews:
                     address=address,
                 )
                 dispatches.create_all(s, now, actor, verified, study_uid, self.destinations, self.outputs)
+                draft_outcomes.refresh(s, doc.id)
         except IntegrityError:
             self.storage.delete(stored.path)
             self._conflict(doc, study_uid, reviewer, address)
@@ -255,6 +256,7 @@ class Reviews:
                     reason=reason,
                     address=address,
                 )
+                draft_outcomes.refresh(s, doc.id)
         except IntegrityError:
             self._conflict(doc, study_uid, reviewer, address)
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -381,6 +382,62 @@ class Review(Base):
     edited: Mapped[bool] = mapped_column(Boolean, default=False)
     edit_distance: Mapped[int] = mapped_column(Integer, default=0)  # characters changed, draft → final, all texts
     draft_characters: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DraftOutcome(Base):
+    """One draft SR with its study, model and review, kept by service/draft_outcomes.py in the
+    transactions that write the draft and its review: what the audit views (``v_drafts`` and the
+    per-model statistics) read, so that they scan one narrow table instead of joining six."""
+
+    __tablename__ = "draft_outcomes"
+
+    draft_sr_id: Mapped[int] = mapped_column(ForeignKey("sr_documents.id"), primary_key=True)
+    draft_sr_uid: Mapped[str] = mapped_column(UID)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    study_uid: Mapped[str] = mapped_column(UID)
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    study_version: Mapped[int] = mapped_column(Integer)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    drafted_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    decision: Mapped[str | None] = mapped_column(String(16))  # NULL while undecided
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reviewer: Mapped[str | None] = mapped_column(String(64))  # username
+    edited: Mapped[bool | None] = mapped_column(Boolean)
+    edit_distance: Mapped[int | None] = mapped_column(Integer)
+    draft_characters: Mapped[int | None] = mapped_column(Integer)
+    verified_sr_uid: Mapped[str | None] = mapped_column(UID)
+    # v_turnaround's seconds, computed by the database with the views' own expression; approval and total once approved
+    draft_seconds: Mapped[float] = mapped_column(Float)
+    approval_seconds: Mapped[float | None] = mapped_column(Float)
+    total_seconds: Mapped[float | None] = mapped_column(Float)
+    latest: Mapped[bool] = mapped_column(Boolean)  # the study's newest draft (v_turnaround has only these)
+
+    # Per-model percentiles are read off these indexes (a row at an offset) instead of sorting every study.
+    __table_args__ = (
+        Index("ix_draft_outcomes_study_id_draft_sr_id", "study_id", "draft_sr_id"),
+        *(
+            Index(
+                f"ix_draft_outcomes_model_{column}",
+                "model_name",
+                "model_version",
+                "weights_sha256",
+                column,
+                postgresql_where=text(where),
+                sqlite_where=text(where),
+            )
+            for column, where in (
+                ("draft_seconds", "latest"),
+                ("approval_seconds", "latest AND approval_seconds IS NOT NULL"),
+                ("total_seconds", "latest AND total_seconds IS NOT NULL"),
+                ("edit_distance", "decision = 'approved' AND edit_distance IS NOT NULL"),
+            )
+        ),
+    )
 
 
 class AuditEvent(Base):

@@ -25,7 +25,7 @@ from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import SeriesInput, prepare_series
 from dicom_io.sr import AlgorithmInfo, SeriesFinding, read_impression, write_draft_sr
 from models.families import ImageCaptioner
-from service import audit
+from service import audit, draft_outcomes
 from service import dispatch_lifecycle as dispatches
 from service import job_lifecycle as jobs
 from service import outputs as output_kinds
@@ -259,6 +259,7 @@ class Drafter:
                     seconds_inference=seconds,
                 ):
                     raise NotOurs  # superseded, or taken over: the whole transaction (SR rows included) rolls back
+                draft_outcomes.refresh(s, doc.id)
         except NotOurs:
             LOG.info("job %d: no longer ours (superseded or finished elsewhere); draft discarded", job_id)
             raise

@@ -11,7 +11,7 @@ from datetime import timedelta
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from service import audit_queries as aq
 from service.audit import Action, web_actor
@@ -131,7 +131,7 @@ def audit_csv(request: Request, ctx: Context, who: Admin) -> Response:
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}
     if result.more:
         headers["X-MedCap-Truncated"] = f"only the newest {aq.MAX_ROWS} events; narrow the search"
-    return Response(aq.audit_csv(result.rows, spreadsheet_safe=True), media_type="text/csv; charset=utf-8", headers=headers)
+    return StreamingResponse(aq.iter_audit_csv(result.rows, spreadsheet_safe=True), media_type="text/csv; charset=utf-8", headers=headers)
 
 
 # -- statistics -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import audit
+from service import audit, draft_outcomes
 from service.audit import Action
 from service.database import Database
 from service.schema import Dispatch, DispatchAttempt, Draft, Job, Output, Review, SRDocument, Study, StudyVersion, User
@@ -61,8 +61,9 @@ def study_uid(accession: str) -> str:
     return f"1.2.826.0.1.3680043.8.498.{accession[1:]}"
 
 
-def populate(db: Database) -> dict[str, int]:
-    """Writes the history; returns ids by name (``failed_job``, ``failed_dispatch``, ``verified:A1001`` ...)."""
+def populate(db: Database, *, outcomes: bool = True) -> dict[str, int]:
+    """Writes the history; returns ids by name (``failed_job``, ``failed_dispatch``, ``verified:A1001`` ...).
+    ``outcomes=False`` leaves out the draft outcome rows, as in a database from before migration 0008."""
     ids: dict[str, int] = {}
     with db.session() as s:
         users = {}
@@ -243,6 +244,9 @@ def populate(db: Database) -> dict[str, int]:
             s, failed_at, "worker:gpu1", Action.DISPATCH_FAILED, "dispatch", dispatch.id, study_uid=study_uid("A1001"), error=dispatch.error
         )
         ids["failed_dispatch"] = dispatch.id
+        for name, draft_id in list(ids.items()):
+            if outcomes and name.startswith("draft:"):
+                draft_outcomes.refresh(s, draft_id)  # as drafting and review do
         # A delivered one, which is not failed work.
         s.add(
             Dispatch(
