@@ -20,7 +20,7 @@ from service import draft_outcomes
 from service.schema import Draft, Job, Review, SRDocument, Study, StudyVersion, User
 from tests.migrations.audit_data import T0, populate
 
-MIGRATION: ModuleType = ScriptDirectory.from_config(migrations.alembic_config(None)).get_revision("0008").module  # type: ignore[arg-type, union-attr]
+MIGRATION: ModuleType = ScriptDirectory.from_config(migrations.alembic_config(None)).get_revision("0008").module  # type: ignore[arg-type]
 PREVIOUS: str = MIGRATION.down_revision
 REBUILT = MIGRATION.REBUILT
 
