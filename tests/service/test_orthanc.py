@@ -27,7 +27,7 @@ from service.schema import (
     Study,
     StudyVersion,
 )
-from tests.conftest import ORTHANC_AET, wait_until
+from tests.conftest import ORTHANC_AET, delete_srs, wait_until
 
 pytestmark = pytest.mark.orthanc
 
@@ -78,8 +78,10 @@ def wait_for_associations_closed(db: Database, expected: int) -> None:
 
 
 @pytest.fixture
-def orthanc_listener(start_listener, make_settings):
-    """A listener that admits only Orthanc's AE title from loopback."""
+def orthanc_listener(start_listener, make_settings, orthanc):
+    """A listener that admits only Orthanc's AE title from loopback (and an Orthanc holding only
+    the uploaded studies: SRs another module's test sent there would be pushed too)."""
+    delete_srs(orthanc)
     return start_listener(make_settings(allowed_peers=f"{ORTHANC_AET}@127.0.0.1/32"))
 
 

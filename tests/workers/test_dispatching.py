@@ -17,7 +17,7 @@ from dicom_io.store_scu import send
 from service.outputs import DicomSR, OutputKinds
 from service.reports import RequeueError, list_reports, resend_report
 from service.schema import AuditEvent, Dispatch, DispatchAttempt, Job, SRDocument
-from tests.conftest import ORTHANC_AET, free_port, wait_until
+from tests.conftest import ORTHANC_AET, delete_srs, free_port, wait_until
 from tests.tiers import requires
 from tests.workers.conftest import CT, make_drafter, runner
 from workers.dispatching import DispatchRunner
@@ -81,7 +81,15 @@ def dispatch_row(db) -> Dispatch:
         return s.scalars(select(Dispatch)).one()
 
 
-def test_the_draft_sr_reaches_orthanc_and_the_job_is_acknowledged(db, clock, settings, captioner, job_id, orthanc):
+@pytest.fixture
+def clean_orthanc(orthanc):
+    """The session's Orthanc, left without the SRs this module sends (other modules push its studies)."""
+    yield orthanc
+    delete_srs(orthanc)
+
+
+def test_the_draft_sr_reaches_orthanc_and_the_job_is_acknowledged(db, clock, settings, captioner, job_id, clean_orthanc):
+    orthanc = clean_orthanc
     doc = draft_for(db, clock, settings, captioner, job_id, f"{ORTHANC_AET}@127.0.0.1:{orthanc.dicom_port}")
     dispatch = dispatch_row(db)
     assert dispatcher(db, clock, settings).run(dispatch.id) == "delivered"
