@@ -206,10 +206,11 @@ def test_a_worker_killed_mid_job_still_leads_to_exactly_one_sr_on_postgresql_and
         taken_over = (started[1].at - killed_at).total_seconds()
         written = (job.sr_written_at - killed_at).total_seconds()
         print(f"taken over {taken_over:.1f} s and SR written {written:.1f} s after the kill")  # quiet machine: 6.4 s to the SR
-        # The lease (10 s) bounds the take-over. The SR then needs the whole slowed-down job again, which on
-        # a CI machine shared with a parallel test worker can take twice as long as alone: its bound is looser.
+        # The lease (10 s) bounds the take-over: that is the recovery this test is about. The SR then needs
+        # the whole slowed-down job again, whose time depends on the machine's load (6 s alone, 50 s once in
+        # CI beside parallel test workers): its bound only tells it apart from the 900 s redelivery timeout.
         assert taken_over < 15, "a crashed worker must cost seconds, not the redelivery timeout (900 s)"
-        assert written < 45
+        assert written < 120
         assert len(list(settings.storage.reports_dir.rglob("*.dcm"))) == 1
         db.dispose()
     finally:
