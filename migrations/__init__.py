@@ -6,6 +6,7 @@ The same revisions run on PostgreSQL and SQLite; the tests run them on both.
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 from alembic import command
 from alembic.config import Config
@@ -29,6 +30,14 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 def downgrade(engine: Engine, revision: str) -> None:
     command.downgrade(alembic_config(engine), revision)
+
+
+def revision_module(revision: str) -> ModuleType:
+    """The module of one revision (its file names start with digits: not importable by name)."""
+    script = ScriptDirectory.from_config(alembic_config(None)).get_revision(revision)  # type: ignore[arg-type]
+    if script is None:
+        raise LookupError(f"no migration revision {revision!r}")
+    return script.module
 
 
 def head_revision() -> str | None:

@@ -92,7 +92,7 @@ def create(
 ) -> Dispatch:
     """A pending dispatch of ``report`` to ``destination``, in the caller's transaction: the
     output of the destination's kind is built first if the report has none yet."""
-    output = outputs.ensure(s, now, actor, report, kinds.for_destination(destination))
+    output = outputs.ensure(s, now, actor, report, kinds.for_destination(destination), study_uid)
     dispatch = Dispatch(output_id=output.id, destination=destination, status=DispatchStatus.PENDING.value, attempts=0, created_at=now)
     s.add(dispatch)
     s.flush()

@@ -17,7 +17,7 @@ This module owns the ``outputs`` rows: :func:`ensure` is the one place they are 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,15 +29,15 @@ from service import audit
 from service.audit import Action
 from service.outputs.dicom_sr import DicomSR
 from service.outputs.kind import Artefact, Delivery, OutputKind, OutputKinds
-from service.schema import Output, SRDocument, Study
+from service.schema import Output, SRDocument
 
 if TYPE_CHECKING:
     from service.settings import Settings
 
-__all__ = ["Artefact", "Delivery", "DicomSR", "OutputKind", "OutputKinds", "artefact_of", "configured", "default", "ensure", "ensure_all"]
+__all__ = ["Artefact", "Delivery", "DicomSR", "OutputKind", "OutputKinds", "artefact_of", "configured", "default", "ensure"]
 
 
-def ensure(s: Session, now: datetime, actor: str, report: SRDocument, kind: OutputKind) -> Output:
+def ensure(s: Session, now: datetime, actor: str, report: SRDocument, kind: OutputKind, study_uid: str | None) -> Output:
     """The ``kind`` output of ``report``: built and recorded the first time, found after that."""
     existing = s.scalar(select(Output).where(Output.report_id == report.id, Output.kind == kind.name))
     if existing is not None:
@@ -53,15 +53,10 @@ def ensure(s: Session, now: datetime, actor: str, report: SRDocument, kind: Outp
     )
     s.add(output)
     s.flush()
-    study_uid = s.scalar(select(Study.study_uid).where(Study.id == report.study_id))
     audit.record(
         s, now, actor, Action.OUTPUT_BUILT, "output", output.id, study_uid=study_uid, kind=kind.name, report=report.sop_instance_uid
     )
     return output
-
-
-def ensure_all(s: Session, now: datetime, actor: str, report: SRDocument, kinds: Iterable[OutputKind]) -> list[Output]:
-    return [ensure(s, now, actor, report, kind) for kind in kinds]
 
 
 def artefact_of(output: Output) -> Artefact:

@@ -11,7 +11,6 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 import migrations
@@ -20,7 +19,7 @@ from service import draft_outcomes
 from service.schema import Draft, Job, Review, SRDocument, Study, StudyVersion, User
 from tests.migrations.audit_data import T0, populate
 
-MIGRATION: ModuleType = ScriptDirectory.from_config(migrations.alembic_config(None)).get_revision("0008").module  # type: ignore[arg-type]
+MIGRATION: ModuleType = migrations.revision_module("0008")
 PREVIOUS: str = MIGRATION.down_revision
 REBUILT = MIGRATION.REBUILT
 

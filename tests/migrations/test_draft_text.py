@@ -3,15 +3,14 @@ review page to fill on first view), and removed again by its downgrade with ever
 
 from __future__ import annotations
 
-from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, select, update
 
 import migrations
 from service.schema import SRDocument
 from tests.migrations.audit_data import populate
 
-MIGRATION = ScriptDirectory.from_config(migrations.alembic_config(None)).get_revision("0007")  # type: ignore[arg-type]
-PREVIOUS = MIGRATION.module.down_revision  # rechained at a merge: nothing here names the revision before
+MIGRATION = migrations.revision_module("0007")
+PREVIOUS = MIGRATION.down_revision  # rechained at a merge: nothing here names the revision before
 
 
 def columns(db) -> set[str]:

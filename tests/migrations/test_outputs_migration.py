@@ -3,18 +3,12 @@ with ids, statuses and attempts kept, v_failed_work unchanged in meaning, and a 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from sqlalchemy import text
 
 import migrations
 
-spec = importlib.util.spec_from_file_location("outputs_0006", Path(migrations.__file__).parent / "versions" / "0006_outputs.py")
-assert spec is not None and spec.loader is not None
-OUTPUTS = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(OUTPUTS)
+OUTPUTS = migrations.revision_module("0006")
 BEFORE = OUTPUTS.down_revision  # the old shape
 
 
