@@ -496,7 +496,7 @@ def study_turnaround(
         .offset(offset)
     )
     with db.session() as s:
-        return [StudyTurnaround(*row) for row in s.execute(query)]
+        return [StudyTurnaround(*tuple(row)) for row in s.execute(query)]
 
 
 def turnaround_by_model(db: Database, *, since: datetime | None = None, until: datetime | None = None) -> list[TurnaroundStats]:
@@ -506,7 +506,7 @@ def turnaround_by_model(db: Database, *, since: datetime | None = None, until: d
         with db.engine.connect() as conn:
             return [TurnaroundStats(*row) for row in conn.execute(text(_ALL_TIME.format(view="v_turnaround_by_model")))]
     t = v_turnaround
-    model = (t.c.model_name, t.c.model_version, t.c.weights_sha256)
+    model: tuple[ColumnElement[Any], ...] = (t.c.model_name, t.c.model_version, t.c.weights_sha256)
     metrics = (t.c.draft_seconds, t.c.approval_seconds, t.c.total_seconds)
     with _analytic(db) as s:
         if s.get_bind().dialect.name == "postgresql":
@@ -589,7 +589,7 @@ def model_quality(db: Database, *, since: datetime | None = None, until: datetim
             r = select(d).where(*_window(d, since, until, "drafted_at")).subquery().c if since or until else d.c
             median = _percentile(case((r.decision == "approved", r.edit_distance)), 50)
         else:
-            model = (d.c.model_name, d.c.model_version, d.c.weights_sha256)
+            model: tuple[ColumnElement[Any], ...] = (d.c.model_name, d.c.model_version, d.c.weights_sha256)
             r = (
                 select(
                     *model,
