@@ -34,6 +34,8 @@ from typing import Any
 
 from pydicom import Dataset
 
+from dicom_io.series import Series
+
 PLANES = ("axial", "coronal", "sagittal", "oblique")
 CONTRASTS = ("with", "without")
 LATERALITIES = ("right", "left", "bilateral")
@@ -182,6 +184,23 @@ LATERALITY_CODES = {
     "left": _sct("7771000", "Left"),
     "bilateral": _sct("51440002", "Right and left"),
 }
+# "Procedure reported" (TID 2000) from the modality: SNOMED CT procedures where there is one, else the
+# modality itself as DICOM codes it (CID 29).
+PROCEDURES = {
+    "CT": _sct("77477000", "Computed tomography"),
+    "MR": _sct("113091000", "Magnetic resonance imaging"),
+}
+MODALITY_MEANINGS = {"CR": "Computed Radiography", "DX": "Digital Radiography", "US": "Ultrasound", "PT": "Positron emission tomography",
+                     "NM": "Nuclear Medicine", "MG": "Mammography", "XA": "X-Ray Angiography", "RF": "Radio Fluoroscopy"}  # fmt: skip
+
+
+def procedure_code(modality: str) -> Code:
+    """The coded procedure of a modality: SNOMED CT for CT and MR, DICOM's modality code otherwise."""
+    if modality in PROCEDURES:
+        return PROCEDURES[modality]
+    return Code(modality, "DCM", MODALITY_MEANINGS.get(modality, modality))
+
+
 _LATERALITY_VALUES = {"R": "right", "L": "left", "B": "bilateral"}
 
 # Description words for contrast (regular expressions on lower-case text).
@@ -535,3 +554,8 @@ def _laterality(header: Dataset, conflicts: list[str]) -> tuple[str | None, str]
         conflicts.append("laterality attributes disagree (" + ", ".join(f"{k} {v}" for v, k in found) + "): unknown")
         return None, ""
     return found[0] if found else (None, "")
+
+
+def series_facts(series: Series) -> HeaderFacts:
+    """The facts of a loaded series: its kept header, and the orientation its slices share (Enhanced multi-frame too)."""
+    return header_facts(series.header, (*series.row_cosines, *series.column_cosines))

@@ -55,6 +55,12 @@ def register(sub: Any) -> None:
     p.add_argument("--key-slices", type=int, default=3, help="key slices per series (default 3)")
     p.add_argument("--key-strategy", default="uniform", choices=["central", "uniform", "content"])
     p.add_argument("--window", default=None, help="CT window preset (brain, subdural, stroke, bone, soft_tissue, lung, auto)")
+    p.add_argument(
+        "--no-grounding",
+        dest="grounding",
+        action="store_false",
+        help="print the model's text as it is: no heading from the header facts, no sentence removed (docs/header-facts.md)",
+    )
     _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_caption))
 
@@ -355,20 +361,33 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     )
     if not series:
         raise ModelCommandError(f"no CT or MR image series under {args.path}")
+    from dicom_io.header_facts import series_facts
+    from models.grounding import ground
+
     drafts = []
     for item in series:
         captions = captioner.caption(dict(item.views), _generation(args), batch_size=args.gen_batch_size, seed=args.seed)
+        facts = series_facts(item.series)
+        grounded = ground(captions, facts)
         drafts.append(
             {
                 "series_uid": item.series_uid,
                 "study_uid": item.study_uid,
                 "modality": item.modality,
-                "draft": summarise(captions),
+                "header_facts": facts.as_dict(),
+                "draft": grounded.text if args.grounding else summarise(captions),
+                "model_draft": summarise(captions),  # before grounding: every sentence as the model wrote it
+                "removed": [r.as_dict() for r in grounded.removed] if args.grounding else [],
                 "key_images": [{"sop_instance_uid": uid, "caption": c} for uid, c in zip(item.sop_instance_uids, captions, strict=True)],
             }
         )
     if args.json:
-        print(json.dumps({"model": captioner.describe(), "status": "PRELIMINARY, UNVERIFIED AI draft", "series": drafts}, indent=2))
+        print(
+            json.dumps(
+                {"model": captioner.describe(), "status": "PRELIMINARY, UNVERIFIED AI draft", "grounding": args.grounding, "series": drafts},
+                indent=2,
+            )
+        )
         return 0
     print(
         f"AI draft — preliminary, unverified ({captioner.identity.name} {captioner.identity.version}, "
@@ -376,6 +395,8 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     )
     for d in drafts:
         print(f"\nseries {d['series_uid']} ({d['modality']}, {len(d['key_images'])} key images)\n  {d['draft']}")
+        for removal in d["removed"]:
+            print(f"  removed (contradicts the header): {removal['sentence']!r}: {'; '.join(removal['reasons'])}")
     return 0
 
 
