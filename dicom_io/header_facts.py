@@ -314,9 +314,14 @@ class HeaderFacts:
         raw = data.get("region")
         region = None
         if raw is not None:
-            known = next((r for r in REGIONS if r.term == raw.get("term")), None)
+            if not isinstance(raw, Mapping) or not raw.get("term"):
+                raise ValueError(f"header facts: region must be an object with a term, got {raw!r}")
+            known = next((r for r in REGIONS if r.term == raw["term"]), None)
             code = Code(*raw["code"]) if raw.get("code") else None
-            region = known if known is not None and known.code == code else Region(str(raw.get("term")), code, frozenset(raw.get("areas", ())))
+            if known is not None and code in (None, known.code):
+                region = known  # a vocabulary term: its code and areas
+            else:
+                region = Region(str(raw["term"]), code, frozenset(raw.get("areas", ())))
         return cls(
             modality=data.get("modality"),
             region=region,

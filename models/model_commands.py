@@ -172,9 +172,22 @@ def register(sub: Any) -> None:
     _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_train_caption))
 
-    p = sub.add_parser("evaluate", help="score captioners side by side (BLEU-1..4, METEOR, ROUGE-L, CIDEr)")
+    p = sub.add_parser(
+        "evaluate",
+        help="score captioners side by side (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and count sentences contradicting the DICOM header",
+    )
     p.add_argument("--model", type=Path, action="append", required=True, help="checkpoint directory; repeat for several")
-    _data_args(p)
+    _data_args(p, required=False)
+    p.add_argument(
+        "--dicom",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="DICOM file or folder: draft each CT/MR series and report the contradiction rate with and without grounding; repeatable",
+    )
+    p.add_argument("--key-slices", type=int, default=3, help="with --dicom: key slices per series (default 3)")
+    p.add_argument("--key-strategy", default="uniform", choices=["central", "uniform", "content"])
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, help="score at most this many images")
     p.add_argument("--out", type=Path, help="write results.md and results.json here")
@@ -238,11 +251,11 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
+def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
         "--data",
         action="append",
-        required=True,
+        required=required,
         metavar="[GROUP=]SPEC",
         help="table.csv|table.jsonl, roco:DIR, medicat:DIR, flickr:DIR (Flickr8k/30k) or coco:ANNOTATIONS.json:IMAGES_DIR; "
         "prefix G= (general) or M= (medical) for mixes; repeatable",
@@ -578,6 +591,27 @@ def cmd_evaluate(settings: Any, args: argparse.Namespace) -> int:
     _prepare(settings, args)
     from models.evaluation import evaluate_checkpoints
 
+    if not args.data and not args.dicom:
+        raise ModelCommandError("give --data SPEC (captioned images) and/or --dicom PATH (DICOM series)")
+    for path in args.dicom:
+        if not path.exists():
+            raise ModelCommandError(f"{path} does not exist")
+    if args.dicom:
+        from dicom_io.key_slices import KeySliceSpec
+        from models.evaluation import evaluate_dicom
+
+        grounding = evaluate_dicom(
+            args.model,
+            args.dicom,
+            generation=_generation(args),
+            device=args.device,
+            batch_size=args.gen_batch_size,
+            key_slices=KeySliceSpec(strategy=args.key_strategy, n=args.key_slices),
+            out_dir=args.out,
+        )
+        print(grounding.table())
+    if not args.data:
+        return 0
     records = select_records(load_data(args.data), args.split, None)
     if args.limit:
         records = records[: args.limit]
