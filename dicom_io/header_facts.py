@@ -115,7 +115,9 @@ def _sct(value: str, meaning: str) -> Code:
     return Code(value, "SCT", meaning)
 
 
-def _r(term: str, code: Code | None, areas: Iterable[str], parts: Iterable[str] = (), words: Iterable[str] = (), organ: bool = False) -> Region:
+def _r(
+    term: str, code: Code | None, areas: Iterable[str], parts: Iterable[str] = (), words: Iterable[str] = (), organ: bool = False
+) -> Region:
     return Region(term, code, frozenset(areas), tuple(parts), tuple(words), organ)
 
 
@@ -124,19 +126,48 @@ def _r(term: str, code: Code | None, areas: Iterable[str], parts: Iterable[str] 
 # their parts ("head and neck" before "head").
 REGIONS: tuple[Region, ...] = (
     _r("whole body", _sct("38266002", "Entire body"), AREAS, ["WHOLEBODY"], ["whole body", "wholebody"]),
-    _r("chest, abdomen and pelvis", _sct("416775004", "Chest, Abdomen and Pelvis"), ["chest", "abdomen", "pelvis"],
-       ["CHESTABDPELVIS"], ["chest abdomen and pelvis", "chest abdomen pelvis", "chest abd pelvis", "thorax abdomen pelvis", "cap"]),
-    _r("abdomen and pelvis", _sct("818982008", "Abdomen and Pelvis"), ["abdomen", "pelvis"],
-       ["ABDOMENPELVIS"], ["abdomen and pelvis", "abdomen pelvis", "abd pelvis", "abdo pelvis", "abdominopelvic"]),
-    _r("chest and abdomen", _sct("416550000", "Chest and Abdomen"), ["chest", "abdomen"], ["CHESTABDOMEN"], ["chest and abdomen", "chest abdomen"]),
+    _r(
+        "chest, abdomen and pelvis",
+        _sct("416775004", "Chest, Abdomen and Pelvis"),
+        ["chest", "abdomen", "pelvis"],
+        ["CHESTABDPELVIS"],
+        ["chest abdomen and pelvis", "chest abdomen pelvis", "chest abd pelvis", "thorax abdomen pelvis", "cap"],
+    ),
+    _r(
+        "abdomen and pelvis",
+        _sct("818982008", "Abdomen and Pelvis"),
+        ["abdomen", "pelvis"],
+        ["ABDOMENPELVIS"],
+        ["abdomen and pelvis", "abdomen pelvis", "abd pelvis", "abdo pelvis", "abdominopelvic"],
+    ),
+    _r(
+        "chest and abdomen",
+        _sct("416550000", "Chest and Abdomen"),
+        ["chest", "abdomen"],
+        ["CHESTABDOMEN"],
+        ["chest and abdomen", "chest abdomen"],
+    ),
     _r("head and neck", _sct("774007", "Head and Neck"), ["head", "neck"], ["HEADNECK"], ["head and neck", "head neck"]),
     _r("neck and chest", _sct("417437006", "Neck and Chest"), ["neck", "chest"], ["NECKCHEST"], ["neck and chest"]),
     _r("cervical spine", _sct("122494005", "Cervical spine"), ["spine", "neck"], ["CSPINE"], ["cervical spine", "c spine", "cspine"]),
-    _r("thoracic spine", _sct("122495006", "Thoracic spine"), ["spine", "chest"], ["TSPINE"], ["thoracic spine", "t spine", "tspine", "dorsal spine"]),
+    _r(
+        "thoracic spine",
+        _sct("122495006", "Thoracic spine"),
+        ["spine", "chest"],
+        ["TSPINE"],
+        ["thoracic spine", "t spine", "tspine", "dorsal spine"],
+    ),
     _r("lumbar spine", _sct("122496007", "Lumbar spine"), ["spine", "abdomen"], ["LSPINE"], ["lumbar spine", "l spine", "lspine"]),
     _r("spine", _sct("421060004", "Spine"), ["spine"], ["SPINE"], ["spine", "spinal"]),
     _r("head", _sct("69536005", "Head"), ["head"], ["HEAD"], ["head", "cranial", "cranium", "skull"]),
-    _r("brain", _sct("12738006", "Brain"), ["head"], ["BRAIN"], ["brain", "cerebral", "cerebrum", "cerebellum", "hemisphere", "hemispheres"], organ=True),
+    _r(
+        "brain",
+        _sct("12738006", "Brain"),
+        ["head"],
+        ["BRAIN"],
+        ["brain", "cerebral", "cerebrum", "cerebellum", "hemisphere", "hemispheres"],
+        organ=True,
+    ),
     _r("orbit", _sct("363654007", "Orbit"), ["head"], ["ORBIT"], ["orbit", "orbits", "orbital"], organ=True),
     _r("neck", _sct("45048000", "Neck"), ["neck"], ["NECK"], ["neck"]),
     _r("chest", _sct("816094009", "Chest"), ["chest"], ["CHEST", "THORAX"], ["chest", "thorax", "thoracic"]),

@@ -633,7 +633,9 @@ def read_findings(sr: Dataset) -> tuple[SeriesFinding, ...]:
                 laterality = _value_code(lateral[0]) if lateral else None
         if not refs or refs[0].sop_instance_uid not in series_of:
             raise ValueError("a finding of the SR cites no key image among its evidence")
-        found.append(SeriesFinding(series_of[refs[0].sop_instance_uid], str(item.TextValue), refs, finding_site=site, laterality=laterality))
+        found.append(
+            SeriesFinding(series_of[refs[0].sop_instance_uid], str(item.TextValue), refs, finding_site=site, laterality=laterality)
+        )
     if not found:
         raise ValueError("the SR has no findings")
     return tuple(found)

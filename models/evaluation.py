@@ -179,7 +179,9 @@ def evaluate_checkpoints(
                 image: grounding.add(name, image, [caption], facts[image]) if image in facts else caption
                 for image, caption in predictions[name].items()
             }
-    scored = evaluate_models(predictions, references, detail_vocabulary=vocabulary, bertscore_model=bertscore_model, bleurt_model=bleurt_model)
+    scored = evaluate_models(
+        predictions, references, detail_vocabulary=vocabulary, bertscore_model=bertscore_model, bleurt_model=bleurt_model
+    )
     report = GroundedEvaluationReport(scored.results, scored.notes, grounding)
     if detail_words == "synthetic":
         # The scene words as well: a model may get the scene right and miss the lesion, or the reverse.

@@ -397,7 +397,12 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                {"model": captioner.describe(), "status": "PRELIMINARY, UNVERIFIED AI draft", "grounding": args.grounding, "series": drafts},
+                {
+                    "model": captioner.describe(),
+                    "status": "PRELIMINARY, UNVERIFIED AI draft",
+                    "grounding": args.grounding,
+                    "series": drafts,
+                },
                 indent=2,
             )
         )

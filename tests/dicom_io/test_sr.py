@@ -247,18 +247,30 @@ def test_header_facts_are_coded_procedure_finding_site_and_laterality_and_surviv
 
     head = next(r for r in REGIONS if r.term == "head").code
     coded = dataclasses.replace(finding(ge, "CT head, axial: no focal lesion."), finding_site=head, laterality=LATERALITY_CODES["left"])
-    draft = check_file(save(write_draft_sr([coded], "No focal lesion.", ALGORITHM, ge, procedures=[procedure_code("CT")]), tmp_path, "coded"))
+    draft = check_file(
+        save(write_draft_sr([coded], "No focal lesion.", ALGORITHM, ge, procedures=[procedure_code("CT")]), tmp_path, "coded")
+    )
     assert read_procedures(draft) == [procedure_code("CT")]
     (procedure,) = children(draft, "Procedure reported")
     assert (procedure.RelationshipType, procedure.ConceptCodeSequence[0].CodeValue) == ("HAS CONCEPT MOD", "77477000")
     (findings,) = children(draft, "Findings")
     (site,) = children(children(findings, "Finding")[0], "Finding Site")
-    assert (site.ValueType, site.ConceptCodeSequence[0].CodeValue, site.ConceptCodeSequence[0].CodingSchemeDesignator) == ("CODE", "69536005", "SCT")
+    assert (site.ValueType, site.ConceptCodeSequence[0].CodeValue, site.ConceptCodeSequence[0].CodingSchemeDesignator) == (
+        "CODE",
+        "69536005",
+        "SCT",
+    )
     assert children(site, "Laterality")[0].ConceptCodeSequence[0].CodeMeaning == "Left"
     assert read_findings(draft) == (coded,)
     # the radiologist edits the text: the header's codes are no one's text and stay
     edited = SeriesFinding(coded.series_uid, "CT head, axial: old left lacunar infarct.", coded.key_images)
-    verified = check_file(save(write_verified_sr(draft, Verification("Smith^Jane", "General Hospital", VERIFIED_AT), findings=[edited]), tmp_path, "coded-verified"))
+    verified = check_file(
+        save(
+            write_verified_sr(draft, Verification("Smith^Jane", "General Hospital", VERIFIED_AT), findings=[edited]),
+            tmp_path,
+            "coded-verified",
+        )
+    )
     (final,) = read_findings(verified)
     assert (final.text, final.finding_site, final.laterality) == (edited.text, head, LATERALITY_CODES["left"])
     assert read_procedures(verified) == [procedure_code("CT")]

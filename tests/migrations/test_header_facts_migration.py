@@ -35,7 +35,9 @@ def test_the_grounding_columns_come_and_go_and_the_rows_stay(db):
     db.upgrade()
     assert db.is_current()
     with db.session() as s:
-        after = s.execute(select(Draft.id, Draft.series_uid, Draft.text, Draft.header_facts, Draft.removed_sentences).order_by(Draft.id)).all()
+        after = s.execute(
+            select(Draft.id, Draft.series_uid, Draft.text, Draft.header_facts, Draft.removed_sentences).order_by(Draft.id)
+        ).all()
     assert [tuple(r[:3]) for r in after] == [tuple(r) for r in before]
     assert {(r[3], r[4]) for r in after} == {(None, None)}  # dropped with the columns; older drafts were never grounded
 

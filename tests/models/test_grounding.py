@@ -95,7 +95,9 @@ def test_contrast_sentences_are_judged_only_when_the_header_states_contrast():
 
 def test_oblique_slices_contradict_any_named_plane_and_unknown_facts_contradict_nothing():
     oblique = HeaderFacts(plane="oblique", sources=(("plane", "ImageOrientationPatient"),))
-    assert contradictions("axial image through the orbits", oblique) == ["names the axial plane; the slices are oblique (ImageOrientationPatient)"]
+    assert contradictions("axial image through the orbits", oblique) == [
+        "names the axial plane; the slices are oblique (ImageOrientationPatient)"
+    ]
     assert contradictions("sagittal mr of the chest with contrast", UNKNOWN) == []
 
 
@@ -108,7 +110,9 @@ def test_hybrid_modalities_are_not_contradictions():
 def test_a_region_outside_the_vocabulary_judges_no_sentence():
     from dicom_io.header_facts import Code, Region
 
-    elbow = HeaderFacts(region=Region("elbow", Code("76248009", "SCT", "Elbow"), frozenset()), sources=(("region", "AnatomicRegionSequence"),))
+    elbow = HeaderFacts(
+        region=Region("elbow", Code("76248009", "SCT", "Elbow"), frozenset()), sources=(("region", "AnatomicRegionSequence"),)
+    )
     assert contradictions("ct of the chest", elbow) == []
 
 

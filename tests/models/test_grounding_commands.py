@@ -15,7 +15,11 @@ from models.synthetic import generate_dataset
 from service.cli import main
 from tests.conftest import SHARED_DATA
 
-HEADINGS = {"ct-head-ge": "CT head, axial:", "ct-phantom-philips": "CT brain, axial, without contrast:", "mr-t1-brain-uih": "MR head, sagittal:"}
+HEADINGS = {
+    "ct-head-ge": "CT head, axial:",
+    "ct-phantom-philips": "CT brain, axial, without contrast:",
+    "mr-t1-brain-uih": "MR head, sagittal:",
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +74,9 @@ def test_evaluate_reports_the_contradiction_rate_of_the_shared_series_with_and_w
     assert row["series"] == 3
     assert row["grounded"]["contradicting"] == 0
     details = next(iter(written["details"].values()))
-    recount = sum(1 for d in details for s in sentences([d["draft_without_grounding"]]) if contradictions(s, HeaderFacts.from_dict(d["header_facts"])))
+    recount = sum(
+        1 for d in details for s in sentences([d["draft_without_grounding"]]) if contradictions(s, HeaderFacts.from_dict(d["header_facts"]))
+    )
     assert row["without_grounding"]["contradicting"] == recount == row["removed"] > 0
 
 
