@@ -377,7 +377,7 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     from dicom_io.header_facts import series_facts
     from models.grounding import ground
 
-    drafts = []
+    drafts: list[dict[str, Any]] = []
     for item in series:
         captions = captioner.caption(dict(item.views), _generation(args), batch_size=args.gen_batch_size, seed=args.seed)
         facts = series_facts(item.series)

@@ -81,7 +81,7 @@ def test_the_coded_region_wins_over_body_part_and_descriptions_and_each_disagree
 
 
 def test_an_old_snomed_rt_code_and_a_code_outside_the_vocabulary():
-    assert header_facts(built(AnatomicRegionSequence=[coded("T-D1100", "SRT", "Head")])).region.term == "head"  # type: ignore[union-attr]
+    assert header_facts(built(AnatomicRegionSequence=[coded("T-D1100", "SRT", "Head")])).region.term == "head"
     facts = header_facts(built(AnatomicRegionSequence=[coded("76248009", "SCT", "Elbow")], BodyPartExamined="KNEE"))
     region = facts.region
     assert region is not None and region.term == "elbow" and region.code == Code("76248009", "SCT", "Elbow")
@@ -256,10 +256,10 @@ def test_the_constructor_names_the_bad_field():
     with pytest.raises(ValueError, match="HeaderFacts.sources"):
         HeaderFacts(modality="CT", sources=(("plane", "ImageOrientationPatient"),))
     with pytest.raises(ValueError, match="HeaderFacts.region"):
-        HeaderFacts(region="head")  # type: ignore[arg-type]
+        HeaderFacts(region="head")
     with pytest.raises(ValueError, match="Region.areas"):
         Region("neck", None, frozenset({"throat"}))
     with pytest.raises(ValueError, match="Code.meaning"):
         Code("1", "SCT", "")
     with pytest.raises(ValueError, match="pydicom Dataset"):
-        header_facts({"Modality": "CT"})  # type: ignore[arg-type]
+        header_facts({"Modality": "CT"})

@@ -150,6 +150,6 @@ def test_constructors_name_the_bad_field():
     with pytest.raises(ValueError, match="GroundedDraft.heading"):
         GroundedDraft("CT head", (), ())
     with pytest.raises(ValueError, match="GroundedDraft.removed"):
-        GroundedDraft("CT head:", (), ("axial mr",))  # type: ignore[arg-type]
+        GroundedDraft("CT head:", (), ("axial mr",))
     with pytest.raises(ValueError, match="ContradictionCount"):
         ContradictionCount(2, 1)
