@@ -98,7 +98,7 @@ class Drafter:
         series = self._prepare(source)
         if not series:
             return self._finish_without_sr(job_id, source, "no CT or MR image series to caption")
-        facts = [series_facts(s.series) for s in series]
+        facts = [facts_of(s) for s in series]
         grounded, captions = self._caption(series, facts)
         texts = [g.text for g in grounded]
         inferred_at = self.clock.now()
@@ -315,6 +315,15 @@ def sr_evidence(series: Sequence[SeriesInput]) -> list[Dataset]:
                 ref.SOPInstanceUID = uid
                 evidence.append(ref)
     return evidence
+
+
+def facts_of(item: SeriesInput) -> HeaderFacts:
+    """The series' header facts; a header they cannot be read from grounds nothing rather than failing the job."""
+    try:
+        return series_facts(item.series)
+    except ValueError as exc:
+        LOG.warning("series %s: no header facts (%s); its draft is not grounded", item.series_uid, exc)
+        return HeaderFacts(conflicts=(f"header facts could not be read: {exc}",))
 
 
 def procedures_of(facts: Sequence[HeaderFacts]) -> list[Code]:
