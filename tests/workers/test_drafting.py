@@ -248,3 +248,18 @@ def test_the_draft_is_grounded_on_the_header_and_its_removals_are_kept_with_it(d
     assert [p.value for p in read_procedures(sr)] == ["77477000"]
     check = subprocess.run(["dciodvfy", "-new", doc.path], capture_output=True, text=True)
     assert " Error " not in check.stdout + check.stderr, check.stderr
+
+
+def test_a_header_without_readable_facts_grounds_nothing_and_fails_nothing(monkeypatch):
+    import workers.drafting as drafting
+
+    (item,) = prepare_series(CT, views=(ImageView("clip", 32, "clip"),), key_slices=KeySliceSpec(n=1))
+    assert drafting.facts_of(item).modality == "CT"
+
+    def unreadable(series):
+        raise ValueError("ImageOrientationPatient is degenerate")
+
+    monkeypatch.setattr(drafting, "series_facts", unreadable)
+    facts = drafting.facts_of(item)
+    assert (facts.modality, facts.region, facts.plane) == (None, None, None)
+    assert facts.conflicts == ("header facts could not be read: ImageOrientationPatient is degenerate",)
