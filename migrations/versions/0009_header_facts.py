@@ -1,6 +1,6 @@
 """header facts: what each draft was checked against, and the sentences taken out of it
 
-Revision ID: 0009_header_facts
+Revision ID: 0009
 Revises: 0008
 A draft's text now starts with a heading made from its series' DICOM header facts, and model
 sentences contradicting those facts are removed (models/grounding.py). ``drafts.header_facts``
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = "0009_header_facts"
+revision: str = "0009"
 down_revision: str | Sequence[str] | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

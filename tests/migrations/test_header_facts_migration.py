@@ -1,4 +1,4 @@
-"""Migration 0009_header_facts on both backends: ``drafts.header_facts`` and ``drafts.removed_sentences``
+"""Migration 0009 on both backends: ``drafts.header_facts`` and ``drafts.removed_sentences``
 added (drafts written before stay NULL: they were never grounded), and removed again with every row kept."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import migrations
 from service.schema import Draft
 from tests.migrations.audit_data import populate
 
-MIGRATION = migrations.revision_module("0009_header_facts")
+MIGRATION = migrations.revision_module("0009")
 PREVIOUS = MIGRATION.down_revision  # rechained at a merge: nothing here names the revision before
 
 REMOVED = [{"sentence": "axial mr of the chest", "reasons": ["names MR; the header says CT (Modality)"]}]
