@@ -350,7 +350,7 @@ def parse(text: str, *, source: str = "<rules>", base_dir: Path | None = None) -
                 raise RoutingError(_unknown(key, _TOP_KEYS))
         models_table = data.get("models", {})
         if not isinstance(models_table, dict):
-            raise RoutingError("models: must be a table of name = \"checkpoint directory\"")
+            raise RoutingError('models: must be a table of name = "checkpoint directory"')
         models: dict[str, Path] = {}
         for name, path in models_table.items():
             if not _NAME.match(name):
@@ -447,7 +447,14 @@ def study_facts(s: Session, storage: Storage, study_id: int, version_number: int
     upto = Instance.version_number <= version_number if version_number is not None else Instance.id.is_not(None)
     study_description = s.scalar(select(Study.study_description).where(Study.id == study_id))
     rows = s.execute(
-        select(SeriesRecord.id, SeriesRecord.series_uid, SeriesRecord.modality, SeriesRecord.series_description, func.count(), func.min(Instance.path))
+        select(
+            SeriesRecord.id,
+            SeriesRecord.series_uid,
+            SeriesRecord.modality,
+            SeriesRecord.series_description,
+            func.count(),
+            func.min(Instance.path),
+        )
         .join(Instance, Instance.series_id == SeriesRecord.id)
         .where(Instance.study_id == study_id, Instance.captionable, upto)
         .group_by(SeriesRecord.id, SeriesRecord.series_uid, SeriesRecord.modality, SeriesRecord.series_description)
@@ -517,7 +524,16 @@ def record(
         )
         if not d.captioned:
             audit.record(
-                s, now, actor, Action.SERIES_SKIPPED, "series", d.series_uid, study_uid=study_uid, rule=d.rule, reason=d.reason, job_id=job_id
+                s,
+                now,
+                actor,
+                Action.SERIES_SKIPPED,
+                "series",
+                d.series_uid,
+                study_uid=study_uid,
+                rule=d.rule,
+                reason=d.reason,
+                job_id=job_id,
             )
 
 
@@ -554,3 +570,131 @@ def skipped_counts(s: Session, version_ids: Iterable[int]) -> dict[int, int]:
         .group_by(RoutingDecision.study_version_id)
     ).all()
     return {version_id: count for version_id, count in rows}
+
+
+# -- explaining -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyExplanation:
+    """``medcap rules explain``: each series of a study under the current rules, and what was recorded."""
+
+    study_uid: str
+    version: int | None  # the newest version (None: nothing assembled yet, every received instance)
+    rules_source: str
+    series: tuple[Explanation, ...]
+    recorded: tuple[RecordedDecision, ...]
+
+    def lines(self) -> list[str]:
+        out = [
+            f"study {self.study_uid}, " + (f"version {self.version}" if self.version else "not yet assembled (every received instance)"),
+            f"rules: {self.rules_source}",
+        ]
+        if not self.series:
+            out.append("no series with CT or MR images: nothing for the rules to decide")
+        for e in self.series:
+            f = e.facts
+            out.append("")
+            out.append(
+                f"series {f.series_uid}: {f.modality or '?'}, {f.instance_count} instances, "
+                f"series description {f.series_description!r}, body region {', '.join(sorted(f.body_regions)) or 'none'}, "
+                f"from {', '.join(sorted(f.calling_ae_titles)) or 'no association'}, "
+                f"institution {f.institution!r}, station {f.station!r}"
+            )
+            d = e.decision
+            then = f"caption with model {d.model}" if d.captioned else "skip"
+            out.append(f"  decision: {then} ({d.reason})")
+            for o in e.outcomes:
+                if o.matched:
+                    state = "matched" if o.considered else "would match, but an earlier rule decided"
+                else:
+                    state = "did not match: " + "; ".join(o.misses)
+                mark = "->" if o.rule == d.rule else "  "
+                out.append(f"  {mark} {o.rule}: {state}")
+            if d.rule == NO_RULE:
+                out.append("  -> no rule matched: the series is skipped")
+        if self.recorded:
+            out.append("")
+            out.append("recorded when the study was processed:")
+            for r in self.recorded:
+                what = f"captioned with {r.model}" if r.action == RuleAction.CAPTION.value else "skipped"
+                out.append(f"  version {r.study_version}, series {r.series_uid}: {what} by rule {r.rule} ({r.reason})")
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "study_uid": self.study_uid,
+            "version": self.version,
+            "rules": self.rules_source,
+            "series": [
+                {
+                    "series_uid": e.facts.series_uid,
+                    "facts": {
+                        "modality": e.facts.modality,
+                        "body_regions": sorted(e.facts.body_regions),
+                        "study_description": e.facts.study_description,
+                        "series_description": e.facts.series_description,
+                        "calling_ae_titles": sorted(e.facts.calling_ae_titles),
+                        "institution": e.facts.institution,
+                        "station": e.facts.station,
+                        "instance_count": e.facts.instance_count,
+                    },
+                    "decision": {
+                        "rule": e.decision.rule,
+                        "action": e.decision.action.value,
+                        "model": e.decision.model,
+                        "reason": e.decision.reason,
+                    },
+                    "rules": [
+                        {"rule": o.rule, "matched": o.matched, "considered": o.considered, "misses": list(o.misses)} for o in e.outcomes
+                    ],
+                }
+                for e in self.series
+            ],
+            "recorded": [
+                {
+                    "version": r.study_version,
+                    "series_uid": r.series_uid,
+                    "rule": r.rule,
+                    "action": r.action,
+                    "model": r.model,
+                    "reason": r.reason,
+                    "decided_at": r.decided_at.isoformat(),
+                }
+                for r in self.recorded
+            ],
+        }
+
+
+def explain_study(s: Session, storage: Storage, rules: RuleSet, study_uid: str) -> StudyExplanation | None:
+    """Each series of a received study under ``rules``; None for a study never received."""
+    found = latest_version(s, study_uid)
+    if found is None:
+        return None
+    study_id, version = found
+    facts = study_facts(s, storage, study_id, version)
+    return StudyExplanation(study_uid, version, rules.source, tuple(rules.explain(f) for f in facts), tuple(recorded(s, study_id)))
+
+
+@dataclass(frozen=True)
+class SkippedSeries:
+    decided_at: datetime
+    study_uid: str
+    accession_number: str | None
+    study_version: int
+    series_uid: str
+    rule: str
+    reason: str
+
+
+def recent_skips(s: Session, limit: int = 50) -> list[SkippedSeries]:
+    """The most recently skipped series, newest first (the admin overview)."""
+    rows = s.execute(
+        select(RoutingDecision, Study.study_uid, Study.accession_number, StudyVersion.number)
+        .join(StudyVersion, StudyVersion.id == RoutingDecision.study_version_id)
+        .join(Study, Study.id == StudyVersion.study_id)
+        .where(RoutingDecision.action == RuleAction.SKIP.value)
+        .order_by(RoutingDecision.decided_at.desc(), RoutingDecision.id.desc())
+        .limit(limit)
+    ).all()
+    return [SkippedSeries(d.decided_at, uid, accession, number, d.series_uid, d.rule, d.reason) for d, uid, accession, number in rows]
