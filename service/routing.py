@@ -258,6 +258,11 @@ class RuleSet:
             decision = Decision(facts.series_uid, NO_RULE, RuleAction.SKIP, "no rule matched")
         return Explanation(facts, decision, tuple(outcomes))
 
+    @property
+    def reads_headers(self) -> bool:
+        """Whether a criterion needs the stored header (body region, institution, station); the others are columns."""
+        return any(r.match.body_region is not None or r.match.institution is not None or r.match.station is not None for r in self.rules)
+
     def models_used(self) -> list[str]:
         return sorted({r.model for r in self.rules if r.action is RuleAction.CAPTION})
 
@@ -441,9 +446,10 @@ def _text(header: Dataset, keyword: str) -> str | None:
     return str(value).strip() or None if value is not None else None
 
 
-def study_facts(s: Session, storage: Storage, study_id: int, version_number: int | None) -> list[SeriesFacts]:
+def study_facts(s: Session, storage: Storage, study_id: int, version_number: int | None, *, headers: bool = True) -> list[SeriesFacts]:
     """The facts of each series with captionable instances in the study (up to ``version_number``,
-    or every received instance when None), reading one stored header per series."""
+    or every received instance when None), reading one stored header per series when ``headers``
+    (without, body region, institution and station are unknown: rules that need none skip the read)."""
     upto = Instance.version_number <= version_number if version_number is not None else Instance.id.is_not(None)
     study_description = s.scalar(select(Study.study_description).where(Study.id == study_id))
     rows = s.execute(
@@ -470,7 +476,7 @@ def study_facts(s: Session, storage: Storage, study_id: int, version_number: int
         senders.setdefault(series_id, set()).add(calling_ae)
     facts = []
     for series_id, series_uid, modality, description, count, path in rows:
-        header = storage.read_dataset(path, stop_before_pixels=True)
+        header = storage.read_dataset(path, stop_before_pixels=True) if headers else Dataset()
         facts.append(
             SeriesFacts(
                 series_uid=series_uid,

@@ -205,7 +205,9 @@ class Drafter:
         """The rules' decision for each series of the version: facts from the rows and one header per series."""
         try:
             with self.db.session() as s:
-                facts = routing.study_facts(s, self.options.storage, source.study_id, source.version_number)
+                facts = routing.study_facts(
+                    s, self.options.storage, source.study_id, source.version_number, headers=self.options.routing.reads_headers
+                )
         except (StorageError, pydicom.errors.InvalidDicomError) as exc:  # missing, or recorded outside the data dir
             raise PermanentJobError(f"cannot read the study's headers for routing: {exc}") from exc
         return [self.options.routing.decide(f) for f in facts]
