@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from dicom_io.relabel import relabel_series
 from models.captioner import Captioner
 from service import routing
-from service.schema import AuditEvent, Dispatch, Draft, Job, Output, RoutingDecision, SRDocument
+from service.schema import AuditEvent, Dispatch, Draft, Instance, Job, Output, RoutingDecision, SeriesRecord, SRDocument
 from service.study_status import list_studies
 from tests.conftest import storescu
 from tests.workers.conftest import CT, MR, make_drafter, runner
@@ -232,3 +232,22 @@ def test_settings_name_the_rule_file_and_start_up_validates_it(make_settings, tm
     path.write_text("[[rules]]\nname = 'x'\ndestinations = ['PACS@127.0.0.1:104']\n")
     assert routing.configured(settings).rules[0].destinations == ("PACS@127.0.0.1:104",)
     assert routing.configured(make_settings()).source == "built-in default"
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_rule_on_the_header_reads_one_header_per_series_and_skipped_series_are_never_loaded(
+    db, listener, clock, assembler, settings, captioner, tmp_path, dcmread_calls
+):
+    two_series_study(listener, tmp_path)
+    clock.advance(settings.quiet_seconds + 1)
+    (job_id,) = assembler.tick()
+    with db.session() as s:
+        paths = {Path(p): uid for p, uid in s.execute(select(Instance.path, SeriesRecord.series_uid).join(SeriesRecord))}
+    dcmread_calls.clear()
+    rules = routing.parse("[[rules]]\nname = 'from-uih'\ninstitution = '^UIH$'\n")  # the MR's institution; the CT has none
+    assert runner(db, clock).run(job_id, drafter_with(db, clock, captioner, settings, rules).draft) == "succeeded"
+    read = [paths[p] for p in dcmread_calls]
+    mr_series = next(uid for uid in paths.values() if uid != CT_SERIES)
+    assert read.count(CT_SERIES) == 1  # its header, for the rule; its images are never loaded
+    assert read.count(mr_series) == len(MR) + 1  # its header, then each image once
