@@ -523,6 +523,7 @@ def record(
                 rule=d.rule,
                 action=d.action.value,
                 model=d.model,
+                destinations=list(d.destinations) if d.destinations is not None else None,
                 reason=d.reason,
                 rules_source=source[:300],
                 decided_at=now,
@@ -541,6 +542,27 @@ def record(
                 reason=d.reason,
                 job_id=job_id,
             )
+
+
+def report_destinations(s: Session, version_id: int, series_uids: Iterable[str], configured: Sequence[str]) -> tuple[str, ...]:
+    """Where a report on these series of a study version goes (the verified report follows its draft):
+    the union of their recorded decisions' destinations, a decision without any meaning ``configured``.
+    Series with no recorded decision (drafted before routing rules existed) go to ``configured``."""
+    uids = set(series_uids)
+    rows = s.execute(
+        select(RoutingDecision.series_uid, RoutingDecision.destinations).where(
+            RoutingDecision.study_version_id == version_id, RoutingDecision.action == RuleAction.CAPTION.value
+        )
+    ).all()
+    chosen: dict[str, None] = {}
+    decided = set()
+    for series_uid, destinations in rows:
+        if series_uid in uids:
+            decided.add(series_uid)
+            chosen.update(dict.fromkeys(configured if destinations is None else destinations))
+    if uids - decided:
+        chosen.update(dict.fromkeys(configured))
+    return tuple(chosen)
 
 
 @dataclass(frozen=True)

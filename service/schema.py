@@ -451,6 +451,7 @@ class RoutingDecision(Base):
     rule: Mapped[str] = mapped_column(String(64))  # the rule's name, or "(no rule)"
     action: Mapped[str] = mapped_column(String(16))  # caption | skip
     model: Mapped[str | None] = mapped_column(String(64))  # the model's name when captioned
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)  # the rule's, when captioned; NULL: the configured ones
     reason: Mapped[str] = mapped_column(Text)
     rules_source: Mapped[str] = mapped_column(String(300))  # the rule file, or "built-in default"
     decided_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -4,7 +4,8 @@ Revision ID: 0010_routing
 Revises: 0008
 The caption worker decides every series of a study version with the routing rules
 (service/routing.py) and records each decision with the job's outcome: the rule's name, caption or
-skip, the model, why, and which rule file. A new table only; nothing existing changes, and the
+skip, the model, the rule's destinations (which the verified report follows too), why, and which
+rule file. A new table only; nothing existing changes, and the
 downgrade drops it.
 """
 
@@ -32,6 +33,7 @@ def upgrade() -> None:
         sa.Column("rule", sa.String(length=64), nullable=False),
         sa.Column("action", sa.String(length=16), nullable=False),
         sa.Column("model", sa.String(length=64), nullable=True),
+        sa.Column("destinations", sa.JSON(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("rules_source", sa.String(length=300), nullable=False),
         sa.Column("decided_at", sa.DateTime(timezone=True), nullable=False),

@@ -38,6 +38,17 @@ def test_upgrade_adds_routing_decisions_and_downgrade_drops_only_it(db):
     migrations.upgrade(db.engine)
     assert db.is_current() and "routing_decisions" in db.table_names()
     columns = {c["name"] for c in inspect(db.engine).get_columns("routing_decisions")}
-    assert columns == {"id", "study_version_id", "series_uid", "rule", "action", "model", "reason", "rules_source", "decided_at"}
+    assert columns == {
+        "id",
+        "study_version_id",
+        "series_uid",
+        "rule",
+        "action",
+        "model",
+        "destinations",
+        "reason",
+        "rules_source",
+        "decided_at",
+    }
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(RoutingDecision)) == 0
