@@ -12,7 +12,8 @@ every series); a series no rule meets is skipped. The caption worker decides eac
 study version (:func:`study_facts`, then :meth:`RuleSet.decide`) before it reads any pixel data,
 and records every decision with the job's outcome (:func:`record`): ``routing_decisions`` rows, and
 a ``series.skipped`` audit event naming the rule for each skipped series. This module owns those
-rows.
+rows; the verified report a radiologist approves goes where they sent its draft
+(:func:`report_destinations`).
 """
 
 from __future__ import annotations
