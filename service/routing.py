@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import regex  # type: ignore[import-untyped]  # re's syntax (V0) with a time limit per search
 from pydicom import Dataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -43,11 +44,16 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "default"  # the model of MEDCAP_MODEL
 NO_RULE = "(no rule)"  # the "rule" of a series no rule matched
 MAX_PATTERN_LENGTH = 512  # a description pattern is a filter, not a program
+MATCH_TIMEOUT_SECONDS = 0.1  # a search takes microseconds; one that backtracks without end must not hang a worker
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class RoutingError(ValueError):
     """A rule file that cannot be used; the message names the file, the rule and the field."""
+
+
+class PatternTimeout(ValueError):
+    """A pattern searched one value for longer than MATCH_TIMEOUT_SECONDS (catastrophic backtracking)."""
 
 
 class RuleAction(enum.StrEnum):
@@ -60,10 +66,11 @@ class RuleAction(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Pattern:
-    """A regular expression over a DICOM text value: searched (not anchored), case-insensitive."""
+    """A regular expression over a DICOM text value: searched (not anchored), case-insensitive,
+    in Python's ``re`` syntax, each search bounded in time."""
 
     source: str
-    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    compiled: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
@@ -71,12 +78,20 @@ class Pattern:
         if len(self.source) > MAX_PATTERN_LENGTH:
             raise ValueError(f"is longer than {MAX_PATTERN_LENGTH} characters")
         try:
-            object.__setattr__(self, "regex", re.compile(self.source, re.IGNORECASE))
-        except re.error as exc:
+            re.compile(self.source)  # the documented syntax: what re refuses is refused
+            object.__setattr__(self, "compiled", regex.compile(self.source, regex.IGNORECASE | regex.VERSION0))
+        except (re.error, regex.error) as exc:
             raise ValueError(f"is not a valid regular expression: {exc}") from None
 
     def search(self, value: str | None) -> bool:
-        return value is not None and self.regex.search(value) is not None
+        if value is None:
+            return False
+        try:
+            return self.compiled.search(value, timeout=MATCH_TIMEOUT_SECONDS) is not None
+        except TimeoutError:
+            raise PatternTimeout(
+                f"/{self.source}/ took longer than {MATCH_TIMEOUT_SECONDS} s on {value!r} (it backtracks without end: simplify it)"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -143,7 +158,13 @@ class Match:
                 why.append(f"{name}: {label} {shown} is not one of {', '.join(sorted(wanted))}")
 
         def pattern(name: str, wanted: Pattern | None, have: str | None) -> None:
-            if wanted is not None and not wanted.search(have):
+            if wanted is None:
+                return
+            try:
+                found = wanted.search(have)
+            except PatternTimeout as exc:
+                raise PatternTimeout(f"{name}: {exc}") from None
+            if not found:
                 why.append(f"{name}: {have!r} does not match /{wanted.source}/" if have is not None else f"{name}: the series has none")
 
         one_of("modality", self.modality, [facts.modality] if facts.modality else [], "modality")
@@ -251,7 +272,10 @@ class RuleSet:
         outcomes: list[RuleOutcome] = []
         decision: Decision | None = None
         for rule in self.rules:
-            misses = tuple(rule.match.misses(facts))
+            try:
+                misses = tuple(rule.match.misses(facts))
+            except PatternTimeout as exc:  # the series cannot be decided: the job fails, naming the rule
+                raise RoutingError(f"{self.source}: rule {rule.name!r}: {exc}") from None
             outcomes.append(RuleOutcome(rule.name, not misses, misses, decision is None))
             if decision is None and not misses:
                 decision = _decision(rule, facts)

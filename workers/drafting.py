@@ -210,7 +210,10 @@ class Drafter:
                 )
         except (StorageError, pydicom.errors.InvalidDicomError) as exc:  # missing, or recorded outside the data dir
             raise PermanentJobError(f"cannot read the study's headers for routing: {exc}") from exc
-        return [self.options.routing.decide(f) for f in facts]
+        try:
+            return [self.options.routing.decide(f) for f in facts]
+        except routing.RoutingError as exc:  # a pattern that ran out of time: retrying would hang again
+            raise PermanentJobError(f"routing rules: {exc}") from exc
 
     def _model(self, name: str) -> ImageCaptioner:
         if name == routing.DEFAULT_MODEL:

@@ -279,3 +279,21 @@ def test_the_example_rule_file_in_docs_is_valid():
     parsed = routing.load(example)
     assert [r.name for r in parsed.rules][:2] == ["no-scouts-or-dose-reports", "outside-studies"]
     assert json.dumps(routing.describe(parsed))  # prints
+
+
+def test_a_pattern_that_backtracks_without_end_is_stopped_and_named_not_left_to_hang():
+    import time
+
+    parsed = rules("[[rules]]\nname = 'slow'\nseries_description = '(a|aa)+$'\n[[rules]]\nname = 'fine'\n")
+    started = time.monotonic()
+    with pytest.raises(RoutingError) as raised:
+        parsed.decide(SeriesFacts("1.2", modality="CT", series_description="a" * 60 + "!"))
+    assert time.monotonic() - started < 5
+    assert str(raised.value).startswith("rules.toml: rule 'slow': series_description: /(a|aa)+$/ took longer than 0.1 s on 'aaaa")
+    assert parsed.decide(SeriesFacts("1.2", modality="CT", series_description="aaaa")).rule == "slow"  # an ordinary value: fine
+
+
+def test_patterns_use_the_re_syntax_searched_and_case_insensitive():
+    assert Pattern(r"^t1_\w+ \d{1,2}mm$").search("T1_GRE 5mm")
+    assert Pattern("gre").search("T1_GRE 5mm") and not Pattern("^gre").search("T1_GRE 5mm")
+    assert Pattern(r"(?P<plane>sag|cor)").search("t1 SAG") and not Pattern("x").search(None)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from dicom_io.relabel import relabel_series
 from models.captioner import Captioner
 from service import routing
-from service.schema import AuditEvent, Dispatch, Draft, Instance, Job, Output, RoutingDecision, SeriesRecord, SRDocument
+from service.schema import AuditEvent, Dispatch, Draft, Instance, Job, Output, RoutingDecision, SeriesRecord, SRDocument, Study
 from service.study_status import list_studies
 from tests.conftest import storescu
 from tests.workers.conftest import CT, MR, make_drafter, runner
@@ -132,8 +132,6 @@ def test_a_study_whose_every_series_is_skipped_gets_no_sr_and_runs_again_without
     assert skipped.details["rule"] == routing.NO_RULE
     assert list(settings.storage.reports_dir.rglob("*.dcm")) == []
 
-    from sqlalchemy import update
-
     with db.session() as s:  # an operator re-queues it: the decisions of this version are recorded once
         s.execute(update(Job).where(Job.id == job_id).values(status="queued"))
     assert runner(db, clock).run(job_id, drafter.draft) == "succeeded"
@@ -251,3 +249,19 @@ def test_a_rule_on_the_header_reads_one_header_per_series_and_skipped_series_are
     mr_series = next(uid for uid in paths.values() if uid != CT_SERIES)
     assert read.count(CT_SERIES) == 1  # its header, for the rule; its images are never loaded
     assert read.count(mr_series) == len(MR) + 1  # its header, then each image once
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_pattern_that_runs_out_of_time_fails_the_job_at_once_naming_the_rule(db, clock, settings, captioner, job_id):
+    # The CT's study description, matched by a pattern that backtracks without end on it.
+    rules = routing.parse("[[rules]]\nname = 'slow'\nstudy_description = '(a|aa)+$'\n", source="slow.toml")
+    with db.session() as s:
+        s.execute(update(Study).values(study_description="a" * 60 + "!"))
+    assert runner(db, clock).run(job_id, drafter_with(db, clock, captioner, settings, rules).draft) == "failed"
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.attempts == 1 and job.error.startswith(
+            "routing rules: slow.toml: rule 'slow': study_description: /(a|aa)+$/ took longer"
+        )
+        assert s.scalars(select(RoutingDecision)).all() == []
