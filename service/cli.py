@@ -793,6 +793,8 @@ def cmd_rules_explain(settings: Settings, args: argparse.Namespace) -> int:
     try:
         with db.session() as s:
             explained = routing.explain_study(s, settings.storage, rules, args.study_uid)
+    except routing.RoutingError as exc:  # a pattern that ran out of time
+        raise CommandError(str(exc)) from None
     except (OSError, ValueError, InvalidDicomError) as exc:  # a stored header that is missing or unreadable
         raise CommandError(f"cannot read the study's headers: {exc}") from None
     if explained is None:
