@@ -1,4 +1,4 @@
-"""The admin overview lists the series the routing rules skipped, with the rule's name."""
+"""The admin overview (page and /api/admin/overview) lists the series the routing rules skipped, with the rule's name."""
 
 from __future__ import annotations
 
@@ -27,3 +27,5 @@ def test_the_overview_lists_skipped_series_with_their_rule(client, accounts, db,
     (row,) = re.findall(r'<tr data-rule="no-ct-today">(.*?)</tr>', page, flags=re.S)
     assert series in row and "skipped by rule no-ct-today" in row and " v1<" in row
     assert "No series has been skipped." not in page
+    (skipped,) = client.get("/api/admin/overview").json()["skipped"]
+    assert (skipped["series_uid"], skipped["rule"], skipped["study_version"]) == (series, "no-ct-today", 1)
