@@ -133,13 +133,17 @@ class Drafter:
                 return self._finish_without_sr(job_id, source, "no CT or MR image series to caption", decisions)
             rules = ", ".join(sorted({d.rule for d in decisions}))
             return self._finish_without_sr(job_id, source, f"every series skipped by the routing rules ({rules})", decisions)
-        planned = [(self._model(name), group) for name, group in groups.items()]
-        keys = [f"draft:{source.version_id}:{model.identity.weights_sha256}" for model, _ in planned]  # type: ignore[attr-defined]
-        if self._already_written(keys[0]):  # one transaction commits every model's SR: one is there, all are
+        # One SR per distinct weights: two names for the same checkpoint are one model (and one key).
+        planned: dict[str, tuple[ImageCaptioner, list[Decision]]] = {}
+        for name, group in groups.items():
+            model = self._model(name)
+            key = f"draft:{source.version_id}:{model.identity.weights_sha256}"  # type: ignore[attr-defined]
+            planned.setdefault(key, (model, []))[1].extend(group)
+        if self._already_written(next(iter(planned))):  # one transaction commits every model's SR: one is there, all are
             return self._finish_without_sr(job_id, source, "a draft SR for this study version and model exists already", decisions)
         written: list[WrittenSR] = []
         try:
-            for (model, group), key in zip(planned, keys, strict=True):
+            for key, (model, group) in planned.items():
                 if (sr := self._write(source, model, group, key)) is not None:
                     written.append(sr)
             if not written:

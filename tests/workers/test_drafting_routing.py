@@ -265,3 +265,19 @@ def test_a_pattern_that_runs_out_of_time_fails_the_job_at_once_naming_the_rule(d
             "routing rules: slow.toml: rule 'slow': study_description: /(a|aa)+$/ took longer"
         )
         assert s.scalars(select(RoutingDecision)).all() == []
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_two_model_names_for_the_same_weights_make_one_sr(db, listener, clock, assembler, settings, captioner, tmp_path, tiny_model):
+    mr_series = two_series_study(listener, tmp_path)
+    clock.advance(settings.quiet_seconds + 1)
+    (job_id,) = assembler.tick()
+    rules = routing.parse(
+        f"[models]\nsame = '{tiny_model}'\n[[rules]]\nname = 'mr'\nmodality = 'MR'\nmodel = 'same'\n[[rules]]\nname = 'ct'\n"
+    )
+    drafter = drafter_with(db, clock, captioner, settings, rules, models=lambda name: captioner)
+    assert runner(db, clock).run(job_id, drafter.draft) == "succeeded"
+    with db.session() as s:
+        (doc,) = s.scalars(select(SRDocument)).all()
+        assert {d.series_uid for d in s.scalars(select(Draft).where(Draft.sr_document_id == doc.id))} == {CT_SERIES, mr_series}
