@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
         q.set_defaults(func=cmd_audit)
 
+    add_rules_commands(sub)
     model_commands.register(sub)  # caption, model, train, evaluate, data
     return parser
 
@@ -233,6 +234,7 @@ def start_listening(settings: Settings, db: Any) -> tuple[Any, Any]:
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
+    require_rules(settings)  # a broken rule file stops the service at start-up, not at the first study
     db = open_database(settings)
     start_metrics(settings)
     stop = _stop_on_signals()
@@ -254,6 +256,7 @@ def require_model(settings: Settings) -> None:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     require_model(settings)
+    require_rules(settings)
     settings.storage.prepare()
     db = open_database(settings, upgrade=True)
     worker_env = {**os.environ, **start_metrics(settings, children=True)}  # the workers' metrics are served here
@@ -314,6 +317,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         settings = load_settings(args.config, device=args.device)
     if "caption" in queues:
         require_model(settings)
+        require_rules(settings)
     open_database(settings).dispose()  # fail fast on a missing or outdated schema
     start_metrics(settings, worker=True)  # before the pool forks
     app = configure(settings)
@@ -738,6 +742,67 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
                 print("run a failed job again with `medcap retry JOB`, send an SR again with `medcap resend SR`")
     except aq.QueryError as exc:
         raise CommandError(str(exc)) from None
+    return 0
+
+
+# -- routing rules (service/routing.py) -------------------------------------------------------
+
+
+def add_rules_commands(sub: Any) -> None:
+    p = sub.add_parser("rules", help="routing rules: which series are captioned, by which model, and where their SR goes")
+    rsub = p.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    q = rsub.add_parser("check", help="validate a rule file and print its rules in order")
+    q.add_argument("file", type=Path)
+    q.set_defaults(func=cmd_rules_check)
+    q = rsub.add_parser("explain", help="which rule decides each series of a study under the current rules, and why the others do not")
+    q.add_argument("study_uid")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_rules_explain)
+
+
+def require_rules(settings: Settings) -> Any:
+    from service import routing
+
+    try:
+        return routing.configured(settings)
+    except routing.RoutingError as exc:
+        raise CommandError(f"MEDCAP_ROUTING_RULES: {exc}") from None
+
+
+def cmd_rules_check(settings: Settings, args: argparse.Namespace) -> int:
+    from service import outputs, routing
+
+    try:
+        rules = routing.load(args.file, check_destination=outputs.configured(settings).for_destination)
+    except routing.RoutingError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"{args.file}: {len(rules.rules)} rule(s), valid")
+    for line in routing.describe(rules):
+        print(f"  {line}")
+    print("  a series no rule matches is skipped")
+    return 0
+
+
+def cmd_rules_explain(settings: Settings, args: argparse.Namespace) -> int:
+    from pydicom.errors import InvalidDicomError
+
+    from service import routing
+
+    rules = require_rules(settings)
+    db = open_database(settings)
+    try:
+        with db.session() as s:
+            explained = routing.explain_study(s, settings.storage, rules, args.study_uid)
+    except routing.RoutingError as exc:  # a pattern that ran out of time
+        raise CommandError(str(exc)) from None
+    except (OSError, ValueError, InvalidDicomError) as exc:  # a stored header that is missing or unreadable
+        raise CommandError(f"cannot read the study's headers: {exc}") from None
+    if explained is None:
+        raise CommandError(f"no study {args.study_uid} has been received")
+    if args.json:
+        print(json.dumps(explained.as_dict(), indent=2))
+    else:
+        print("\n".join(explained.lines()))
     return 0
 
 

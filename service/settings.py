@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     verifier_organization: str = Field(
         "MedCap", min_length=1, max_length=64, description="Verifying organization written into verified SRs."
     )
+    routing_rules: Path | None = Field(
+        None, description="TOML routing rules (docs/routing.md); unset: caption every CT and MR series with MEDCAP_MODEL."
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
 
     @field_validator("dicom_ae_title")
@@ -203,6 +206,8 @@ class Settings(BaseSettings):
             raise ValueError(f"data_dir: {exc}") from None
         if self.model is not None and not (self.model / "config.json").is_file():
             raise ValueError(f"model: {self.model} is not a MedCap checkpoint directory (no config.json)")
+        if self.routing_rules is not None and not self.routing_rules.is_file():
+            raise ValueError(f"routing_rules: file {self.routing_rules} does not exist")  # its content: service/routing.py, at start-up
         return self
 
     # Derived values: defaults that depend on the data dir.
