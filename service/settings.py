@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -158,7 +159,28 @@ class Settings(BaseSettings):
     verifier_organization: str = Field(
         "MedCap", min_length=1, max_length=64, description="Verifying organization written into verified SRs."
     )
+    # -- review page (issue 15) --
+    viewer_url_template: str = Field(
+        "",
+        max_length=1000,
+        description="Link to the site's own viewer (OHIF, PACS): an http(s) URL with {study_uid}, {accession_number}, {patient_id}; empty: no link.",
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _viewer_url_template(cls, value: str) -> str:
+        if not value:
+            return value
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("viewer_url_template must start with http:// or https://")
+        names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        unknown = names - {"study_uid", "accession_number", "patient_id"}
+        if unknown:
+            raise ValueError(
+                f"viewer_url_template: unknown placeholders {sorted(unknown)}; use {{study_uid}}, {{accession_number}}, {{patient_id}}"
+            )
+        return value
 
     @field_validator("dicom_ae_title")
     @classmethod
