@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
         q.set_defaults(func=cmd_audit)
 
+    p = sub.add_parser("sample", help="write a synthetic sample patient (head CT and brain MR) to send for a first run")
+    p.add_argument("directory", type=Path, help="where to write it (DIR/ct-head/*.dcm, DIR/mr-brain/*.dcm)")
+    p.set_defaults(func=cmd_sample)
+
     model_commands.register(sub)  # caption, model, train, evaluate, data
     return parser
 
@@ -743,3 +747,17 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def cmd_sample(settings: Settings, args: argparse.Namespace) -> int:
+    from dicom_io.sample_study import write_sample
+
+    try:
+        written = write_sample(args.directory)
+    except OSError as exc:
+        raise CommandError(f"cannot write the sample to {args.directory}: {exc}") from None
+    for name, files in written.items():
+        print(f"{args.directory / name}: {len(files)} instances")
+    folders = " ".join(f"{args.directory / name}/*.dcm" for name in written)
+    print(f"send it: TCP_NODELAY=1 /usr/bin/storescu -aet MYPACS -aec {settings.dicom_ae_title} 127.0.0.1 {settings.dicom_port} {folders}")
+    return 0
