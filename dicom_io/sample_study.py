@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 PATIENT_ID = "MEDCAP-SAMPLE"
 
 
@@ -37,13 +37,14 @@ SERIES = (
 )
 
 
-def _uid(*parts: object) -> str:
-    return str(generate_uid(entropy_srcs=["medcap-sample", *map(str, parts)]))
+def _uid(*parts: object) -> UID:
+    return generate_uid(entropy_srcs=["medcap-sample", *map(str, parts)])
 
 
 def _ellipse(size: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+    inside: np.ndarray = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+    return inside
 
 
 def phantom(modality: str, size: int, slices: int, k: int) -> np.ndarray:

@@ -69,7 +69,7 @@ def test_the_review_page_shows_what_the_study_is_its_header_and_the_keyboard(cli
         s.execute(update(Study).values(study_description="CT HEAD WITHOUT CONTRAST", accession_number="ACC42"))
         study_uid = s.scalar(select(Study.study_uid))
     page = client.get(f"/drafts/{draft_id}").text
-    title = re.search(r"<title>(.*?)</title>", page).group(1)  # type: ignore[union-attr]
+    title = re.search(r"<title>(.*?)</title>", page).group(1)
     assert title == "CT CT HEAD WITHOUT CONTRAST · ACC42 · MedCap" and study_uid not in title
     facts = dict(re.findall(r"<dt>(\w+)</dt><dd>([^<]*)</dd>", page.split('class="facts series-facts"')[1]))
     assert facts == {"Modality": "CT", "Region": "HEAD", "Plane": "axial, 4 mm slices", "Contrast": "none stated"}
@@ -105,8 +105,8 @@ def test_the_reading_order_opens_the_oldest_draft_and_moves_on_after_each_decisi
 def test_an_approved_report_shows_the_final_diff(client, accounts, draft_id, db):
     sign_in(client, "smith")
     page = client.get(f"/drafts/{draft_id}").text
-    series_field = re.search(r'name="(finding:[0-9.]+)"', page).group(1)  # type: ignore[union-attr]
-    drafted = html.unescape(re.search(r'data-draft="([^"]*)"', page).group(1))  # type: ignore[union-attr]
+    series_field = re.search(r'name="(finding:[0-9.]+)"', page).group(1)
+    drafted = html.unescape(re.search(r'data-draft="([^"]*)"', page).group(1))
     assert "Unchanged from the draft." in page  # the live diff's starting point (review.js keeps it current)
     client.post(
         f"/drafts/{draft_id}/approve",
@@ -135,7 +135,7 @@ def test_the_patients_earlier_reports_newest_first_with_their_state(
     csrf = sign_in(client, "smith")
     client.post(f"/drafts/{draft_id}/reject", data={"csrf_token": csrf, "reason": "Motion."})
     page = client.get(f"/drafts/{mr}").text
-    earlier = re.search(r'<table id="earlier-reports">(.*?)</table>', page, re.S).group(1)  # type: ignore[union-attr]
+    earlier = re.search(r'<table id="earlier-reports">(.*?)</table>', page, re.S).group(1)
     assert re.findall(r'href="/drafts/(\d+)"', earlier) == [str(draft_id)]
     assert "rejected" in earlier and "CT" in earlier
     back = client.get(f"/drafts/{draft_id}").text
@@ -165,7 +165,7 @@ def test_worklist_all_states_sorting_and_columns(client, accounts, draft_id, db,
     clock.advance(3 * 3600 + 120)
     everything = client.get("/worklist?state=all")
     assert everything.status_code == 200 and f'href="/drafts/{draft_id}"' in everything.text
-    row = re.search(r"<tbody>(.*?)</tbody>", everything.text, re.S).group(1)  # type: ignore[union-attr]
+    row = re.search(r"<tbody>(.*?)</tbody>", everything.text, re.S).group(1)
     assert ">3 h 2 min<" in row and "CT HEAD" in row and "2025-01-02" in row and "HEAD" in row
     for sort in ("waiting", "newest", "study_date", "patient"):
         assert f'href="/drafts/{draft_id}"' in client.get(f"/worklist?state=all&sort={sort}").text
