@@ -40,12 +40,11 @@ def render_png(series: Series, sop_instance_uid: str, *, frame: int | None = Non
 
 def stack_windows(series: Series) -> dict[str, Window]:
     """The named windows of the stack viewer: "default" first, then the CT presets (CT) or "auto" (robust percentiles)."""
-    windows = {"default": series_window(series)}
+    default = series_window(series)
     if series.modality == "CT":
-        windows.update({name: CT_WINDOWS[name] for name in STACK_CT_PRESETS})
-    else:
-        windows["auto"] = series_window(series, "percentiles")
-    return windows
+        return {"default": default, **{name: CT_WINDOWS[name] for name in STACK_CT_PRESETS}}
+    # Not CT: the default already is the robust-percentile window (one pass over the series' pixels).
+    return {"default": default, "auto": default}
 
 
 def render_slice(series: Series, index: int, window: Window) -> bytes:

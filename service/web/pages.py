@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from datetime import date, datetime
 from functools import lru_cache
@@ -93,7 +94,17 @@ def home(who: Anyone) -> Response:
 
 
 STATE_WORDS = ", ".join([*(s.value for s in ReviewState), "all"])
-SORT_WORDS = {"waiting": "longest waiting", "newest": "newest draft", "study_date": "study date", "patient": "patient name"}
+SORT_WORDS = {
+    "waiting": "longest waiting",
+    "priority": "priority, then longest waiting",
+    "newest": "newest draft",
+    "study_date": "study date",
+    "patient": "patient name",
+}
+#: Request priorities, most urgent first (DICOM RequestedProcedurePriority and the usual RIS words).
+PRIORITY_RANK = {"STAT": 0, "HIGH": 1, "URGENT": 1, "MEDIUM": 2, "ROUTINE": 3, "LOW": 4}
+#: Region filter and priority order work on header facts (not database columns): over this many drafts at most.
+FACT_WINDOW = 1000
 
 
 def _bad_filter(request: Request, who: Radiologist, message: str) -> Response:
@@ -147,6 +158,7 @@ def worklist(
     received_from: str = "",
     received_to: str = "",
     q: str = "",
+    region: str = "",
     sort: str = "waiting",
     message: str = "",
     page: Annotated[int, Query(ge=1)] = 1,
@@ -165,7 +177,7 @@ def worklist(
             search=q.strip() or None,
             limit=50,
             offset=(page - 1) * 50,
-            sort=sort,
+            sort="waiting" if sort == "priority" else sort,
         )
     except ValueError as exc:
         message_text = str(exc)
@@ -176,13 +188,25 @@ def worklist(
         elif "search" in message_text:
             message_text = "Search for at most 64 characters."
         return _bad_filter(request, who, message_text)
-    rows, counts = list_drafts(ctx.db, where)
+    region = region.strip().upper()
+    truncated = False
+    if region or sort == "priority":
+        rows, counts = list_drafts(ctx.db, dataclasses.replace(where, limit=FACT_WINDOW, offset=0))
+        truncated = len(rows) == FACT_WINDOW
+        facts = facts_of_studies(ctx, [r.study_uid for r in rows])
+        if region:
+            rows = [r for r in rows if r.study_uid in facts and (facts[r.study_uid].body_region or "").upper() == region]
+        if sort == "priority":
+            rows.sort(key=lambda r: PRIORITY_RANK.get((facts[r.study_uid].priority or "").upper(), 5) if r.study_uid in facts else 5)
+        rows = rows[(page - 1) * 50 : page * 50]
+    else:
+        rows, counts = list_drafts(ctx.db, where)
     audit_event(
         request,
         Action.WORKLIST_VIEWED,
         "worklist",
         where.state.value if where.state else "all",
-        filters={"modality": modality, "from": received_from, "to": received_to, "q": q, "page": page, "sort": sort},
+        filters={"modality": modality, "from": received_from, "to": received_to, "q": q, "region": region, "page": page, "sort": sort},
         shown=len(rows),
     )
     now = ctx.clock.now()
@@ -197,6 +221,8 @@ def worklist(
             "sorts": SORT_WORDS,
             "page": page,
             "message": message,
+            "truncated": truncated,
+            "fact_window": FACT_WINDOW,
             "facts": facts_of_studies(ctx, [r.study_uid for r in rows]),
             "waiting": {r.draft_id: waited(r.created_at, now) for r in rows},
             "filters": {
@@ -205,6 +231,7 @@ def worklist(
                 "received_from": received_from,
                 "received_to": received_to,
                 "q": q,
+                "region": region,
                 "sort": sort,
             },
         },
@@ -231,7 +258,8 @@ def study_title(view: DraftView, facts: StudyFacts | None, description: str | No
     """What the study is, in the page title: modality and description (or region), accession and date."""
     modalities = "/".join(dict.fromkeys(str(s["modality"]) for s in view.series if s.get("modality")))
     what = description or (facts.body_region.title() if facts and facts.body_region else "study")
-    parts = [f"{modalities} {what}".strip()]
+    said = what.split(" ", 1)[0].upper() in modalities.split("/")  # "CT HEAD ..." already names its modality
+    parts = [what if said else f"{modalities} {what}".strip()]
     if view.accession_number:
         parts.append(view.accession_number)
     return " · ".join(parts)

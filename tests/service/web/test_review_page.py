@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select, update
 
+from dicom_io.sample_study import write_sample
 from service.schema import Draft, Study
 from tests.pipeline import CT, MR, draft_study
 from tests.service.web.conftest import sign_in
@@ -70,7 +71,7 @@ def test_the_review_page_shows_what_the_study_is_its_header_and_the_keyboard(cli
         study_uid = s.scalar(select(Study.study_uid))
     page = client.get(f"/drafts/{draft_id}").text
     title = re.search(r"<title>(.*?)</title>", page).group(1)
-    assert title == "CT CT HEAD WITHOUT CONTRAST · ACC42 · MedCap" and study_uid not in title
+    assert title == "CT HEAD WITHOUT CONTRAST · ACC42 · MedCap" and study_uid not in title
     facts = dict(re.findall(r"<dt>(\w+)</dt><dd>([^<]*)</dd>", page.split('class="facts series-facts"')[1]))
     assert facts == {"Modality": "CT", "Region": "HEAD", "Plane": "axial, 4 mm slices", "Contrast": "none stated"}
     assert 'data-stack="/drafts/' in page and '<script src="/static/viewer.js" defer></script>' in page
@@ -170,3 +171,32 @@ def test_worklist_all_states_sorting_and_columns(client, accounts, draft_id, db,
     for sort in ("waiting", "newest", "study_date", "patient"):
         assert f'href="/drafts/{draft_id}"' in client.get(f"/worklist?state=all&sort={sort}").text
     assert 'href="/worklist/next" id="start-reading"' in everything.text
+
+
+def test_the_sample_fills_the_worklist_columns_and_sorts_first_by_priority(
+    client, accounts, draft_id, db, clock, settings, listener, assembler, captioner, tmp_path
+):
+    """The `medcap sample` CT (STAT, with a clinical question) drafted after the shared CT (no request attributes)."""
+    clock.advance(3600)
+    sample = write_sample(tmp_path / "sample")
+    stat = draft_study(db, clock, settings, listener, assembler, captioner, sample["ct-head"])
+    sign_in(client, "smith")
+
+    def order(query: str) -> list[int]:
+        page = client.get(f"/worklist?{query}")
+        assert page.status_code == 200, page.text
+        return [int(i) for i in re.findall(r'href="/drafts/(\d+)" class="open-draft"', page.text)]
+
+    assert order("") == [draft_id, stat]  # longest waiting first
+    assert order("sort=priority") == [stat, draft_id]
+    assert order("sort=newest") == [stat, draft_id]
+    assert order("region=head") == [draft_id, stat] and order("region=CHEST") == []
+    row = re.search(rf'<tr>\s*<td><a href="/drafts/{stat}".*?</tr>', client.get("/worklist").text, re.S).group(0)
+    cells = [re.sub(r"<[^>]+>", " ", c).split() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+    assert cells[1] == ["STAT"] and cells[3] == ["HEAD"]
+    assert " ".join(cells[2]).startswith("CT HEAD WITHOUT CONTRAST (synthetic phantom) 2026-01-02 SAMPLE-CT")
+    assert " ".join(cells[4]) == "Sample^Phantom MEDCAP-SAMPLE · 56 y O"
+    assert " ".join(cells[5]) == "Sudden severe headache; rule out haemorrhage"
+    page = client.get(f"/drafts/{stat}").text
+    assert "<title>CT HEAD WITHOUT CONTRAST (synthetic phantom) · SAMPLE-CT · MedCap</title>" in page
+    assert 'id="clinical-question">Sudden severe headache; rule out haemorrhage<' in page
