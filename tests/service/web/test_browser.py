@@ -167,7 +167,7 @@ def test_a_radiologist_signs_in_reviews_edits_and_approves_in_chromium(
         wait.until(lambda d: d.find_element(By.ID, "review-state").text == "approved")
         assert driver.find_element(By.ID, "status-banner").text.startswith("Approved by a radiologist")
         notice = driver.find_element(By.CSS_SELECTOR, "p.notice").text
-        assert notice.startswith("Approved. Verified report ") and "on its way to the PACS" in notice
+        assert notice.startswith(f"Approved draft {draft.id}. Verified report ") and "on its way to the PACS" in notice
         assert driver.find_element(By.CSS_SELECTOR, "textarea[name^='finding:']").get_attribute("value") == EDITED
         assert driver.find_elements(By.ID, "approve") == []  # decided: nothing left to approve
 

@@ -22,18 +22,20 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 from sqlalchemy import select
 
-from dicom_io.sr import read_findings
+from dicom_io.sample_study import write_sample
+from dicom_io.sr import read_findings, read_impression
 from service.schema import Review, SRDocument
 from service.web.app import create_app
 from tests.conftest import free_port
+from tests.pipeline import draft_study
 from tests.service.web import test_browser
 from tests.service.web.conftest import PASSWORD
-from tests.service.web.test_authorization import clone_draft
 from tests.service.web.test_browser import screenshot
 
 chromium = test_browser.chromium  # the same headless Chromium fixture
 pytestmark = [pytest.mark.peers, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
 EDITED = "No acute intracranial haemorrhage. Ventricles normal in size."
+IMPRESSION = "No acute intracranial abnormality."
 
 
 @pytest.fixture
@@ -67,9 +69,20 @@ def shown(driver) -> bool:
     )
 
 
-def test_scroll_window_and_decide_with_the_keyboard(web, chromium, accounts, draft_id, db, tmp_path):
+@pytest.fixture
+def sample_drafts(db, clock, settings, listener, assembler, captioner, tmp_path) -> tuple[int, int]:
+    """`medcap sample`'s head CT drafted, and an hour later its brain MR (the same patient): no shared data needed."""
+    sample = write_sample(tmp_path / "sample")
+    ct = draft_study(db, clock, settings, listener, assembler, captioner, sample["ct-head"])
+    clock.advance(3600)
+    mr = draft_study(db, clock, settings, listener, assembler, captioner, sample["mr-brain"])
+    clock.advance(2 * 3600 + 600)  # they have waited a while when the radiologist comes
+    return ct, mr
+
+
+def test_scroll_window_and_decide_with_the_keyboard(web, chromium, accounts, sample_drafts, db, tmp_path):
     driver, base = chromium, web
-    second = clone_draft(db, draft_id)
+    draft_id, second = sample_drafts
     wait = WebDriverWait(driver, 30)
     driver.get(f"{base}/login?next=/worklist")
     driver.find_element(By.ID, "username").send_keys("smith")
@@ -83,14 +96,14 @@ def test_scroll_window_and_decide_with_the_keyboard(web, chromium, accounts, dra
     wait.until(shown)
     stack = driver.execute_script("return window.MedCapStacks.all[0].meta")
     first_key = stack["keys"][0]["index"]
-    assert state(driver)["index"] == str(first_key) and state(driver)["count"] == str(stack["count"]) == "8"
+    assert state(driver)["index"] == str(first_key) and state(driver)["count"] == str(stack["count"]) == "24"
     info = driver.find_element(By.CSS_SELECTOR, ".stack-info").text
-    assert info.startswith(f"Slice {first_key + 1} / 8 · ") and " mm" in info and "Key image 1" in info
+    assert info.startswith(f"Slice {first_key + 1} / 24 · ") and " mm" in info and "Key image 1" in info
 
     # Scroll: arrow keys, the wheel, End/Home, the slider.
     body = driver.find_element(By.TAG_NAME, "body")
     start = int(state(driver)["index"])
-    target = start + 1 if start < 7 else start - 1
+    target = start + 1 if start < 23 else start - 1
     body.send_keys(Keys.ARROW_DOWN if target > start else Keys.ARROW_UP)
     wait.until(lambda d: state(d)["index"] == str(target) and shown(d))
     assert f"/slices/{target}.png?c=40.0&w=80.0" in state(driver)["shown"]
@@ -100,8 +113,8 @@ def test_scroll_window_and_decide_with_the_keyboard(web, chromium, accounts, dra
     ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(canvas), 0, 120).perform()
     wait.until(lambda d: state(d)["index"] == "1" and shown(d))
     body.send_keys(Keys.END)
-    wait.until(lambda d: state(d)["index"] == "7" and shown(d))
-    assert driver.find_element(By.CSS_SELECTOR, ".stack-info").text.startswith("Slice 8 / 8")
+    wait.until(lambda d: state(d)["index"] == "23" and shown(d))
+    assert driver.find_element(By.CSS_SELECTOR, ".stack-info").text.startswith("Slice 24 / 24")
     driver.execute_script("const s = document.querySelector('.stack-slider'); s.value = 3; s.dispatchEvent(new Event('input'))")
     wait.until(lambda d: state(d)["index"] == "3" and shown(d))
 
@@ -135,15 +148,19 @@ def test_scroll_window_and_decide_with_the_keyboard(web, chromium, accounts, dra
     finding.send_keys(EDITED)
     live = driver.find_element(By.CSS_SELECTOR, ".live-diff")
     wait.until(lambda d: "haemorrhage." in "".join(e.text for e in live.find_elements(By.TAG_NAME, "ins")))
+    impression = driver.find_element(By.ID, "impression")  # Tab would do; the impression too reads as a report
+    impression.send_keys(Keys.CONTROL, "a")
+    impression.send_keys(IMPRESSION)
+    finding.click()
     finding.send_keys(Keys.ESCAPE)
     assert "stack" in driver.switch_to.active_element.get_attribute("class")
     driver.switch_to.active_element.send_keys(Keys.ARROW_DOWN)  # the images answer the keys again
-    wait.until(lambda d: state(d)["index"] == str(min(first_key + 1, 7)))
+    wait.until(lambda d: state(d)["index"] == str(min(first_key + 1, 23)))
     screenshot(driver, "review-stack", tmp_path)
     driver.switch_to.active_element.send_keys("a")
     dialog = driver.find_element(By.ID, "confirm-dialog")
     wait.until(lambda d: dialog.get_attribute("open") is not None)
-    assert "You changed 1 of 2 texts" in driver.find_element(By.ID, "confirm-changes").text
+    assert "You changed 2 of 2 texts" in driver.find_element(By.ID, "confirm-changes").text
     driver.switch_to.active_element.send_keys(Keys.ESCAPE)  # not yet
     wait.until(lambda d: dialog.get_attribute("open") is None)
     with db.session() as s:
@@ -157,10 +174,15 @@ def test_scroll_window_and_decide_with_the_keyboard(web, chromium, accounts, dra
     assert driver.find_element(By.CSS_SELECTOR, "p.notice").text.startswith(f"Approved draft {draft_id}.")
     with db.session() as s:
         verified = s.scalars(select(SRDocument).where(SRDocument.kind == "verified")).one()
-    assert [f.text for f in read_findings(pydicom.dcmread(verified.path))] == [EDITED]
+    signed = pydicom.dcmread(verified.path)
+    assert [f.text for f in read_findings(signed)] == [EDITED] and read_impression(signed) == IMPRESSION
 
-    # The approved draft left the reading order; its page shows the final diff.
+    # The MR: auto-windowed, and the patient's CT, just approved, among the earlier reports.
     wait.until(shown)
+    assert driver.execute_script("return Object.keys(window.MedCapStacks.all[0].meta.windows)") == ["default", "auto"]
+    earlier = driver.find_element(By.ID, "earlier-reports").text
+    assert "CT HEAD WITHOUT CONTRAST (synthetic phantom)" in earlier and "approved" in earlier
+    # The approved draft left the reading order; its page shows the final diff.
     assert driver.find_elements(By.ID, "previous-draft") == []  # the approved draft is no longer in the reading order
     driver.get(f"{base}/drafts/{draft_id}")
     final = driver.find_element(By.CSS_SELECTOR, ".final-diff")
