@@ -140,7 +140,18 @@ def test_scroll_window_and_decide_with_the_keyboard(web, chromium, accounts, sam
     body.send_keys("k")
     wait.until(lambda d: state(d)["index"] == str(first_key))
 
+    # n and p walk the reading order (the MR waits next), ? shows the keys.
+    body.send_keys("n")
+    wait.until(lambda d: d.current_url == f"{base}/drafts/{second}" and shown(d))
+    driver.find_element(By.TAG_NAME, "body").send_keys("p")
+    wait.until(lambda d: d.current_url == f"{base}/drafts/{draft_id}" and shown(d))
+    body = driver.find_element(By.TAG_NAME, "body")
+    body.send_keys("?")
+    wait.until(lambda d: d.find_element(By.ID, "keys").get_attribute("open") is not None)
+    assert "approve and sign" in driver.find_element(By.ID, "keys").text
+
     # Read and decide with the keyboard: e edits, Esc returns to the images, a asks, Enter signs.
+    body.send_keys("?")
     body.send_keys("e")
     finding = driver.switch_to.active_element
     assert finding.get_attribute("name").startswith("finding:")
