@@ -745,10 +745,6 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def cmd_sample(settings: Settings, args: argparse.Namespace) -> int:
     from dicom_io.sample_study import write_sample
 
@@ -761,3 +757,7 @@ def cmd_sample(settings: Settings, args: argparse.Namespace) -> int:
     folders = " ".join(f"{args.directory / name}/*.dcm" for name in written)
     print(f"send it: TCP_NODELAY=1 /usr/bin/storescu -aet MYPACS -aec {settings.dicom_ae_title} 127.0.0.1 {settings.dicom_port} {folders}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -82,13 +82,12 @@ def test_studies_and_force(settings, listener):
 
 
 @pytest.mark.peers
-def test_sample_writes_a_study_the_listener_stores_and_assembles(tmp_path, listener, assembler, settings, clock, capsys, db):
-    """The README's first run: `medcap sample DIR`, then storescu sends it, and both studies become jobs."""
-    from service.cli import main
-
-    assert main(["sample", str(tmp_path / "sample")]) == 0
-    printed = capsys.readouterr().out
-    assert "ct-head: 24 instances" in printed and "send it: TCP_NODELAY=1 /usr/bin/storescu" in printed
+@pytest.mark.processes
+def test_sample_writes_a_study_the_listener_stores_and_assembles(tmp_path, listener, assembler, settings, clock, db):
+    """The README's first run: `medcap sample DIR` (as a command), then storescu sends it, and both studies become jobs."""
+    written = run(["sample", str(tmp_path / "sample")], settings_env(settings))
+    assert written.returncode == 0, written.stderr
+    assert "ct-head: 24 instances" in written.stdout and "send it: TCP_NODELAY=1 /usr/bin/storescu" in written.stdout
     files = sorted((tmp_path / "sample").glob("*/*.dcm"))
     assert len(files) == 44
     sent = storescu(listener, files)
