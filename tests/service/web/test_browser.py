@@ -164,6 +164,9 @@ def test_a_radiologist_signs_in_reviews_edits_and_approves_in_chromium(
         screenshot(driver, "review", tmp_path)
 
         driver.find_element(By.ID, "approve").click()
+        confirm = driver.find_element(By.ID, "confirm-approve")  # the page asks before signing
+        wait.until(lambda d: confirm.is_displayed())
+        confirm.click()
         wait.until(lambda d: d.find_element(By.ID, "review-state").text == "approved")
         assert driver.find_element(By.ID, "status-banner").text.startswith("Approved by a radiologist")
         notice = driver.find_element(By.CSS_SELECTOR, "p.notice").text

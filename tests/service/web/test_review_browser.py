@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pydicom
 import pytest
 import uvicorn
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
@@ -61,8 +62,8 @@ def state(driver, selector: str = ".stack") -> dict[str, str]:
 def shown(driver) -> bool:
     """The slice the viewer wants is the one drawn, and the canvas is not black."""
     return driver.execute_script(
-        """const root = document.querySelector('.stack'), stack = window.MedCapStacks.all[0];
-        if (!stack.meta || !root.dataset.shown || stack.wanted !== root.dataset.shown) return false;
+        """const root = document.querySelector('.stack'), stack = window.MedCapStacks && window.MedCapStacks.all[0];
+        if (!root || !stack || !stack.meta || !root.dataset.shown || stack.wanted !== root.dataset.shown) return false;
         const c = root.querySelector('canvas'), px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let lit = 0; for (let i = 0; i < px.length; i += 4 * 97) if (px[i] > 20) lit++;
         return lit > 50;"""
@@ -83,7 +84,7 @@ def sample_drafts(db, clock, settings, listener, assembler, captioner, tmp_path)
 def test_scroll_window_and_decide_with_the_keyboard(web, chromium, accounts, sample_drafts, db, tmp_path):
     driver, base = chromium, web
     draft_id, second = sample_drafts
-    wait = WebDriverWait(driver, 30)
+    wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException, NoSuchElementException))  # mid-navigation
     driver.get(f"{base}/login?next=/worklist")
     driver.find_element(By.ID, "username").send_keys("smith")
     driver.find_element(By.ID, "password").send_keys(PASSWORD + Keys.ENTER)
