@@ -200,3 +200,21 @@ def test_the_sample_fills_the_worklist_columns_and_sorts_first_by_priority(
     page = client.get(f"/drafts/{stat}").text
     assert "<title>CT HEAD WITHOUT CONTRAST (synthetic phantom) · SAMPLE-CT · MedCap</title>" in page
     assert 'id="clinical-question">Sudden severe headache; rule out haemorrhage<' in page
+
+
+def test_a_link_to_the_sites_own_viewer_when_one_is_configured(db, clock, make_settings, accounts, draft_id, client):
+    from fastapi.testclient import TestClient
+
+    from service.web.app import create_app
+
+    sign_in(client, "smith")
+    assert 'id="site-viewer"' not in client.get(f"/drafts/{draft_id}").text  # none by default
+    with db.session() as s:
+        s.execute(update(Study).values(accession_number="A&B 1"))
+        study_uid = s.scalar(select(Study.study_uid))
+    settings = make_settings(viewer_url_template="https://pacs.example/ohif/viewer?StudyInstanceUIDs={study_uid}&acc={accession_number}")
+    with TestClient(create_app(settings, db, clock), base_url="https://testserver", follow_redirects=False) as other:
+        sign_in(other, "smith")
+        page = other.get(f"/drafts/{draft_id}").text
+    link = html.unescape(re.search(r'<a href="([^"]+)" id="site-viewer"', page).group(1))
+    assert link == f"https://pacs.example/ohif/viewer?StudyInstanceUIDs={study_uid}&acc=A%26B%201"
