@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 
 from dicom_io.sample_study import write_sample
 from service.schema import Draft, Study
+from service.web import stack as stack_module
 from tests.pipeline import CT, MR, draft_study
 from tests.service.web.conftest import sign_in
 from tests.service.web.test_authorization import clone_draft
@@ -37,7 +38,9 @@ def test_the_stack_has_every_slice_its_key_images_and_renders_any_window(client,
     with db.session() as s:
         draft = s.scalars(select(Draft).where(Draft.sr_document_id == draft_id)).one()
     base = f"/drafts/{draft_id}/series/{draft.series_uid}"
+    stack_module._slice_png.cache_clear()
     stack = client.get(f"{base}/stack.json").json()
+    assert stack_module._slice_png.cache_info().currsize == 0  # opening the stack renders nothing
     assert stack["count"] == len(CT) == len(stack["slices"]) and stack["modality"] == "CT"
     positions = [s["position"] for s in stack["slices"]]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)  # stack order along the normal
@@ -54,6 +57,9 @@ def test_the_stack_has_every_slice_its_key_images_and_renders_any_window(client,
     assert brain.mean() > bone.mean() + 10 and (brain == 255).mean() > (bone == 255).mean()
     other = png(client.get(f"{base}/slices/{middle + 1}.png", params={"c": 40, "w": 80}))
     assert not np.array_equal(brain, other)
+    assert np.array_equal(png(client.get(f"{base}/slices/{middle}.png", params={"c": 40.01, "w": 80})), brain)
+    info = stack_module._slice_png.cache_info()
+    assert (info.currsize, info.hits) == (3, 1)  # only what was viewed was rendered, and a repeat (same window to 0.1) is cached
 
     refused = client.get(f"{base}/slices/{len(CT)}.png", params={"c": 40, "w": 80})
     assert refused.status_code == 404 and f"the series has {len(CT)} slices" in refused.text
