@@ -56,7 +56,7 @@ def _windows(storage: Storage, paths: tuple[str, ...], series_uid: str) -> dict[
 
 
 @lru_cache(maxsize=256)
-def _slice_png(storage: Storage, paths: tuple[str, ...], series_uid: str, index: int, center: float, width: float) -> bytes:
+def rendered_slice(storage: Storage, paths: tuple[str, ...], series_uid: str, index: int, center: float, width: float) -> bytes:
     return render_slice(load_series(storage, paths, series_uid), index, Window(center, width))
 
 
@@ -117,7 +117,7 @@ def slice_png(ctx: Context, who: Radiologist, draft_id: int, series_uid: str, in
         return Response("This series is not part of the draft's study.", status_code=404, media_type="text/plain")
     try:
         # Rounded: a drag produces many nearly equal windows; one decimal is below what anyone can see.
-        png = _slice_png(ctx.settings.storage, paths, series_uid, index, round(c, 1), round(w, 1))
+        png = rendered_slice(ctx.settings.storage, paths, series_uid, index, round(c, 1), round(w, 1))
     except IndexError as exc:
         return Response(str(exc), status_code=404, media_type="text/plain")
     except (KeyError, OSError, ValueError) as exc:

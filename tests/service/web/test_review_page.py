@@ -38,9 +38,9 @@ def test_the_stack_has_every_slice_its_key_images_and_renders_any_window(client,
     with db.session() as s:
         draft = s.scalars(select(Draft).where(Draft.sr_document_id == draft_id)).one()
     base = f"/drafts/{draft_id}/series/{draft.series_uid}"
-    stack_module._slice_png.cache_clear()
+    stack_module.rendered_slice.cache_clear()
     stack = client.get(f"{base}/stack.json").json()
-    assert stack_module._slice_png.cache_info().currsize == 0  # opening the stack renders nothing
+    assert stack_module.rendered_slice.cache_info().currsize == 0  # opening the stack renders nothing
     assert stack["count"] == len(CT) == len(stack["slices"]) and stack["modality"] == "CT"
     positions = [s["position"] for s in stack["slices"]]
     assert positions == sorted(positions) and len(set(positions)) == len(positions)  # stack order along the normal
@@ -58,7 +58,7 @@ def test_the_stack_has_every_slice_its_key_images_and_renders_any_window(client,
     other = png(client.get(f"{base}/slices/{middle + 1}.png", params={"c": 40, "w": 80}))
     assert not np.array_equal(brain, other)
     assert np.array_equal(png(client.get(f"{base}/slices/{middle}.png", params={"c": 40.01, "w": 80})), brain)
-    info = stack_module._slice_png.cache_info()
+    info = stack_module.rendered_slice.cache_info()
     assert (info.currsize, info.hits) == (3, 1)  # only what was viewed was rendered, and a repeat (same window to 0.1) is cached
 
     refused = client.get(f"{base}/slices/{len(CT)}.png", params={"c": 40, "w": 80})
