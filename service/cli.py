@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -274,6 +275,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     }
     workers: dict[str, subprocess.Popen[bytes]] = {}
     started: dict[str, float] = {}
+    announced = False  # the start-up ends with one line saying what listens where, once the web app answers
     delay = dict.fromkeys(commands, 1.0)  # restart backoff: a child that cannot start (port taken) must not spin
     due = dict.fromkeys(commands, 0.0)
     try:
@@ -291,6 +293,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                     delay[name] = min(delay[name] * 2, 60.0)
                 if now >= due[name]:
                     workers[name], started[name], due[name] = subprocess.Popen(command, env=worker_env), now, 0.0
+            if not announced and _answers(settings.web_bind_address, settings.web_port):
+                print(started_line(settings), flush=True)
+                announced = True
             stop.wait(0.5)
     finally:
         LOG.info("stopping")
@@ -305,6 +310,22 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
     return 0
+
+
+def started_line(settings: Settings) -> str:
+    scheme = "https" if settings.web_tls_cert_file else "http"
+    return (
+        f"MedCap is up: DICOM {settings.dicom_ae_title} on {settings.dicom_bind_address}:{settings.dicom_port}, "
+        f"web {scheme}://{settings.web_bind_address}:{settings.web_port}/ (Ctrl-C stops)"
+    )
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:

@@ -116,6 +116,8 @@ def test_a_radiologist_signs_in_reviews_edits_and_approves_in_chromium(
         added = run(["users", "add", "smith", "--role", "radiologist", "--display-name", "Smith^Jane"], env, stdin=PASSWORD + "\n")
         assert added.returncode == 0, added.stderr
         wait_listening(serve, web_port)
+        wait_until(lambda: "MedCap is up:" in serve.output(), "serve's start-up line")
+        assert f"MedCap is up: DICOM MEDCAP on 127.0.0.1:{settings.dicom_port}, web http://127.0.0.1:{web_port}/" in serve.output()
         base = f"http://localhost:{web_port}"
         wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException, NoSuchElementException))  # mid-navigation
 
