@@ -1,26 +1,31 @@
-"""What the review page shows from the DICOM header: per series (modality, region, plane, contrast) and
-per study (patient age and sex, priority, the clinical question).
+"""What the review page shows from the DICOM header: per series (modality, region, plane, contrast,
+laterality) and per study (patient age and sex, priority, the clinical question).
 
-The one place the web app reads these facts. When ``dicom_io/header_facts.py`` (the grounding work)
-lands, :func:`series_facts` becomes a thin adapter over it; nothing else needs to change.
+The one place the web app reads these facts. The series facts are the grounding's
+(:func:`dicom_io.header_facts.header_facts`, the same facts drafts are checked against), put in
+the reviewer's words here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 
 from pydicom.dataset import Dataset
 
+from dicom_io.header_facts import header_facts
+
 
 @dataclass(frozen=True)
 class SeriesFacts:
     modality: str
-    body_part: str | None
+    body_part: str | None  # the region's term ("head"), as grounding settles it
     plane: str | None  # axial, coronal, sagittal, oblique (from ImageOrientationPatient)
-    contrast: str | None  # ContrastBolusAgent, "none stated" when the header has no contrast attributes
+    contrast: str | None  # "with (agent)", "with", "without"; None: the header does not say
     description: str | None
     slice_thickness_mm: float | None
+    laterality: str | None = None  # right, left, bilateral
 
 
 @dataclass(frozen=True)
@@ -32,43 +37,31 @@ class StudyFacts:
     body_region: str | None  # BodyPartExamined of the first image
 
 
-def plane_of(orientation: object) -> str | None:
-    """axial / coronal / sagittal when the slice normal is within ~30° of an axis, else oblique."""
-    try:
-        row = [float(v) for v in orientation[:3]]  # type: ignore[index]
-        col = [float(v) for v in orientation[3:6]]  # type: ignore[index]
-    except (TypeError, ValueError, IndexError):
-        return None
-    if len(row) != 3 or len(col) != 3:
-        return None
-    normal = [row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2], row[0] * col[1] - row[1] * col[0]]
-    axis = max(range(3), key=lambda i: abs(normal[i]))
-    if abs(normal[axis]) < 0.866:
-        return "oblique"
-    return ("sagittal", "coronal", "axial")[axis]
-
-
 def _text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     text = str(value).strip() if value is not None else ""
     return text or None
 
 
-def series_facts(header: Dataset) -> SeriesFacts:
-    agent = _text(header, "ContrastBolusAgent")
-    has_contrast_attributes = any(k in header for k in ("ContrastBolusAgent", "ContrastBolusRoute", "ContrastBolusVolume"))
+def series_facts(header: Dataset, orientation: Sequence[float] | None = None) -> SeriesFacts:
+    """``orientation``: the series' ImageOrientationPatient where the caller has it (multi-frame)."""
+    facts = header_facts(header, orientation)
+    contrast = facts.contrast
+    if contrast == "with" and facts.contrast_agent:
+        contrast = f"with ({facts.contrast_agent})"
     thickness = header.get("SliceThickness")
     try:
         thickness_mm = float(thickness) if thickness not in (None, "") else None
     except (TypeError, ValueError):
         thickness_mm = None
     return SeriesFacts(
-        modality=_text(header, "Modality") or "?",
-        body_part=_text(header, "BodyPartExamined"),
-        plane=plane_of(header.get("ImageOrientationPatient")),
-        contrast=agent or ("given (agent not named)" if has_contrast_attributes else None),
+        modality=facts.modality or "?",
+        body_part=facts.region.term if facts.region else None,
+        plane=facts.plane,
+        contrast=contrast,
         description=_text(header, "SeriesDescription"),
         slice_thickness_mm=thickness_mm,
+        laterality=facts.laterality,
     )
 
 

@@ -124,7 +124,17 @@ class Reviews:
             first.model_version if first else "",
             first.weights_sha256 if first else "",
             first.generation_preset if first else "",
-            [{"series_uid": d.series_uid, "modality": d.modality, "text": d.text, "key_images": d.key_images} for d in drafts],
+            [
+                {
+                    "series_uid": d.series_uid,
+                    "modality": d.modality,
+                    "text": d.text,
+                    "key_images": d.key_images,
+                    # grounding (models/grounding.py): model sentences removed for contradicting the header
+                    "removed_sentences": d.removed_sentences or [],
+                }
+                for d in drafts
+            ],
             impression,
             {
                 "decision": review.decision,

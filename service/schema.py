@@ -273,6 +273,11 @@ class Draft(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64), index=True)
     generation_preset: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Grounding (models/grounding.py): the series' header facts (HeaderFacts.as_dict()) the text was checked
+    # against, and the model sentences removed for contradicting them, [{sentence, reasons}]. NULL: drafted
+    # before grounding existed (migration 0009).
+    header_facts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    removed_sentences: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (UniqueConstraint("sr_document_id", "series_uid"),)
 

@@ -21,10 +21,12 @@ from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from dicom_io.header_facts import Code, HeaderFacts, procedure_code, series_facts
 from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import SeriesInput, prepare_series
 from dicom_io.sr import AlgorithmInfo, SeriesFinding, read_impression, write_draft_sr
 from models.families import ImageCaptioner
+from models.grounding import GroundedDraft, ground
 from service import audit, draft_outcomes
 from service import dispatch_lifecycle as dispatches
 from service import job_lifecycle as jobs
@@ -96,7 +98,9 @@ class Drafter:
         series = self._prepare(source)
         if not series:
             return self._finish_without_sr(job_id, source, "no CT or MR image series to caption")
-        texts, captions = self._caption(series)
+        facts = [facts_of(s) for s in series]
+        grounded, captions = self._caption(series, facts)
+        texts = [g.text for g in grounded]
         inferred_at = self.clock.now()
         algorithm = AlgorithmInfo(identity.name, identity.version, identity.weights_sha256, self.options.generation_preset)  # type: ignore[attr-defined]
         findings = [
@@ -104,17 +108,21 @@ class Drafter:
                 s.series_uid,
                 text,
                 [(source.instances[uid][0], uid, frame) for uid, frame in zip(s.sop_instance_uids, s.key_slices.frames, strict=True)],
+                finding_site=f.region.code if f.region else None,
+                laterality=f.laterality_code,
             )
-            for s, text in zip(series, texts, strict=True)
+            for s, text, f in zip(series, texts, facts, strict=True)
         ]
         evidence = sr_evidence(series)
         try:
-            sr = write_draft_sr(findings, draft_impression(texts), algorithm, evidence, created_at=inferred_at)
+            sr = write_draft_sr(
+                findings, grounded_impression(grounded), algorithm, evidence, created_at=inferred_at, procedures=procedures_of(facts)
+            )
         except ValueError as exc:
             raise PermanentJobError(f"cannot build the draft SR: {exc}") from exc
         path, digest = self._store(sr, source.study_uid)
         try:
-            return self._commit(job_id, source, key, sr, path, digest, series, texts, captions, inferred_at)
+            return self._commit(job_id, source, key, sr, path, digest, series, grounded, facts, captions, inferred_at)
         except BaseException:
             self.options.storage.delete(path)  # not recorded, so never sent: remove the orphan
             raise
@@ -150,10 +158,9 @@ class Drafter:
         except (ValueError, pydicom.errors.InvalidDicomError) as exc:
             raise PermanentJobError(f"cannot read the study's images: {exc}") from exc
 
-    def _caption(self, series: Sequence[SeriesInput]) -> tuple[list[str], list[list[str]]]:
-        """All key images of the study through the model in batches; one text per series."""
-        from models.captioner import summarise
-
+    def _caption(self, series: Sequence[SeriesInput], facts: Sequence[HeaderFacts]) -> tuple[list[GroundedDraft], list[list[str]]]:
+        """All key images of the study through the model in batches; one grounded draft per series
+        (a heading from its header facts, the model's sentences that do not contradict them)."""
         inputs = {v.name: np.concatenate([s.views[v.name] for s in series]) for v in self.model.views}
         flat = self.model.caption(inputs, self.options.generation_preset, batch_size=self.options.batch_size)
         captions, start = [], 0
@@ -161,8 +168,7 @@ class Drafter:
             captions.append(flat[start : start + len(s.key_slices)])
             start += len(s.key_slices)
         captions = [[printable(c) for c in series_captions] for series_captions in captions]
-        texts = [summarise(c) or "(the model produced no text for this series)" for c in captions]
-        return texts, captions
+        return [ground(c, f) for c, f in zip(captions, facts, strict=True)], captions
 
     def _store(self, sr: Dataset, study_uid: str) -> tuple[Path, str]:
         try:
@@ -180,7 +186,8 @@ class Drafter:
         path: Path,
         digest: str,
         series: Sequence[SeriesInput],
-        texts: Sequence[str],
+        grounded: Sequence[GroundedDraft],
+        facts: Sequence[HeaderFacts],
         captions: Sequence[Sequence[str]],
         inferred_at: object,
     ) -> str:
@@ -207,14 +214,14 @@ class Drafter:
                 )
                 s.add(doc)
                 s.flush()
-                for item, text, item_captions in zip(series, texts, captions, strict=True):
+                for item, draft, item_facts, item_captions in zip(series, grounded, facts, captions, strict=True):
                     s.add(
                         Draft(
                             sr_document_id=doc.id,
                             job_id=job_id,
                             series_uid=item.series_uid,
                             modality=item.modality,
-                            text=text,
+                            text=draft.text,
                             key_images=[
                                 {"sop_instance_uid": u, "frame": f, "caption": c}
                                 for u, f, c in zip(item.sop_instance_uids, item.key_slices.frames, item_captions, strict=True)
@@ -225,6 +232,8 @@ class Drafter:
                             weights_sha256=identity.weights_sha256,
                             generation_preset=self.options.generation_preset,
                             created_at=now,
+                            header_facts=item_facts.as_dict(),
+                            removed_sentences=[r.as_dict() for r in draft.removed],
                         )
                     )
                 audit.record(
@@ -239,6 +248,7 @@ class Drafter:
                     job_id=job_id,
                     study_version=source.version_number,
                     series=len(series),
+                    sentences_removed=sum(len(d.removed) for d in grounded),
                     model=identity.name,
                     model_version=identity.version,
                     weights_sha256=identity.weights_sha256,  # type: ignore[attr-defined]
@@ -307,7 +317,27 @@ def sr_evidence(series: Sequence[SeriesInput]) -> list[Dataset]:
     return evidence
 
 
+def facts_of(item: SeriesInput) -> HeaderFacts:
+    """The series' header facts; a header they cannot be read from grounds nothing rather than failing the job."""
+    try:
+        return series_facts(item.series)
+    except ValueError as exc:
+        LOG.warning("series %s: no header facts (%s); its draft is not grounded", item.series_uid, exc)
+        return HeaderFacts(conflicts=(f"header facts could not be read: {exc}",))
+
+
+def procedures_of(facts: Sequence[HeaderFacts]) -> list[Code]:
+    """One coded procedure per distinct modality of the captioned series: the SR's "Procedure reported"."""
+    return list(dict.fromkeys(procedure_code(f.modality) for f in facts if f.modality))
+
+
 def draft_impression(texts: Sequence[str]) -> str:
     from models.captioner import summarise
 
     return summarise(texts) or "(no impression)"
+
+
+def grounded_impression(grounded: Sequence[GroundedDraft]) -> str:
+    """The series whose drafts kept a model sentence, each under its heading; none: say so."""
+    kept = [g.text for g in grounded if g.kept]
+    return draft_impression(kept) if kept else "(no impression: no model sentence was left after checking against the DICOM header)"

@@ -125,13 +125,13 @@ def audit_csv(request: Request, ctx: Context, who: Admin) -> Response:
         search = audit_search(dict(request.query_params), limit=aq.MAX_ROWS, offset=0)
     except aq.QueryError as exc:
         return Response(str(exc), status_code=400, media_type="text/plain")
-    result = aq.search_audit(ctx.db, search)
-    audit_event(request, Action.AUDIT_EXPORTED, "audit", "events", filters=search.filters(), rows=len(result.rows), truncated=result.more)
+    export = aq.export_audit(ctx.db, search, spreadsheet_safe=True)
+    audit_event(request, Action.AUDIT_EXPORTED, "audit", "events", filters=search.filters(), rows=export.rows, truncated=export.more)
     name = f"medcap-audit-{ctx.clock.now():%Y%m%dT%H%M%SZ}.csv"
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}
-    if result.more:
+    if export.more:
         headers["X-MedCap-Truncated"] = f"only the newest {aq.MAX_ROWS} events; narrow the search"
-    return StreamingResponse(aq.iter_audit_csv(result.rows, spreadsheet_safe=True), media_type="text/csv; charset=utf-8", headers=headers)
+    return StreamingResponse(iter(export.chunks), media_type="text/csv; charset=utf-8", headers=headers)
 
 
 # -- statistics -------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ def header_facts(ctx: WebContext, draft_id: int, series_uid: str) -> SeriesFacts
     if paths is None:
         return None
     try:
-        return series_facts(load_series(ctx.settings.storage, paths, series_uid).header)
+        series = load_series(ctx.settings.storage, paths, series_uid)
+        return series_facts(series.header, (*series.row_cosines, *series.column_cosines))
     except (KeyError, OSError, ValueError):
         return None
 

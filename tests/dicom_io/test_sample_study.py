@@ -33,7 +33,7 @@ def test_the_sample_is_a_head_ct_and_a_brain_mr_of_one_patient(sample):
     assert ((middle > 60) & (middle < 80)).sum() > 20  # the focus
     assert CT_WINDOWS["brain"].apply(brain).std() > 0.02  # grey and white matter differ in the brain window
     facts, request = series_facts(ct.header), study_facts(ct.header)
-    assert (facts.plane, facts.body_part, request.priority, request.patient_sex) == ("axial", "HEAD", "STAT", "O")
+    assert (facts.plane, facts.body_part, request.priority, request.patient_sex) == ("axial", "head", "STAT", "O")
     assert request.clinical_question == "Sudden severe headache; rule out haemorrhage"
 
 

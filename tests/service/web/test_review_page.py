@@ -79,7 +79,7 @@ def test_the_review_page_shows_what_the_study_is_its_header_and_the_keyboard(cli
     title = re.search(r"<title>(.*?)</title>", page).group(1)
     assert title == "CT HEAD WITHOUT CONTRAST · ACC42 · MedCap" and study_uid not in title
     facts = dict(re.findall(r"<dt>(\w+)</dt><dd>([^<]*)</dd>", page.split('class="facts series-facts"')[1]))
-    assert facts == {"Modality": "CT", "Region": "HEAD", "Plane": "axial, 4 mm slices", "Contrast": "none stated"}
+    assert facts == {"Modality": "CT", "Region": "head", "Plane": "axial, 4 mm slices", "Contrast": "not stated"}
     assert 'data-stack="/drafts/' in page and '<script src="/static/viewer.js" defer></script>' in page
     assert "<kbd>a</kbd>" in page and 'id="keys"' in page  # the keys are documented on the page
     assert "None: this is the first study of QMNx85rKkkg" in page
