@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -157,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.set_defaults(func=cmd_audit)
 
     add_rules_commands(sub)
+    p = sub.add_parser("sample", help="write a synthetic sample patient (head CT and brain MR) to send for a first run")
+    p.add_argument("directory", type=Path, help="where to write it (DIR/ct-head/*.dcm, DIR/mr-brain/*.dcm)")
+    p.set_defaults(func=cmd_sample)
+
     model_commands.register(sub)  # caption, model, train, evaluate, data
     return parser
 
@@ -273,6 +278,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     }
     workers: dict[str, subprocess.Popen[bytes]] = {}
     started: dict[str, float] = {}
+    announced = False  # the start-up ends with one line saying what listens where, once the web app answers
     delay = dict.fromkeys(commands, 1.0)  # restart backoff: a child that cannot start (port taken) must not spin
     due = dict.fromkeys(commands, 0.0)
     try:
@@ -290,6 +296,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                     delay[name] = min(delay[name] * 2, 60.0)
                 if now >= due[name]:
                     workers[name], started[name], due[name] = subprocess.Popen(command, env=worker_env), now, 0.0
+            if not announced and _answers(settings.web_bind_address, settings.web_port):
+                print(started_line(settings), flush=True)
+                announced = True
             stop.wait(0.5)
     finally:
         LOG.info("stopping")
@@ -304,6 +313,22 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
     return 0
+
+
+def started_line(settings: Settings) -> str:
+    scheme = "https" if settings.web_tls_cert_file else "http"
+    return (
+        f"MedCap is up: DICOM {settings.dicom_ae_title} on {settings.dicom_bind_address}:{settings.dicom_port}, "
+        f"web {scheme}://{settings.web_bind_address}:{settings.web_port}/ (Ctrl-C stops)"
+    )
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
@@ -803,6 +828,20 @@ def cmd_rules_explain(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(explained.as_dict(), indent=2))
     else:
         print("\n".join(explained.lines()))
+    return 0
+
+
+def cmd_sample(settings: Settings, args: argparse.Namespace) -> int:
+    from dicom_io.sample_study import write_sample
+
+    try:
+        written = write_sample(args.directory)
+    except OSError as exc:
+        raise CommandError(f"cannot write the sample to {args.directory}: {exc}") from None
+    for name, files in written.items():
+        print(f"{args.directory / name}: {len(files)} instances")
+    folders = " ".join(f"{args.directory / name}/*.dcm" for name in written)
+    print(f"send it: TCP_NODELAY=1 /usr/bin/storescu -aet MYPACS -aec {settings.dicom_ae_title} 127.0.0.1 {settings.dicom_port} {folders}")
     return 0
 
 

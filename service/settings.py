@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -161,7 +162,28 @@ class Settings(BaseSettings):
     routing_rules: Path | None = Field(
         None, description="TOML routing rules (docs/routing.md); unset: caption every CT and MR series with MEDCAP_MODEL."
     )
+    # -- review page (issue 15) --
+    viewer_url_template: str = Field(
+        "",
+        max_length=1000,
+        description="Link to the site's own viewer (OHIF, PACS): an http(s) URL with {study_uid}, {accession_number}, {patient_id}; empty: no link.",
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _viewer_url_template(cls, value: str) -> str:
+        if not value:
+            return value
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("viewer_url_template must start with http:// or https://")
+        names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        unknown = names - {"study_uid", "accession_number", "patient_id"}
+        if unknown:
+            raise ValueError(
+                f"viewer_url_template: unknown placeholders {sorted(unknown)}; use {{study_uid}}, {{accession_number}}, {{patient_id}}"
+            )
+        return value
 
     @field_validator("dicom_ae_title")
     @classmethod

@@ -22,7 +22,7 @@ from service.database import Database
 from service.review import Reviews
 from service.settings import Settings
 from service.users import Users
-from service.web import admin, admin_api, api, pages
+from service.web import admin, admin_api, api, pages, stack
 from service.web.auth import Sessions
 from service.web.context import TEMPLATES, Forbidden, NotSignedIn, WebContext, audit_event
 
@@ -62,6 +62,7 @@ def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> 
     )
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(pages.router)
+    app.include_router(stack.router)
     app.include_router(admin.router)
     app.include_router(api.router, prefix="/api")
     app.include_router(admin_api.router, prefix="/api/admin")
