@@ -22,7 +22,7 @@ from service.schema import Instance, SeriesRecord, SRDocument, Study
 from service.storage import Storage, StoredFileMissing
 from service.web.auth import COOKIE, LoginThrottled
 from service.web.context import TEMPLATES, Anyone, Context, Radiologist, WebContext, audit_event, client_address, require_csrf
-from service.web.stack import header_facts, load_series
+from service.web.stack import cached_series, header_facts
 from service.worklist import WorklistFilter, earlier_reports, header_paths, list_drafts, neighbours, reading_order
 
 router = APIRouter(include_in_schema=False)
@@ -378,7 +378,7 @@ def key_image(
         )
         series_uid = s.scalar(select(SeriesRecord.series_uid).where(SeriesRecord.id == row.series_id))
     try:
-        png = render_png(load_series(ctx.settings.storage, paths, series_uid), sop_instance_uid, frame=frame, window=window)
+        png = render_png(cached_series(ctx.settings.storage, paths, series_uid), sop_instance_uid, frame=frame, window=window)
     except (KeyError, ValueError) as exc:
         return Response(str(exc), status_code=404 if isinstance(exc, KeyError) else 400, media_type="text/plain")
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})

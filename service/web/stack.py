@@ -42,7 +42,7 @@ def series_paths(ctx: WebContext, draft_id: int, series_uid: str) -> tuple[str, 
 
 
 @lru_cache(maxsize=16)
-def load_series(storage: Storage, paths: tuple[str, ...], series_uid: str | None) -> Series:
+def cached_series(storage: Storage, paths: tuple[str, ...], series_uid: str | None) -> Series:
     # Headers of a series are read once; pixel data is read per slice, when it is rendered.
     for series in storage.read_series(paths):
         if series.series_uid == series_uid:
@@ -52,12 +52,12 @@ def load_series(storage: Storage, paths: tuple[str, ...], series_uid: str | None
 
 @lru_cache(maxsize=16)
 def _windows(storage: Storage, paths: tuple[str, ...], series_uid: str) -> dict[str, Window]:
-    return stack_windows(load_series(storage, paths, series_uid))
+    return stack_windows(cached_series(storage, paths, series_uid))
 
 
 @lru_cache(maxsize=256)
 def rendered_slice(storage: Storage, paths: tuple[str, ...], series_uid: str, index: int, center: float, width: float) -> bytes:
-    return render_slice(load_series(storage, paths, series_uid), index, Window(center, width))
+    return render_slice(cached_series(storage, paths, series_uid), index, Window(center, width))
 
 
 def header_facts(ctx: WebContext, draft_id: int, series_uid: str) -> SeriesFacts | None:
@@ -66,7 +66,7 @@ def header_facts(ctx: WebContext, draft_id: int, series_uid: str) -> SeriesFacts
     if paths is None:
         return None
     try:
-        series = load_series(ctx.settings.storage, paths, series_uid)
+        series = cached_series(ctx.settings.storage, paths, series_uid)
         return series_facts(series.header, (*series.row_cosines, *series.column_cosines))
     except (KeyError, OSError, ValueError):
         return None
@@ -78,7 +78,7 @@ def stack(ctx: Context, who: Radiologist, draft_id: int, series_uid: str) -> Res
     if paths is None:
         return JSONResponse({"detail": "This series is not part of the draft's study."}, status_code=404)
     try:
-        series = load_series(ctx.settings.storage, paths, series_uid)
+        series = cached_series(ctx.settings.storage, paths, series_uid)
         windows = _windows(ctx.settings.storage, paths, series_uid)
     except (KeyError, OSError, ValueError) as exc:
         return JSONResponse({"detail": f"The images of this series cannot be read: {exc}"}, status_code=404)
