@@ -82,7 +82,7 @@ class FhirReport(OutputKind):
         facts = report_facts.read(self.storage, report)
         resource = diagnostic_report(facts, self.identifier_system)
         data = resource.model_dump_json(exclude_none=True).encode("utf-8")
-        stored = self.storage.write_output(facts.study_uid, facts.sop_instance_uid, "fhir.json", data)
+        stored = self.storage.write_output(facts.study_uid, report.sop_instance_uid, "fhir.json", data)
         return Artefact(stored.path, self.media_type, stored.sha256)
 
     def send(self, artefact: Artefact, destination: str) -> Delivery:

@@ -112,8 +112,8 @@ class Hl7Oru(OutputKind):
 
     def build(self, report: SRDocument) -> Artefact:
         facts = report_facts.read(self.storage, report)
-        message = oru_r01(facts, self.applications, control_id(facts.sop_instance_uid), report.created_at)
-        stored = self.storage.write_output(facts.study_uid, facts.sop_instance_uid, "hl7", message)
+        message = oru_r01(facts, self.applications, control_id(report.sop_instance_uid), report.created_at)
+        stored = self.storage.write_output(facts.study_uid, report.sop_instance_uid, "hl7", message)
         return Artefact(stored.path, self.media_type, stored.sha256)
 
     def send(self, artefact: Artefact, destination: str) -> Delivery:
@@ -227,19 +227,20 @@ def oru_r01(facts: ReportFacts, apps: Applications, message_id: str, created_at:
         order.obr.obr_32 = "&" + "&".join(escape(p) for p in _name_parts(facts.verifier_name))
     observed = _ts(facts.verified_at or facts.observed_at)
     equipment = f"{facts.model.device_uid}^{escape(facts.model.name + ' ' + facts.model.version)}"
-    observations: list[tuple[str, str, str, str]] = [("HD", STUDY_CODE, "", facts.study_uid)]
+    observations: list[tuple[str, str, str, list[str]]] = [("HD", STUDY_CODE, "", [facts.study_uid])]
     for number, finding in enumerate(facts.findings, start=1):
-        observations.append(("HD", SERIES_CODE, str(number), finding.series_uid))
-        observations.append(("TX", FINDINGS_CODE, str(number), escape(finding.text)))
-    observations.append(("TX", IMPRESSION_CODE, "", escape(facts.impression)))
-    for set_id, (value_type, code, sub_id, value) in enumerate(observations, start=1):
+        observations.append(("HD", SERIES_CODE, str(number), [finding.series_uid]))
+        observations.append(("TX", FINDINGS_CODE, str(number), text_lines(finding.text)))
+    observations.append(("TX", IMPRESSION_CODE, "", text_lines(facts.impression)))
+    for set_id, (value_type, code, sub_id, values) in enumerate(observations, start=1):
         obx = order.add_group("ORU_R01_OBSERVATION").obx
         obx.obx_1 = str(set_id)
         obx.obx_2 = value_type
         obx.obx_3 = code
         if sub_id:
             obx.obx_4 = sub_id
-        obx.obx_5 = value
+        for value in values:
+            obx.add_field("obx_5").value = value
         obx.obx_11 = status
         obx.obx_14 = observed
         if facts.verifier_name:
@@ -258,9 +259,14 @@ def oru_r01(facts: ReportFacts, apps: Applications, message_id: str, created_at:
 
 
 def escape(text: str) -> str:
-    """HL7 escape sequences for the delimiters (\\F\\ \\S\\ \\T\\ \\R\\ \\E\\) and line breaks (\\.br\\)."""
+    """HL7 escape sequences for the delimiters (\\F\\ \\S\\ \\T\\ \\R\\ \\E\\); a line break becomes a space."""
     out = text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("&", "\\T\\").replace("~", "\\R\\")
-    return out.replace("\r\n", "\\.br\\").replace("\n", "\\.br\\").replace("\r", "\\.br\\")
+    return " ".join(out.splitlines())
+
+
+def text_lines(text: str) -> list[str]:
+    """A TX value (OBX-5), escaped: one repetition per line (TX reads the repetition separator as a line break)."""
+    return [escape(line) for line in text.splitlines()] or ['""']
 
 
 def _name_parts(dicom_name: str) -> list[str]:
