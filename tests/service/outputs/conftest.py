@@ -4,12 +4,14 @@ a radiologist makes of it), and the dispatch runner the dispatch worker uses."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select
 
 from service import dispatch_lifecycle as dispatches
 from service.outputs import OutputKind, OutputKinds
+from service.outputs.report_facts import Model, ReportFacts, ResultStatus, SeriesText
 from service.review import Reviews
 from service.schema import AuditEvent, Dispatch, DispatchAttempt, SRDocument, Study
 from service.users import Users
@@ -59,3 +61,24 @@ def attempt_items(db, dispatch_id: int) -> list[list[dict]]:
     with db.session() as s:
         attempts = s.scalars(select(DispatchAttempt).where(DispatchAttempt.dispatch_id == dispatch_id).order_by(DispatchAttempt.number))
         return [list(a.instances) for a in attempts]
+
+
+def facts(status: ResultStatus, verifier: str | None) -> ReportFacts:
+    """A report's facts with everything a real study may hold: an accession number, delimiters and non-ASCII text, two series."""
+    return ReportFacts(
+        sop_instance_uid="2.25.1",
+        study_uid="1.2.3.4",
+        accession_number="ACC|42",
+        patient_id="P-77",
+        patient_name="Müller^Anna^B^Dr^",
+        patient_birth_date=datetime(1970, 5, 1).date(),
+        patient_sex="F",
+        study_date=datetime(2026, 1, 2).date(),
+        observed_at=datetime(2026, 1, 2, 10, 0, tzinfo=UTC),
+        status=status,
+        findings=(SeriesText("1.2.3.4.1", "No bleed.\nVentricles normal | symmetric."), SeriesText("1.2.3.4.2", "T1 & T2 ^ fine")),
+        impression="Normal.",
+        model=Model("MedCap", "MSMedCap", "0.1.0", "2.25.5"),
+        verifier_name=verifier,
+        verified_at=datetime(2026, 1, 2, 11, 0, tzinfo=UTC) if verifier else None,
+    )

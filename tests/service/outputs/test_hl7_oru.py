@@ -15,10 +15,10 @@ from sqlalchemy import select
 
 from service.outputs import Hl7Oru
 from service.outputs.hl7_oru import Applications, MllpPeer, control_id, escape, exchange, judge, oru_r01, text_lines
-from service.outputs.report_facts import Model, ReportFacts, ResultStatus, SeriesText
+from service.outputs.report_facts import ResultStatus
 from service.schema import Output, SRDocument
 from tests.conftest import free_port
-from tests.service.outputs.conftest import attempt_items, dispatch, history, sender
+from tests.service.outputs.conftest import attempt_items, dispatch, facts, history, sender
 from tests.tiers import requires
 
 
@@ -82,26 +82,6 @@ def segments(er7: str, name: str) -> list[list[str]]:
 
 
 # -- without a peer ---------------------------------------------------------------------------------
-
-
-def facts(status: ResultStatus, verifier: str | None) -> ReportFacts:
-    return ReportFacts(
-        sop_instance_uid="2.25.1",
-        study_uid="1.2.3.4",
-        accession_number="ACC|42",
-        patient_id="P-77",
-        patient_name="Müller^Anna^B^Dr^",
-        patient_birth_date=datetime(1970, 5, 1).date(),
-        patient_sex="F",
-        study_date=datetime(2026, 1, 2).date(),
-        observed_at=datetime(2026, 1, 2, 10, 0, tzinfo=UTC),
-        status=status,
-        findings=(SeriesText("1.2.3.4.1", "No bleed.\nVentricles normal | symmetric."), SeriesText("1.2.3.4.2", "T1 & T2 ^ fine")),
-        impression="Normal.",
-        model=Model("MedCap", "MSMedCap", "0.1.0", "2.25.5"),
-        verifier_name=verifier,
-        verified_at=datetime(2026, 1, 2, 11, 0, tzinfo=UTC) if verifier else None,
-    )
 
 
 def test_the_message_names_order_patient_study_and_each_series_text():
