@@ -126,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resend", help="send an SR to its destinations again (those not yet delivered, or --destination)")
     p.add_argument("sr", help="SOP Instance UID of the SR (see `medcap reports`)")
-    p.add_argument("--destination", action="append", default=[], help="AE@host:port or an output_destinations URL; repeatable; also resends a delivered copy")
+    p.add_argument(
+        "--destination",
+        action="append",
+        default=[],
+        help="AE@host:port or an output_destinations URL; repeatable; also resends a delivered copy",
+    )
     p.set_defaults(func=cmd_resend)
 
     p = sub.add_parser("export-feedback", help="write the approved reports' key images and final texts as a training table (DIR/table.csv)")

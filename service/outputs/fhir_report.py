@@ -105,7 +105,9 @@ class FhirReport(OutputKind):
         if not found.is_success:
             return _refused(found, "searching DiagnosticReport by identifier")
         try:
-            matches = [e["resource"] for e in found.json().get("entry", []) if e.get("resource", {}).get("resourceType") == "DiagnosticReport"]
+            matches = [
+                e["resource"] for e in found.json().get("entry", []) if e.get("resource", {}).get("resourceType") == "DiagnosticReport"
+            ]
         except (ValueError, AttributeError, KeyError, TypeError) as exc:
             return Delivery(delivered=False, retryable=True, summary=f"the search answer is not a FHIR Bundle: {exc}")
         if len(matches) > 1:
@@ -142,7 +144,10 @@ def _written(response: httpx.Response, what: str, status: str) -> Delivery:
     location = response.headers.get("Location") or response.headers.get("Content-Location")
     item = {"http_status": response.status_code, "id": resource_id, "location": location, "status": status}
     return Delivery(
-        delivered=True, retryable=False, summary=f"DiagnosticReport/{resource_id} {what} ({status}, HTTP {response.status_code})", items=(item,)
+        delivered=True,
+        retryable=False,
+        summary=f"DiagnosticReport/{resource_id} {what} ({status}, HTTP {response.status_code})",
+        items=(item,),
     )
 
 
@@ -157,7 +162,9 @@ def _outcome_text(response: httpx.Response) -> str:
     """The diagnostics of an OperationOutcome answer, when it is one."""
     try:
         answer = response.json()
-        return "; ".join(str(i.get("diagnostics") or i.get("details", {}).get("text") or i.get("code")) for i in answer.get("issue", []))[:500]
+        return "; ".join(str(i.get("diagnostics") or i.get("details", {}).get("text") or i.get("code")) for i in answer.get("issue", []))[
+            :500
+        ]
     except (ValueError, AttributeError, TypeError):
         return ""
 

@@ -148,7 +148,9 @@ def exchange(peer: MllpPeer, message: bytes, timeout: float, tls: ssl.SSLContext
         while not received.endswith(END):
             chunk = sock.recv(65536)
             if not chunk:
-                raise ConnectionError(f"the peer closed the connection {'after ' + str(len(received)) + ' bytes ' if received else ''}without an ACK")
+                raise ConnectionError(
+                    f"the peer closed the connection {'after ' + str(len(received)) + ' bytes ' if received else ''}without an ACK"
+                )
             received += chunk
             if len(received) > MAX_ACK_BYTES:
                 raise ConnectionError("the answer is over 1 MiB without an end of block")
@@ -247,12 +249,12 @@ def oru_r01(facts: ReportFacts, apps: Applications, message_id: str, created_at:
             obx.obx_16 = "^" + _xpn(facts.verifier_name)
         if value_type == "TX":
             obx.obx_18 = equipment
-    text = m.to_er7()
+    text = str(m.to_er7())
     try:
         data = text.encode("ascii")
     except UnicodeEncodeError:
         m.msh.msh_18 = "UNICODE UTF-8"
-        text = m.to_er7()
+        text = str(m.to_er7())
         data = text.encode("utf-8")
     m.validate()  # the 2.5.1 structure and data types: a bad message fails the build, not the RIS
     return data + b"\r"
@@ -286,4 +288,3 @@ def _ts(moment: datetime) -> str:
 
 def _date(day: date) -> str:
     return day.strftime("%Y%m%d")
-

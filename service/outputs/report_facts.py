@@ -14,7 +14,7 @@ from datetime import UTC, date, datetime
 
 from pydicom import Dataset
 from pydicom.valuerep import DA, DT, TM
-from sqlalchemy import exists, select
+from sqlalchemy import select
 from sqlalchemy.orm import object_session
 
 from dicom_io.sr import read_findings, read_impression
@@ -72,7 +72,9 @@ class ReportFacts:
         if not self.findings:
             raise ValueError("ReportFacts.findings: the SR has no findings")
         if (self.verifier_name is None) != (self.status is ResultStatus.PRELIMINARY):
-            raise ValueError(f"ReportFacts.verifier_name: a {self.status.fhir} report must {'' if self.verifier_name else 'not '}name a verifier")
+            raise ValueError(
+                f"ReportFacts.verifier_name: a {self.status.fhir} report must {'' if self.verifier_name else 'not '}name a verifier"
+            )
 
 
 def result_status(report: SRDocument) -> ResultStatus:
@@ -83,11 +85,11 @@ def result_status(report: SRDocument) -> ResultStatus:
     if session is None:
         raise ValueError("result_status: the report must belong to a session (build runs in the report's transaction)")
     earlier = session.scalar(
-        select(
-            exists().where(SRDocument.study_id == report.study_id, SRDocument.kind == SRKind.VERIFIED.value, SRDocument.id < report.id)
-        )
+        select(SRDocument.id)
+        .where(SRDocument.study_id == report.study_id, SRDocument.kind == SRKind.VERIFIED.value, SRDocument.id < report.id)
+        .limit(1)
     )
-    return ResultStatus.CORRECTED if earlier else ResultStatus.FINAL
+    return ResultStatus.CORRECTED if earlier is not None else ResultStatus.FINAL
 
 
 def read(storage: Storage, report: SRDocument) -> ReportFacts:

@@ -59,7 +59,7 @@ class StowRS(OutputKind):
         return True
 
     def build(self, report: SRDocument) -> Artefact:
-        return Artefact(report.path, self.media_type, report.sha256)  # the SR file is the artefact
+        return Artefact(self.storage.recorded(report.path), self.media_type, report.sha256)  # the SR file is the artefact
 
     def send(self, artefact: Artefact, destination: str) -> Delivery:
         try:
@@ -109,10 +109,18 @@ def judge(response: httpx.Response, sop_uid: str) -> Delivery:
         )
     if response.status_code == 200 and answer is None:
         # a bare 200 (some archives answer without a body): stored
-        return Delivery(delivered=True, retryable=False, summary="stored by STOW-RS (HTTP 200, no response body)", items=({"sop_instance_uid": sop_uid, "status": "HTTP 200"},))
+        return Delivery(
+            delivered=True,
+            retryable=False,
+            summary="stored by STOW-RS (HTTP 200, no response body)",
+            items=({"sop_instance_uid": sop_uid, "status": "HTTP 200"},),
+        )
     if response.is_success:
         return Delivery(
-            delivered=False, retryable=True, summary=f"STOW-RS answered HTTP {response.status_code} without naming the SR", items=({"sop_instance_uid": sop_uid, "status": f"HTTP {response.status_code}"},)
+            delivered=False,
+            retryable=True,
+            summary=f"STOW-RS answered HTTP {response.status_code} without naming the SR",
+            items=({"sop_instance_uid": sop_uid, "status": f"HTTP {response.status_code}"},),
         )
     return refused(response, "STOW-RS")
 
@@ -136,4 +144,3 @@ def _outcomes(answer: Any) -> tuple[dict[str, int | None], dict[str, int | None]
 
 def _hex(reason: int | None) -> str:
     return "unknown" if reason is None else f"0x{reason:04X}"
-

@@ -43,7 +43,9 @@ def dispatch(db, clock, report_id: int, destination: str, kind: OutputKind) -> i
 
 
 def sender(db, clock, kind: OutputKind, max_attempts: int = 3) -> DispatchRunner:
-    return DispatchRunner(db, clock, "worker:test", kinds=OutputKinds([kind]), max_attempts=max_attempts, retry_delay=lambda n: 10.0, stale_seconds=60)
+    return DispatchRunner(
+        db, clock, "worker:test", kinds=OutputKinds([kind]), max_attempts=max_attempts, retry_delay=lambda n: 10.0, stale_seconds=60
+    )
 
 
 def history(db, dispatch_id: int) -> tuple[tuple[str, int, str | None], list[tuple[str, str | None]], list[str]]:
@@ -52,7 +54,9 @@ def history(db, dispatch_id: int) -> tuple[tuple[str, int, str | None], list[tup
         row = s.get(Dispatch, dispatch_id)
         attempts = s.scalars(select(DispatchAttempt).where(DispatchAttempt.dispatch_id == dispatch_id).order_by(DispatchAttempt.number))
         events = s.scalars(
-            select(AuditEvent.action).where(AuditEvent.object_type == "dispatch", AuditEvent.object_id == str(dispatch_id)).order_by(AuditEvent.id)
+            select(AuditEvent.action)
+            .where(AuditEvent.object_type == "dispatch", AuditEvent.object_id == str(dispatch_id))
+            .order_by(AuditEvent.id)
         )
         return (row.status, row.attempts, row.error), [(a.outcome, a.error) for a in attempts], list(events)
 

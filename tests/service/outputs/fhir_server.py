@@ -11,6 +11,7 @@ answers a test can force (``fail_next``, ``fail_writes``) to play a server that 
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,9 +25,10 @@ from tests.tiers import requires
 
 
 class FhirServer:
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.port = free_port()
         self.token = token
+        self.tls = tls  # serve HTTPS with this context (e.g. one that requires client certificates)
         self.resources: dict[str, dict[str, Any]] = {}  # id -> the stored DiagnosticReport (with meta.versionId)
         self.history: list[dict[str, Any]] = []  # every version written, in order
         self.requests: list[tuple[str, str]] = []  # (method, path with query)
@@ -37,7 +39,7 @@ class FhirServer:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/fhir"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/fhir"
 
     @property
     def destination(self) -> str:
@@ -46,6 +48,8 @@ class FhirServer:
     def start(self) -> None:
         requires("peers")
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
+        if self.tls is not None:
+            self.httpd.socket = self.tls.wrap_socket(self.httpd.socket, server_side=True)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
@@ -57,7 +61,9 @@ class FhirServer:
     def find(self, token: str) -> list[dict[str, Any]]:
         system, _, value = token.partition("|")
         return [
-            r for r in self.resources.values() if any(i.get("system") == system and i.get("value") == value for i in r.get("identifier", []))
+            r
+            for r in self.resources.values()
+            if any(i.get("system") == system and i.get("value") == value for i in r.get("identifier", []))
         ]
 
 

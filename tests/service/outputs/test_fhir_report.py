@@ -51,7 +51,10 @@ def test_the_preliminary_and_final_resources_follow_imaging_diagnostic_report():
         assert resource["identifier"] == [{"system": SYSTEM, "value": "1.2.3.4"}], "one identifier for the draft and the final report"
         assert resource["conclusion"] == "Normal."
         assert resource["imagingStudy"] == [{"type": "ImagingStudy", "identifier": {"system": "urn:dicom:uid", "value": "urn:oid:1.2.3.4"}}]
-        assert resource["basedOn"][0]["identifier"]["value"] == "ACC|42" and resource["basedOn"][0]["identifier"]["type"]["coding"][0]["code"] == "ACSN"
+        assert (
+            resource["basedOn"][0]["identifier"]["value"] == "ACC|42"
+            and resource["basedOn"][0]["identifier"]["type"]["coding"][0]["code"] == "ACSN"
+        )
         assert resource["subject"] == {"type": "Patient", "identifier": {"value": "P-77"}, "display": "Dr Anna B Müller"}
         assert resource["code"]["coding"][0]["code"] == "18748-4"
         (device,) = contained(resource, "Device")
@@ -183,3 +186,48 @@ def test_credentials_are_sent_and_a_wrong_token_is_a_refusal(db, clock, settings
     again = dispatch(db, clock, draft_id, fhir.destination + "/", kind(settings, "Bearer s3cret"))
     assert sender(db, clock, kind(settings, "Bearer s3cret")).run(again) == "delivered"
     assert len(fhir.resources) == 1
+
+
+@pytest.mark.peers
+def test_https_with_the_configured_ca_and_client_certificate(db, clock, make_settings, tmp_path, draft_id):
+    """The output TLS settings: the server's certificate is verified against output_tls_ca_file, and ours is presented."""
+    import ssl
+
+    from tests.pki import issue, make_ca
+
+    ca = make_ca(tmp_path, "ris-ca")
+    server_cert = issue(
+        tmp_path,
+        "ris",
+        ca,
+        "/CN=127.0.0.1",
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature\n",
+    )
+    client_cert = issue(tmp_path, "medcap", ca, "/CN=MEDCAP", "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca[0]))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(*map(str, server_cert))
+    server = FhirServer(tls=context)
+    server.start()
+    try:
+        trusted = make_settings(
+            output_destinations=server.destination,
+            output_tls_ca_file=ca[0],
+            output_tls_cert_file=client_cert[0],
+            output_tls_key_file=client_cert[1],
+            fhir_report_identifier_system=SYSTEM,
+        )
+        fhir = FhirReport.from_settings(trusted)
+        ok = dispatch(db, clock, draft_id, server.destination, fhir)
+        assert sender(db, clock, fhir).run(ok) == "delivered" and len(server.resources) == 1
+
+        # without the CA the server is not trusted: a refusal, not retried
+        stranger = FhirReport(HttpPeer(timeout=5), identifier_system=SYSTEM, storage=trusted.storage)
+        refused = dispatch(db, clock, draft_id, server.destination + "/", stranger)
+        assert sender(db, clock, stranger).run(refused) == "failed"
+        assert (
+            history(db, refused)[0][2].startswith(f"TLS with {server.base} failed")
+            and "CERTIFICATE_VERIFY_FAILED" in history(db, refused)[0][2]
+        )
+    finally:
+        server.stop()

@@ -36,7 +36,7 @@ class Ris:
         requires("peers")
         ris = self
 
-        class Handler(AbstractHandler):  # type: ignore[misc]
+        class Handler(AbstractHandler):
             def reply(self) -> str:
                 incoming = parse_message(self.incoming_message, find_groups=False)
                 ris.received.append(self.incoming_message)
@@ -216,7 +216,9 @@ def test_draft_then_verified_report_reach_the_ris_as_p_then_f(db, clock, setting
     assert len(segments(p, "OBR")[0]) < 33 and segments(f, "OBR")[0][32] == "&Smith&Jane", "the interpreter only once verified"
     assert all(o[16] == "^Smith^Jane" for o in segments(f, "OBX"))
     assert history(db, second)[0] == ("delivered", 1, None)
-    assert attempt_items(db, second) == [[{"ack_code": "AA", "acknowledged_control_id": control_id(verified.sop_instance_uid), "text": "", "errors": []}]]
+    assert attempt_items(db, second) == [
+        [{"ack_code": "AA", "acknowledged_control_id": control_id(verified.sop_instance_uid), "text": "", "errors": []}]
+    ]
     assert history(db, first)[2] == ["dispatch.queued", "dispatch.delivered"]
 
 
@@ -271,7 +273,9 @@ def test_a_second_verified_report_of_a_study_is_a_correction(db, clock, settings
         first = s.get(SRDocument, verified_id)
         # a later version's verified report of the same study (same file: only the status is under test)
         again = SRDocument(
-            **{c: getattr(first, c) for c in ("kind", "study_id", "study_version_id", "series_uid", "completion_flag", "verification_flag")},
+            **{
+                c: getattr(first, c) for c in ("kind", "study_id", "study_version_id", "series_uid", "completion_flag", "verification_flag")
+            },
             idempotency_key="verified:again",
             sop_instance_uid="2.25.99",
             path=first.path,

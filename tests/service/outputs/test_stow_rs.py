@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -23,7 +24,7 @@ from service.outputs import StowRS
 from service.outputs.http_peer import HttpPeer
 from service.outputs.stow_rs import judge
 from service.schema import SRDocument
-from tests.conftest import _orthanc_binary, free_port
+from tests.conftest import free_port
 from tests.service.outputs.conftest import attempt_items, dispatch, history, sender
 from tests.tiers import requires
 
@@ -45,6 +46,9 @@ class DicomWebOrthanc:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        binary = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+        if binary is None:
+            pytest.fail("Orthanc is not installed (apt-get install orthanc)")
         if not PLUGIN.is_file():
             pytest.fail(f"Orthanc's DICOMweb plugin {PLUGIN} is missing (apt-get install orthanc-dicomweb; scripts/ensure-system)")
         config = {
@@ -61,7 +65,7 @@ class DicomWebOrthanc:
         }
         (self.home / "orthanc.json").write_text(json.dumps(config))
         with (self.home / "orthanc.log").open("wb") as log:
-            self.process = subprocess.Popen([_orthanc_binary(), str(self.home / "orthanc.json")], cwd=self.home, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([binary, str(self.home / "orthanc.json")], cwd=self.home, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
             assert self.process.poll() is None, f"Orthanc exited: {(self.home / 'orthanc.log').read_text()[-2000:]}"
@@ -146,8 +150,20 @@ def sop(uid: str, reason_tag: str | None = None, reason: int | None = None) -> d
         (200, {"00081199": {"vr": "SQ", "Value": [sop("1.2")]}}, True, False, "stored by STOW-RS (HTTP 200)"),
         (202, {"00081199": {"vr": "SQ", "Value": [sop("1.2", "00081196", 0xB000)]}}, True, False, "stored by STOW-RS (HTTP 202)"),
         (200, None, True, False, "stored by STOW-RS (HTTP 200, no response body)"),
-        (409, {"00081198": {"vr": "SQ", "Value": [sop("1.2", "00081197", 0xC000)]}}, False, False, "STOW-RS failed the SR: HTTP 409, failure reason 0xC000"),
-        (202, {"00081198": {"vr": "SQ", "Value": [sop("1.2", "00081197", 0xA700)]}}, False, True, "STOW-RS failed the SR: HTTP 202, failure reason 0xA700"),
+        (
+            409,
+            {"00081198": {"vr": "SQ", "Value": [sop("1.2", "00081197", 0xC000)]}},
+            False,
+            False,
+            "STOW-RS failed the SR: HTTP 409, failure reason 0xC000",
+        ),
+        (
+            202,
+            {"00081198": {"vr": "SQ", "Value": [sop("1.2", "00081197", 0xA700)]}},
+            False,
+            True,
+            "STOW-RS failed the SR: HTTP 202, failure reason 0xA700",
+        ),
         (200, {"00081199": {"vr": "SQ", "Value": [sop("9.9")]}}, False, True, "STOW-RS answered HTTP 200 without naming the SR"),
         (503, None, False, True, "STOW-RS: HTTP 503 Service Unavailable"),
         (413, None, False, False, "STOW-RS: HTTP 413 Request Entity Too Large"),
@@ -238,4 +254,3 @@ def test_an_sr_that_is_not_of_the_study_in_the_url_is_refused_by_orthanc(db, clo
     assert response.status_code == 409, response.text
     assert (delivery.delivered, delivery.retryable) == (False, False) and delivery.summary.startswith("STOW-RS failed the SR: HTTP 409")
     assert delivery.items[0]["sop_instance_uid"] == report.sop_instance_uid
-
