@@ -89,10 +89,14 @@ class FhirReport(OutputKind):
         try:
             base = base_url(destination, PREFIX)
             resource: dict[str, Any] = json.loads(self.storage.read_bytes(artefact.path))
+            identifier = resource["identifier"][0]
+            token = f"{identifier['system']}|{identifier['value']}"
         except (ValueError, StorageError, OSError) as exc:
             return Delivery(delivered=False, retryable=False, summary=str(exc))
-        identifier = resource["identifier"][0]
-        token = f"{identifier['system']}|{identifier['value']}"
+        except (KeyError, IndexError, TypeError) as exc:  # a stored artefact that is not our resource
+            return Delivery(
+                delivered=False, retryable=False, summary=f"{artefact.path} is not a DiagnosticReport with an identifier: {exc!r}"
+            )
         try:
             with self.peer.client() as client:
                 return self._send(client, base, resource, token)

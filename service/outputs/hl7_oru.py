@@ -120,9 +120,9 @@ class Hl7Oru(OutputKind):
         try:
             peer = MllpPeer.parse(destination)
             message = self.storage.read_bytes(artefact.path)
-        except (ValueError, StorageError, OSError) as exc:
-            return Delivery(delivered=False, retryable=False, summary=str(exc))
-        sent_id = parse_message(message.decode("utf-8").strip("\r"), find_groups=False).msh.msh_10.value
+            sent_id = str(parse_message(message.decode("utf-8").strip("\r"), find_groups=False).msh.msh_10.value)
+        except (ValueError, StorageError, OSError, HL7apyException) as exc:  # UnicodeDecodeError is a ValueError
+            return Delivery(delivered=False, retryable=False, summary=f"cannot send {artefact.path} to {destination}: {exc}")
         try:
             answer = exchange(peer, message, self.timeout, self.tls)
         except ssl.SSLError as exc:

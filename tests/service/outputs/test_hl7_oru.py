@@ -242,3 +242,16 @@ def test_a_second_verified_report_of_a_study_is_a_correction(db, clock, settings
         earlier = settings.storage.read_bytes(kind(settings).build(first).path).decode()
     assert segments(message, "OBR")[0][25] == "C" and {o[11] for o in segments(message, "OBX")} == {"C"}
     assert segments(earlier, "OBR")[0][25] == "F"
+
+
+def test_an_artefact_that_is_missing_or_not_hl7_is_a_refusal(tmp_path):
+    from service.outputs import Artefact
+    from service.storage import Storage
+
+    storage = Storage(tmp_path)
+    hl7 = Hl7Oru(storage=storage)
+    missing = hl7.send(Artefact(tmp_path / "gone.hl7", Hl7Oru.media_type, "0" * 64), "mllp://127.0.0.1:9")
+    assert (missing.delivered, missing.retryable) == (False, False) and "missing" in missing.summary
+    stored = storage.write_output("1.2.3", "1.2.3.4", "hl7", b"\xff\xfe not a message")
+    garbled = hl7.send(Artefact(stored.path, Hl7Oru.media_type, stored.sha256), "mllp://127.0.0.1:9")
+    assert (garbled.delivered, garbled.retryable) == (False, False) and garbled.summary.startswith("cannot send")
