@@ -127,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resend", help="send an SR to its destinations again (those not yet delivered, or --destination)")
     p.add_argument("sr", help="SOP Instance UID of the SR (see `medcap reports`)")
-    p.add_argument("--destination", action="append", default=[], help="AE@host:port; repeatable; also resends a delivered copy")
+    p.add_argument(
+        "--destination",
+        action="append",
+        default=[],
+        help="AE@host:port or an output_destinations URL; repeatable; also resends a delivered copy",
+    )
     p.set_defaults(func=cmd_resend)
 
     p = sub.add_parser("export-feedback", help="write the approved reports' key images and final texts as a training table (DIR/table.csv)")
@@ -552,10 +557,11 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
     from service.reports import RequeueError, resend_report
 
     db = open_database(settings)
-    destinations = args.destination or [str(d) for d in settings.destination_list]
+    destinations = args.destination or list(settings.dispatch_destinations)
+    kinds = outputs.configured(settings)
     try:
         for d in args.destination:
-            settings.destination(d)  # validates the form
+            kinds.for_destination(d)  # validates the form: some output kind must take it
         queued = resend_report(
             db,
             SystemClock(),
@@ -563,7 +569,7 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
             destinations,
             audit.cli_actor(getpass.getuser()),
             force=bool(args.destination),
-            kinds=outputs.configured(settings),
+            kinds=kinds,
         )
     except (RequeueError, ValueError) as exc:
         raise CommandError(str(exc)) from None

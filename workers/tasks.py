@@ -146,7 +146,7 @@ def caption_study(job_id: int) -> str:
             generation_preset=settings.generation_preset,
             key_slices=KeySliceSpec(strategy=settings.key_slice_strategy, n=settings.key_slices),  # type: ignore[arg-type]
             batch_size=settings.caption_batch_size,
-            destinations=tuple(str(d) for d in settings.destination_list),
+            destinations=settings.dispatch_destinations,
             storage=settings.storage,
             outputs=outputs.configured(settings),
             routing=routing_rules(settings),

@@ -55,7 +55,7 @@ def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> 
             db,
             clock,
             storage=settings.storage,
-            destinations=[str(d) for d in settings.destination_list],
+            destinations=list(settings.dispatch_destinations),
             organization=settings.verifier_organization,
             outputs=outputs.configured(settings),
         ),
