@@ -158,6 +158,10 @@ class Settings(BaseSettings):
     verifier_organization: str = Field(
         "MedCap", min_length=1, max_length=64, description="Verifying organization written into verified SRs."
     )
+    # DICOMweb in (STOW-RS on the web app; clients: `medcap dicomweb-client`)
+    dicomweb_max_request_mb: int = Field(
+        1024, ge=1, le=1024 * 1024, description="Largest STOW-RS request body (MiB); larger requests get 413, checked as the bytes arrive."
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
 
     @field_validator("dicom_ae_title")
