@@ -425,3 +425,29 @@ def test_a_request_left_open_by_a_stopped_web_process_is_marked_lost(db, make_se
 def test_the_openapi_schema_lists_the_stow_routes(server):
     paths = httpx.get(server.url + "/api/openapi.json").json()["paths"]
     assert {"/dicomweb/studies", "/dicomweb/studies/{study_uid}"} <= set(paths)
+
+
+# -- a real client from PyPI -------------------------------------------------------------------
+
+
+def test_dicomweb_client_stores_a_series_and_reads_the_failures(db, server):
+    from dicomweb_client.api import DICOMwebClient
+    from requests.exceptions import HTTPError
+
+    files = series_files(MR)
+    client = DICOMwebClient(url=f"{server.url}/dicomweb", headers={"Authorization": f"Bearer {server.token}"})
+    datasets = [pydicom.dcmread(p) for p in files]
+    answer = client.store_instances(datasets, study_instance_uid=str(datasets[0].StudyInstanceUID))
+    assert [str(item.ReferencedSOPInstanceUID) for item in answer.ReferencedSOPSequence] == [uids(p)[1] for p in files]
+    assert len(answer.FailedSOPSequence) == 0 and len(stored(db)) == len(files)
+    broken = pydicom.dcmread(files[0])
+    del broken.PixelData
+    broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    with pytest.raises(HTTPError) as refused:
+        client.store_instances([broken])
+    assert refused.value.response.status_code == 409
+    assert refused.value.response.json()[FAILED]["Value"][0][FAILURE_REASON]["Value"] == [0xA900]
+    unauthenticated = DICOMwebClient(url=f"{server.url}/dicomweb")
+    with pytest.raises(HTTPError) as unknown:
+        unauthenticated.store_instances(datasets[:1])
+    assert unknown.value.response.status_code == 401
