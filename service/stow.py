@@ -37,6 +37,7 @@ from dicom_io.sop_classes import ACCEPTED, TRANSFER_SYNTAXES
 PART_TYPE = "application/dicom"
 RESPONSE_TYPE = "application/dicom+json"
 SUCCESS = 0x0000
+MAX_PREAMBLE = 64 * 1024  # text before the first boundary that is skipped
 # STOW-RS Failure Reasons of PS3.18 Table 10.5.3-2 that C-STORE has no status for (the others
 # are the DIMSE statuses the listener answers: 0xA700, 0xA900, 0xC210, 0xC211, 0xC220).
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -97,6 +98,9 @@ class PartStream:
         self._field = bytearray()
         self._value = bytearray()
         self._ended = False
+        self._started = False
+        self._first = b"--" + boundary
+        self._head = bytearray()
         try:
             self._parser = MultipartParser(
                 boundary,
@@ -117,13 +121,32 @@ class PartStream:
         self.received += len(chunk)
         if self.received > self.max_bytes:
             raise StowError(413, f"the request is larger than the limit of {self.max_bytes} bytes (MEDCAP_DICOMWEB_MAX_REQUEST_MB)")
-        if not self._ended:  # anything after the closing boundary is an epilogue, ignored
+        if not self._started:
+            chunk = self._skip_preamble(chunk)
+        if chunk and not self._ended:  # anything after the closing boundary is an epilogue, ignored
             try:
                 self._parser.write(chunk)
             except MultipartParseError as exc:
                 raise StowError(400, f"malformed multipart body: {exc}") from None
         done, self._done = self._done, []
         return done
+
+    def _skip_preamble(self, chunk: bytes) -> bytes:
+        """RFC 2046 allows text before the first boundary; python-multipart does not, so it is cut off here."""
+        self._head += chunk
+        if self._head.startswith(self._first):
+            start = 0
+        else:
+            found = self._head.find(b"\r\n" + self._first)
+            if found < 0:
+                if len(self._head) > MAX_PREAMBLE:
+                    raise StowError(400, f"malformed multipart body: no boundary in the first {MAX_PREAMBLE} bytes")
+                return b""
+            start = found + 2
+        self._started = True
+        rest = bytes(self._head[start:])
+        self._head = bytearray()
+        return rest
 
     def finish(self) -> list[Part]:
         done, self._done = self._done, []
@@ -297,4 +320,15 @@ def response(outcomes: Sequence[InstanceOutcome]) -> dict[str, Any]:
             failed.append(item)
     ds.ReferencedSOPSequence = stored
     ds.FailedSOPSequence = failed
-    return ds.to_json_dict()
+    return _without_empty_values(ds.to_json_dict())
+
+
+def _without_empty_values(attributes: dict[str, Any]) -> dict[str, Any]:
+    """PS3.18 F.2.2: an empty attribute (an empty sequence, an unknown UID) has no "Value" at all."""
+    for attribute in attributes.values():
+        if attribute.get("Value") == []:
+            del attribute["Value"]
+        elif attribute.get("vr") == "SQ":
+            for item in attribute.get("Value", []):
+                _without_empty_values(item)
+    return attributes
