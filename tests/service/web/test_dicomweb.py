@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -451,3 +452,24 @@ def test_dicomweb_client_stores_a_series_and_reads_the_failures(db, server):
     with pytest.raises(HTTPError) as unknown:
         unauthenticated.store_instances(datasets[:1])
     assert unknown.value.response.status_code == 401
+
+
+def test_a_client_that_goes_away_mid_request_ends_its_request_and_keeps_what_arrived(db, server):
+    files = series_files(CT)[:2]
+    port = int(server.url.rsplit(":", 1)[1])
+    first_part = multipart(files[0].read_bytes())[: -len(f"--{BOUNDARY}--\r\n")]
+    # The second part's boundary completes the first part; then the connection drops mid-part.
+    sent = first_part + f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + files[1].read_bytes()[:5000]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = (
+            "POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            f"Content-Type: {CONTENT_TYPE}\r\nAuthorization: Bearer {server.token}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + f"{len(sent):x}\r\n".encode() + sent + b"\r\n")
+        wait_until(lambda: len(stored(db)) == 1, "the first instance to be committed", timeout=30)
+    wait_until(lambda: requests(db)[0].ended_at is not None, "the request to be recorded as ended", timeout=30)
+    (request,) = requests(db)
+    assert request.outcome == "aborted" and request.instances_received == 1
+    (ended,) = events(db, "stow.ended")
+    assert ended.details["reason"] == "the client went away before the end of the request"
+    assert set(stored(db)) == {uids(files[0])[1]}
