@@ -45,6 +45,7 @@ class StowRequests:
         self.db = db
         self.clock = clock
         self.max_bytes = settings.dicomweb_max_request_mb * 1024 * 1024
+        self.idle_timeout = settings.dicom_timeout_seconds
         # Like a listener's name, it says whose open rows are stale after a restart.
         self.name = name or f"{socket.gethostname()}:web:{settings.web_port}"
         store = settings.storage

@@ -9,6 +9,7 @@ part is read; the response lists every instance, stored or failed with its reaso
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 
@@ -34,7 +35,7 @@ def _error(status: int, reason: str, outcomes: list[InstanceOutcome] | None = No
         # Instances stored before the request went wrong stay stored (nothing is lost; a re-send is a duplicate).
         body["stored"] = [o.sop_instance_uid for o in outcomes if o.stored]
         body["failed"] = [o.sop_instance_uid for o in outcomes if not o.stored]
-    headers = {"Connection": "close"} if status in (400, 413) else {}
+    headers = {"Connection": "close"} if status in (400, 408, 413) else {}
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="medcap-dicomweb"'
     return JSONResponse(body, status_code=status, headers=headers)
@@ -88,8 +89,16 @@ async def _stow(request: Request, study_uid: str | None) -> Response:
 
 async def _receive(request: Request, stow: StowRequests, held: StowRequest, parts: PartStream, study_uid: str | None) -> Response:
     outcomes: list[InstanceOutcome] = []
+    chunks = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                # A sender that stalls would hold its studies open: the listener's idle timeout applies.
+                chunk = await asyncio.wait_for(chunks.__anext__(), stow.idle_timeout)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise StowError(408, f"no data for {stow.idle_timeout:g} s (MEDCAP_DICOM_TIMEOUT_SECONDS)") from None
             for part in parts.feed(chunk):
                 outcomes.append(await run_in_threadpool(stow.store, held, part, study_uid))
         for part in parts.finish():

@@ -7,6 +7,7 @@ import io
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -473,3 +474,23 @@ def test_a_client_that_goes_away_mid_request_ends_its_request_and_keeps_what_arr
     (ended,) = events(db, "stow.ended")
     assert ended.details["reason"] == "the client went away before the end of the request"
     assert set(stored(db)) == {uids(files[0])[1]}
+
+
+def test_a_client_that_stalls_is_timed_out_and_releases_its_studies(db, make_server):
+    server = make_server(dicom_timeout_seconds=1)
+    port = int(server.url.rsplit(":", 1)[1])
+    first = series_files(CT)[0]
+    sent = multipart(first.read_bytes())[: -len(f"--{BOUNDARY}--\r\n")] + f"--{BOUNDARY}\r\n".encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = (
+            "POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            f"Content-Type: {CONTENT_TYPE}\r\nAuthorization: Bearer {server.token}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + f"{len(sent):x}\r\n".encode() + sent + b"\r\n")
+        started = time.monotonic()
+        answer = sock.makefile("rb").readline()  # then nothing more is sent
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started < 10
+    (request,) = requests(db)
+    assert request.outcome == "aborted" and request.ended_at is not None and request.instances_received == 1
+    assert "no data for 1 s" in events(db, "stow.ended")[0].details["reason"]
