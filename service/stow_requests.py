@@ -74,7 +74,7 @@ class StowRequests:
                 audit.dicomweb_actor(client or "?", address),
                 Action.STOW_REFUSED,
                 "route",
-                method_path,
+                method_path[:128],  # the path is the sender's: it must not break the audit row
                 http_status=status,
                 reason=reason,
                 port=port,

@@ -249,6 +249,9 @@ def test_an_instance_of_another_study_than_the_url_names_fails(db, server):
     assert referenced(response.json()) == [uids(ct)[:2]]
     assert failures(response.json()) == [(uids(mr)[1], 0xA900)]
     assert server.post(multipart(ct.read_bytes()), path="/dicomweb/studies/not-a-uid").status_code == 400
+    long_path = "/dicomweb/studies/" + "1." * 300 + "1"
+    assert server.post(multipart(ct.read_bytes()), path=long_path).status_code == 400, "refused and audited, however long"
+    assert events(db, "stow.refused")[-1].object_id == f"POST {long_path}"[:128]
 
 
 def test_unsupported_transfer_syntax_and_sop_class_fail_with_their_reasons(db, server, tmp_path):
