@@ -21,7 +21,6 @@ over ``--repeat`` runs after two warm-up runs, prints a table and writes
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -315,9 +314,7 @@ def run_queries(db: Database, args: argparse.Namespace, sample: Any) -> list[dic
         return lambda: len(aq.search_audit(db, aq.AuditSearch(**kw)).rows)
 
     def export(**kw: Any) -> Callable[[], int]:
-        return lambda: aq.write_audit_csv(
-            aq.search_audit(db, aq.AuditSearch(limit=aq.MAX_ROWS, **kw)).rows, io.StringIO(), spreadsheet_safe=True
-        )
+        return lambda: aq.export_audit(db, aq.AuditSearch(limit=aq.MAX_ROWS, **kw), spreadsheet_safe=True).rows
 
     functions: list[tuple[str, Callable[[], int]]] = [
         ("search: latest 100, no filter", search()),

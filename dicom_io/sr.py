@@ -6,9 +6,12 @@ Both are Comprehensive SR documents shaped like TID 2000 "Basic Diagnostic Imagi
       HAS CONCEPT MOD  CODE (DCM 121049 Language …) = en-US         [TID 1204]
       HAS OBS CONTEXT  Device observer: UID, name, manufacturer, model  [TID 1001/1004]
       HAS OBS CONTEXT  Person observer (verified report only)       [TID 1003]
+      HAS CONCEPT MOD  CODE (DCM 121058 "Procedure reported") per modality, from the header  [TID 2000]
       CONTAINS CONTAINER (LN 59776-5 "Findings")                    [TID 2001/2002]
         CONTAINS TEXT (DCM 121071 "Finding") = one captioned series
           INFERRED FROM IMAGE (DCM 121080 "Best illustration of finding") per key slice
+          HAS CONCEPT MOD  CODE (SCT 363698007 "Finding site") = the header's body region (CID 4031)
+            HAS CONCEPT MOD  CODE (SCT 272741003 "Laterality") = the header's laterality
           HAS CONCEPT MOD  TID 4019 algorithm name, version, parameters, manufacturer
       CONTAINS CONTAINER (LN 19005-8 "Impressions")
         CONTAINS TEXT (DCM 121073 "Impression")
@@ -34,6 +37,8 @@ from pydicom.charset import convert_encodings
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DT
 
+from dicom_io.header_facts import Code
+
 DRAFT_SERIES_DESCRIPTION = "MedCap AI draft - preliminary, not verified"
 VERIFIED_SERIES_DESCRIPTION = "MedCap report - verified"
 DRAFT_SERIES_NUMBER = 9000
@@ -50,6 +55,9 @@ ENGLISH = hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")
 # existing instance without making a new one; IHE AIR's (Newcode1, 99IHE, "Processing Algorithm") is a
 # placeholder that validators do not know, and highdicom accepts only CID 7005 codes.
 PURPOSE_PROCESSING = codes.DCM.ProcessingEquipment  # 109102
+PROCEDURE_REPORTED = hd.sr.CodedConcept.from_code(codes.DCM.ProcedureReported)  # 121058
+FINDING_SITE = hd.sr.CodedConcept.from_code(codes.SCT.FindingSite)  # 363698007
+LATERALITY = hd.sr.CodedConcept.from_code(codes.SCT.Laterality)  # 272741003
 
 # A fixed namespace so that the same weights always give the same DeviceUID, on any machine.
 _DEVICE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:medcap:model-weights")
@@ -114,10 +122,25 @@ class SeriesFinding:
     series_uid: str
     text: str
     key_images: tuple[ImageRef, ...]
+    finding_site: Code | None  # the series' body region from its header (dicom_io/header_facts.py), coded
+    laterality: Code | None  # from the header too; only with a finding site, which it qualifies
 
-    def __init__(self, series_uid: str, text: str, key_images: Iterable[KeyImage]) -> None:
+    def __init__(
+        self,
+        series_uid: str,
+        text: str,
+        key_images: Iterable[KeyImage],
+        *,
+        finding_site: Code | None = None,
+        laterality: Code | None = None,
+    ) -> None:
         _check_uid(series_uid, "SeriesFinding.series_uid")
         _check_text(text, "SeriesFinding.text")
+        for name, code in (("finding_site", finding_site), ("laterality", laterality)):
+            if code is not None and not isinstance(code, Code):
+                raise ValueError(f"SeriesFinding.{name} must be a Code or None, got {code!r}")
+        if laterality is not None and finding_site is None:
+            raise ValueError("SeriesFinding.laterality qualifies a finding site: give finding_site too")
         refs = []
         for i, ref in enumerate(key_images):
             try:
@@ -131,6 +154,12 @@ class SeriesFinding:
         object.__setattr__(self, "series_uid", series_uid)
         object.__setattr__(self, "text", text)
         object.__setattr__(self, "key_images", tuple(refs))
+        object.__setattr__(self, "finding_site", finding_site)
+        object.__setattr__(self, "laterality", laterality)
+
+    def with_text(self, text: str) -> SeriesFinding:
+        """The same series, key images and header codes with another text (a radiologist's edit)."""
+        return SeriesFinding(self.series_uid, text, self.key_images, finding_site=self.finding_site, laterality=self.laterality)
 
 
 @dataclass(frozen=True)
@@ -197,12 +226,15 @@ def write_draft_sr(
     series_number: int = DRAFT_SERIES_NUMBER,
     instance_number: int = 1,
     created_at: datetime | None = None,
+    procedures: Sequence[Code] = (),
 ) -> hd.sr.ComprehensiveSR:
     """The AI draft: PARTIAL / UNVERIFIED / PRELIMINARY, in a new series of the evidence's study.
 
     ``evidence`` is every source instance the report rests on (headers suffice); each key image
-    must be one of them, and in the series its finding names.
+    must be one of them, and in the series its finding names. ``procedures``: "Procedure reported",
+    coded from the header (``dicom_io.header_facts.procedure_code``).
     """
+    procedures = _check_codes(procedures, "procedures")
     findings = _check_findings(findings, "findings")
     _check_text(impression, "impression")
     if not isinstance(algorithm, AlgorithmInfo):
@@ -210,8 +242,9 @@ def write_draft_sr(
     evidence = _check_evidence(evidence, findings)
     if created_at is not None:
         _check_aware(created_at, "created_at")
-    content = _content_tree(findings, impression, algorithm, verifier=None, unchanged=None)
+    content = _content_tree(findings, impression, algorithm, verifier=None, unchanged=None, procedures=procedures)
     texts = [f.text for f in findings] + [impression, DRAFT_SERIES_DESCRIPTION, algorithm.name, algorithm.manufacturer]
+    texts += [c.meaning for f in findings for c in (f.finding_site, f.laterality) if c is not None] + [c.meaning for c in procedures]
     sr = _build(
         evidence,
         content,
@@ -263,10 +296,13 @@ def write_verified_sr(
     draft_findings = read_findings(draft)
     draft_impression = read_impression(draft)
     findings = draft_findings if findings is None else _check_findings(findings, "findings")
+    # The header's codes are no model output and no radiologist's text: an edited finding keeps its draft's.
+    coded = {f.series_uid: f for f in draft_findings}
+    findings = [f if f.finding_site is not None or f.series_uid not in coded else coded[f.series_uid].with_text(f.text) for f in findings]
     impression = draft_impression if impression is None else _check_text(impression, "impression")
     evidence = _check_evidence(_evidence_of(draft), findings)
     unchanged: set[tuple[str | None, str]] = {(f.series_uid, f.text) for f in draft_findings} | {(None, draft_impression)}
-    content = _content_tree(findings, impression, algorithm, verifier=verification, unchanged=unchanged)
+    content = _content_tree(findings, impression, algorithm, verifier=verification, unchanged=unchanged, procedures=read_procedures(draft))
     texts = [f.text for f in findings] + [
         impression,
         VERIFIED_SERIES_DESCRIPTION,
@@ -384,11 +420,14 @@ def _content_tree(
     *,
     verifier: Verification | None,
     unchanged: set[tuple[str | None, str]] | None,
+    procedures: Sequence[Code] = (),
 ) -> hd.sr.ContainerContentItem:
     """The TID 2000-shaped tree; ``unchanged`` (verified report): the (series, text) pairs still as the model wrote them."""
     root = hd.sr.ContainerContentItem(name=REPORT_TITLE, template_id="2000", is_content_continuous=False)
     root.ContentSequence = hd.sr.ContentSequence(is_root=False)
     root.ContentSequence.extend(hd.sr.LanguageOfContentItemAndDescendants(ENGLISH))
+    for procedure in procedures:
+        root.ContentSequence.append(hd.sr.CodeContentItem(PROCEDURE_REPORTED, _concept(procedure), relationship_type="HAS CONCEPT MOD"))
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=algorithm.device_uid,
         name=f"{algorithm.name} {algorithm.version}",
@@ -410,7 +449,9 @@ def _content_tree(
         )
     )
 
-    def entry(name: hd.sr.CodedConcept, text: str, images: Sequence[ImageRef], series_uid: str | None) -> hd.sr.TextContentItem:
+    def entry(
+        name: hd.sr.CodedConcept, text: str, images: Sequence[ImageRef], series_uid: str | None, finding: SeriesFinding | None = None
+    ) -> hd.sr.TextContentItem:
         item = hd.sr.TextContentItem(name=name, value=text, relationship_type="CONTAINS")
         item.ContentSequence = hd.sr.ContentSequence()
         for ref in images:
@@ -423,6 +464,13 @@ def _content_tree(
                     relationship_type="INFERRED FROM",
                 )
             )
+        if finding is not None and finding.finding_site is not None:
+            site = hd.sr.CodeContentItem(FINDING_SITE, _concept(finding.finding_site), relationship_type="HAS CONCEPT MOD")
+            if finding.laterality is not None:
+                site.ContentSequence = hd.sr.ContentSequence(
+                    [hd.sr.CodeContentItem(LATERALITY, _concept(finding.laterality), relationship_type="HAS CONCEPT MOD")]
+                )
+            item.ContentSequence.append(site)
         # TID 4019 has no row in TID 2000/2002, but both are extensible and the Comprehensive SR IOD allows
         # TEXT -HAS CONCEPT MOD-> TEXT/CODE, which is all TID 4019 consists of. Hanging it on the text it
         # produced mirrors TID 300, where TID 4019 modifies the measurement the algorithm derived.
@@ -440,7 +488,7 @@ def _content_tree(
         return item
 
     for heading, items in (
-        (FINDINGS, [entry(FINDING, f.text, f.key_images, f.series_uid) for f in findings]),
+        (FINDINGS, [entry(FINDING, f.text, f.key_images, f.series_uid, f) for f in findings]),
         (IMPRESSIONS, [entry(IMPRESSION, impression, (), None)]),
     ):
         section = hd.sr.ContainerContentItem(name=heading, relationship_type="CONTAINS", is_content_continuous=False)
@@ -449,7 +497,22 @@ def _content_tree(
     return root
 
 
+def _concept(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+
 # -- checks -------------------------------------------------------------------------------
+
+
+def _check_codes(values: object, where: str) -> list[Code]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ValueError(f"{where} must be a sequence of Code, got {values!r}")
+    for i, value in enumerate(values):
+        if not isinstance(value, Code):
+            raise ValueError(f"{where}[{i}] must be a Code, got {value!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{where} holds the same code twice")
+    return list(values)
 
 
 def _check_findings(findings: object, where: str) -> list[SeriesFinding]:
@@ -557,18 +620,39 @@ def read_findings(sr: Dataset) -> tuple[SeriesFinding, ...]:
     found = []
     for item in _section(sr, FINDINGS, FINDING):
         refs = []
+        site = laterality = None
         for child in item.get("ContentSequence", []):
             if child.ValueType == "IMAGE":
                 sop = child.ReferencedSOPSequence[0]
                 frames = sop.get("ReferencedFrameNumber")
                 frame = int(frames if not isinstance(frames, Sequence) else frames[0]) if frames else None
                 refs.append(ImageRef(str(sop.ReferencedSOPClassUID), str(sop.ReferencedSOPInstanceUID), frame))
+            elif child.ValueType == "CODE" and _code(child) == _key(FINDING_SITE):
+                site = _value_code(child)
+                lateral = [c for c in child.get("ContentSequence", []) if c.ValueType == "CODE" and _code(c) == _key(LATERALITY)]
+                laterality = _value_code(lateral[0]) if lateral else None
         if not refs or refs[0].sop_instance_uid not in series_of:
             raise ValueError("a finding of the SR cites no key image among its evidence")
-        found.append(SeriesFinding(series_of[refs[0].sop_instance_uid], str(item.TextValue), refs))
+        found.append(
+            SeriesFinding(series_of[refs[0].sop_instance_uid], str(item.TextValue), refs, finding_site=site, laterality=laterality)
+        )
     if not found:
         raise ValueError("the SR has no findings")
     return tuple(found)
+
+
+def _value_code(item: Dataset) -> Code:
+    value = item.ConceptCodeSequence[0]
+    return Code(str(value.CodeValue), str(value.CodingSchemeDesignator), str(value.CodeMeaning))
+
+
+def read_procedures(sr: Dataset) -> list[Code]:
+    """The "Procedure reported" codes of a MedCap SR (none in drafts written before grounding)."""
+    return [
+        _value_code(item)
+        for item in sr.get("ContentSequence", [])
+        if item.ValueType == "CODE" and item.RelationshipType == "HAS CONCEPT MOD" and _code(item) == _key(PROCEDURE_REPORTED)
+    ]
 
 
 def read_impression(sr: Dataset) -> str:

@@ -222,8 +222,8 @@ def beam_search(
         vocab = scores.shape[-1]
         candidates = (sums.reshape(-1, 1) + scores).reshape(batch_size, beams * vocab)
         # 2 * beams candidates leave enough non-<EOS> ones to refill every beam (as transformers).
-        top, index = candidates.sort(dim=-1, descending=True, stable=True)
-        top, index = top[:, : 2 * beams].tolist(), index[:, : 2 * beams].tolist()
+        ranked, order = candidates.sort(dim=-1, descending=True, stable=True)
+        top, index = ranked[:, : 2 * beams].tolist(), order[:, : 2 * beams].tolist()
         rows: list[int] = []
         next_ids: list[int] = []
         next_sums: list[float] = []

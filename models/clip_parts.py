@@ -24,12 +24,14 @@ class ClipImageEncoder(nn.Module):
     def __init__(self, vision: dict[str, Any]) -> None:
         super().__init__()
         self.model = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
-        self.image_size = int(self.model.config.image_size)
+        config: Any = self.model.config
+        self.image_size = int(config.image_size)
         freeze(self)
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.model.config.projection_dim)
+        config: Any = self.model.config
+        return int(config.projection_dim)
 
     @property
     def width(self) -> int:
@@ -52,7 +54,8 @@ class ClipTextEncoder(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.model.config.projection_dim)
+        config: Any = self.model.config
+        return int(config.projection_dim)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).text_embeds

@@ -155,7 +155,7 @@ class ClipCapModel(nn.Module):
         super().__init__()
         self.config = config
         self.clip = ClipImageEncoder(config.clip_vision)  # frozen by construction
-        self.lm = GPT2LMHeadModel(GPT2Config(**config.gpt2))
+        self.lm: Any = GPT2LMHeadModel(GPT2Config(**config.gpt2))  # Any: transformers types generate() for another self
         prefix, clip_length, width = int(config.prefix_length), int(config.clip_length), config.lm_width  # type: ignore[arg-type]
         self.mapper: nn.Module
         if config.mapper == "mlp":

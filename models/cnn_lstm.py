@@ -115,7 +115,8 @@ class CnnLstmModel(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = freeze(MobileNetV2Model(MobileNetV2Config(**config.mobilenet)))
-        features = int(self.encoder.conv_1x1.convolution.out_channels)
+        last: Any = self.encoder.conv_1x1  # MobileNetV2's last 1x1 convolution block
+        features = int(last.convolution.out_channels)
         self.image_embedding = nn.Sequential(nn.Linear(features, config.embed_dim), FeatureNorm(config.embed_dim))
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=PAD)
         self.lstm = nn.LSTM(config.embed_dim, config.hidden_dim, config.num_layers, batch_first=True)
@@ -123,7 +124,8 @@ class CnnLstmModel(nn.Module):
 
     @property
     def feature_dim(self) -> int:
-        return int(self.image_embedding[0].in_features)
+        first: Any = self.image_embedding[0]
+        return int(first.in_features)
 
     # -- images ----------------------------------------------------------------------------------
 
@@ -240,7 +242,7 @@ def _mobilenet_kwargs(hf_config: Any) -> dict[str, Any]:
 
 def _preprocessor(source: Path | str) -> dict[str, Any] | None:
     """The source's ``preprocessor_config.json`` (local directory or hub cache), if it has one."""
-    from transformers.utils import cached_file
+    from transformers.utils.hub import cached_file
 
     try:
         path = cached_file(

@@ -71,6 +71,9 @@ class CaptionRecord:
     split: str
     image_id: str
     source: str
+    # What the image's DICOM header states (dicom_io.header_facts.HeaderFacts.as_dict()), where the table
+    # carries it: ``medcap evaluate`` then also scores the grounded captions and the contradiction rate.
+    header_facts: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.image_path, Path):
@@ -336,9 +339,34 @@ def read_table(path: str | Path, *, source: str | None = None, strict: bool = Fa
                 split=normalise_split(str(row["split"])),
                 image_id=str(row.get("image_id") or row["image"]),
                 source=str(row.get("source") or default_source),
+                header_facts=_header_facts(row, f"{path}:{line_no}"),
             )
         )
     return _existing(candidates, path.name, strict)
+
+
+def _header_facts(row: Mapping[str, Any], where: str) -> Mapping[str, Any] | None:
+    """A row's ``header_facts`` (an object, or JSON text in a CSV), or the synthetic generator's
+    ``attributes`` read as the header facts such an image would have (modality, region, plane)."""
+    facts = row.get("header_facts")
+    if isinstance(facts, str) and facts.strip():
+        try:
+            facts = json.loads(facts)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: header_facts is not JSON: {exc}") from exc
+    if not facts and isinstance(row.get("attributes"), Mapping):
+        a = row["attributes"]
+        facts = {
+            "modality": str(a.get("modality", "")).upper() or None,
+            "region": {"term": a["region"]} if a.get("region") else None,
+            "plane": a.get("plane"),
+            "sources": {k: "synthetic attributes" for k in ("modality", "region", "plane") if a.get(k)},
+        }
+    if not facts:
+        return None
+    if not isinstance(facts, Mapping):
+        raise ValueError(f"{where}: header_facts must be an object, got {type(facts).__name__}")
+    return facts
 
 
 def references_by_image(records: Iterable[CaptionRecord], preprocess: Callable[[str], str] | None = None) -> dict[str, list[str]]:

@@ -234,9 +234,9 @@ class ImageCaptioner(Protocol):
 class Family:
     """One kind of captioner: its classes, and its paper's training defaults for ``medcap train caption``."""
 
-    config: type
-    model: type
-    text: type
+    config: type[Any]
+    model: type[Any]
+    text: type[Any]
     description: str
     fit_defaults: dict[str, Any] = field(default_factory=dict)
     #: Builds a checkpoint from pretrained parts (``medcap model compose``); None: this family cannot be composed.

@@ -26,7 +26,7 @@ def image_transform_for(model: torch.nn.Module, *, training: bool = False) -> Im
     reads when captioning (``config.views``), or (``training``) in training where they differ (``config.train_views``)."""
     from dicom_io.image_views import view_array
 
-    config = model.config
+    config: Any = model.config  # a family's config (models/families.py), not a tensor
     views = config.train_views if training and hasattr(config, "train_views") else config.views
 
     def transform(image: np.ndarray) -> dict[str, np.ndarray]:
@@ -37,7 +37,8 @@ def image_transform_for(model: torch.nn.Module, *, training: bool = False) -> Im
 
 def view_names(model: torch.nn.Module) -> list[str]:
     """The names of the views ``model`` reads (what :func:`encode_images` passes to its ``encode``)."""
-    return [view.name for view in model.config.views]
+    config: Any = model.config
+    return [view.name for view in config.views]
 
 
 @dataclass
@@ -76,10 +77,11 @@ def encode_images(
     rows = [paths.setdefault(str(r.image_path), len(paths)) for r in records]
     unique = list(paths)
     store: dict[str, Any] = {}
+    encode: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = model.encode  # type: ignore[assignment]
     for start in tqdm(range(0, len(unique), batch_size), desc="encoding images", unit="batch", disable=not progress):
         chunk = unique[start : start + batch_size]
         inputs = [transform(load_image(path, color="L")) for path in chunk]
-        tokens = model.encode({b: torch.from_numpy(np.stack([i[b] for i in inputs])) for b in branches})
+        tokens = encode({b: torch.from_numpy(np.stack([i[b] for i in inputs])) for b in branches})
         for b in tokens:
             value = tokens[b].float().cpu()
             if b not in store:

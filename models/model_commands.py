@@ -55,6 +55,12 @@ def register(sub: Any) -> None:
     p.add_argument("--key-slices", type=int, default=3, help="key slices per series (default 3)")
     p.add_argument("--key-strategy", default="uniform", choices=["central", "uniform", "content"])
     p.add_argument("--window", default=None, help="CT window preset (brain, subdural, stroke, bone, soft_tissue, lung, auto)")
+    p.add_argument(
+        "--no-grounding",
+        dest="grounding",
+        action="store_false",
+        help="print the model's text as it is: no heading from the header facts, no sentence removed (docs/header-facts.md)",
+    )
     _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_caption))
 
@@ -166,9 +172,22 @@ def register(sub: Any) -> None:
     _threads_arg(p)
     p.set_defaults(func=_friendly(cmd_train_caption))
 
-    p = sub.add_parser("evaluate", help="score captioners side by side (BLEU-1..4, METEOR, ROUGE-L, CIDEr)")
+    p = sub.add_parser(
+        "evaluate",
+        help="score captioners side by side (BLEU-1..4, METEOR, ROUGE-L, CIDEr) and count sentences contradicting the DICOM header",
+    )
     p.add_argument("--model", type=Path, action="append", required=True, help="checkpoint directory; repeat for several")
-    _data_args(p)
+    _data_args(p, required=False)
+    p.add_argument(
+        "--dicom",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="DICOM file or folder: draft each CT/MR series and report the contradiction rate with and without grounding; repeatable",
+    )
+    p.add_argument("--key-slices", type=int, default=3, help="with --dicom: key slices per series (default 3)")
+    p.add_argument("--key-strategy", default="uniform", choices=["central", "uniform", "content"])
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, help="score at most this many images")
     p.add_argument("--out", type=Path, help="write results.md and results.json here")
@@ -232,11 +251,11 @@ def _generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
+def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
         "--data",
         action="append",
-        required=True,
+        required=required,
         metavar="[GROUP=]SPEC",
         help="table.csv|table.jsonl, roco:DIR, medicat:DIR, flickr:DIR (Flickr8k/30k) or coco:ANNOTATIONS.json:IMAGES_DIR; "
         "prefix G= (general) or M= (medical) for mixes; repeatable",
@@ -355,20 +374,38 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     )
     if not series:
         raise ModelCommandError(f"no CT or MR image series under {args.path}")
-    drafts = []
+    from dicom_io.header_facts import series_facts
+    from models.grounding import ground
+
+    drafts: list[dict[str, Any]] = []
     for item in series:
         captions = captioner.caption(dict(item.views), _generation(args), batch_size=args.gen_batch_size, seed=args.seed)
+        facts = series_facts(item.series)
+        grounded = ground(captions, facts)
         drafts.append(
             {
                 "series_uid": item.series_uid,
                 "study_uid": item.study_uid,
                 "modality": item.modality,
-                "draft": summarise(captions),
+                "header_facts": facts.as_dict(),
+                "draft": grounded.text if args.grounding else summarise(captions),
+                "model_draft": summarise(captions),  # before grounding: every sentence as the model wrote it
+                "removed": [r.as_dict() for r in grounded.removed] if args.grounding else [],
                 "key_images": [{"sop_instance_uid": uid, "caption": c} for uid, c in zip(item.sop_instance_uids, captions, strict=True)],
             }
         )
     if args.json:
-        print(json.dumps({"model": captioner.describe(), "status": "PRELIMINARY, UNVERIFIED AI draft", "series": drafts}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": captioner.describe(),
+                    "status": "PRELIMINARY, UNVERIFIED AI draft",
+                    "grounding": args.grounding,
+                    "series": drafts,
+                },
+                indent=2,
+            )
+        )
         return 0
     print(
         f"AI draft — preliminary, unverified ({captioner.identity.name} {captioner.identity.version}, "
@@ -376,6 +413,8 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     )
     for d in drafts:
         print(f"\nseries {d['series_uid']} ({d['modality']}, {len(d['key_images'])} key images)\n  {d['draft']}")
+        for removal in d["removed"]:
+            print(f"  removed (contradicts the header): {removal['sentence']!r}: {'; '.join(removal['reasons'])}")
     return 0
 
 
@@ -557,6 +596,27 @@ def cmd_evaluate(settings: Any, args: argparse.Namespace) -> int:
     _prepare(settings, args)
     from models.evaluation import evaluate_checkpoints
 
+    if not args.data and not args.dicom:
+        raise ModelCommandError("give --data SPEC (captioned images) and/or --dicom PATH (DICOM series)")
+    for path in args.dicom:
+        if not path.exists():
+            raise ModelCommandError(f"{path} does not exist")
+    if args.dicom:
+        from dicom_io.key_slices import KeySliceSpec
+        from models.evaluation import evaluate_dicom
+
+        grounding = evaluate_dicom(
+            args.model,
+            args.dicom,
+            generation=_generation(args),
+            device=args.device,
+            batch_size=args.gen_batch_size,
+            key_slices=KeySliceSpec(strategy=args.key_strategy, n=args.key_slices),
+            out_dir=args.out,
+        )
+        print(grounding.table())
+    if not args.data:
+        return 0
     records = select_records(load_data(args.data), args.split, None)
     if args.limit:
         records = records[: args.limit]

@@ -213,7 +213,7 @@ class SbgModel(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_keywords", None))
         self.clip = ClipImageEncoder(config.clip_vision)  # frozen by construction
         self.clip_text = ClipTextEncoder(config.clip_text)
-        self.lm = GPT2LMHeadModel(GPT2Config(**config.gpt2))
+        self.lm: Any = GPT2LMHeadModel(GPT2Config(**config.gpt2))  # Any: transformers types generate() for another self
         dim = self.clip.embedding_dim
         self.image_adapter = nn.Linear(dim, dim)
         with torch.no_grad():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,10 @@ def empty_weights() -> Iterator[None]:
     """
     original = nn.Module.register_parameter
 
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    def register(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None and param.device.type != "meta":
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
+        original(self, name, param)
 
     nn.Module.register_parameter = register  # type: ignore[method-assign]
     try:
@@ -233,6 +234,10 @@ def write_shards(entries: Iterable[Entry], directory: Path, shard_bytes: int = S
     return [directory / n for n in names]
 
 
+def _detached(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.detach().to(dtype)
+
+
 def model_entries(
     model: nn.Module, *, dtype_of: Callable[[str, torch.Tensor], torch.dtype] | None = None, skip: Callable[[str], bool] = lambda _: False
 ) -> list[Entry]:
@@ -245,7 +250,7 @@ def model_entries(
             continue
         dtype = dtype_of(name, tensor) if dtype_of is not None and tensor.is_floating_point() else tensor.dtype
         nbytes = tensor.numel() * torch.empty((), dtype=dtype).element_size()
-        entries.append((name, nbytes, lambda t=tensor, d=dtype: t.detach().to(d)))
+        entries.append((name, nbytes, partial(_detached, tensor, dtype)))
     return entries
 
 

@@ -35,6 +35,7 @@ class Action(enum.StrEnum):
     JOB_SKIPPED = "job.skipped"
     JOB_RETRY_SCHEDULED = "job.retry_scheduled"
     JOB_RETRY_REQUESTED = "job.retry_requested"
+    SERIES_SKIPPED = "series.skipped"  # a routing rule (or no rule) left the series uncaptioned
     SR_WRITTEN = "sr.written"
     OUTPUT_BUILT = "output.built"
     DISPATCH_QUEUED = "dispatch.queued"

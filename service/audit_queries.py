@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, Float, Integer, MetaData, String, Table, and_, case, func, or_, select, text
+from sqlalchemy import BigInteger, Boolean, Column, Float, Integer, MetaData, String, Table, Text, and_, case, cast, func, or_, select, text
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -249,11 +249,19 @@ def search_audit(db: Database, q: AuditSearch) -> AuditPage:
 
 AUDIT_CSV_COLUMNS = [f.name for f in fields(AuditRow)]
 
+# A cell starting with one of these is a formula to a spreadsheet: prefixed with "'" where the
+# export is opened by people (patient names and AE titles come from outside).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _neutralised(value: Any) -> Any:
+    return f"'{value}" if isinstance(value, str) and value[:1] in _FORMULA_STARTS else value
+
 
 def _csv_values(row: AuditRow, spreadsheet_safe: bool) -> list[Any]:
     values: list[Any] = [
         row.id,
-        row.at.isoformat(),
+        _iso_utc(row.at),
         row.actor,
         row.action,
         row.object_type,
@@ -264,18 +272,18 @@ def _csv_values(row: AuditRow, spreadsheet_safe: bool) -> list[Any]:
         row.patient_name or "",
         json.dumps(row.details, sort_keys=True),
     ]
-    if spreadsheet_safe:
-        return [f"'{v}" if isinstance(v, str) and v[:1] in _FORMULA_STARTS else v for v in values]
-    return values
+    return [_neutralised(v) for v in values] if spreadsheet_safe else values
 
 
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+def _iso_utc(at: datetime) -> str:
+    """As PostgreSQL's export writes it (below): UTC, always with microseconds."""
+    return (at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)).isoformat(timespec="microseconds")
 
 
 def iter_audit_csv(rows: Iterable[AuditRow], *, spreadsheet_safe: bool = False, chunk: int = 500) -> Iterator[str]:
     """CSV with a header row, in pieces of ``chunk`` rows: for a streamed download, which starts
     at once and never holds the whole file as one string. ``spreadsheet_safe`` prefixes a "'" to
-    text starting with = + - @ (patient names and AE titles come from outside: no formulas in Excel)."""
+    text starting with = + - @ tab or CR (no formulas in Excel)."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(AUDIT_CSV_COLUMNS)
@@ -297,6 +305,68 @@ def write_audit_csv(rows: Iterable[AuditRow], out: Any, *, spreadsheet_safe: boo
         writer.writerow(_csv_values(row, spreadsheet_safe))
         n += 1
     return n
+
+
+@dataclass(frozen=True)
+class AuditExport:
+    """A CSV export of an audit search: its pieces, how many events it holds, whether more matched."""
+
+    rows: int
+    more: bool
+    chunks: list[str]
+
+
+def export_audit(db: Database, q: AuditSearch, *, spreadsheet_safe: bool = False) -> AuditExport:
+    """The events matching ``q`` (newest first, at most ``q.limit``) as CSV (see :func:`iter_audit_csv`).
+
+    On PostgreSQL the server writes the CSV (``COPY (SELECT ...) TO STDOUT``): building 3,400 rows
+    in Python cost more than the query itself. The count and the rows are read in one
+    REPEATABLE READ snapshot, so the export holds exactly the events it says (an export's own
+    audit event, recorded afterwards, is never in it). The cells are those of :func:`iter_audit_csv`;
+    only the JSON of ``details`` keeps its stored key order, and empty cells may be quoted."""
+    if db.engine.dialect.name != "postgresql":
+        page = search_audit(db, q)
+        return AuditExport(len(page.rows), page.more, list(iter_audit_csv(page.rows, spreadsheet_safe=spreadsheet_safe)))
+    matching = select(AuditEvent.id).where(*_conditions(q)).offset(q.offset).limit(q.limit + 1).subquery()
+    compiled = _export_select(q, spreadsheet_safe).compile(dialect=db.engine.dialect, compile_kwargs={"render_postcompile": True})
+    with db.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
+        found = int(conn.execute(select(func.count()).select_from(matching)).scalar_one())
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor.copy(f"COPY ({compiled}) TO STDOUT (FORMAT csv, HEADER)", compiled.params) as copy:
+            chunks = [bytes(data).decode("utf-8") for data in copy]
+        conn.rollback()  # read only
+    return AuditExport(min(found, q.limit), found > q.limit, chunks)
+
+
+def _export_select(q: AuditSearch, spreadsheet_safe: bool) -> Any:
+    e = AuditEvent
+
+    def cell(column: Any, name: str) -> Any:
+        if not spreadsheet_safe:
+            return column.label(name)
+        return case((func.left(column, 1).in_(_FORMULA_STARTS), func.concat("'", column)), else_=column).label(name)
+
+    at = func.to_char(func.timezone("UTC", e.at), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')
+    return (
+        select(
+            e.id.label("id"),
+            at.label("at"),
+            cell(e.actor, "actor"),
+            cell(e.action, "action"),
+            cell(e.object_type, "object_type"),
+            cell(e.object_id, "object_id"),
+            cell(e.study_uid, "study_uid"),
+            cell(Study.accession_number, "accession_number"),
+            cell(Study.patient_id, "patient_id"),
+            cell(Study.patient_name, "patient_name"),
+            cell(cast(e.details, Text), "details"),
+        )
+        .outerjoin(Study, Study.study_uid == e.study_uid)
+        .where(*_conditions(q))
+        .order_by(e.at.desc(), e.id.desc())
+        .limit(q.limit)
+        .offset(q.offset)
+    )
 
 
 def audit_csv(rows: Iterable[AuditRow], *, spreadsheet_safe: bool = False) -> str:
@@ -426,7 +496,7 @@ def study_turnaround(
         .offset(offset)
     )
     with db.session() as s:
-        return [StudyTurnaround(*row) for row in s.execute(query)]
+        return [StudyTurnaround(*tuple(row)) for row in s.execute(query)]
 
 
 def turnaround_by_model(db: Database, *, since: datetime | None = None, until: datetime | None = None) -> list[TurnaroundStats]:
@@ -436,7 +506,7 @@ def turnaround_by_model(db: Database, *, since: datetime | None = None, until: d
         with db.engine.connect() as conn:
             return [TurnaroundStats(*row) for row in conn.execute(text(_ALL_TIME.format(view="v_turnaround_by_model")))]
     t = v_turnaround
-    model = (t.c.model_name, t.c.model_version, t.c.weights_sha256)
+    model: tuple[ColumnElement[Any], ...] = (t.c.model_name, t.c.model_version, t.c.weights_sha256)
     metrics = (t.c.draft_seconds, t.c.approval_seconds, t.c.total_seconds)
     with _analytic(db) as s:
         if s.get_bind().dialect.name == "postgresql":
@@ -519,7 +589,7 @@ def model_quality(db: Database, *, since: datetime | None = None, until: datetim
             r = select(d).where(*_window(d, since, until, "drafted_at")).subquery().c if since or until else d.c
             median = _percentile(case((r.decision == "approved", r.edit_distance)), 50)
         else:
-            model = (d.c.model_name, d.c.model_version, d.c.weights_sha256)
+            model: tuple[ColumnElement[Any], ...] = (d.c.model_name, d.c.model_version, d.c.weights_sha256)
             r = (
                 select(
                     *model,

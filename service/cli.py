@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
         q.set_defaults(func=cmd_audit)
 
+    add_rules_commands(sub)
+    p = sub.add_parser("sample", help="write a synthetic sample patient (head CT and brain MR) to send for a first run")
+    p.add_argument("directory", type=Path, help="where to write it (DIR/ct-head/*.dcm, DIR/mr-brain/*.dcm)")
+    p.set_defaults(func=cmd_sample)
     p = sub.add_parser("dicomweb-client", help="manage the programs allowed to send studies over DICOMweb (STOW-RS)")
     csub = p.add_subparsers(dest="dicomweb_command", required=True, metavar="ACTION")
     q = csub.add_parser("add", help="allow a client; prints its bearer token once (only its hash is kept)")
@@ -244,6 +249,7 @@ def start_listening(settings: Settings, db: Any) -> tuple[Any, Any]:
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
+    require_rules(settings)  # a broken rule file stops the service at start-up, not at the first study
     db = open_database(settings)
     start_metrics(settings)
     stop = _stop_on_signals()
@@ -265,6 +271,7 @@ def require_model(settings: Settings) -> None:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     require_model(settings)
+    require_rules(settings)
     settings.storage.prepare()
     db = open_database(settings, upgrade=True)
     worker_env = {**os.environ, **start_metrics(settings, children=True)}  # the workers' metrics are served here
@@ -281,6 +288,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     }
     workers: dict[str, subprocess.Popen[bytes]] = {}
     started: dict[str, float] = {}
+    announced = False  # the start-up ends with one line saying what listens where, once the web app answers
     delay = dict.fromkeys(commands, 1.0)  # restart backoff: a child that cannot start (port taken) must not spin
     due = dict.fromkeys(commands, 0.0)
     try:
@@ -298,6 +306,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                     delay[name] = min(delay[name] * 2, 60.0)
                 if now >= due[name]:
                     workers[name], started[name], due[name] = subprocess.Popen(command, env=worker_env), now, 0.0
+            if not announced and _answers(settings.web_bind_address, settings.web_port):
+                print(started_line(settings), flush=True)
+                announced = True
             stop.wait(0.5)
     finally:
         LOG.info("stopping")
@@ -314,6 +325,22 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def started_line(settings: Settings) -> str:
+    scheme = "https" if settings.web_tls_cert_file else "http"
+    return (
+        f"MedCap is up: DICOM {settings.dicom_ae_title} on {settings.dicom_bind_address}:{settings.dicom_port}, "
+        f"web {scheme}://{settings.web_bind_address}:{settings.web_port}/ (Ctrl-C stops)"
+    )
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from workers.celery_app import QUEUES, configure
 
@@ -325,6 +352,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         settings = load_settings(args.config, device=args.device)
     if "caption" in queues:
         require_model(settings)
+        require_rules(settings)
     open_database(settings).dispose()  # fail fast on a missing or outdated schema
     start_metrics(settings, worker=True)  # before the pool forks
     app = configure(settings)
@@ -791,6 +819,81 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
                 print("run a failed job again with `medcap retry JOB`, send an SR again with `medcap resend SR`")
     except aq.QueryError as exc:
         raise CommandError(str(exc)) from None
+    return 0
+
+
+# -- routing rules (service/routing.py) -------------------------------------------------------
+
+
+def add_rules_commands(sub: Any) -> None:
+    p = sub.add_parser("rules", help="routing rules: which series are captioned, by which model, and where their SR goes")
+    rsub = p.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    q = rsub.add_parser("check", help="validate a rule file and print its rules in order")
+    q.add_argument("file", type=Path)
+    q.set_defaults(func=cmd_rules_check)
+    q = rsub.add_parser("explain", help="which rule decides each series of a study under the current rules, and why the others do not")
+    q.add_argument("study_uid")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_rules_explain)
+
+
+def require_rules(settings: Settings) -> Any:
+    from service import routing
+
+    try:
+        return routing.configured(settings)
+    except routing.RoutingError as exc:
+        raise CommandError(f"MEDCAP_ROUTING_RULES: {exc}") from None
+
+
+def cmd_rules_check(settings: Settings, args: argparse.Namespace) -> int:
+    from service import outputs, routing
+
+    try:
+        rules = routing.load(args.file, check_destination=outputs.configured(settings).for_destination)
+    except routing.RoutingError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"{args.file}: {len(rules.rules)} rule(s), valid")
+    for line in routing.describe(rules):
+        print(f"  {line}")
+    print("  a series no rule matches is skipped")
+    return 0
+
+
+def cmd_rules_explain(settings: Settings, args: argparse.Namespace) -> int:
+    from pydicom.errors import InvalidDicomError
+
+    from service import routing
+
+    rules = require_rules(settings)
+    db = open_database(settings)
+    try:
+        with db.session() as s:
+            explained = routing.explain_study(s, settings.storage, rules, args.study_uid)
+    except routing.RoutingError as exc:  # a pattern that ran out of time
+        raise CommandError(str(exc)) from None
+    except (OSError, ValueError, InvalidDicomError) as exc:  # a stored header that is missing or unreadable
+        raise CommandError(f"cannot read the study's headers: {exc}") from None
+    if explained is None:
+        raise CommandError(f"no study {args.study_uid} has been received")
+    if args.json:
+        print(json.dumps(explained.as_dict(), indent=2))
+    else:
+        print("\n".join(explained.lines()))
+    return 0
+
+
+def cmd_sample(settings: Settings, args: argparse.Namespace) -> int:
+    from dicom_io.sample_study import write_sample
+
+    try:
+        written = write_sample(args.directory)
+    except OSError as exc:
+        raise CommandError(f"cannot write the sample to {args.directory}: {exc}") from None
+    for name, files in written.items():
+        print(f"{args.directory / name}: {len(files)} instances")
+    folders = " ".join(f"{args.directory / name}/*.dcm" for name in written)
+    print(f"send it: TCP_NODELAY=1 /usr/bin/storescu -aet MYPACS -aec {settings.dicom_ae_title} 127.0.0.1 {settings.dicom_port} {folders}")
     return 0
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicom_io.sr import SeriesFinding, Verification, read_findings, read_impression, write_verified_sr
-from service import audit, draft_outcomes
+from service import audit, draft_outcomes, routing
 from service import dispatch_lifecycle as dispatches
 from service import outputs as output_kinds
 from service.audit import Action
@@ -124,7 +124,17 @@ class Reviews:
             first.model_version if first else "",
             first.weights_sha256 if first else "",
             first.generation_preset if first else "",
-            [{"series_uid": d.series_uid, "modality": d.modality, "text": d.text, "key_images": d.key_images} for d in drafts],
+            [
+                {
+                    "series_uid": d.series_uid,
+                    "modality": d.modality,
+                    "text": d.text,
+                    "key_images": d.key_images,
+                    # grounding (models/grounding.py): model sentences removed for contradicting the header
+                    "removed_sentences": d.removed_sentences or [],
+                }
+                for d in drafts
+            ],
             impression,
             {
                 "decision": review.decision,
@@ -225,7 +235,9 @@ class Reviews:
                     edit_distance=distance,
                     address=address,
                 )
-                dispatches.create_all(s, now, actor, verified, study_uid, self.destinations, self.outputs)
+                # The verified report goes where the routing rules sent its draft (MEDCAP_DESTINATIONS by default).
+                routed = routing.report_destinations(s, doc.study_version_id, [d.series_uid for d in draft_findings], self.destinations)
+                dispatches.create_all(s, now, actor, verified, study_uid, routed, self.outputs)
                 draft_outcomes.refresh(s, doc.id)
         except IntegrityError:
             self.storage.delete(stored.path)

@@ -273,6 +273,11 @@ class Draft(Base):
     weights_sha256: Mapped[str] = mapped_column(String(64), index=True)
     generation_preset: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Grounding (models/grounding.py): the series' header facts (HeaderFacts.as_dict()) the text was checked
+    # against, and the model sentences removed for contradicting them, [{sentence, reasons}]. NULL: drafted
+    # before grounding existed (migration 0009).
+    header_facts: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    removed_sentences: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (UniqueConstraint("sr_document_id", "series_uid"),)
 
@@ -438,6 +443,25 @@ class DraftOutcome(Base):
             )
         ),
     )
+
+
+class RoutingDecision(Base):
+    """What the routing rules (service/routing.py) decided for one series of a study version."""
+
+    __tablename__ = "routing_decisions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    study_version_id: Mapped[int] = mapped_column(ForeignKey("study_versions.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    rule: Mapped[str] = mapped_column(String(64))  # the rule's name, or "(no rule)"
+    action: Mapped[str] = mapped_column(String(16))  # caption | skip
+    model: Mapped[str | None] = mapped_column(String(64))  # the model's name when captioned
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)  # the rule's, when captioned; NULL: the configured ones
+    reason: Mapped[str] = mapped_column(Text)
+    rules_source: Mapped[str] = mapped_column(String(300))  # the rule file, or "built-in default"
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("study_version_id", "series_uid"),)
 
 
 class AuditEvent(Base):

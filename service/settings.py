@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -158,11 +159,35 @@ class Settings(BaseSettings):
     verifier_organization: str = Field(
         "MedCap", min_length=1, max_length=64, description="Verifying organization written into verified SRs."
     )
+    routing_rules: Path | None = Field(
+        None, description="TOML routing rules (docs/routing.md); unset: caption every CT and MR series with MEDCAP_MODEL."
+    )
+    # -- review page (issue 15) --
+    viewer_url_template: str = Field(
+        "",
+        max_length=1000,
+        description="Link to the site's own viewer (OHIF, PACS): an http(s) URL with {study_uid}, {accession_number}, {patient_id}; empty: no link.",
+    )
     # DICOMweb in (STOW-RS on the web app; clients: `medcap dicomweb-client`)
     dicomweb_max_request_mb: int = Field(
         1024, ge=1, le=1024 * 1024, description="Largest STOW-RS request body (MiB); larger requests get 413, checked as the bytes arrive."
     )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _viewer_url_template(cls, value: str) -> str:
+        if not value:
+            return value
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("viewer_url_template must start with http:// or https://")
+        names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        unknown = names - {"study_uid", "accession_number", "patient_id"}
+        if unknown:
+            raise ValueError(
+                f"viewer_url_template: unknown placeholders {sorted(unknown)}; use {{study_uid}}, {{accession_number}}, {{patient_id}}"
+            )
+        return value
 
     @field_validator("dicom_ae_title")
     @classmethod
@@ -207,6 +232,8 @@ class Settings(BaseSettings):
             raise ValueError(f"data_dir: {exc}") from None
         if self.model is not None and not (self.model / "config.json").is_file():
             raise ValueError(f"model: {self.model} is not a MedCap checkpoint directory (no config.json)")
+        if self.routing_rules is not None and not self.routing_rules.is_file():
+            raise ValueError(f"routing_rules: file {self.routing_rules} does not exist")  # its content: service/routing.py, at start-up
         return self
 
     # Derived values: defaults that depend on the data dir.

@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.filewriter import write_file_meta_info
 
 
 def _meta_bytes(ds: pydicom.Dataset) -> bytes:
-    buf = io.BytesIO()
+    buf: Any = io.BytesIO()  # pydicom types this DicomIO; a plain buffer is what it writes to
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, ds.file_meta, enforce_standard=True)
     return buf.getvalue()

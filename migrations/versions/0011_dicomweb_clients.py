@@ -1,7 +1,7 @@
 """dicomweb clients: the programs allowed to send studies over STOW-RS, with their token hashes
 
 Revision ID: 0011
-Revises: 0008
+Revises: 0010
 One table, written by service/dicomweb_clients.py (`medcap dicomweb-client add|remove`). A STOW-RS
 request itself is recorded as an ``associations`` row (calling AE = the client's name), so the
 instances it stores, the assembler's "open sender" check and the audit trail need no new columns.
@@ -14,7 +14,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision: str = "0011"
-down_revision: str | Sequence[str] | None = "0008"
+down_revision: str | Sequence[str] | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -309,7 +309,8 @@ def build(
                 f"--bert {bert}: {bert_field} is {getattr(bert_config, bert_field)}, the BLIP-2 Q-Former's is "
                 f"{qformer_kwargs[field_name]}: not the BERT the Q-Former was made from"
             )
-    clip_size = int(blip_config.vision_config.image_size)
+    vision: Any = blip_config.vision_config
+    clip_size = int(vision.image_size)
     itc_dim = 256  # LAVIS' embed_dim; BLIP-2's stage 1 says its own
     if blip2_itm:
         try:
@@ -342,12 +343,11 @@ def build(
         weights.assign(model.lm, blip_files.take(prefixed("language_model."), frozen_dtype), what="--blip2: OPT language model")
         if "clip" in branches:
             log(f"reading the EVA ViT and the CLIP Q-Former from {blip2}")
-            weights.assign(
-                model.encoders["clip"].model, blip_files.take(prefixed("vision_model."), frozen_dtype), what="--blip2: CLIP vision encoder"
-            )
+            clip: Any = model.encoders["clip"]
+            weights.assign(clip.model, blip_files.take(prefixed("vision_model."), frozen_dtype), what="--blip2: CLIP vision encoder")
             _compose_clip_branch(model, blip_files, bert_files, blip2_itm, provenance, log)
         if "sam" in branches:
-            encoder = model.encoders["sam"]
+            encoder: Any = model.encoders["sam"]
             sam_state = {f"model.{k}": v.to(frozen_dtype) if frozen_dtype else v for k, v in sam_weights.items()}  # type: ignore[union-attr]
             sam_state["positional_gaussian"] = gaussian.float() if gaussian is not None else torch.zeros(2, encoder.channels // 2)
             weights.assign(encoder, sam_state, what="--sam: SAM image encoder")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ class _State:
     """Static buffers of one (batch, length) shape: the KV cache and the step's inputs and outputs."""
 
     def __init__(self, lm: nn.Module, batch: int, length: int, max_new: int, device: torch.device, dtype: torch.dtype) -> None:
-        config = lm.config
+        config: Any = lm.config  # an OPTConfig
         heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
         shape = (batch, heads, length, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
@@ -70,8 +71,8 @@ class GreedyDecoder:
     def __init__(self, lm: nn.Module, *, graphs: bool = True) -> None:
         if getattr(lm.config, "model_type", "") != "opt":
             raise ValueError(f"GreedyDecoder runs OPT language models, not {getattr(lm.config, 'model_type', '?')}")
-        self.lm = lm
-        self.decoder = lm.model.decoder
+        self.lm: Any = lm  # an OPTForCausalLM; nn.Module types its parts as Tensor | Module
+        self.decoder: Any = lm.model.decoder  # type: ignore[union-attr]
         self.graphs = graphs
         # One state (and graph) per shape and settings: a graph replays the settings it was captured with.
         self._states: dict[tuple[int, int, Greedy, torch.device, torch.dtype], _State] = {}

@@ -40,7 +40,7 @@ class SamEncoder(nn.Module):
         super().__init__()
         self.model = SamVisionModel(config)
         self.layout = layout
-        grid = config.image_size // config.patch_size
+        grid = _int(config.image_size) // _int(config.patch_size)
         self.grid = grid
         self.channels = int(config.output_channels)
         # Kept as a (frozen) parameter so compose can load SAM's own matrix into it.
@@ -65,3 +65,10 @@ class SamEncoder(nn.Module):
             return neck.reshape(batch, self.channels, -1)
         tokens = neck.flatten(2).transpose(1, 2)
         return tokens + self.positional_encoding().to(tokens.dtype)
+
+
+def _int(value: object) -> int:
+    """A size that transformers types as int, list or tuple: SAM's are ints."""
+    if not isinstance(value, int):
+        raise TypeError(f"expected an int, not {value!r}")
+    return value

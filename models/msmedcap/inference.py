@@ -15,6 +15,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,7 +67,7 @@ def export(
             raise checkpoint.CheckpointError(f"{source}: weight {name} is missing")
         out_dtype = (dtype if name.startswith(FROZEN) else torch.float32) if tensor.is_floating_point() else tensor.dtype
         nbytes = tensor.numel() * torch.empty((), dtype=out_dtype).element_size()
-        entries.append((name, nbytes, lambda n=stored, d=out_dtype: files.get(n, d)))
+        entries.append((name, nbytes, partial(files.get, stored, out_dtype)))
         used.update(groups.get(name, [name]))
     stray = sorted(n for n in files.keys() - used if not is_text_side(n))
     if stray:

@@ -8,6 +8,7 @@ queries and projections with the LM loss (stage 1 is in ``models/stage1.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ class MedCapModel(nn.Module):
     def __init__(self, config: MedCapConfig) -> None:
         super().__init__()
         self.config = config
-        self.lm = OPTForCausalLM(OPTConfig(**config.lm))
+        self.lm: Any = OPTForCausalLM(OPTConfig(**config.lm))  # Any: transformers types generate() for another self
         encoders: dict[str, nn.Module] = {}
         if "clip" in config.branches:
             encoders["clip"] = ClipEncoder(Blip2VisionConfig(**config.clip_vision))  # type: ignore[arg-type]
@@ -46,7 +47,8 @@ class MedCapModel(nn.Module):
     def new_branch(self, name: str) -> QFormerBranch:
         """A freshly initialised Q-Former branch reading encoder ``name`` (compose builds the
         pretrained parts without memory, then replaces the branches with real ones)."""
-        config = Blip2QFormerConfig(**self.config.qformer, encoder_hidden_size=self.encoders[name].width)
+        encoder: Any = self.encoders[name]
+        config = Blip2QFormerConfig(**self.config.qformer, encoder_hidden_size=encoder.width)
         return QFormerBranch(
             config, self.config.num_query_tokens, self.lm.config.hidden_size, self.config.itc_dim, text_side=self.config.qformer_text
         )
@@ -71,7 +73,8 @@ class MedCapModel(nn.Module):
         if missing:
             raise ValueError(f"missing input for branch(es) {sorted(missing)} of {self.config.display_name}")
         dtype = self.lm.get_input_embeddings().weight.dtype
-        return torch.cat([self.branches[name].lm_inputs(tokens[name]).to(dtype) for name in self.branches], dim=1)
+        branches: Any = self.branches  # QFormerBranch modules
+        return torch.cat([branches[name].lm_inputs(tokens[name]).to(dtype) for name in branches], dim=1)
 
     # -- stage 2 ---------------------------------------------------------------------------
 
@@ -181,10 +184,11 @@ class MedCapModel(nn.Module):
         """Stage 1: one Q-Former branch (queries, Q-Former, text side, heads). Stage 2: every
         branch's queries, query path of the Q-Former and projection; encoders and LM never."""
         if stage == "stage1":
-            if branch not in self.branches:
+            if branch is None or branch not in self.branches:
                 raise ValueError(f"branch: {branch!r} is not one of {sorted(self.branches)}")
-            self.branches[branch].require_text_side()
-            return [p for n, p in self.branches[branch].named_parameters() if not n.startswith("language_projection.")]
+            chosen: Any = self.branches[branch]
+            chosen.require_text_side()
+            return [p for n, p in chosen.named_parameters() if not n.startswith("language_projection.")]
         if stage == "stage2":
             # The query path only: the text side gets no gradient from the LM loss (LAVIS deletes it).
             return [p for b in self.branches.values() for n, p in b.named_parameters() if not TEXT_SIDE.match(n)]

@@ -10,6 +10,7 @@ are built without it (``text_side=False``), as LAVIS deletes it for stage 2.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,7 +76,8 @@ class QFormerBranch(nn.Module):
         # tokens are 1408 (EVA), 4096 (SAM, channel layout) or 256 (SAM, spatial) wide, and a
         # fixed std would give one encoder's values several times the other's at the start.
         # Pretrained Q-Formers (compose) overwrite this for the CLIP branch.
-        for layer in self.qformer.encoder.layer:
+        layers: Any = self.qformer.encoder.layer
+        for layer in layers:
             if layer.has_cross_attention:
                 for linear in (layer.crossattention.attention.key, layer.crossattention.attention.value):
                     nn.init.normal_(linear.weight, std=linear.in_features**-0.5)

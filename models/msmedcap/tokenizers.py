@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -85,7 +86,8 @@ class Tokenizers:
 
     @property
     def qformer_bos_id(self) -> int:
-        return int(self.qformer.convert_tokens_to_ids(QFORMER_BOS))
+        token_id: Any = self.qformer.convert_tokens_to_ids(QFORMER_BOS)  # one token: one id
+        return int(token_id)
 
 
 def build_small_tokenizers(corpus: Iterable[str], lm_vocab: int = 512, qformer_vocab: int = 512, dec_token: bool = True) -> Tokenizers:

@@ -123,7 +123,7 @@ def train(
     torch.manual_seed(settings.seed)
     random.seed(settings.seed)
     device = next(model.branches.parameters()).device
-    branches = [settings.branch] if settings.stage == "stage1" else list(model.branches)
+    branches: list[str] = [settings.branch] if settings.stage == "stage1" and settings.branch else list(model.branches)
     features = encode_images(
         model,
         records,
@@ -225,9 +225,11 @@ def _loop(
             batch_captions = [captions[i] for i in index]
             if settings.stage == "stage1":
                 text = tokenizers.qformer_batch(batch_captions, model.config.max_text_tokens)
+                branch = branches[0]  # stage 1 trains the one branch of settings.branch
+                trained: Any = model.branches[branch]
                 parts = stage1_losses(
-                    model.branches[settings.branch],
-                    tokens[settings.branch],
+                    trained,
+                    tokens[branch],
                     text["input_ids"].to(device),
                     text["attention_mask"].to(device),
                     tokenizers.qformer_bos_id,

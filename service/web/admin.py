@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from service import audit_queries as aq
+from service import routing
 from service.audit import Action, web_actor
 from service.reports import RequeueError, retry_job
 from service.users import UserError
@@ -38,11 +39,17 @@ def _overview(request: Request, ctx: WebContext, who: SignedIn, *, message: str 
             "who": who,
             "counts": aq.overview(ctx.db, ctx.clock.now()),
             "failed": aq.failed_work(ctx.db),
+            "skipped": _skipped(ctx),
             "message": message,
             "error": error,
         },
         status_code=status,
     )
+
+
+def _skipped(ctx: WebContext) -> list[routing.SkippedSeries]:
+    with ctx.db.session() as s:
+        return routing.recent_skips(s, limit=50)
 
 
 @router.get("/admin", response_class=HTMLResponse)
@@ -125,13 +132,13 @@ def audit_csv(request: Request, ctx: Context, who: Admin) -> Response:
         search = audit_search(dict(request.query_params), limit=aq.MAX_ROWS, offset=0)
     except aq.QueryError as exc:
         return Response(str(exc), status_code=400, media_type="text/plain")
-    result = aq.search_audit(ctx.db, search)
-    audit_event(request, Action.AUDIT_EXPORTED, "audit", "events", filters=search.filters(), rows=len(result.rows), truncated=result.more)
+    export = aq.export_audit(ctx.db, search, spreadsheet_safe=True)
+    audit_event(request, Action.AUDIT_EXPORTED, "audit", "events", filters=search.filters(), rows=export.rows, truncated=export.more)
     name = f"medcap-audit-{ctx.clock.now():%Y%m%dT%H%M%SZ}.csv"
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}
-    if result.more:
+    if export.more:
         headers["X-MedCap-Truncated"] = f"only the newest {aq.MAX_ROWS} events; narrow the search"
-    return StreamingResponse(aq.iter_audit_csv(result.rows, spreadsheet_safe=True), media_type="text/csv; charset=utf-8", headers=headers)
+    return StreamingResponse(iter(export.chunks), media_type="text/csv; charset=utf-8", headers=headers)
 
 
 # -- statistics -------------------------------------------------------------------------------

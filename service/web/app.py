@@ -25,7 +25,7 @@ from service.review import Reviews
 from service.settings import Settings
 from service.stow_requests import StowRequests
 from service.users import Users
-from service.web import admin, admin_api, api, dicomweb, pages
+from service.web import admin, admin_api, api, dicomweb, pages, stack
 from service.web.auth import Sessions
 from service.web.context import TEMPLATES, Forbidden, NotSignedIn, WebContext, audit_event
 
@@ -74,6 +74,7 @@ def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> 
     app.state.stow = stow
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(pages.router)
+    app.include_router(stack.router)
     app.include_router(admin.router)
     app.include_router(api.router, prefix="/api")
     app.include_router(admin_api.router, prefix="/api/admin")

@@ -7,7 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.pixels import apply_rescale
+from pydicom.pixels.processing import apply_rescale
 
 from dicom_io.series import SeriesError, Slice, load_series, read_series
 from tests.conftest import REPO, SHARED_DATA, series_files

@@ -236,3 +236,53 @@ def test_image_ref_accepts_frames():
     assert ImageRef.of(("1.2.3", "1.2.3.4", 2)).frame_number == 2
     with pytest.raises(ValueError, match="ImageRef.frame_number"):
         ImageRef("1.2.3", "1.2.3.4", 0)
+
+
+# -- header facts as coded content (grounding, docs/header-facts.md) ------------------------------
+
+
+def test_header_facts_are_coded_procedure_finding_site_and_laterality_and_survive_verification(ge: list[Dataset], tmp_path: Path):
+    from dicom_io.header_facts import LATERALITY_CODES, REGIONS, procedure_code
+    from dicom_io.sr import read_procedures
+
+    head = next(r for r in REGIONS if r.term == "head").code
+    coded = dataclasses.replace(finding(ge, "CT head, axial: no focal lesion."), finding_site=head, laterality=LATERALITY_CODES["left"])
+    draft = check_file(
+        save(write_draft_sr([coded], "No focal lesion.", ALGORITHM, ge, procedures=[procedure_code("CT")]), tmp_path, "coded")
+    )
+    assert read_procedures(draft) == [procedure_code("CT")]
+    (procedure,) = children(draft, "Procedure reported")
+    assert (procedure.RelationshipType, procedure.ConceptCodeSequence[0].CodeValue) == ("HAS CONCEPT MOD", "77477000")
+    (findings,) = children(draft, "Findings")
+    (site,) = children(children(findings, "Finding")[0], "Finding Site")
+    assert (site.ValueType, site.ConceptCodeSequence[0].CodeValue, site.ConceptCodeSequence[0].CodingSchemeDesignator) == (
+        "CODE",
+        "69536005",
+        "SCT",
+    )
+    assert children(site, "Laterality")[0].ConceptCodeSequence[0].CodeMeaning == "Left"
+    assert read_findings(draft) == (coded,)
+    # the radiologist edits the text: the header's codes are no one's text and stay
+    edited = SeriesFinding(coded.series_uid, "CT head, axial: old left lacunar infarct.", coded.key_images)
+    verified = check_file(
+        save(
+            write_verified_sr(draft, Verification("Smith^Jane", "General Hospital", VERIFIED_AT), findings=[edited]),
+            tmp_path,
+            "coded-verified",
+        )
+    )
+    (final,) = read_findings(verified)
+    assert (final.text, final.finding_site, final.laterality) == (edited.text, head, LATERALITY_CODES["left"])
+    assert read_procedures(verified) == [procedure_code("CT")]
+
+
+def test_coded_content_is_checked(ge: list[Dataset]):
+    from dicom_io.header_facts import LATERALITY_CODES
+
+    series = ge[0].SeriesInstanceUID
+    with pytest.raises(ValueError, match="SeriesFinding.laterality qualifies a finding site"):
+        SeriesFinding(series, "x", [ge[0]], laterality=LATERALITY_CODES["left"])
+    with pytest.raises(ValueError, match="SeriesFinding.finding_site must be a Code"):
+        SeriesFinding(series, "x", [ge[0]], finding_site=("69536005", "SCT", "Head"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"procedures\[0\] must be a Code"):
+        write_draft_sr([finding(ge)], "x", ALGORITHM, ge, procedures=["CT"])  # type: ignore[list-item]

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -286,9 +287,9 @@ def save_tiny_gpt2(directory: Path, captions: Sequence[str], width: int = 32) ->
 def save_tiny_mobilenet(directory: Path, preprocessor: dict[str, object] | None, classifier: bool = True) -> MobileNetV2Model:
     """A tiny checkpoint: a classifier laid out as google/mobilenet_v2_1.0_224 is on the hub, or a bare MobileNetV2Model."""
     torch.manual_seed(3)
-    config = MobileNetV2Config(**tiny_mobilenet_config(48), num_labels=5)
+    config = MobileNetV2Config(**tiny_mobilenet_config(48), num_labels=5)  # type: ignore[call-arg]  # a PretrainedConfig kwarg
     source = MobileNetV2ForImageClassification(config) if classifier else MobileNetV2Model(config)
-    backbone = source.mobilenet_v2 if classifier else source
+    backbone: Any = source.mobilenet_v2 if classifier else source
     calibrate_batchnorm(backbone, torch.randn(4, 3, 48, 48))  # non-default running statistics to carry over
     source.save_pretrained(directory)
     if preprocessor is not None:

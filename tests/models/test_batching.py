@@ -15,7 +15,8 @@ class Recording:
     """The real captioner, recording how many images each model call got."""
 
     def __init__(self, captioner, fail: bool = False) -> None:
-        self.captioner, self.calls, self.fail = captioner, [], fail
+        self.calls: list[object] = []
+        self.captioner, self.fail = captioner, fail
         self.identity, self.views = captioner.identity, captioner.views
 
     def caption(self, inputs, generation="fast", *, batch_size=8, seed=0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -190,7 +191,7 @@ def test_packed_loss_equals_a_masked_unpacked_computation(trained) -> None:
 
 def test_a_training_batch_of_one_uses_the_running_statistics() -> None:
     model, vocab = tiny_cnn_lstm(CAPTIONS)
-    norm = model.image_embedding[1]
+    norm: Any = model.image_embedding[1]
     features = model.encode(pixels())
     model.train()
     running = norm.running_mean.clone()

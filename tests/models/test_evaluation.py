@@ -29,11 +29,14 @@ def test_families_side_by_side_and_sbg_per_candidate_count(tmp_path):
         candidates=(1, 2),
         progress=False,
     )
-    assert list(report.results) == ["SBG (top-1)", "SBG (top-2)", "CNN-LSTM"]  # the LSTM does not rerank: one row
+    rows = ["SBG (top-1)", "SBG (top-2)", "CNN-LSTM"]  # the LSTM does not rerank: one row
+    # the synthetic rows' attributes are header facts: each model is also scored grounded
+    assert list(report.results) == rows + [f"{r} (grounded)" for r in rows]
+    assert report.grounding is not None and list(report.grounding.without) == rows
     assert all("BLEU-4" in row and "CIDEr" in row for row in report.results.values())
     written = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert "SBG (top-2)" in json.dumps(written)
     predictions = json.loads((tmp_path / "eval" / "predictions.json").read_text())["predictions"]
-    assert set(predictions) == {"SBG (top-1)", "SBG (top-2)", "CNN-LSTM"} and all(len(p) == 4 for p in predictions.values())
+    assert set(predictions) == {*rows, *(f"{r} (grounded)" for r in rows)} and all(len(p) == 4 for p in predictions.values())
     table = report.table()
     assert "| SBG (top-2) |" in table and "| CNN-LSTM |" in table

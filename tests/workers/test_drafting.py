@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from sqlalchemy import select, update
 
+from dicom_io.header_facts import HeaderFacts
 from dicom_io.image_views import ImageView
 from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import prepare_series
@@ -210,3 +211,55 @@ def test_the_evidence_from_the_kept_headers_makes_the_same_sr_as_the_files_read_
             item.ContributionDateTime = None
     differ = {e.keyword for e in ours if theirs.get(e.tag) != e} | {e.keyword for e in theirs if e.tag not in ours}
     assert differ == {"SOPInstanceUID"}  # a fresh UID per SR; patient, study, equipment and evidence are the same
+
+
+@pytest.mark.peers
+def test_the_draft_is_grounded_on_the_header_and_its_removals_are_kept_with_it(db, clock, settings, captioner, job_id):
+    """The real model's captions, each after a sentence that contradicts the head CT's header (as the
+    demo model writes them): the sentence leaves the draft and the SR, and its removal is recorded."""
+    from dicom_io.sr import read_procedures
+    from models.grounding import contradictions, sentences
+
+    wrong = "axial mr of the chest large hypointense lesion in the anterior lung"
+
+    class Contradicting:
+        identity, views = captioner.identity, captioner.views
+
+        def caption(self, inputs, *args, **kwargs):
+            return [f"{wrong}. {c}" for c in captioner.caption(inputs, *args, **kwargs)]
+
+    assert runner(db, clock).run(job_id, make_drafter(db, clock, Contradicting(), settings).draft) == "succeeded"
+    with db.session() as s:
+        doc = s.scalars(select(SRDocument)).one()
+        draft = s.scalars(select(Draft)).one()
+        written = s.scalars(select(AuditEvent).where(AuditEvent.action == "sr.written")).one()
+    assert draft.text.startswith("CT head, axial:") and wrong not in draft.text
+    assert draft.header_facts is not None and draft.header_facts["modality"] == "CT" and draft.header_facts["plane"] == "axial"
+    assert draft.removed_sentences is not None and draft.removed_sentences[0]["sentence"] == wrong
+    assert "names MR; the header says CT (Modality)" in draft.removed_sentences[0]["reasons"]
+    assert written.details["sentences_removed"] == len(draft.removed_sentences)
+    facts = HeaderFacts.from_dict(draft.header_facts)
+    kept = sentences([draft.text.removeprefix("CT head, axial:")])
+    assert all(contradictions(s, facts) == [] for s in kept if not s.startswith("("))
+    sr = pydicom.dcmread(doc.path)
+    (finding,) = read_findings(sr)
+    assert finding.text == draft.text and wrong not in str(doc.impression)
+    assert finding.finding_site is not None and (finding.finding_site.value, finding.finding_site.meaning) == ("69536005", "Head")
+    assert [p.value for p in read_procedures(sr)] == ["77477000"]
+    check = subprocess.run(["dciodvfy", "-new", doc.path], capture_output=True, text=True)
+    assert " Error " not in check.stdout + check.stderr, check.stderr
+
+
+def test_a_header_without_readable_facts_grounds_nothing_and_fails_nothing(monkeypatch):
+    import workers.drafting as drafting
+
+    (item,) = prepare_series(CT, views=(ImageView("clip", 32, "clip"),), key_slices=KeySliceSpec(n=1))
+    assert drafting.facts_of(item).modality == "CT"
+
+    def unreadable(series):
+        raise ValueError("ImageOrientationPatient is degenerate")
+
+    monkeypatch.setattr(drafting, "series_facts", unreadable)
+    facts = drafting.facts_of(item)
+    assert (facts.modality, facts.region, facts.plane) == (None, None, None)
+    assert facts.conflicts == ("header facts could not be read: ImageOrientationPatient is degenerate",)

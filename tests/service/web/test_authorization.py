@@ -144,6 +144,13 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/drafts/{draft_id}/images/{sop_instance_uid}.png"): Rule(
         LOGIN, 200, DENIED, call=_path("/drafts/{draft_id}/images/{sop_instance_uid}.png")
     ),
+    ("GET", "/worklist/next"): Rule(LOGIN, 303, DENIED, location="/drafts/"),
+    ("GET", "/drafts/{draft_id}/series/{series_uid}/stack.json"): Rule(
+        LOGIN, 200, DENIED, call=lambda w: Call(f"/drafts/{w.draft_id}/series/{w.series_uid}/stack.json")
+    ),
+    ("GET", "/drafts/{draft_id}/series/{series_uid}/slices/{index}.png"): Rule(
+        LOGIN, 200, DENIED, call=lambda w: Call(f"/drafts/{w.draft_id}/series/{w.series_uid}/slices/0.png", params={"c": "40", "w": "80"})
+    ),
     ("POST", "/drafts/{draft_id}/approve"): Rule(
         LOGIN,
         303,
