@@ -20,7 +20,7 @@ import uvicorn
 from pydicom.filewriter import write_file_meta_info
 from sqlalchemy import select
 
-from service import cli
+from service import cli, routing
 from service.dicomweb_clients import DicomwebClients, token_hash
 from service.schema import Association, AuditEvent, DicomwebClient, Instance, Job, StudyVersion
 from service.settings import Settings
@@ -497,3 +497,17 @@ def test_a_client_that_stalls_is_timed_out_and_releases_its_studies(db, make_ser
     (request,) = requests(db)
     assert request.outcome == "aborted" and request.ended_at is not None and request.instances_received == 1
     assert "no data for 1 s" in events(db, "stow.ended")[0].details["reason"]
+
+
+def test_routing_rules_see_a_stow_client_as_the_calling_ae_title(db, server):
+    files = series_files(CT)[:3]
+    assert server.post(multipart(*(p.read_bytes() for p in files))).status_code == 200
+    rules = routing.parse(
+        '[[rules]]\nname = "from-pacs1"\ncalling_ae = ["PACS1"]\n\n[[rules]]\nname = "others"\naction = "skip"\n', source="test.toml"
+    )
+    with db.session() as s:
+        explanation = routing.explain_study(s, server.settings.storage, rules, uids(files[0])[2])
+    assert explanation is not None
+    (series,) = explanation.series
+    assert series.facts.calling_ae_titles == {"PACS1"}
+    assert (series.decision.rule, series.decision.action.value) == ("from-pacs1", "caption")
