@@ -65,10 +65,20 @@ class Action(enum.StrEnum):
     LISTENER_STARTED = "listener.started"
     LISTENER_STOPPED = "listener.stopped"
     DATABASE_UPGRADED = "database.upgraded"
+    # DICOMweb in (STOW-RS): service/dicomweb_clients.py, service/stow_requests.py
+    DICOMWEB_CLIENT_ADDED = "dicomweb.client_added"
+    DICOMWEB_CLIENT_REMOVED = "dicomweb.client_removed"
+    STOW_REFUSED = "stow.refused"
+    STOW_STARTED = "stow.started"
+    STOW_ENDED = "stow.ended"
 
 
 def dicom_actor(calling_ae: str, address: str) -> str:
     return f"dicom:{calling_ae.strip()}@{address}"
+
+
+def dicomweb_actor(client: str, address: str) -> str:
+    return f"dicomweb:{client}@{address}"
 
 
 SYSTEM_ASSEMBLER = "system:assembler"

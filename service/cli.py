@@ -166,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="write a synthetic sample patient (head CT and brain MR) to send for a first run")
     p.add_argument("directory", type=Path, help="where to write it (DIR/ct-head/*.dcm, DIR/mr-brain/*.dcm)")
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("dicomweb-client", help="manage the programs allowed to send studies over DICOMweb (STOW-RS)")
+    csub = p.add_subparsers(dest="dicomweb_command", required=True, metavar="ACTION")
+    q = csub.add_parser("add", help="allow a client; prints its bearer token once (only its hash is kept)")
+    q.add_argument("name", help="1-16 letters, digits, '.', '_' or '-' (recorded as the calling AE title of its requests)")
+    q.add_argument("--from", dest="networks", required=True, help="comma-separated addresses or CIDRs it connects from, e.g. 10.1.2.3/32")
+    q.set_defaults(func=cmd_dicomweb_client_add)
+    q = csub.add_parser("remove", help="revoke a client's token")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_dicomweb_client_remove)
+    csub.add_parser("list", help="list the allowed clients and their networks").set_defaults(func=cmd_dicomweb_client_list)
 
     model_commands.register(sub)  # caption, model, train, evaluate, data
     return parser
@@ -518,6 +528,48 @@ def cmd_users_list(settings: Settings, args: argparse.Namespace) -> int:
         print("no users yet: add the first admin with `medcap users add NAME --role admin --display-name Family^Given`")
     for account, disabled in users:
         print(f"{account.username:<24} {account.role.value:<12} {account.display_name}{'  (disabled)' if disabled else ''}")
+    return 0
+
+
+def _dicomweb_clients(settings: Settings) -> Any:
+    from service.clock import SystemClock
+    from service.dicomweb_clients import DicomwebClients
+
+    return DicomwebClients(open_database(settings), SystemClock())
+
+
+def cmd_dicomweb_client_add(settings: Settings, args: argparse.Namespace) -> int:
+    from service import audit
+    from service.dicomweb_clients import ClientError
+
+    try:
+        client, token = _dicomweb_clients(settings).add(args.name, args.networks, audit.cli_actor(getpass.getuser()))
+    except ClientError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"DICOMweb client {client.name} added, from {', '.join(map(str, client.networks))}", file=sys.stderr)
+    print("its bearer token (shown once; send it as 'Authorization: Bearer TOKEN'):", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def cmd_dicomweb_client_remove(settings: Settings, args: argparse.Namespace) -> int:
+    from service import audit
+    from service.dicomweb_clients import ClientError
+
+    try:
+        _dicomweb_clients(settings).remove(args.name, audit.cli_actor(getpass.getuser()))
+    except ClientError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"DICOMweb client {args.name} removed: its token no longer works")
+    return 0
+
+
+def cmd_dicomweb_client_list(settings: Settings, args: argparse.Namespace) -> int:
+    clients = _dicomweb_clients(settings).list()
+    if not clients:
+        print("no DICOMweb clients: add one with `medcap dicomweb-client add NAME --from CIDR`")
+    for client, added in clients:
+        print(f"{client.name:<16} from {','.join(map(str, client.networks)):<32} {added}")
     return 0
 
 

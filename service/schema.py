@@ -479,3 +479,16 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
     __table_args__ = (Index("ix_audit_events_object", "object_type", "object_id"),)
+
+
+class DicomwebClient(Base):
+    """A program allowed to STOW-RS instances to us. The bearer token is random; only its hash is stored."""
+
+    __tablename__ = "dicomweb_clients"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(AE, unique=True)  # recorded as the calling AE of its requests
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    networks: Mapped[str] = mapped_column(Text)  # comma-separated CIDRs it may connect from
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128))

@@ -196,6 +196,10 @@ class Settings(BaseSettings):
         min_length=1,
         description="System of the DiagnosticReport identifier (its value: the Study Instance UID); the verified report updates the draft's resource under it.",
     )
+    # DICOMweb in (STOW-RS on the web app; clients: `medcap dicomweb-client`)
+    dicomweb_max_request_mb: int = Field(
+        1024, ge=1, le=1024 * 1024, description="Largest STOW-RS request body (MiB); larger requests get 413, checked as the bytes arrive."
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
 
     @field_validator("viewer_url_template")
