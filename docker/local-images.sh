@@ -47,6 +47,24 @@ pip_mounts() {
     done
 }
 
+# Where the CPU worker gets torch: PyTorch's CPU index; or, where pip's configuration already has a
+# local CPU wheel of pyproject's pin in a find-links directory (as here), PyPI, so that pip takes
+# that wheel (2.13.0+cpu sorts above PyPI's 2.13.0) and looks up nothing at an index it cannot reach.
+torch_index() {
+    local pin version mount dir
+    pin=$(cd "$REPO" && python3 docker/requirements.py --no-base --extra model=torch)
+    version=${pin#torch==}
+    while read -r mount; do
+        dir=${mount#-v=}
+        dir=${dir%%:*}
+        if compgen -G "$dir/torch-$version+cpu-*.whl" > /dev/null; then
+            echo "https://pypi.org/simple"
+            return
+        fi
+    done < <(pip_mounts)
+    echo "https://download.pytorch.org/whl/cpu"
+}
+
 timed() {
     local name=$1
     shift
@@ -95,7 +113,7 @@ for target in "${targets[@]}"; do
             ;;
         worker-cpu)
             build_medcap worker-cpu Dockerfile.worker localhost/medcap-worker-cpu:latest --build-arg CUDA_IMAGE="$BASE" \
-                --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu --build-arg TORCH_BUILD=cpu
+                --build-arg TORCH_INDEX_URL="$(torch_index)" --build-arg TORCH_BUILD=cpu
             built+=(localhost/medcap-worker-cpu:latest)
             ;;
         *)
