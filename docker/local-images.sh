@@ -12,8 +12,9 @@
 #   medcap      localhost/medcap:latest             docker/Dockerfile on the local base
 #   worker-cpu  localhost/medcap-worker-cpu:latest  docker/Dockerfile.worker on the local base, CPU torch
 #
-# Then run the stack with docker/compose.local.yaml (it names these images). Each build prints its
-# time; the sizes come at the end. pip inside a build uses this machine's pip configuration (its
+# Images are in Docker's format, which keeps HEALTHCHECK (OCI's has none). Then run the stack with
+# docker/compose.local.yaml (it names these images). Each build prints its time; the sizes come at
+# the end. pip inside a build uses this machine's pip configuration (its
 # config files and the certificate, constraints and local package directories they name),
 # bind-mounted read-only for the RUN steps only: nothing of it is copied into an image.
 #
@@ -87,14 +88,14 @@ build_base() {
 }
 
 build_service() {  # name tag
-    timed "$1" podman build --quiet --build-arg BASE_IMAGE="$BASE" -f "$DOCKER/local/$1.Containerfile" -t "$2" "$DOCKER/local"
+    timed "$1" podman build --quiet --format docker --build-arg BASE_IMAGE="$BASE" -f "$DOCKER/local/$1.Containerfile" -t "$2" "$DOCKER/local"
 }
 
 build_medcap() {  # name dockerfile tag build-args...
     local name=$1 dockerfile=$2 tag=$3
     shift 3
     mapfile -t mounts < <(pip_mounts)
-    timed "$name" podman build --quiet "${mounts[@]}" "$@" \
+    timed "$name" podman build --quiet --format docker "${mounts[@]}" "$@" \
         -f "$DOCKER/$dockerfile" --ignorefile "$DOCKER/$dockerfile.dockerignore" -t "$tag" "$REPO"
 }
 
