@@ -5,8 +5,8 @@
 * ``browser``: drives Chromium;
 * ``postgresql``: the PostgreSQL run of a test parametrized over both databases (set automatically);
 * ``containers``: builds the images and runs docker/compose.yaml with podman (tests/docker/test_stack.py,
-  about N minutes); collected only when ``-m`` names it (tests/docker/conftest.py), so neither
-  ``scripts/test`` nor CI runs it: ``pytest -m containers -s tests/docker/test_stack.py``.
+  about 4.5 minutes with the images built); collected only when ``-m`` names it
+  (tests/docker/conftest.py), so neither ``scripts/test`` nor CI runs it: ``scripts/test-containers``.
 
 ``scripts/test --fast`` leaves all four out. The helpers that start a process or a peer call
 :func:`requires`, which fails a test that lacks the marker: a new slow test cannot slip into the
