@@ -5,7 +5,7 @@
 * ``browser``: drives Chromium;
 * ``postgresql``: the PostgreSQL run of a test parametrized over both databases (set automatically);
 * ``containers``: builds the images and runs docker/compose.yaml with podman (tests/docker/test_stack.py,
-  about 4.5 minutes with the images built); collected only when ``-m`` names it
+  4.5 to 5.5 minutes with the images built); collected only when ``-m`` names it
   (tests/docker/conftest.py), so neither ``scripts/test`` nor CI runs it: ``scripts/test-containers``.
 
 ``scripts/test --fast`` leaves all four out. The helpers that start a process or a peer call
