@@ -25,6 +25,7 @@ class Action(enum.StrEnum):
     INSTANCE_FAILED = "instance.failed"
     STUDY_FORCE_REQUESTED = "study.force_requested"
     STUDY_VERSION_CREATED = "study.version_created"
+    STUDY_NOTHING_TO_CAPTION = "study.nothing_new_to_caption"
     JOB_CREATED = "job.created"
     JOB_ENQUEUED = "job.enqueued"
     JOB_REENQUEUED = "job.reenqueued"
