@@ -78,6 +78,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("service/routing.py", "is_file"): "a named model checkpoint's config.json",
     ("service/routing.py", "/ 'config.json'"): "a named model checkpoint's config.json",
     ("service/routing.py", "read_text"): "the routing rule file",
+    ("service/cli.py", "remove"): "DicomwebClients.remove (an allowed STOW-RS client), not a file",
+    ("service/stow.py", "dcmread"): "a STOW-RS part parsed from memory (io.BytesIO) before it is stored",
     ("service/audit_queries.py", "copy"): "psycopg's COPY ... TO STDOUT (the audit CSV export), not a file",
     ("service/web/app.py", "Path"): "the web package's own static files",
     ("service/web/context.py", "Path"): "the web package's own templates",
