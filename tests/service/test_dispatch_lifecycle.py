@@ -10,7 +10,8 @@ from sqlalchemy import select
 
 from service import dispatch_lifecycle as dispatches
 from service.dispatch_lifecycle import TRANSITIONS, DispatchEvent, ForbiddenTransition
-from service.schema import Dispatch, DispatchStatus, Output, SRDocument, Study, StudyVersion
+from service.schema import Dispatch, DispatchStatus, Output
+from tests import rows
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -18,28 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 def make_dispatch(db, clock, status: DispatchStatus) -> int:
     now = clock.now()
     with db.session() as s:
-        study = Study(study_uid=f"1.2.{status.value}.{now.timestamp()}", first_received_at=now)
-        s.add(study)
-        s.flush()
-        version = StudyVersion(study_id=study.id, number=1, created_at=now, trigger="stable", instance_count=1, captionable_count=1)
-        s.add(version)
-        s.flush()
-        doc = SRDocument(
-            kind="draft",
-            idempotency_key=f"k{study.id}",
-            study_id=study.id,
-            study_version_id=version.id,
-            sop_instance_uid=f"2.25.{study.id}",
-            series_uid="2.25.9",
-            completion_flag="PARTIAL",
-            verification_flag="UNVERIFIED",
-            path="/nowhere",
-            sha256="0" * 64,
-            created_at=now,
-            created_by="test",
-        )
-        s.add(doc)
-        s.flush()
+        study = rows.study(s, now, f"1.2.{status.value}.{now.timestamp()}")
+        doc = rows.draft_sr(s, now, rows.version(s, now, study), idempotency_key=f"k{study.id}", sop_instance_uid=f"2.25.{study.id}")
         output = Output(report_id=doc.id, kind="dicom-sr", media_type="application/dicom", path=doc.path, sha256=doc.sha256, created_at=now)
         s.add(output)
         s.flush()

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from service import job_lifecycle as jobs
 from service.job_lifecycle import TRANSITIONS, ForbiddenTransition, JobEvent
 from service.schema import AuditEvent, Job, JobStatus, Study, StudyVersion
+from tests import rows
 
 LEASE = timedelta(seconds=10)
 
@@ -22,13 +23,9 @@ def make_job(db, clock, status: JobStatus = JobStatus.ENQUEUED, **values) -> int
     with db.session() as s:
         study = s.scalar(select(Study).where(Study.study_uid == "1.2.3"))
         if study is None:
-            study = Study(study_uid="1.2.3", first_received_at=now)
-            s.add(study)
-            s.flush()
+            study = rows.study(s, now, "1.2.3")
         number = (s.scalar(select(StudyVersion.number).order_by(StudyVersion.number.desc()).limit(1)) or 0) + 1
-        version = StudyVersion(study_id=study.id, number=number, created_at=now, trigger="stable", instance_count=1, captionable_count=1)
-        s.add(version)
-        s.flush()
+        version = rows.version(s, now, study, number)
         job = Job(study_version_id=version.id, status=status.value, created_at=now, **({"attempts": 0} | values))
         s.add(job)
         s.flush()

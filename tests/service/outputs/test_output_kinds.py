@@ -13,8 +13,9 @@ from sqlalchemy import select
 from service import dispatch_lifecycle as dispatches
 from service import outputs
 from service.outputs import Artefact, Delivery, DicomSR, OutputKind, OutputKinds
-from service.schema import AuditEvent, Dispatch, DispatchAttempt, Output, SRDocument, Study, StudyVersion
+from service.schema import AuditEvent, Dispatch, DispatchAttempt, Output, SRDocument
 from service.storage import Storage
+from tests import rows
 from workers.dispatching import DispatchRunner
 
 PACS = "PACS@127.0.0.1:104"
@@ -49,28 +50,18 @@ def make_report(db, clock, tmp_path: Path) -> int:
     path = tmp_path / "report.dcm"
     path.write_bytes(b"not really DICOM, the folder kind does not care")
     with db.session() as s:
-        study = Study(study_uid="1.2.826.0.1.3680043.2.1", first_received_at=now)
-        s.add(study)
-        s.flush()
-        version = StudyVersion(study_id=study.id, number=1, created_at=now, trigger="stable", instance_count=1, captionable_count=1)
-        s.add(version)
-        s.flush()
-        doc = SRDocument(
-            kind="draft",
+        study = rows.study(s, now, "1.2.826.0.1.3680043.2.1")
+        doc = rows.draft_sr(
+            s,
+            now,
+            rows.version(s, now, study),
             idempotency_key="draft:1",
-            study_id=study.id,
-            study_version_id=version.id,
             sop_instance_uid="2.25.1234",
             series_uid="2.25.5678",
-            completion_flag="PARTIAL",
-            verification_flag="UNVERIFIED",
             path=str(path),
             sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-            created_at=now,
             created_by="worker:test",
         )
-        s.add(doc)
-        s.flush()
         return doc.id
 
 
