@@ -137,9 +137,7 @@ class InferenceBench:
         from dicom_io.key_slices import KeySliceSpec
         from dicom_io.sr import AlgorithmInfo
         from models.captioner import Captioner
-        from service.clock import SystemClock
         from service.storage import Storage
-        from workers.drafting import Drafter, DraftOptions
 
         self.args = args
         if args.torch_threads:
@@ -150,8 +148,6 @@ class InferenceBench:
         # The worker's data dir: the study copies (inputs/) lie under it, the SRs go to its reports/.
         self.storage = Storage(scratch)
         self.reports = self.storage.reports_dir
-        options = DraftOptions(args.preset, self.spec, args.batch_size, (), self.storage)
-        self.drafter = Drafter(None, SystemClock(), self.captioner, options, "benchmark")  # type: ignore[arg-type]
         identity = self.captioner.identity
         self.algorithm = AlgorithmInfo(identity.name, identity.version, identity.weights_sha256, args.preset)
         views = ", ".join(f"{v.name} {v.size}²" for v in self.captioner.views)
@@ -163,8 +159,8 @@ class InferenceBench:
 
         from dicom_io.model_input import prepare_series
         from dicom_io.sr import SeriesFinding, write_draft_sr
-        from models.captioner import summarise as summarise_captions
-        from workers.drafting import DraftSource, draft_impression, printable, sr_evidence
+        from models.grounding import ground
+        from workers.drafting import DraftSource, facts_of, grounded_impression, printable, procedures_of, sr_evidence
 
         views = self.captioner.views
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in study.files]
@@ -179,24 +175,30 @@ class InferenceBench:
             inputs = {v.name: np.concatenate([s.views[v.name] for s in series]) for v in views}
             flat = self.captioner.caption(inputs, self.args.preset, batch_size=self.args.batch_size)
             t2 = time.perf_counter()
-            texts, start = [], 0
-            for s in series:
-                texts.append(summarise_captions([printable(c) for c in flat[start : start + len(s.key_slices)]]) or "(no text)")
+            # As the caption worker (workers/drafting.py): grounded in the header facts, coded in the SR.
+            facts = [facts_of(s) for s in series]
+            grounded, start = [], 0
+            for s, f in zip(series, facts, strict=True):
+                grounded.append(ground([printable(c) for c in flat[start : start + len(s.key_slices)]], f))
                 start += len(s.key_slices)
             findings = [
                 SeriesFinding(
                     s.series_uid,
-                    text,
-                    [(source.instances[u][0], u, f) for u, f in zip(s.sop_instance_uids, s.key_slices.frames, strict=True)],
+                    g.text,
+                    [(source.instances[u][0], u, fr) for u, fr in zip(s.sop_instance_uids, s.key_slices.frames, strict=True)],
+                    finding_site=f.region.code if f.region else None,
+                    laterality=f.laterality_code,
                 )
-                for s, text in zip(series, texts, strict=True)
+                for s, g, f in zip(series, grounded, facts, strict=True)
             ]
             t3 = time.perf_counter()
             evidence = sr_evidence(series)
             t4 = time.perf_counter()
-            sr = write_draft_sr(findings, draft_impression(texts), self.algorithm, evidence, created_at=utcnow())
+            sr = write_draft_sr(
+                findings, grounded_impression(grounded), self.algorithm, evidence, created_at=utcnow(), procedures=procedures_of(facts)
+            )
             t5 = time.perf_counter()
-            self.drafter._store(sr, study.study_uid)
+            self.storage.write_report(study.study_uid, sr)
             t6 = time.perf_counter()
             if rep or not untimed_first:
                 run.prepare.append(t1 - t0)
@@ -209,7 +211,7 @@ class InferenceBench:
         return run
 
     def close(self) -> None:
-        del self.captioner, self.drafter
+        del self.captioner
         gc.collect()
 
 
