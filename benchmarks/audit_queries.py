@@ -315,9 +315,7 @@ def run_queries(db: Database, args: argparse.Namespace, sample: Any) -> list[dic
         return lambda: len(aq.search_audit(db, aq.AuditSearch(**kw)).rows)
 
     def export(**kw: Any) -> Callable[[], int]:
-        return lambda: aq.write_audit_csv(
-            aq.search_audit(db, aq.AuditSearch(limit=aq.MAX_ROWS, **kw)).rows, io.StringIO(), spreadsheet_safe=True
-        )
+        return lambda: aq.write_audit_csv(aq.search_audit(db, aq.AuditSearch(limit=aq.MAX_ROWS, **kw)).rows, io.StringIO())
 
     functions: list[tuple[str, Callable[[], int]]] = [
         ("search: latest 100, no filter", search()),

@@ -29,6 +29,7 @@ from sqlalchemy import BigInteger, Boolean, Column, Float, Integer, MetaData, St
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
+from service import csv_safe
 from service.database import Database
 from service.schema import (
     AuditEvent,
@@ -250,37 +251,33 @@ def search_audit(db: Database, q: AuditSearch) -> AuditPage:
 AUDIT_CSV_COLUMNS = [f.name for f in fields(AuditRow)]
 
 
-def _csv_values(row: AuditRow, spreadsheet_safe: bool) -> list[Any]:
-    values: list[Any] = [
-        row.id,
-        row.at.isoformat(),
-        row.actor,
-        row.action,
-        row.object_type,
-        row.object_id,
-        row.study_uid or "",
-        row.accession_number or "",
-        row.patient_id or "",
-        row.patient_name or "",
-        json.dumps(row.details, sort_keys=True),
-    ]
-    if spreadsheet_safe:
-        return [f"'{v}" if isinstance(v, str) and v[:1] in _FORMULA_STARTS else v for v in values]
-    return values
+def _csv_values(row: AuditRow) -> list[Any]:
+    return csv_safe.row(
+        [
+            row.id,
+            row.at.isoformat(),
+            row.actor,
+            row.action,
+            row.object_type,
+            row.object_id,
+            row.study_uid or "",
+            row.accession_number or "",
+            row.patient_id or "",
+            row.patient_name or "",
+            json.dumps(row.details, sort_keys=True),
+        ]
+    )
 
 
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def iter_audit_csv(rows: Iterable[AuditRow], *, spreadsheet_safe: bool = False, chunk: int = 500) -> Iterator[str]:
+def iter_audit_csv(rows: Iterable[AuditRow], *, chunk: int = 500) -> Iterator[str]:
     """CSV with a header row, in pieces of ``chunk`` rows: for a streamed download, which starts
-    at once and never holds the whole file as one string. ``spreadsheet_safe`` prefixes a "'" to
-    text starting with = + - @ (patient names and AE titles come from outside: no formulas in Excel)."""
+    at once and never holds the whole file as one string. Cells go through ``csv_safe`` (patient
+    names and AE titles come from outside: no formulas in Excel)."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(AUDIT_CSV_COLUMNS)
     for n, row in enumerate(rows, 1):
-        writer.writerow(_csv_values(row, spreadsheet_safe))
+        writer.writerow(_csv_values(row))
         if n % chunk == 0:
             yield out.getvalue()
             out.seek(0)
@@ -288,19 +285,19 @@ def iter_audit_csv(rows: Iterable[AuditRow], *, spreadsheet_safe: bool = False, 
     yield out.getvalue()
 
 
-def write_audit_csv(rows: Iterable[AuditRow], out: Any, *, spreadsheet_safe: bool = False) -> int:
+def write_audit_csv(rows: Iterable[AuditRow], out: Any) -> int:
     """CSV with a header row (as :func:`iter_audit_csv`) to ``out``; returns the number of rows written."""
     writer = csv.writer(out)
     writer.writerow(AUDIT_CSV_COLUMNS)
     n = 0
     for row in rows:
-        writer.writerow(_csv_values(row, spreadsheet_safe))
+        writer.writerow(_csv_values(row))
         n += 1
     return n
 
 
-def audit_csv(rows: Iterable[AuditRow], *, spreadsheet_safe: bool = False) -> str:
-    return "".join(iter_audit_csv(rows, spreadsheet_safe=spreadsheet_safe))
+def audit_csv(rows: Iterable[AuditRow]) -> str:
+    return "".join(iter_audit_csv(rows))
 
 
 def parse_time(text: str | None, *, end: bool = False) -> datetime | None:
@@ -670,5 +667,5 @@ def rows_csv(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(header)
-    writer.writerows([("" if v is None else v.isoformat() if isinstance(v, datetime) else v) for v in row] for row in rows)
+    writer.writerows(csv_safe.row(("" if v is None else v.isoformat() if isinstance(v, datetime) else v) for v in row) for row in rows)
     return out.getvalue()

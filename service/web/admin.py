@@ -131,7 +131,7 @@ def audit_csv(request: Request, ctx: Context, who: Admin) -> Response:
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}
     if result.more:
         headers["X-MedCap-Truncated"] = f"only the newest {aq.MAX_ROWS} events; narrow the search"
-    return StreamingResponse(aq.iter_audit_csv(result.rows, spreadsheet_safe=True), media_type="text/csv; charset=utf-8", headers=headers)
+    return StreamingResponse(aq.iter_audit_csv(result.rows), media_type="text/csv; charset=utf-8", headers=headers)
 
 
 # -- statistics -------------------------------------------------------------------------------
