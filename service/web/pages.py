@@ -6,7 +6,6 @@ import secrets
 from datetime import date
 from functools import lru_cache
 from typing import Annotated
-from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -18,7 +17,8 @@ from service.audit import Action
 from service.review import ReviewConflict, ReviewError, ReviewState
 from service.schema import Instance, SeriesRecord, SRDocument
 from service.storage import Storage
-from service.web.auth import COOKIE, LoginThrottled
+from service.web import notices
+from service.web.auth import COOKIE, LoginThrottled, csrf_matches
 from service.web.context import TEMPLATES, Anyone, Context, Radiologist, audit_event, client_address, require_csrf
 from service.worklist import WorklistFilter, list_drafts
 
@@ -59,7 +59,7 @@ def login(
         return page
 
     expected = request.cookies.get(LOGIN_CSRF_COOKIE)
-    if not expected or not secrets.compare_digest(expected, login_csrf):
+    if not expected or not csrf_matches(expected, login_csrf):  # bytes: a non-ASCII token is a mismatch, not a 500
         return again("Your sign-in form expired. Please try again.", 400)
     try:
         signed = ctx.sessions.sign_in(username.strip(), password, client_address(request))
@@ -138,7 +138,7 @@ def worklist(
 
 
 @router.get("/drafts/{draft_id}", response_class=HTMLResponse)
-def review_page(request: Request, ctx: Context, who: Radiologist, draft_id: int, window: str = "default", message: str = "") -> Response:
+def review_page(request: Request, ctx: Context, who: Radiologist, draft_id: int, window: str = "default") -> Response:
     view = ctx.reviews.view(draft_id)
     if view is None:
         return TEMPLATES.TemplateResponse(
@@ -153,7 +153,7 @@ def review_page(request: Request, ctx: Context, who: Radiologist, draft_id: int,
             "view": view,
             "window": window if window in VIEW_WINDOWS else "default",
             "windows": VIEW_WINDOWS,
-            "message": message,
+            "message": notices.text(request.query_params),
             "awaiting": view.state is ReviewState.AWAITING,
         },
     )
@@ -172,9 +172,7 @@ async def approve(request: Request, ctx: Context, who: Radiologist, draft_id: in
         return _review_error(request, ctx, who, draft_id, str(exc), 409)
     except ReviewError as exc:
         return _review_error(request, ctx, who, draft_id, str(exc), 400)
-    return RedirectResponse(
-        f"/drafts/{draft_id}?message={quote(f'Approved. Verified report {uid} is on its way to the PACS.')}", status_code=303
-    )
+    return RedirectResponse(notices.link(f"/drafts/{draft_id}", "approved", sr=uid), status_code=303)
 
 
 @router.post("/drafts/{draft_id}/reject")
@@ -187,7 +185,7 @@ async def reject(request: Request, ctx: Context, who: Radiologist, draft_id: int
         return _review_error(request, ctx, who, draft_id, str(exc), 409)
     except ReviewError as exc:
         return _review_error(request, ctx, who, draft_id, str(exc), 400)
-    return RedirectResponse(f"/drafts/{draft_id}?message={quote('Rejected.')}", status_code=303)
+    return RedirectResponse(notices.link(f"/drafts/{draft_id}", "rejected"), status_code=303)
 
 
 def _review_error(request: Request, ctx: Context, who: Radiologist, draft_id: int, message: str, status: int) -> Response:

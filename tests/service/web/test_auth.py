@@ -230,6 +230,29 @@ def test_the_login_form_needs_its_csrf_cookie(app, accounts, db):
     assert events(db, "auth.login") == []
 
 
+@pytest.mark.parametrize("field", ["tökén", "\u202e", "🙂" * 40])
+def test_a_non_ascii_sign_in_token_is_refused_not_a_server_error(app, accounts, db, field):
+    with browser(app) as c:
+        c.get("/login")
+        response = c.post("/login", data={"username": "smith", "password": PASSWORD, "login_csrf": field, "next": "/"})
+    assert response.status_code == 400 and "Your sign-in form expired" in response.text
+    assert response.headers["x-frame-options"] == "DENY"
+    assert events(db, "auth.login") == []
+
+
+def test_a_server_error_carries_the_security_headers(app):
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/boom", boom)
+    with TestClient(app, base_url="https://testserver", raise_server_exceptions=False) as c:
+        response = c.get("/boom")
+    assert response.status_code == 500 and "a bug" not in response.text
+    h = response.headers
+    assert "default-src 'self'" in h["content-security-policy"] and h["x-frame-options"] == "DENY"
+    assert (h["x-content-type-options"], h["referrer-policy"], h["cache-control"]) == ("nosniff", "no-referrer", "no-store")
+
+
 # -- redirects after sign-in ---------------------------------------------------------------------
 
 
@@ -285,7 +308,16 @@ def test_security_headers_on_every_kind_of_response(app, accounts, draft_id):
         sign_in(c, "smith")
         responses = {
             path: c.get(path)
-            for path in ("/login", "/worklist", f"/drafts/{draft_id}", "/api/me", "/api/drafts", "/static/medcap.css", "/no/such/page")
+            for path in (
+                "/login",
+                "/worklist",
+                f"/drafts/{draft_id}",
+                "/api/me",
+                "/api/drafts",
+                "/static/medcap.css",
+                "/no/such/page",
+                "/api/drafts/x",
+            )
         }
     with browser(app) as anonymous:
         responses["/worklist (anonymous)"] = anonymous.get("/worklist")
