@@ -98,3 +98,18 @@ def test_retry_delay_doubles_up_to_the_cap(monkeypatch):
     monkeypatch.setenv("MEDCAP_RETRY_MAX_SECONDS", "10")
     s = load_settings()
     assert [s.retry_delay(n) for n in range(1, 6)] == [2, 4, 8, 10, 10]
+
+
+def test_trusted_proxies_and_the_audit_repository_are_checked(make_settings, tmp_path):
+    s = make_settings(web_trusted_proxies="10.9.0.7, 10.1.0.0/16,::1")
+    assert [str(n) for n in s.web_trusted_proxies] == ["10.9.0.7/32", "10.1.0.0/16", "::1/128"]
+    with pytest.raises(SettingsError, match="web_trusted_proxies|WEB_TRUSTED_PROXIES"):
+        make_settings(web_trusted_proxies="proxy.example")
+    with pytest.raises(SettingsError, match="AUDIT_SYSLOG_URL"):
+        make_settings(audit_syslog_url="tcp://127.0.0.1:514")
+    with pytest.raises(SettingsError, match="audit_syslog_ca_file"):
+        make_settings(audit_syslog_url="tls://127.0.0.1:6514")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    assert make_settings(audit_syslog_url="tls://127.0.0.1:6514", audit_syslog_ca_file=ca).audit_syslog_url == "tls://127.0.0.1:6514"
+    assert make_settings(audit_syslog_url="udp://[::1]:514").audit_syslog_url == "udp://[::1]:514"

@@ -179,6 +179,52 @@ def test_sign_in_is_throttled_per_address(strict_app, accounts, db, clock):
     assert (throttled.actor, throttled.object_id) == ("web:10.0.0.3", "jones")
 
 
+def proxied(client: TestClient, forwarded_for: str) -> None:
+    client.headers["X-Forwarded-For"] = forwarded_for
+
+
+def test_behind_a_trusted_proxy_each_client_is_throttled_by_its_own_address(make_settings, accounts, db, clock):
+    app = create_app(make_settings(login_max_failures=3, web_trusted_proxies="10.9.0.0/24,10.9.1.1"), db, clock)
+    # Both users come through the same reverse proxy (10.9.0.7), which itself sits behind 10.9.1.1.
+    with browser(app, "10.9.1.1") as sprayer, browser(app, "10.9.1.1") as colleague:
+        proxied(sprayer, "192.0.2.50, 10.9.0.7")
+        proxied(colleague, "198.51.100.8, 10.9.0.7")
+        for name in ("alice", "bob", "carol"):
+            assert attempt(sprayer, name, "password123456").status_code == 401
+        assert attempt(sprayer, "jones").status_code == 429
+        assert attempt(colleague, "jones").status_code == 303, "one client's failures lock out only that client"
+    assert {e.actor for e in events(db, "auth.login_failed")} == {"web:192.0.2.50"}
+    (signed_in,) = events(db, "auth.login")
+    assert signed_in.details["address"] == "198.51.100.8"
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "seen"),
+    [
+        ("10.0.0.3", "192.0.2.1", "10.0.0.3"),  # not a configured proxy: its header is the client's own text
+        ("10.9.0.7", "192.0.2.1", "192.0.2.1"),
+        ("10.9.0.7", "203.0.113.9, 192.0.2.1", "192.0.2.1"),  # a client cannot pick its address by sending the header itself
+        ("10.9.0.7", "192.0.2.1, not-an-address", "10.9.0.7"),
+        ("10.9.0.7", "", "10.9.0.7"),
+    ],
+)
+def test_x_forwarded_for_is_honoured_only_from_configured_proxies(make_settings, accounts, db, clock, peer, forwarded, seen):
+    app = create_app(make_settings(web_trusted_proxies="10.9.0.0/24"), db, clock)
+    with browser(app, peer) as c:
+        if forwarded:
+            proxied(c, forwarded)
+        assert attempt(c, "smith", "wrong wrong wrong").status_code == 401
+    (failed,) = events(db, "auth.login_failed")
+    assert failed.actor == f"web:{seen}"
+
+
+def test_by_default_x_forwarded_for_is_ignored(app, accounts, db):
+    with browser(app, "10.0.0.3") as c:
+        proxied(c, "192.0.2.1")
+        assert attempt(c, "smith", "wrong wrong wrong").status_code == 401
+    assert [e.actor for e in events(db, "auth.login_failed")] == ["web:10.0.0.3"]
+
+
 # -- sessions and cookies ------------------------------------------------------------------------
 
 
