@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, cast
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -193,6 +194,18 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = [part for part in value.split(",") if part.strip()]
         return tuple(v if isinstance(v, AllowedPeer) else AllowedPeer.parse(str(v)) for v in value)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        # kombu silently turns a rediss:// URL without ssl_cert_reqs into TLS that trusts any certificate.
+        if value.startswith("rediss://"):
+            query = dict(parse_qsl(urlsplit(value).query))
+            if query.get("ssl_cert_reqs", "").lower() not in ("required", "cert_required") or not query.get("ssl_ca_certs"):
+                raise ValueError(
+                    "a rediss:// broker_url needs ?ssl_cert_reqs=required&ssl_ca_certs=/path/to/ca.pem (the broker's certificate is verified)"
+                )
+        return value
 
     @field_validator("web_trusted_proxies", mode="before")
     @classmethod
