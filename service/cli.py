@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def open_database(settings: Settings, *, upgrade: bool = False) -> Any:
     from service.database import Database
 
-    db = Database(settings.effective_database_url)
+    db = Database(settings.effective_database_url, audit_copy=bool(settings.audit_syslog_url))
     if upgrade:
         db.upgrade()
     elif not db.is_current():

@@ -59,6 +59,7 @@ class Sessions:
     def sign_in(self, username: str, password: str, address: str) -> SignedIn | None:
         """A new session, or None for wrong credentials; raises LoginThrottled after too many failures."""
         now = self.clock.now()
+        username = username.replace("\x00", "\ufffd")  # PostgreSQL text cannot hold NUL: a typed one is just a wrong name
         if self._recent_failures(username, address) >= self.max_failures:
             with self.db.session() as s:
                 audit.record(s, now, address_actor(address), Action.LOGIN_THROTTLED, "user", username[:128], address=address)

@@ -286,6 +286,13 @@ def test_a_non_ascii_sign_in_token_is_refused_not_a_server_error(app, accounts, 
     assert events(db, "auth.login") == []
 
 
+def test_a_user_name_with_a_nul_is_a_wrong_user_name(app, accounts, db):
+    with browser(app) as c:
+        assert attempt(c, "smith\x00", PASSWORD).status_code == 401
+    (failed,) = events(db, "auth.login_failed")
+    assert failed.object_id == "smith\ufffd"
+
+
 def test_a_server_error_carries_the_security_headers(app):
     def boom() -> None:
         raise RuntimeError("a bug")
