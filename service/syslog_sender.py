@@ -167,7 +167,7 @@ class SyslogSender:
         with self.db.session() as s:
             for copy_id, event in s.execute(
                 select(AuditCopy.id, AuditEvent).join(AuditEvent, AuditEvent.id == AuditCopy.event_id).where(AuditCopy.id.in_(claimed))
-            ).tuples():
+            ):
                 try:
                     ready.append((copy_id, frame(atna.message(s, event, self.source), event.at, self.source.host, os.getpid())))
                 except (atna.InvalidAuditMessage, KeyError, ValueError) as exc:

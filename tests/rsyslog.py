@@ -38,7 +38,9 @@ class Rsyslog:
         if not self.received_file.exists():
             return []
         found = []
-        for line in self.received_file.read_text(encoding="utf-8").splitlines():
+        for line in self.received_file.read_text(encoding="utf-8").split("\n"):  # not splitlines(): it splits at \x1e
+            if not line:
+                continue
             pri, version, app, msgid, msg = line.split(SEPARATOR, 4)
             found.append({"pri": pri, "version": version, "app": app, "msgid": msgid, "msg": msg.lstrip("\ufeff").strip()})
         return found
