@@ -15,10 +15,11 @@ from service.audit import Action
 from service.database import Database
 from service.schema import AuditCopy, AuditEvent
 from service.syslog_sender import PRI, Repository, SyslogSender
+from service.users import Users
 from service.web.app import create_app
 from tests.conftest import series_files, storescu
 from tests.rsyslog import Rsyslog, make_rsyslog, tls_client_works
-from tests.service.web.conftest import PASSWORD, accounts  # noqa: F401 -- a fixture
+from tests.service.web.conftest import PASSWORD
 from tests.service.web.test_auth import attempt, browser
 
 
@@ -50,6 +51,13 @@ def syslog_settings(make_settings, rsyslog):
         audit_syslog_retry_seconds=5,
         audit_source_id="MEDCAP-TEST",
     )
+
+
+@pytest.fixture
+def users(db, clock) -> None:
+    accounts = Users(db, clock)
+    accounts.add("smith", "Smith^Jane", "radiologist", PASSWORD, "cli:test")
+    accounts.add("root", "Admin^Ann", "admin", PASSWORD, "cli:test")
 
 
 def sender_for(db, settings, clock) -> SyslogSender:
@@ -93,7 +101,7 @@ def test_the_test_repository_wants_a_client_certificate(rsyslog):
 
 
 @pytest.mark.peers
-def test_sign_ins_searches_and_received_studies_reach_rsyslog_over_tls(db, clock, syslog_settings, rsyslog, accounts, start_listener):
+def test_sign_ins_searches_and_received_studies_reach_rsyslog_over_tls(db, clock, syslog_settings, rsyslog, users, start_listener):
     listener = start_listener(syslog_settings)
     files = series_files("ct-head-ge")[:2]
     assert storescu(listener, files, calling="STORESCU").returncode == 0
@@ -127,7 +135,7 @@ def test_sign_ins_searches_and_received_studies_reach_rsyslog_over_tls(db, clock
         assert s.scalar(select(func.count()).select_from(AuditEvent)) >= expected
 
 
-def test_while_the_repository_is_away_copies_wait_and_then_arrive(db, clock, syslog_settings, rsyslog, accounts):
+def test_while_the_repository_is_away_copies_wait_and_then_arrive(db, clock, syslog_settings, rsyslog, users):
     rsyslog.stop()
     app = create_app(syslog_settings, db, clock)
     started = time.monotonic()
