@@ -191,3 +191,25 @@ def test_events_that_are_not_copied_queue_nothing(db, clock):
         audit.record(s, clock.now(), "system:assembler", Action.JOB_CREATED, "job", 1)
         audit.record(s, clock.now(), "dicom:CT@10.0.0.1", Action.ASSOCIATION_ENDED, "association", 1, received=0)
     assert outbox(db) == 0
+
+
+@pytest.mark.processes
+def test_medcap_listen_reports_its_start_and_stop(db, syslog_settings, rsyslog, tmp_path):
+    from tests.processes import Process, settings_env
+
+    env = settings_env(
+        syslog_settings,
+        MEDCAP_AUDIT_SYSLOG_URL=syslog_settings.audit_syslog_url,
+        MEDCAP_AUDIT_SYSLOG_CA_FILE=str(rsyslog.ca),
+        MEDCAP_AUDIT_SYSLOG_CERT_FILE=str(rsyslog.client_cert),
+        MEDCAP_AUDIT_SYSLOG_KEY_FILE=str(rsyslog.client_key),
+    )
+    listen = Process(["listen"], env, tmp_path / "listen.log")
+    try:
+        started = received_events(rsyslog, 1)
+        assert codes(started) == [("110100", "110120", "0")], listen.output()
+    finally:
+        listen.stop()
+    assert listen.proc.returncode == 0, listen.output()
+    assert codes(received_events(rsyslog, 2))[1] == ("110100", "110121", "0"), "the stop event is sent before the process ends"
+    assert outbox(db) == 0
