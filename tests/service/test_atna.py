@@ -35,7 +35,7 @@ def record(db, action: Action, object_type: str, object_id: str | int, actor: st
         return s.get(AuditEvent, event_id)
 
 
-def render(db, event: AuditEvent) -> etree._Element:
+def render(db, event):
     with db.session() as s:
         xml = atna.message(s, event, SOURCE)
     assert xml.startswith(b"<?xml") and b"\n" not in xml.split(b"?>", 1)[1], "one line: a syslog MSG"
@@ -44,7 +44,7 @@ def render(db, event: AuditEvent) -> etree._Element:
     return document
 
 
-def event_id(doc: etree._Element) -> tuple[str, str | None, str, str]:
+def event_id(doc):
     ident = doc.find("EventIdentification")
     type_code = ident.find("EventTypeCode")
     return (
@@ -55,7 +55,7 @@ def event_id(doc: etree._Element) -> tuple[str, str | None, str, str]:
     )
 
 
-def objects(doc: etree._Element) -> dict[str, str]:
+def objects(doc):
     return {
         o.find("ParticipantObjectIDTypeCode").get("csd-code"): o.get("ParticipantObjectID")
         for o in doc.iter("ParticipantObjectIdentification")
