@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.cookies import SimpleCookie
 from urllib.parse import urljoin, urlsplit
@@ -17,7 +18,7 @@ from sqlalchemy import select
 from service.schema import AuditEvent, SRDocument, WebSession
 from service.users import Users
 from service.web.app import create_app
-from service.web.auth import COOKIE, THROTTLE_WINDOW
+from service.web.auth import COOKIE, THROTTLE_WINDOW, LoginThrottled, Sessions
 from service.web.pages import LOGIN_CSRF_COOKIE
 from tests.service.web.conftest import PASSWORD, sign_in
 from tests.service.web.test_authorization import clone_draft
@@ -177,6 +178,21 @@ def test_sign_in_is_throttled_per_address(strict_app, accounts, db, clock):
         assert attempt(sprayer, "jones").status_code == 303
     (throttled,) = events(db, "auth.login_throttled")
     assert (throttled.actor, throttled.object_id) == ("web:10.0.0.3", "jones")
+
+
+def test_concurrent_wrong_passwords_get_no_more_tries_than_the_limit(db, clock, accounts):
+    sessions = Sessions(db, clock, Users(db, clock), hours=8, max_failures=5)
+
+    def guess(n: int) -> str:
+        try:
+            return "signed in" if sessions.sign_in("smith", f"wrong guess {n}", f"10.7.0.{n}") else "wrong"
+        except LoginThrottled:
+            return "throttled"
+
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(guess, range(40)))
+    assert answers.count("wrong") == 5 and answers.count("throttled") == 35
+    assert len(events(db, "auth.login_failed")) == 5
 
 
 def proxied(client: TestClient, forwarded_for: str) -> None:
