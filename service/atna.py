@@ -14,7 +14,7 @@ import base64
 import json
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.audit import Action
-from service.schema import AuditEvent, Dispatch, Instance, Output, SRDocument, Study
+from service.schema import AuditEvent, Dispatch, Draft, Instance, Output, SRDocument, Study
 
 SCHEMA = Path(__file__).resolve().parent / "schemas" / "dicom-audit-message.rng"
 
@@ -69,6 +69,7 @@ NODE_ID = dcm("110182", "Node ID")
 PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
 URI = Code("12", "RFC-3881", "URI")
 
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # our draft SRs' SOP class
 AUDIT_TRAIL_URI = "medcap:audit_events"  # the object of audit searches and exports: our audit trail
 
 SUCCESS, MINOR_FAILURE = "0", "4"
@@ -193,6 +194,7 @@ class StudyRef:
     patient_id: str | None
     patient_name: str | None
     sop_classes: tuple[tuple[str, int], ...] = ()  # (SOP Class UID, number of instances)
+    instances: tuple[tuple[str, str], ...] = ()  # (SOP Class UID, SOP Instance UID) named one by one
 
 
 def _studies(root: etree._Element, studies: Iterable[StudyRef], *, life_cycle: str | None = None) -> None:
@@ -200,12 +202,19 @@ def _studies(root: etree._Element, studies: Iterable[StudyRef], *, life_cycle: s
     patients: dict[str, str | None] = {}
     for study in studies:
         element = _object(root, STUDY_INSTANCE_UID, study.study_uid, type_code="2", role="3", name=study.study_uid, life_cycle=life_cycle)
-        if study.accession_number or study.sop_classes:
+        if study.accession_number or study.sop_classes or study.instances:
             description = etree.SubElement(element, "ParticipantObjectDescription")
             if study.accession_number:
                 etree.SubElement(description, "Accession", {"Number": _text(study.accession_number, 64)})
             for sop_class, count in study.sop_classes:
                 etree.SubElement(description, "SOPClass", {"UID": sop_class, "NumberOfInstances": str(count)})
+            by_class: dict[str, list[str]] = {}
+            for sop_class, uid in study.instances:
+                by_class.setdefault(sop_class, []).append(uid)
+            for sop_class, uids in by_class.items():
+                sop = etree.SubElement(description, "SOPClass", {"UID": sop_class, "NumberOfInstances": str(len(uids))})
+                for uid in uids:
+                    etree.SubElement(sop, "Instance", {"UID": uid})
         patients.setdefault(study.patient_id or "", study.patient_name)
     for patient_id, patient_name in patients.items():
         if patient_id:
@@ -320,11 +329,26 @@ def _user(root: etree._Element, event: AuditEvent) -> None:
 
 
 def _accessed(s: Session, event: AuditEvent, source: Source) -> etree._Element:
+    """The review page: the draft SR and the key images it shows, each named by its SOP Instance UID."""
     root = _root(event, INSTANCES_ACCESSED, "R", SUCCESS)
     _user(root, event)
     _ourselves(root, source)
     _audit_source(root, source)
-    _studies(root, _study_by_uid(s, event.study_uid), life_cycle="6")  # access / use
+    studies = _study_by_uid(s, event.study_uid)
+    draft_id = event.details.get("draft_id")
+    if studies and draft_id is not None:
+        shown = [
+            str(image["sop_instance_uid"])
+            for images in s.scalars(select(Draft.key_images).where(Draft.sr_document_id == int(draft_id)))
+            for image in images
+        ]
+        sr = s.execute(select(SRDocument.sop_instance_uid).where(SRDocument.id == int(draft_id))).scalar()
+        found = s.execute(select(Instance.sop_instance_uid, Instance.sop_class_uid).where(Instance.sop_instance_uid.in_(shown)))
+        classes = {uid: sop_class for uid, sop_class in found}
+        instances: tuple[tuple[str, str], ...] = ((COMPREHENSIVE_SR, sr),) if sr else ()
+        instances += tuple((classes[uid], uid) for uid in dict.fromkeys(shown) if uid in classes)
+        studies = [replace(studies[0], instances=instances)]
+    _studies(root, studies, life_cycle="6")  # access / use
     return root
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from service import atna, audit
 from service.audit import ATNA_ACTIONS, Action
-from service.schema import AuditEvent, Dispatch, Instance, SeriesRecord, Study
+from service.schema import AuditEvent, Dispatch, Draft, Instance, SeriesRecord, SRDocument, Study
 from tests.migrations.audit_data import populate
 
 SOURCE = atna.Source("MEDCAP-TEST", "MEDCAP", "medcap.example")
@@ -148,6 +148,24 @@ def test_a_review_page_view_is_instances_accessed(db):
     user = doc.find("ActiveParticipant")
     assert (user.get("UserID"), user.get("NetworkAccessPointID"), user.get("UserIsRequestor")) == ("smith", "192.0.2.7", "true")
     assert objects(doc) == {"110180": study.study_uid, "2": study.patient_id}
+
+
+@pytest.mark.peers
+def test_the_review_page_names_the_draft_and_its_key_images(db, draft_id):
+    with db.session() as s:
+        sr_uid, study_uid = s.execute(
+            select(SRDocument.sop_instance_uid, Study.study_uid)
+            .join(Study, Study.id == SRDocument.study_id)
+            .where(SRDocument.id == draft_id)
+        ).one()
+        key_images = [
+            image["sop_instance_uid"] for d in s.scalars(select(Draft).where(Draft.sr_document_id == draft_id)) for image in d.key_images
+        ]
+    assert len(key_images) == 3
+    doc = render(db, record(db, Action.STUDY_VIEWED, "sr_document", sr_uid, study_uid=study_uid, address="192.0.2.7", draft_id=draft_id))
+    named = {i.get("UID"): i.getparent().get("UID") for i in doc.iter("Instance")}
+    assert named.keys() == {sr_uid, *key_images}
+    assert named[sr_uid] == atna.COMPREHENSIVE_SR and {named[k] for k in key_images} == {"1.2.840.10008.5.1.4.1.1.2"}
 
 
 def test_exports_and_queries(db):
