@@ -308,6 +308,12 @@ def read_coco_captions(
     return _existing(candidates, f"COCO captions {annotations_json.name}", strict)
 
 
+def _unneutralised(text: str) -> str:
+    # MedCap's CSV writers (service/csv_safe.py) prefix "'" to text starting with = + - @ ' or a
+    # control character, so that spreadsheets show it as text; a caption is the text without it.
+    return text[1:] if text[:1] == "'" and text[1:2] in "=+-@\t\r\n'" else text
+
+
 def read_table(path: str | Path, *, source: str | None = None, strict: bool = False) -> list[CaptionRecord]:
     """Read a ``.csv`` or ``.jsonl`` with columns ``image``, ``caption``, ``split``.
 
@@ -335,7 +341,7 @@ def read_table(path: str | Path, *, source: str | None = None, strict: bool = Fa
         candidates.append(
             CaptionRecord(
                 image_path=image if image.is_absolute() else path.parent / image,
-                caption=str(row["caption"]).strip(),
+                caption=_unneutralised(str(row["caption"])).strip(),
                 split=normalise_split(str(row["split"])),
                 image_id=str(row.get("image_id") or row["image"]),
                 source=str(row.get("source") or default_source),

@@ -1,7 +1,10 @@
 """The audit trail: one entry point, written in the caller's transaction.
 
 Callers pass the session that carries the state change the event describes, so the
-event and the change commit, or roll back, together.
+event and the change commit, or roll back, together. When the session's database copies the
+audit trail to an ATNA audit repository (``Database(audit_copy=True)``, MEDCAP_AUDIT_SYSLOG_URL),
+the events of ``ATNA_ACTIONS`` also get an ``audit_outbox`` row in that same transaction, which
+service/syslog_sender.py turns into a DICOM audit message (service/atna.py) and sends.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service.schema import AuditEvent
+from service.schema import AuditCopy, AuditEvent
 
 
 class Action(enum.StrEnum):
@@ -74,6 +77,33 @@ class Action(enum.StrEnum):
     STOW_ENDED = "stow.ended"
 
 
+# The events copied to the audit repository, each one DICOM PS3.15 A.5.3 message (service/atna.py).
+ATNA_ACTIONS = frozenset(
+    {
+        Action.LISTENER_STARTED,  # Application Activity: start
+        Action.LISTENER_STOPPED,  # Application Activity: stop
+        Action.ASSOCIATION_REJECTED,  # Security Alert: node authentication failed
+        Action.ASSOCIATION_ENDED,  # DICOM Instances Transferred: received (when it brought instances)
+        Action.DISPATCH_DELIVERED,  # DICOM Instances Transferred: sent
+        Action.STUDY_VIEWED,  # DICOM Instances Accessed: the review page and its key images
+        Action.FEEDBACK_EXPORTED,  # Export
+        Action.AUDIT_EXPORTED,  # Export (CSV)
+        Action.AUDIT_SEARCHED,  # Query
+        Action.LOGIN_SUCCEEDED,  # User Authentication: login
+        Action.LOGIN_FAILED,  # User Authentication: login, failed
+        Action.LOGIN_THROTTLED,  # User Authentication: login, refused
+        Action.LOGOUT,  # User Authentication: logout
+    }
+)
+# Session.info key set by service.database.Database(audit_copy=True).
+AUDIT_COPY = "medcap_audit_copy"
+
+
+def copied(action: Action, details: dict[str, Any]) -> bool:
+    """Whether an event gets an ATNA copy: an association that transferred nothing has no instances to report."""
+    return action in ATNA_ACTIONS and not (action is Action.ASSOCIATION_ENDED and not details.get("received"))
+
+
 def dicom_actor(calling_ae: str, address: str) -> str:
     return f"dicom:{calling_ae.strip()}@{address}"
 
@@ -119,4 +149,6 @@ def record(
         details=details,
     )
     session.add(event)
+    if session.info.get(AUDIT_COPY) and copied(action, details):
+        session.add(AuditCopy(event=event, attempts=0, next_attempt_at=at))
     return event

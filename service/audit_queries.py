@@ -29,6 +29,7 @@ from sqlalchemy import BigInteger, Boolean, Column, Float, Integer, MetaData, St
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
+from service import csv_safe
 from service.database import Database
 from service.schema import (
     AuditEvent,
@@ -249,30 +250,23 @@ def search_audit(db: Database, q: AuditSearch) -> AuditPage:
 
 AUDIT_CSV_COLUMNS = [f.name for f in fields(AuditRow)]
 
-# A cell starting with one of these is a formula to a spreadsheet: prefixed with "'" where the
-# export is opened by people (patient names and AE titles come from outside).
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
-
-def _neutralised(value: Any) -> Any:
-    return f"'{value}" if isinstance(value, str) and value[:1] in _FORMULA_STARTS else value
-
-
-def _csv_values(row: AuditRow, spreadsheet_safe: bool) -> list[Any]:
-    values: list[Any] = [
-        row.id,
-        _iso_utc(row.at),
-        row.actor,
-        row.action,
-        row.object_type,
-        row.object_id,
-        row.study_uid or "",
-        row.accession_number or "",
-        row.patient_id or "",
-        row.patient_name or "",
-        json.dumps(row.details, sort_keys=True),
-    ]
-    return [_neutralised(v) for v in values] if spreadsheet_safe else values
+def _csv_values(row: AuditRow) -> list[Any]:
+    return csv_safe.row(
+        [
+            row.id,
+            _iso_utc(row.at),
+            row.actor,
+            row.action,
+            row.object_type,
+            row.object_id,
+            row.study_uid or "",
+            row.accession_number or "",
+            row.patient_id or "",
+            row.patient_name or "",
+            json.dumps(row.details, sort_keys=True),
+        ]
+    )
 
 
 def _iso_utc(at: datetime) -> str:
@@ -280,15 +274,15 @@ def _iso_utc(at: datetime) -> str:
     return (at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)).isoformat(timespec="microseconds")
 
 
-def iter_audit_csv(rows: Iterable[AuditRow], *, spreadsheet_safe: bool = False, chunk: int = 500) -> Iterator[str]:
+def iter_audit_csv(rows: Iterable[AuditRow], *, chunk: int = 500) -> Iterator[str]:
     """CSV with a header row, in pieces of ``chunk`` rows: for a streamed download, which starts
-    at once and never holds the whole file as one string. ``spreadsheet_safe`` prefixes a "'" to
-    text starting with = + - @ tab or CR (no formulas in Excel)."""
+    at once and never holds the whole file as one string. Cells go through ``csv_safe`` (patient
+    names and AE titles come from outside: no formulas in Excel)."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(AUDIT_CSV_COLUMNS)
     for n, row in enumerate(rows, 1):
-        writer.writerow(_csv_values(row, spreadsheet_safe))
+        writer.writerow(_csv_values(row))
         if n % chunk == 0:
             yield out.getvalue()
             out.seek(0)
@@ -296,13 +290,13 @@ def iter_audit_csv(rows: Iterable[AuditRow], *, spreadsheet_safe: bool = False, 
     yield out.getvalue()
 
 
-def write_audit_csv(rows: Iterable[AuditRow], out: Any, *, spreadsheet_safe: bool = False) -> int:
+def write_audit_csv(rows: Iterable[AuditRow], out: Any) -> int:
     """CSV with a header row (as :func:`iter_audit_csv`) to ``out``; returns the number of rows written."""
     writer = csv.writer(out)
     writer.writerow(AUDIT_CSV_COLUMNS)
     n = 0
     for row in rows:
-        writer.writerow(_csv_values(row, spreadsheet_safe))
+        writer.writerow(_csv_values(row))
         n += 1
     return n
 
@@ -316,19 +310,20 @@ class AuditExport:
     chunks: list[str]
 
 
-def export_audit(db: Database, q: AuditSearch, *, spreadsheet_safe: bool = False) -> AuditExport:
+def export_audit(db: Database, q: AuditSearch) -> AuditExport:
     """The events matching ``q`` (newest first, at most ``q.limit``) as CSV (see :func:`iter_audit_csv`).
 
     On PostgreSQL the server writes the CSV (``COPY (SELECT ...) TO STDOUT``): building 3,400 rows
     in Python cost more than the query itself. The count and the rows are read in one
     REPEATABLE READ snapshot, so the export holds exactly the events it says (an export's own
-    audit event, recorded afterwards, is never in it). The cells are those of :func:`iter_audit_csv`;
-    only the JSON of ``details`` keeps its stored key order, and empty cells may be quoted."""
+    audit event, recorded afterwards, is never in it). The cells are those of :func:`iter_audit_csv`,
+    neutralised by the same rule (``csv_safe.FORMULA_STARTS``); only the JSON of ``details`` keeps
+    its stored key order, and empty cells may be quoted."""
     if db.engine.dialect.name != "postgresql":
         page = search_audit(db, q)
-        return AuditExport(len(page.rows), page.more, list(iter_audit_csv(page.rows, spreadsheet_safe=spreadsheet_safe)))
+        return AuditExport(len(page.rows), page.more, list(iter_audit_csv(page.rows)))
     matching = select(AuditEvent.id).where(*_conditions(q)).offset(q.offset).limit(q.limit + 1).subquery()
-    compiled = _export_select(q, spreadsheet_safe).compile(dialect=db.engine.dialect, compile_kwargs={"render_postcompile": True})
+    compiled = _export_select(q).compile(dialect=db.engine.dialect, compile_kwargs={"render_postcompile": True})
     with db.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
         found = int(conn.execute(select(func.count()).select_from(matching)).scalar_one())
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
@@ -338,13 +333,12 @@ def export_audit(db: Database, q: AuditSearch, *, spreadsheet_safe: bool = False
     return AuditExport(min(found, q.limit), found > q.limit, chunks)
 
 
-def _export_select(q: AuditSearch, spreadsheet_safe: bool) -> Any:
+def _export_select(q: AuditSearch) -> Any:
     e = AuditEvent
+    starts = sorted(csv_safe.FORMULA_STARTS)
 
-    def cell(column: Any, name: str) -> Any:
-        if not spreadsheet_safe:
-            return column.label(name)
-        return case((func.left(column, 1).in_(_FORMULA_STARTS), func.concat("'", column)), else_=column).label(name)
+    def cell(column: Any, name: str) -> Any:  # csv_safe.cell, in SQL
+        return case((func.left(column, 1).in_(starts), func.concat("'", column)), else_=column).label(name)
 
     at = func.to_char(func.timezone("UTC", e.at), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')
     return (
@@ -369,8 +363,8 @@ def _export_select(q: AuditSearch, spreadsheet_safe: bool) -> Any:
     )
 
 
-def audit_csv(rows: Iterable[AuditRow], *, spreadsheet_safe: bool = False) -> str:
-    return "".join(iter_audit_csv(rows, spreadsheet_safe=spreadsheet_safe))
+def audit_csv(rows: Iterable[AuditRow]) -> str:
+    return "".join(iter_audit_csv(rows))
 
 
 def parse_time(text: str | None, *, end: bool = False) -> datetime | None:
@@ -740,5 +734,5 @@ def rows_csv(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(header)
-    writer.writerows([("" if v is None else v.isoformat() if isinstance(v, datetime) else v) for v in row] for row in rows)
+    writer.writerows(csv_safe.row(("" if v is None else v.isoformat() if isinstance(v, datetime) else v) for v in row) for row in rows)
     return out.getvalue()

@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 def open_database(settings: Settings, *, upgrade: bool = False) -> Any:
     from service.database import Database
 
-    db = Database(settings.effective_database_url)
+    db = Database(settings.effective_database_url, audit_copy=bool(settings.audit_syslog_url))
     if upgrade:
         db.upgrade()
     elif not db.is_current():
@@ -238,7 +238,8 @@ def start_metrics(settings: Settings, *, worker: bool = False, children: bool = 
         raise CommandError(f"cannot serve metrics on port {port}: {exc}") from None
 
 
-def start_listening(settings: Settings, db: Any) -> tuple[Any, Any]:
+def start_listening(settings: Settings, db: Any) -> tuple[Any, Any, Any]:
+    """The listener, the assembler loop and the ATNA audit copy (None when not configured)."""
     from service.assembly import AssemblyLoop
     from service.clock import SystemClock
     from service.listener import Listener
@@ -247,7 +248,45 @@ def start_listening(settings: Settings, db: Any) -> tuple[Any, Any]:
     listener.start()
     loop = AssemblyLoop(make_assembler(settings, db), settings.assembly_interval_seconds)
     loop.start()
-    return listener, loop
+    audit_copy = start_audit_copy(settings, db)
+    application_event(settings, db, started=True)
+    return listener, loop, audit_copy
+
+
+def stop_listening(settings: Settings, db: Any, listener: Any, loop: Any, audit_copy: Any) -> None:
+    listener.stop()
+    loop.stop()
+    application_event(settings, db, started=False)
+    if audit_copy is not None:
+        audit_copy.stop()  # after a last pass, which sends the stop event
+
+
+def start_audit_copy(settings: Settings, db: Any) -> Any:
+    """The ATNA copy of the audit trail (service/syslog_sender.py), when MEDCAP_AUDIT_SYSLOG_URL is set."""
+    from service import syslog_sender
+    from service.clock import SystemClock
+
+    return syslog_sender.start(db, settings, SystemClock())
+
+
+def application_event(settings: Settings, db: Any, *, started: bool) -> None:
+    """listener.started / listener.stopped: the ATNA Application Activity of the DICOM-facing process."""
+    import socket
+
+    from service import audit
+    from service.audit import Action
+    from service.clock import SystemClock
+
+    with db.session() as s:
+        audit.record(
+            s,
+            SystemClock().now(),
+            audit.cli_actor(getpass.getuser()),
+            Action.LISTENER_STARTED if started else Action.LISTENER_STOPPED,
+            "listener",
+            f"{socket.gethostname()}:{settings.dicom_port}",
+            ae_title=settings.dicom_ae_title,
+        )
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -258,11 +297,10 @@ def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     db = open_database(settings)
     start_metrics(settings)
     stop = _stop_on_signals()
-    listener, loop = start_listening(settings, db)
+    listener, loop, audit_copy = start_listening(settings, db)
     stop.wait()
     LOG.info("stopping")
-    listener.stop()
-    loop.stop()
+    stop_listening(settings, db, listener, loop, audit_copy)
     return 0
 
 
@@ -281,7 +319,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     db = open_database(settings, upgrade=True)
     worker_env = {**os.environ, **start_metrics(settings, children=True)}  # the workers' metrics are served here
     stop = _stop_on_signals()
-    listener, loop = start_listening(settings, db)
+    listener, loop, audit_copy = start_listening(settings, db)
     medcap = [sys.executable, "-m", "service.cli", "--parent-pid", str(os.getpid())] + (
         ["--config", str(args.config)] if args.config else []
     )
@@ -317,8 +355,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             stop.wait(0.5)
     finally:
         LOG.info("stopping")
-        listener.stop()
-        loop.stop()
+        stop_listening(settings, db, listener, loop, audit_copy)
         for worker in workers.values():
             if worker.poll() is None:
                 worker.send_signal(signal.SIGTERM)

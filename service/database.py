@@ -12,6 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
+from service.audit import AUDIT_COPY
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -52,10 +53,12 @@ def _configure_sqlite(engine: Engine) -> None:
 class Database:
     """An engine plus a session factory; one per process and database URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, audit_copy: bool = False) -> None:
+        """``audit_copy``: audit events of service.audit.ATNA_ACTIONS also queue their copy for the
+        ATNA audit repository (set when MEDCAP_AUDIT_SYSLOG_URL is)."""
         self.url = url
         self.engine = make_engine(url)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False, info={AUDIT_COPY: audit_copy})
 
     @contextmanager
     def session(self) -> Iterator[Session]:

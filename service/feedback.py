@@ -25,7 +25,7 @@ from sqlalchemy import select
 from dicom_io.atomic import write_atomic
 from dicom_io.render import render_png
 from dicom_io.series import Series
-from service import audit
+from service import audit, csv_safe
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database
@@ -117,7 +117,7 @@ def export_feedback(
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: csv_safe.cell(value) for key, value in row.items()} for row in rows)
     table = out / TABLE
     write_atomic(table, buffer.getvalue().encode("utf-8"))
     with db.session() as s:

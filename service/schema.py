@@ -25,7 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 UID = String(64)
@@ -492,3 +492,21 @@ class DicomwebClient(Base):
     networks: Mapped[str] = mapped_column(Text)  # comma-separated CIDRs it may connect from
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     created_by: Mapped[str] = mapped_column(String(128))
+
+
+class AuditCopy(Base):
+    """An audit event still to be copied to the ATNA audit repository (service/syslog_sender.py).
+
+    Written in the transaction of its audit event (service/audit.py), deleted once sent: the
+    ``audit_events`` row stays the record, this row only says that the syslog copy is owed.
+    """
+
+    __tablename__ = "audit_outbox"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_id: Mapped[int] = mapped_column(BigId, ForeignKey("audit_events.id"), unique=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+
+    event: Mapped[AuditEvent] = relationship()

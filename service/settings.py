@@ -17,6 +17,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, cast
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -201,6 +202,22 @@ class Settings(BaseSettings):
         1024, ge=1, le=1024 * 1024, description="Largest STOW-RS request body (MiB); larger requests get 413, checked as the bytes arrive."
     )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
+    # -- issue 12: the client address behind a reverse proxy; the ATNA audit copy ------------------
+    web_trusted_proxies: Annotated[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], NoDecode] = Field(
+        (), description="Reverse proxies (addresses or networks) whose X-Forwarded-For names the client; empty: the header is ignored."
+    )
+    audit_syslog_url: str = Field(
+        "",
+        pattern=r"^$|^(tls|udp)://[^/\s]+:[0-9]{1,5}$",
+        description="Audit repository for the IHE ATNA copy of the audit trail: tls://host:6514 (RFC 5425) or udp://host:514 (RFC 5426); empty: off.",
+    )
+    audit_syslog_ca_file: Path | None = Field(None, description="PEM CA bundle the audit repository's certificate must chain to (tls).")
+    audit_syslog_cert_file: Path | None = Field(None, description="PEM client certificate for the audit repository (tls, with the key).")
+    audit_syslog_key_file: Path | None = Field(None, description="PEM key of that certificate.")
+    audit_source_id: str = Field("", max_length=64, description="AuditSourceID of our ATNA messages; empty: this host's name.")
+    audit_syslog_retry_seconds: float = Field(
+        5.0, gt=0, description="Delay before an audit message the repository did not take is sent again."
+    )
 
     @field_validator("viewer_url_template")
     @classmethod
@@ -248,6 +265,28 @@ class Settings(BaseSettings):
             value = [part for part in value.split(",") if part.strip()]
         return tuple(v if isinstance(v, AllowedPeer) else AllowedPeer.parse(str(v)) for v in value)
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, value: str) -> str:
+        # kombu silently turns a rediss:// URL without ssl_cert_reqs into TLS that trusts any certificate.
+        if value.startswith("rediss://"):
+            query = dict(parse_qsl(urlsplit(value).query))
+            if query.get("ssl_cert_reqs", "").lower() not in ("required", "cert_required") or not query.get("ssl_ca_certs"):
+                raise ValueError(
+                    "a rediss:// broker_url needs ?ssl_cert_reqs=required&ssl_ca_certs=/path/to/ca.pem (the broker's certificate is verified)"
+                )
+        return value
+
+    @field_validator("web_trusted_proxies", mode="before")
+    @classmethod
+    def _proxies(cls, value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        try:
+            return tuple(ipaddress.ip_network(v, strict=False) for v in value)
+        except ValueError as exc:
+            raise ValueError(f"web_trusted_proxies: {exc} (use addresses or networks, e.g. 10.0.0.5,10.1.0.0/16)") from None
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.max_wait_seconds < self.quiet_seconds:
@@ -264,6 +303,13 @@ class Settings(BaseSettings):
             )
         if (self.web_tls_cert_file is None) != (self.web_tls_key_file is None):
             raise ValueError("web_tls_cert_file and web_tls_key_file must be set together")
+        if self.audit_syslog_url.startswith("tls://") and self.audit_syslog_ca_file is None:
+            raise ValueError("audit_syslog_url tls:// needs audit_syslog_ca_file (the audit repository's certificate is verified)")
+        if (self.audit_syslog_cert_file is None) != (self.audit_syslog_key_file is None):
+            raise ValueError("audit_syslog_cert_file and audit_syslog_key_file must be set together")
+        for path in filter(None, (self.audit_syslog_ca_file, self.audit_syslog_cert_file, self.audit_syslog_key_file)):
+            if not path.is_file():
+                raise ValueError(f"audit syslog TLS file {path} does not exist")
         if self.retry_max_seconds < self.retry_base_seconds:
             raise ValueError("retry_max_seconds must be at least retry_base_seconds")
         self.destination_list  # noqa: B018 -- parse now, so a bad destination or TLS file stops start-up

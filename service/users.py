@@ -16,6 +16,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from zxcvbn import zxcvbn
 
 from service import audit
 from service.audit import Action
@@ -24,6 +25,12 @@ from service.database import Database
 from service.schema import Role, User, WebSession
 
 MIN_PASSWORD_LENGTH = 12
+# zxcvbn (Dropbox's estimator; PyPI package ``zxcvbn``) matches a password against its maintained
+# lists (30,000 common passwords, English words, names), with repeats, sequences, keyboard walks
+# and l33t; score 3 means "safely unguessable" online (about 10^8 guesses). Only the first
+# characters are scored: its matching grows with length, and a long password passes anyway.
+MIN_PASSWORD_SCORE = 3
+SCORED_CHARACTERS = 64
 _USERNAME = re.compile(r"^[a-z][a-z0-9._-]{1,63}$")
 _HASHER = PasswordHasher()
 # Compared against when the user does not exist, so that a wrong user name costs as long as a wrong password.
@@ -80,6 +87,10 @@ def check_password(password: str) -> str:
         raise UserError(f"password: at least {MIN_PASSWORD_LENGTH} characters")
     if password.strip() != password or "\n" in password:
         raise UserError("password: no leading or trailing spaces, no line breaks")
+    estimate = zxcvbn(password[:SCORED_CHARACTERS])
+    if estimate["score"] < MIN_PASSWORD_SCORE:
+        why = estimate["feedback"]["warning"] or "it is too easy to guess"
+        raise UserError(f"password: {why.rstrip('.')}; choose a longer passphrase of uncommon words")
     return password
 
 

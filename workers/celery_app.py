@@ -17,11 +17,18 @@ MODEL_LOAD_SECONDS = 900.0  # the longest a pool process may take to load its mo
 app = Celery("medcap", include=["workers.tasks"])
 
 
-def configure(settings: Settings) -> Celery:
-    """Point the app at the configured broker. Call once per process before use."""
-    app.conf.update(
+def configure(settings: Settings, celery: Celery = app) -> Celery:
+    """Point the app (``celery``: the workers' one) at the configured broker. Call once per process before use."""
+    celery.conf.update(
         broker_url=kombu_url(settings.effective_broker_url),
         broker_connection_retry_on_startup=True,
+        # JSON only, both ways: a pickled message would run code of the sender's choosing in the
+        # worker (anyone who can write to the broker). Refused messages are logged and dropped.
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
         task_default_queue=CAPTION_QUEUE,
         task_routes={CAPTION_TASK: {"queue": CAPTION_QUEUE}, DISPATCH_TASK: {"queue": DISPATCH_QUEUE}},
         # Acknowledge after the task ran, and hand it back if the worker process dies,
@@ -43,8 +50,8 @@ def configure(settings: Settings) -> Celery:
         if settings.effective_broker_url.startswith("redis")
         else {},
     )
-    app.medcap_settings = settings
-    return app
+    celery.medcap_settings = settings
+    return celery
 
 
 class CeleryPublisher:

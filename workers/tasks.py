@@ -38,7 +38,7 @@ def _database(settings: Settings) -> Database:
     # One engine per worker process, created after the fork.
     global _db
     if _db is None:
-        _db = Database(settings.effective_database_url)
+        _db = Database(settings.effective_database_url, audit_copy=bool(settings.audit_syslog_url))
     return _db
 
 

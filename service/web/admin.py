@@ -8,7 +8,7 @@ admin); the assembler publishes it, as after ``medcap retry`` / ``medcap resend`
 from __future__ import annotations
 
 from datetime import timedelta
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -18,6 +18,7 @@ from service import routing
 from service.audit import Action, web_actor
 from service.reports import RequeueError, retry_job
 from service.users import UserError
+from service.web import notices
 from service.web.admin_actions import audit_search, not_yourself, resend
 from service.web.auth import SignedIn
 from service.web.context import TEMPLATES, Admin, Context, WebContext, audit_event, require_csrf
@@ -53,8 +54,8 @@ def _skipped(ctx: WebContext) -> list[routing.SkippedSeries]:
 
 
 @router.get("/admin", response_class=HTMLResponse)
-def overview(request: Request, ctx: Context, who: Admin, message: str = "") -> Response:
-    return _overview(request, ctx, who, message=message)
+def overview(request: Request, ctx: Context, who: Admin) -> Response:
+    return _overview(request, ctx, who, message=notices.text(request.query_params))
 
 
 @router.post("/admin/jobs/{job_id}/retry")
@@ -64,7 +65,7 @@ async def retry(request: Request, ctx: Context, who: Admin, job_id: int) -> Resp
         retry_job(ctx.db, ctx.clock, job_id, web_actor(who.account.username))
     except RequeueError as exc:
         return _overview(request, ctx, who, error=str(exc), status=409)
-    return RedirectResponse(f"/admin?message={quote(f'Job {job_id} is queued again.')}", status_code=303)
+    return RedirectResponse(notices.link("/admin", "job_retried", job=job_id), status_code=303)
 
 
 @router.post("/admin/reports/{sr_uid}/resend")
@@ -72,11 +73,10 @@ async def resend_page(request: Request, ctx: Context, who: Admin, sr_uid: str) -
     await require_csrf(request, who)
     destination = str((await request.form()).get("destination") or "").strip() or None
     try:
-        queued = resend(ctx, who, sr_uid, destination)
+        resend(ctx, who, sr_uid, destination)
     except RequeueError as exc:
         return _overview(request, ctx, who, error=str(exc), status=409)
-    message = f"SR {sr_uid} is queued for {', '.join(queued)}."
-    return RedirectResponse(f"/admin?message={quote(message)}", status_code=303)
+    return RedirectResponse(notices.link("/admin", "sr_resent", sr=sr_uid), status_code=303)
 
 
 # -- the audit trail --------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def audit_csv(request: Request, ctx: Context, who: Admin) -> Response:
         search = audit_search(dict(request.query_params), limit=aq.MAX_ROWS, offset=0)
     except aq.QueryError as exc:
         return Response(str(exc), status_code=400, media_type="text/plain")
-    export = aq.export_audit(ctx.db, search, spreadsheet_safe=True)
+    export = aq.export_audit(ctx.db, search)
     audit_event(request, Action.AUDIT_EXPORTED, "audit", "events", filters=search.filters(), rows=export.rows, truncated=export.more)
     name = f"medcap-audit-{ctx.clock.now():%Y%m%dT%H%M%SZ}.csv"
     headers = {"Content-Disposition": f'attachment; filename="{name}"'}
@@ -191,13 +191,13 @@ def _users(
     )
 
 
-def _done(message: str) -> Response:
-    return RedirectResponse(f"/admin/users?message={quote(message)}", status_code=303)
+def _done(code: str, **values: str) -> Response:
+    return RedirectResponse(notices.link("/admin/users", code, **values), status_code=303)
 
 
 @router.get("/admin/users", response_class=HTMLResponse)
-def users(request: Request, ctx: Context, who: Admin, message: str = "") -> Response:
-    return _users(request, ctx, who, message=message)
+def users(request: Request, ctx: Context, who: Admin) -> Response:
+    return _users(request, ctx, who, message=notices.text(request.query_params))
 
 
 @router.post("/admin/users")
@@ -215,7 +215,7 @@ async def add_user(request: Request, ctx: Context, who: Admin) -> Response:
     except UserError as exc:
         kept = {k: form.get(k, "") for k in ("username", "display_name", "role")}  # never echo the password
         return _users(request, ctx, who, error=str(exc), status=400, form=kept)
-    return _done(f"User {account.username} added as {account.role.value}.")
+    return _done("user_added", user=account.username, role=account.role.value)
 
 
 @router.post("/admin/users/{username}/disable")
@@ -235,7 +235,7 @@ async def _set_disabled(request: Request, ctx: WebContext, who: SignedIn, userna
         ctx.users.set_disabled(username, disabled, web_actor(who.account.username))
     except UserError as exc:
         return _users(request, ctx, who, error=str(exc), status=400)
-    return _done(f"User {username} {'disabled: they can no longer sign in' if disabled else 'enabled'}.")
+    return _done("user_disabled" if disabled else "user_enabled", user=username)
 
 
 @router.post("/admin/users/{username}/password")
@@ -246,4 +246,4 @@ async def reset_password(request: Request, ctx: Context, who: Admin, username: s
         ctx.users.reset_password(username, password, web_actor(who.account.username))
     except UserError as exc:
         return _users(request, ctx, who, error=str(exc), status=400)
-    return _done(f"Password of {username} changed.")
+    return _done("password_changed", user=username)

@@ -8,14 +8,16 @@ session's CSRF token. Every refusal is an audit event.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import outputs
 from service.audit import Action
@@ -30,6 +32,54 @@ from service.web.auth import Sessions
 from service.web.context import TEMPLATES, Forbidden, NotSignedIn, WebContext, audit_event
 
 HERE = Path(__file__).resolve().parent
+
+
+SECURITY_HEADERS = (
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+log = logging.getLogger(__name__)
+
+
+class SecurityHeaders:
+    """Security headers on every response: pages, API answers, static files, 404s, and 500s.
+
+    A plain ASGI middleware that adds them to whatever response starts, and answers an exception
+    that escaped the app itself with a 500 that has them: Starlette's own 500 is written by its
+    outermost middleware, past any middleware the app adds.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cacheable = str(scope.get("path", "")).startswith("/static/")
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS:
+                    headers.setdefault(name.decode(), value.decode())
+                if not cacheable:
+                    headers.setdefault("cache-control", "no-store")  # patient data stays out of shared caches
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            if started:
+                raise
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            error = PlainTextResponse("Internal server error", status_code=500)
+            await error(scope, receive, send_with_headers)
 
 
 def wants_json(request: Request) -> bool:
@@ -93,15 +143,5 @@ def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> 
             return JSONResponse({"detail": exc.why}, status_code=403)
         return TEMPLATES.TemplateResponse(request, "error.html", {"title": "Not allowed", "message": exc.why}, status_code=403)
 
-    @app.middleware("http")
-    async def _security_headers(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        response.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'")
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        if not request.url.path.startswith("/static/"):
-            response.headers.setdefault("Cache-Control", "no-store")  # patient data stays out of shared caches
-        return response
-
+    app.add_middleware(SecurityHeaders)
     return app

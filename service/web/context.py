@@ -6,6 +6,7 @@ admin.py, admin_api.py) and app.py import this module; it imports none of them.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -51,8 +52,31 @@ def context(request: Request) -> WebContext:
 
 
 def client_address(request: Request) -> str:
-    # The direct peer; behind a reverse proxy this is the proxy (X-Forwarded-For is not trusted by default).
-    return request.client.host if request.client else "unknown"
+    """Who is calling: the TCP peer, or, when that peer is a configured reverse proxy, the address
+    its X-Forwarded-For names. The header is read right to left, past our own proxies: the first
+    address that is not one of them is the client (anything left of it is what the client wrote)."""
+    peer = request.client.host if request.client else "unknown"
+    proxies = context(request).settings.web_trusted_proxies
+    if not proxies or not _within(peer, proxies):
+        return peer
+    forwarded = [part.strip() for value in request.headers.getlist("x-forwarded-for") for part in value.split(",")]
+    for hop in reversed(forwarded):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # a malformed hop: trust none of it
+        if not _within(str(address), proxies):
+            return str(address)
+        peer = str(address)
+    return peer
+
+
+def _within(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
 
 
 def signed_in(request: Request) -> SignedIn:

@@ -20,7 +20,8 @@ from service.report_diff import word_diff
 from service.review import DraftView, ReviewConflict, ReviewError, ReviewState
 from service.schema import Instance, SeriesRecord, SRDocument, Study
 from service.storage import Storage, StoredFileMissing
-from service.web.auth import COOKIE, LoginThrottled
+from service.web import notices
+from service.web.auth import COOKIE, LoginThrottled, csrf_matches
 from service.web.context import TEMPLATES, Anyone, Context, Radiologist, WebContext, audit_event, client_address, require_csrf
 from service.web.stack import cached_series, header_facts
 from service.worklist import WorklistFilter, earlier_reports, header_paths, list_drafts, neighbours, reading_order
@@ -62,7 +63,7 @@ def login(
         return page
 
     expected = request.cookies.get(LOGIN_CSRF_COOKIE)
-    if not expected or not secrets.compare_digest(expected, login_csrf):
+    if not expected or not csrf_matches(expected, login_csrf):  # bytes: a non-ASCII token is a mismatch, not a 500
         return again("Your sign-in form expired. Please try again.", 400)
     try:
         signed = ctx.sessions.sign_in(username.strip(), password, client_address(request))
@@ -160,7 +161,6 @@ def worklist(
     q: str = "",
     region: str = "",
     sort: str = "waiting",
-    message: str = "",
     page: Annotated[int, Query(ge=1)] = 1,
 ) -> Response:
     state = state.strip()
@@ -220,7 +220,7 @@ def worklist(
             "states": [s.value for s in ReviewState],
             "sorts": SORT_WORDS,
             "page": page,
-            "message": message,
+            "message": notices.text(request.query_params),
             "truncated": truncated,
             "fact_window": FACT_WINDOW,
             "facts": facts_of_studies(ctx, [r.study_uid for r in rows]),
@@ -243,7 +243,7 @@ def first_draft(ctx: Context, who: Radiologist) -> Response:
     """Start reading: the draft that has waited longest."""
     order = reading_order(ctx.db, limit=1)
     if not order:
-        return RedirectResponse(f"/worklist?message={quote('No drafts await review.')}", status_code=303)
+        return RedirectResponse(notices.link("/worklist", "queue_empty"), status_code=303)
     return RedirectResponse(f"/drafts/{order[0]}", status_code=303)
 
 
@@ -301,22 +301,23 @@ def _review_context(ctx: WebContext, who: Radiologist, view: DraftView) -> dict[
 
 
 @router.get("/drafts/{draft_id}", response_class=HTMLResponse)
-def review_page(request: Request, ctx: Context, who: Radiologist, draft_id: int, message: str = "") -> Response:
+def review_page(request: Request, ctx: Context, who: Radiologist, draft_id: int) -> Response:
     view = ctx.reviews.view(draft_id)
     if view is None:
         return TEMPLATES.TemplateResponse(
             request, "error.html", {"who": who, "title": "Not found", "message": f"There is no draft {draft_id}."}, status_code=404
         )
     audit_event(request, Action.STUDY_VIEWED, "sr_document", view.sop_instance_uid, study_uid=view.study_uid, draft_id=draft_id)
+    message = notices.text(request.query_params)
     return TEMPLATES.TemplateResponse(request, "review.html", {**_review_context(ctx, who, view), "message": message})
 
 
-def _move_on(ctx: WebContext, draft_id: int, message: str) -> Response:
+def _move_on(ctx: WebContext, draft_id: int, code: str, **values: str | int) -> Response:
     """After a decision: the next draft awaiting review, or this one (decided) when none is left."""
     _, following = neighbours(ctx.db, draft_id)
     if following is None:
-        return RedirectResponse(f"/drafts/{draft_id}?message={quote(message + ' No more drafts await review.')}", status_code=303)
-    return RedirectResponse(f"/drafts/{following}?message={quote(message)}", status_code=303)
+        return RedirectResponse(notices.link(f"/drafts/{draft_id}", f"{code}_last", draft=draft_id, **values), status_code=303)
+    return RedirectResponse(notices.link(f"/drafts/{following}", code, draft=draft_id, **values), status_code=303)
 
 
 @router.post("/drafts/{draft_id}/approve")
@@ -332,7 +333,7 @@ async def approve(request: Request, ctx: Context, who: Radiologist, draft_id: in
         return _review_error(request, ctx, who, draft_id, str(exc), 409)
     except ReviewError as exc:
         return _review_error(request, ctx, who, draft_id, str(exc), 400)
-    return _move_on(ctx, draft_id, f"Approved draft {draft_id}. Verified report {uid} is on its way to the PACS.")
+    return _move_on(ctx, draft_id, "approved", sr=uid)
 
 
 @router.post("/drafts/{draft_id}/reject")
@@ -345,7 +346,7 @@ async def reject(request: Request, ctx: Context, who: Radiologist, draft_id: int
         return _review_error(request, ctx, who, draft_id, str(exc), 409)
     except ReviewError as exc:
         return _review_error(request, ctx, who, draft_id, str(exc), 400)
-    return _move_on(ctx, draft_id, f"Rejected draft {draft_id}.")
+    return _move_on(ctx, draft_id, "rejected")
 
 
 def _review_error(request: Request, ctx: Context, who: Radiologist, draft_id: int, message: str, status: int) -> Response:

@@ -113,3 +113,18 @@ def test_viewer_url_template_is_checked(monkeypatch, value, message):
         load_settings()
     monkeypatch.setenv("MEDCAP_VIEWER_URL_TEMPLATE", "https://pacs/ohif/viewer?StudyInstanceUIDs={study_uid}&acc={accession_number}")
     assert load_settings().viewer_url_template.endswith("{accession_number}")
+
+
+def test_trusted_proxies_and_the_audit_repository_are_checked(make_settings, tmp_path):
+    s = make_settings(web_trusted_proxies="10.9.0.7, 10.1.0.0/16,::1")
+    assert [str(n) for n in s.web_trusted_proxies] == ["10.9.0.7/32", "10.1.0.0/16", "::1/128"]
+    with pytest.raises(SettingsError, match="web_trusted_proxies|WEB_TRUSTED_PROXIES"):
+        make_settings(web_trusted_proxies="proxy.example")
+    with pytest.raises(SettingsError, match="AUDIT_SYSLOG_URL"):
+        make_settings(audit_syslog_url="tcp://127.0.0.1:514")
+    with pytest.raises(SettingsError, match="audit_syslog_ca_file"):
+        make_settings(audit_syslog_url="tls://127.0.0.1:6514")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    assert make_settings(audit_syslog_url="tls://127.0.0.1:6514", audit_syslog_ca_file=ca).audit_syslog_url == "tls://127.0.0.1:6514"
+    assert make_settings(audit_syslog_url="udp://[::1]:514").audit_syslog_url == "udp://[::1]:514"

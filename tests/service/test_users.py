@@ -97,10 +97,19 @@ def test_roles_and_passwords():
         (" leading space x", "leading or trailing"),
         ("trailing space x ", "leading or trailing"),
         ("two\nlines here", "line breaks"),
+        # issue 12: length alone let these in
+        ("aaaaaaaaaaaa", "Repeats"),
+        ("x" * 40, "Repeats"),
+        ("password1234", "very common password"),
+        ("Password123!", "similar to a commonly used password"),
+        ("qwertyuiopas", "commonly used password"),
+        ("123qweasdzxc", "easy to guess|common"),
+        ("abcabcabcabc", "Repeats"),
     ):
         with pytest.raises(UserError, match=why):
             check_password(bad)
-    assert check_password("x" * 12) == "x" * 12
+    assert check_password("a long enough passphrase") == "a long enough passphrase"
+    assert check_password("Tr0ub4dor&3 extra") == "Tr0ub4dor&3 extra"
 
 
 def test_accounts_are_argon2id_hashed_and_authenticated(db, clock):

@@ -100,7 +100,7 @@ def test_failed_work_is_retried_and_resent_from_the_overview(client, accounts, d
     assert client.post(f"/admin/jobs/{job_id}/retry", data={}).status_code == 403, "no CSRF token"
     published = len(events(db, "job.enqueued")) + len(events(db, "job.reenqueued"))
     retried = client.post(f"/admin/jobs/{job_id}/retry", data=buttons[f"/admin/jobs/{job_id}/retry"])
-    assert retried.status_code == 303 and retried.headers["location"].startswith("/admin?message=")
+    assert retried.status_code == 303 and retried.headers["location"].startswith("/admin?notice=job_retried")
     assert f"Job {job_id} is queued again." in client.get(retried.headers["location"]).text
     with db.session() as s:
         job = s.get(Job, job_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.cookies import SimpleCookie
 from urllib.parse import urljoin, urlsplit
@@ -17,7 +18,7 @@ from sqlalchemy import select
 from service.schema import AuditEvent, SRDocument, WebSession
 from service.users import Users
 from service.web.app import create_app
-from service.web.auth import COOKIE, THROTTLE_WINDOW
+from service.web.auth import COOKIE, THROTTLE_WINDOW, LoginThrottled, Sessions
 from service.web.pages import LOGIN_CSRF_COOKIE
 from tests.service.web.conftest import PASSWORD, sign_in
 from tests.service.web.test_authorization import clone_draft
@@ -179,6 +180,67 @@ def test_sign_in_is_throttled_per_address(strict_app, accounts, db, clock):
     assert (throttled.actor, throttled.object_id) == ("web:10.0.0.3", "jones")
 
 
+def test_concurrent_wrong_passwords_get_no_more_tries_than_the_limit(db, clock, accounts):
+    sessions = Sessions(db, clock, Users(db, clock), hours=8, max_failures=5)
+
+    def guess(n: int) -> str:
+        try:
+            return "signed in" if sessions.sign_in("smith", f"wrong guess {n}", f"10.7.0.{n}") else "wrong"
+        except LoginThrottled:
+            return "throttled"
+
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(guess, range(40)))
+    assert answers.count("wrong") == 5 and answers.count("throttled") == 35
+    assert len(events(db, "auth.login_failed")) == 5
+
+
+def proxied(client: TestClient, forwarded_for: str) -> None:
+    client.headers["X-Forwarded-For"] = forwarded_for
+
+
+def test_behind_a_trusted_proxy_each_client_is_throttled_by_its_own_address(make_settings, accounts, db, clock):
+    app = create_app(make_settings(login_max_failures=3, web_trusted_proxies="10.9.0.0/24,10.9.1.1"), db, clock)
+    # Both users come through the same reverse proxy (10.9.0.7), which itself sits behind 10.9.1.1.
+    with browser(app, "10.9.1.1") as sprayer, browser(app, "10.9.1.1") as colleague:
+        proxied(sprayer, "192.0.2.50, 10.9.0.7")
+        proxied(colleague, "198.51.100.8, 10.9.0.7")
+        for name in ("alice", "bob", "carol"):
+            assert attempt(sprayer, name, "password123456").status_code == 401
+        assert attempt(sprayer, "jones").status_code == 429
+        assert attempt(colleague, "jones").status_code == 303, "one client's failures lock out only that client"
+    assert {e.actor for e in events(db, "auth.login_failed")} == {"web:192.0.2.50"}
+    (signed_in,) = events(db, "auth.login")
+    assert signed_in.details["address"] == "198.51.100.8"
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "seen"),
+    [
+        ("10.0.0.3", "192.0.2.1", "10.0.0.3"),  # not a configured proxy: its header is the client's own text
+        ("10.9.0.7", "192.0.2.1", "192.0.2.1"),
+        ("10.9.0.7", "203.0.113.9, 192.0.2.1", "192.0.2.1"),  # a client cannot pick its address by sending the header itself
+        ("10.9.0.7", "192.0.2.1, not-an-address", "10.9.0.7"),
+        ("10.9.0.7", "", "10.9.0.7"),
+    ],
+)
+def test_x_forwarded_for_is_honoured_only_from_configured_proxies(make_settings, accounts, db, clock, peer, forwarded, seen):
+    app = create_app(make_settings(web_trusted_proxies="10.9.0.0/24"), db, clock)
+    with browser(app, peer) as c:
+        if forwarded:
+            proxied(c, forwarded)
+        assert attempt(c, "smith", "wrong wrong wrong").status_code == 401
+    (failed,) = events(db, "auth.login_failed")
+    assert failed.actor == f"web:{seen}"
+
+
+def test_by_default_x_forwarded_for_is_ignored(app, accounts, db):
+    with browser(app, "10.0.0.3") as c:
+        proxied(c, "192.0.2.1")
+        assert attempt(c, "smith", "wrong wrong wrong").status_code == 401
+    assert [e.actor for e in events(db, "auth.login_failed")] == ["web:10.0.0.3"]
+
+
 # -- sessions and cookies ------------------------------------------------------------------------
 
 
@@ -228,6 +290,36 @@ def test_the_login_form_needs_its_csrf_cookie(app, accounts, db):
         response = fresh.post("/login", data={"username": "smith", "password": PASSWORD, "next": "/"})
         assert response.status_code == 400
     assert events(db, "auth.login") == []
+
+
+@pytest.mark.parametrize("field", ["tökén", "\u202e", "🙂" * 40])
+def test_a_non_ascii_sign_in_token_is_refused_not_a_server_error(app, accounts, db, field):
+    with browser(app) as c:
+        c.get("/login")
+        response = c.post("/login", data={"username": "smith", "password": PASSWORD, "login_csrf": field, "next": "/"})
+    assert response.status_code == 400 and "Your sign-in form expired" in response.text
+    assert response.headers["x-frame-options"] == "DENY"
+    assert events(db, "auth.login") == []
+
+
+def test_a_user_name_with_a_nul_is_a_wrong_user_name(app, accounts, db):
+    with browser(app) as c:
+        assert attempt(c, "smith\x00", PASSWORD).status_code == 401
+    (failed,) = events(db, "auth.login_failed")
+    assert failed.object_id == "smith\ufffd"
+
+
+def test_a_server_error_carries_the_security_headers(app):
+    def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/boom", boom)
+    with TestClient(app, base_url="https://testserver", raise_server_exceptions=False) as c:
+        response = c.get("/boom")
+    assert response.status_code == 500 and "a bug" not in response.text
+    h = response.headers
+    assert "default-src 'self'" in h["content-security-policy"] and h["x-frame-options"] == "DENY"
+    assert (h["x-content-type-options"], h["referrer-policy"], h["cache-control"]) == ("nosniff", "no-referrer", "no-store")
 
 
 # -- redirects after sign-in ---------------------------------------------------------------------
@@ -285,7 +377,16 @@ def test_security_headers_on_every_kind_of_response(app, accounts, draft_id):
         sign_in(c, "smith")
         responses = {
             path: c.get(path)
-            for path in ("/login", "/worklist", f"/drafts/{draft_id}", "/api/me", "/api/drafts", "/static/medcap.css", "/no/such/page")
+            for path in (
+                "/login",
+                "/worklist",
+                f"/drafts/{draft_id}",
+                "/api/me",
+                "/api/drafts",
+                "/static/medcap.css",
+                "/no/such/page",
+                "/api/drafts/x",
+            )
         }
     with browser(app) as anonymous:
         responses["/worklist (anonymous)"] = anonymous.get("/worklist")

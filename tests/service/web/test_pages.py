@@ -35,6 +35,11 @@ def test_a_radiologist_reviews_edits_and_approves_a_draft(client, accounts, draf
     assert approved.status_code == 303
     after = client.get(approved.headers["location"])
     assert "Approved by a radiologist" in after.text and 'id="review-state">approved<' in after.text
+    assert approved.headers["location"].startswith(f"/drafts/{draft_id}?notice=approved_last&draft={draft_id}&sr=")
+    assert re.search(
+        rf'role="status">Approved draft {draft_id}\. Verified report [0-9.]+ is on its way to the PACS\. No more drafts await review\.<',
+        after.text,
+    )
     with db.session() as s:
         verified = s.scalars(select(SRDocument).where(SRDocument.kind == "verified")).one()
         viewed = s.scalars(select(AuditEvent).where(AuditEvent.action == "study.viewed")).first()
@@ -72,3 +77,17 @@ def test_the_review_page_reads_no_sr_file_and_an_older_draft_its_file_once(clien
     assert dcmread_calls.count(Path(doc.path)) == 1  # its first view reads the file and keeps the text
     with db.session() as s:
         assert s.get(SRDocument, draft_id).impression == stored
+
+
+@pytest.mark.peers
+def test_a_link_cannot_make_the_review_page_say_what_it_likes(client, accounts, draft_id):
+    sign_in(client, "smith")
+    for query in (
+        "message=Your+session+expired.+Sign+in+again+at+evil.example",
+        "notice=Your+session+expired",
+        "notice=approved&sr=call+555-0100",
+        "notice=approved&sr=" + "1." * 40 + "1",
+    ):
+        page = client.get(f"/drafts/{draft_id}?{query}")
+        assert page.status_code == 200 and 'role="status"' not in page.text, query
+        assert "evil" not in page.text and "555" not in page.text and "expired" not in page.text, query

@@ -182,7 +182,7 @@ def test_scroll_window_and_decide_with_the_keyboard(web, chromium, accounts, sam
     driver.switch_to.active_element.send_keys(Keys.ENTER)
 
     # Signed; the worklist moved on to the next draft.
-    wait.until(lambda d: d.current_url.startswith(f"{base}/drafts/{second}?message="))
+    wait.until(lambda d: d.current_url.startswith(f"{base}/drafts/{second}?notice=approved"))
     assert driver.find_element(By.CSS_SELECTOR, "p.notice").text.startswith(f"Approved draft {draft_id}.")
     with db.session() as s:
         verified = s.scalars(select(SRDocument).where(SRDocument.kind == "verified")).one()

@@ -97,15 +97,14 @@ def test_the_reading_order_opens_the_oldest_draft_and_moves_on_after_each_decisi
     assert f'href="/drafts/{draft_id}" id="previous-draft"' in middle and f'href="/drafts/{third}" id="next-draft"' in middle
 
     approved = client.post(f"/drafts/{draft_id}/approve", data={"csrf_token": csrf_of(page), "impression": "Normal."})
-    assert approved.status_code == 303 and approved.headers["location"].startswith(
-        f"/drafts/{second}?message=Approved%20draft%20{draft_id}"
-    )
+    assert approved.status_code == 303 and approved.headers["location"].startswith(f"/drafts/{second}?notice=approved&draft={draft_id}&sr=")
     rejected = client.post(f"/drafts/{second}/reject", data={"csrf_token": csrf_of(page), "reason": "Wrong series."})
-    assert rejected.headers["location"].startswith(f"/drafts/{third}?message=Rejected%20draft%20{second}")
+    assert rejected.headers["location"].startswith(f"/drafts/{third}?notice=rejected&draft={second}")
     last = client.post(f"/drafts/{third}/reject", data={"csrf_token": csrf_of(page), "reason": "Motion."})
-    assert last.headers["location"].startswith(f"/drafts/{third}?message=") and "No%20more%20drafts" in last.headers["location"]
+    assert last.headers["location"] == f"/drafts/{third}?notice=rejected_last&draft={third}"
+    assert "No more drafts await review." in client.get(last.headers["location"]).text
     done = client.get("/worklist/next")
-    assert done.headers["location"] == "/worklist?message=No%20drafts%20await%20review."
+    assert done.headers["location"] == "/worklist?notice=queue_empty"
     assert "No drafts await review." in client.get(done.headers["location"]).text
 
 
