@@ -25,7 +25,26 @@ from dataclasses import asdict, dataclass, fields
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Column, Float, Integer, MetaData, String, Table, Text, and_, case, cast, func, or_, select, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    case,
+    cast,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    true,
+)
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -314,23 +333,24 @@ def export_audit(db: Database, q: AuditSearch) -> AuditExport:
     """The events matching ``q`` (newest first, at most ``q.limit``) as CSV (see :func:`iter_audit_csv`).
 
     On PostgreSQL the server writes the CSV (``COPY (SELECT ...) TO STDOUT``): building 3,400 rows
-    in Python cost more than the query itself. The count and the rows are read in one
-    REPEATABLE READ snapshot, so the export holds exactly the events it says (an export's own
-    audit event, recorded afterwards, is never in it). The cells are those of :func:`iter_audit_csv`,
+    in Python cost more than the query itself. COPY's own row count says how many events the
+    export holds; only a full export asks whether more matched, in the same REPEATABLE READ
+    snapshot (an export's own audit event, recorded afterwards, is never in it). The cells are those of :func:`iter_audit_csv`,
     neutralised by the same rule (``csv_safe.FORMULA_STARTS``); only the JSON of ``details`` keeps
     its stored key order, and empty cells may be quoted."""
     if db.engine.dialect.name != "postgresql":
         page = search_audit(db, q)
         return AuditExport(len(page.rows), page.more, list(iter_audit_csv(page.rows)))
-    matching = select(AuditEvent.id).where(*_conditions(q)).offset(q.offset).limit(q.limit + 1).subquery()
     compiled = _export_select(q).compile(dialect=db.engine.dialect, compile_kwargs={"render_postcompile": True})
     with db.engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
-        found = int(conn.execute(select(func.count()).select_from(matching)).scalar_one())
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         with cursor.copy(f"COPY ({compiled}) TO STDOUT (FORMAT csv, HEADER)", compiled.params) as copy:
             chunks = [bytes(data).decode("utf-8") for data in copy]
+        rows = int(cursor.rowcount)  # the "COPY n" command tag
+        beyond = select(AuditEvent.id).where(*_conditions(q)).offset(q.offset + q.limit).limit(1)
+        more = rows == q.limit and conn.execute(select(exists(beyond))).scalar_one()
         conn.rollback()  # read only
-    return AuditExport(min(found, q.limit), found > q.limit, chunks)
+    return AuditExport(rows, bool(more), chunks)
 
 
 def _export_select(q: AuditSearch) -> Any:
@@ -341,6 +361,9 @@ def _export_select(q: AuditSearch) -> Any:
         return case((func.left(column, 1).in_(starts), func.concat("'", column)), else_=column).label(name)
 
     at = func.to_char(func.timezone("UTC", e.at), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')
+    # A study looked up per event (OFFSET 0 keeps the lateral join a nested loop): hashing all
+    # 40,000 studies for a 3,400-row export took half of the query.
+    st = select(Study.accession_number, Study.patient_id, Study.patient_name).where(Study.study_uid == e.study_uid).offset(0).lateral("st")
     return (
         select(
             e.id.label("id"),
@@ -350,12 +373,13 @@ def _export_select(q: AuditSearch) -> Any:
             cell(e.object_type, "object_type"),
             cell(e.object_id, "object_id"),
             cell(e.study_uid, "study_uid"),
-            cell(Study.accession_number, "accession_number"),
-            cell(Study.patient_id, "patient_id"),
-            cell(Study.patient_name, "patient_name"),
+            cell(st.c.accession_number, "accession_number"),
+            cell(st.c.patient_id, "patient_id"),
+            cell(st.c.patient_name, "patient_name"),
             cell(cast(e.details, Text), "details"),
         )
-        .outerjoin(Study, Study.study_uid == e.study_uid)
+        .select_from(e)
+        .outerjoin(st, true())
         .where(*_conditions(q))
         .order_by(e.at.desc(), e.id.desc())
         .limit(q.limit)
