@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from dicom_io.header_facts import Code, HeaderFacts, procedure_code, series_facts
 from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import SeriesInput, prepare_series
-from dicom_io.sr import AlgorithmInfo, SeriesFinding, read_impression, write_draft_sr
+from dicom_io.sr import SR_SOP_CLASS_UID, AlgorithmInfo, SeriesFinding, SupersededDraft, read_impression, write_draft_sr
 from models.families import ImageCaptioner
 from models.grounding import GroundedDraft, ground
 from service import audit, draft_outcomes
@@ -114,15 +114,24 @@ class Drafter:
             for s, text, f in zip(series, texts, facts, strict=True)
         ]
         evidence = sr_evidence(series)
+        previous = self._previous_draft(source)
         try:
             sr = write_draft_sr(
-                findings, grounded_impression(grounded), algorithm, evidence, created_at=inferred_at, procedures=procedures_of(facts)
+                findings,
+                grounded_impression(grounded),
+                algorithm,
+                evidence,
+                created_at=inferred_at,
+                procedures=procedures_of(facts),
+                # the PACS tells the versions' drafts apart by instance number, and the text says which one is current
+                instance_number=source.version_number,
+                supersedes=previous[1] if previous else None,
             )
         except ValueError as exc:
             raise PermanentJobError(f"cannot build the draft SR: {exc}") from exc
         path, digest = self._store(sr, source.study_uid)
         try:
-            return self._commit(job_id, source, key, sr, path, digest, series, grounded, facts, captions, inferred_at)
+            return self._commit(job_id, source, key, sr, path, digest, series, grounded, facts, captions, inferred_at, previous)
         except BaseException:
             self.options.storage.delete(path)  # not recorded, so never sent: remove the orphan
             raise
@@ -143,6 +152,25 @@ class Drafter:
                 )
             ).all()
         return DraftSource(row[0], row[1], row[2], row[3], {uid: (cls, path) for uid, cls, path in instances})
+
+    def _previous_draft(self, source: DraftSource) -> tuple[int, SupersededDraft] | None:
+        """The newest draft SR of an earlier version of the study (its row id, and what the new SR
+        says of it), which the draft being made replaces; None for the study's first draft."""
+        with self.db.session() as s:
+            row = s.execute(
+                select(SRDocument.id, SRDocument.series_uid, SRDocument.sop_instance_uid, StudyVersion.number)
+                .join(StudyVersion, StudyVersion.id == SRDocument.study_version_id)
+                .where(
+                    SRDocument.study_id == source.study_id,
+                    SRDocument.kind == SRKind.DRAFT.value,
+                    StudyVersion.number < source.version_number,
+                )
+                .order_by(StudyVersion.number.desc(), SRDocument.id.desc())
+                .limit(1)
+            ).first()
+        if row is None:
+            return None
+        return int(row[0]), SupersededDraft(source.study_uid, str(row[1]), SR_SOP_CLASS_UID, str(row[2]), int(row[3]))
 
     def _already_written(self, key: str) -> bool:
         with self.db.session() as s:
@@ -190,6 +218,7 @@ class Drafter:
         facts: Sequence[HeaderFacts],
         captions: Sequence[Sequence[str]],
         inferred_at: object,
+        previous: tuple[int, SupersededDraft] | None,
     ) -> str:
         identity = self.model.identity
         now = self.clock.now()
@@ -202,6 +231,9 @@ class Drafter:
                     study_id=source.study_id,
                     study_version_id=source.version_id,
                     job_id=job_id,
+                    predecessor_id=previous[0]
+                    if previous
+                    else None,  # the earlier version's draft this one replaces (a verified SR's: its draft)
                     sop_instance_uid=str(sr.SOPInstanceUID),
                     series_uid=str(sr.SeriesInstanceUID),
                     completion_flag=str(sr.CompletionFlag),
@@ -249,6 +281,7 @@ class Drafter:
                     study_version=source.version_number,
                     series=len(series),
                     sentences_removed=sum(len(d.removed) for d in grounded),
+                    supersedes=previous[1].sop_instance_uid if previous else None,
                     model=identity.name,
                     model_version=identity.version,
                     weights_sha256=identity.weights_sha256,  # type: ignore[attr-defined]

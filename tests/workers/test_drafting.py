@@ -263,3 +263,30 @@ def test_a_header_without_readable_facts_grounds_nothing_and_fails_nothing(monke
     facts = drafting.facts_of(item)
     assert (facts.modality, facts.region, facts.plane) == (None, None, None)
     assert facts.conflicts == ("header facts could not be read: ImageOrientationPatient is degenerate",)
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_later_versions_draft_references_and_names_the_draft_it_supersedes(db, listener, clock, assembler, settings, captioner):
+    from tests.pipeline import draft_study
+
+    first_id = draft_study(db, clock, settings, listener, assembler, captioner, CT[:4])
+    second_id = draft_study(db, clock, settings, listener, assembler, captioner, CT[4:])  # late images: study version 2
+    with db.session() as s:
+        first, second = s.get(SRDocument, first_id), s.get(SRDocument, second_id)
+        event = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "sr.written", AuditEvent.object_id == second.sop_instance_uid)
+        ).one()
+    assert first.predecessor_id is None and second.predecessor_id == first.id
+    assert event.details["supersedes"] == first.sop_instance_uid
+    old, new = pydicom.dcmread(first.path), pydicom.dcmread(second.path)
+    assert "PredecessorDocumentsSequence" not in old and (old.InstanceNumber, new.InstanceNumber) == (1, 2)
+    (study,) = new.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (ref,) = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (old.StudyInstanceUID, old.SeriesInstanceUID)
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (old.SOPClassUID, old.SOPInstanceUID)
+    sentence = f"Supersedes the AI draft of study version 1 (SR {old.SOPInstanceUID})"
+    assert second.impression.startswith(sentence) and sentence not in (first.impression or "")
+    check = subprocess.run(["dciodvfy", "-new", second.path], capture_output=True, text=True)
+    assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stderr
