@@ -25,6 +25,7 @@ from dicom_io.header_facts import Code, HeaderFacts, procedure_code, series_fact
 from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import SeriesInput, prepare_series
 from dicom_io.sr import SR_SOP_CLASS_UID, AlgorithmInfo, SeriesFinding, SupersededDraft, read_impression, write_draft_sr
+from models.demo import DEMO_NOTICE, is_demo
 from models.families import ImageCaptioner
 from models.grounding import GroundedDraft, ground
 from service import audit, draft_outcomes
@@ -118,7 +119,7 @@ class Drafter:
         try:
             sr = write_draft_sr(
                 findings,
-                grounded_impression(grounded),
+                with_demo_notice(grounded_impression(grounded), identity.name),
                 algorithm,
                 evidence,
                 created_at=inferred_at,
@@ -362,6 +363,11 @@ def facts_of(item: SeriesInput) -> HeaderFacts:
 def procedures_of(facts: Sequence[HeaderFacts]) -> list[Code]:
     """One coded procedure per distinct modality of the captioned series: the SR's "Procedure reported"."""
     return list(dict.fromkeys(procedure_code(f.modality) for f in facts if f.modality))
+
+
+def with_demo_notice(impression: str, model_name: str) -> str:
+    """The demo model's SRs say in their text that it is for trying MedCap only (its name says so too)."""
+    return f"{DEMO_NOTICE} {impression}" if is_demo(model_name) else impression
 
 
 def draft_impression(texts: Sequence[str]) -> str:
