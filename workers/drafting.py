@@ -27,7 +27,7 @@ from dicom_io.model_input import SeriesInput, prepare_series
 from dicom_io.sr import SR_SOP_CLASS_UID, AlgorithmInfo, SeriesFinding, SupersededDraft, read_impression, write_draft_sr
 from models.demo import DEMO_NOTICE, is_demo
 from models.families import ImageCaptioner
-from models.grounding import GroundedDraft, ground
+from models.grounding import GroundedDraft, ground, prompt_for
 from service import audit, draft_outcomes
 from service import dispatch_lifecycle as dispatches
 from service import job_lifecycle as jobs
@@ -190,12 +190,16 @@ class Drafter:
     def _caption(self, series: Sequence[SeriesInput], facts: Sequence[HeaderFacts]) -> tuple[list[GroundedDraft], list[list[str]]]:
         """All key images of the study through the model in batches; one grounded draft per series
         (a heading from its header facts, the model's sentences that do not contradict them)."""
-        inputs = {v.name: np.concatenate([s.views[v.name] for s in series]) for v in self.model.views}
-        flat = self.model.caption(inputs, self.options.generation_preset, batch_size=self.options.batch_size)
-        captions, start = [], 0
-        for s in series:
-            captions.append(flat[start : start + len(s.key_slices)])
-            start += len(s.key_slices)
+        if getattr(self.model, "reads_series", False):  # a VLM (hf-vlm): each series' key images together, its facts in the prompt
+            requests = [(dict(s.views), prompt_for(f)) for s, f in zip(series, facts, strict=True)]
+            captions = self.model.caption_series(requests, self.options.generation_preset, batch_size=self.options.batch_size)  # type: ignore[attr-defined]
+        else:
+            inputs = {v.name: np.concatenate([s.views[v.name] for s in series]) for v in self.model.views}
+            flat = self.model.caption(inputs, self.options.generation_preset, batch_size=self.options.batch_size)
+            captions, start = [], 0
+            for s in series:
+                captions.append(flat[start : start + len(s.key_slices)])
+                start += len(s.key_slices)
         captions = [[printable(c) for c in series_captions] for series_captions in captions]
         return [ground(c, f) for c, f in zip(captions, facts, strict=True)], captions
 
