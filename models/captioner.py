@@ -117,9 +117,7 @@ class Captioner:
             )
             return split(flat, counts)
         per_prompt = int(self.model.config.max_images)
-        groups = [
-            (i, start, min(start + per_prompt, count)) for i, count in enumerate(counts) for start in range(0, count, per_prompt)
-        ]
+        groups = [(i, start, min(start + per_prompt, count)) for i, count in enumerate(counts) for start in range(0, count, per_prompt)]
         texts: list[str] = []
         torch.manual_seed(seed)
         batch: list[tuple[int, int, int]] = []

@@ -156,11 +156,11 @@ REGISTRY: dict[str, Registration] = {
     "hf-vlm": Registration(
         "models.hf_vlm",
         (
-            ComposeOption(
-                "vlm", "transformers image-text-to-text model, hub id or directory, e.g. google/medgemma-4b-it", required=True
-            ),
+            ComposeOption("vlm", "transformers image-text-to-text model, hub id or directory, e.g. google/medgemma-4b-it", required=True),
             _FROZEN_DTYPE,
-            ComposeOption("max_images", "key images per prompt: as many as the model accepts (1 for single-image models)", default=4, kind=int),
+            ComposeOption(
+                "max_images", "key images per prompt: as many as the model accepts (1 for single-image models)", default=4, kind=int
+            ),
             ComposeOption("vlm_image_size", "side of the key image view handed to the model's processor", default=512, kind=int),
             ComposeOption("vlm_prompt", "prompt template; {facts}: the series' header facts, {images}: how many key images"),
         ),

@@ -60,7 +60,7 @@ class HfVlmConfig(JsonConfig):
             raise ConfigError("hf_config: must be a transformers config as a dict, with its model_type")
         self.require_positive("max_images", "image_size")
         try:
-            prompt_text(self.prompt_template, "", 1)
+            self.prompt_template.format(facts="", images=1)
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(f"prompt_template: only {{facts}} and {{images}} may be filled in ({exc!r})") from None
         if len(self.display_name) > 64:
@@ -161,11 +161,15 @@ class HfVlmModel(nn.Module):
                 raise ValueError(f"a prompt carries 1 to {self.config.max_images} images, got {len(pixels)}")
             content = [{"type": "image"} for _ in range(len(pixels))]
             content.append({"type": "text", "text": prompt_text(self.config.prompt_template, facts, len(pixels))})
-            prompts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False))
+            prompts.append(
+                processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+            )
             images.append([as_rgb8(p) for p in pixels])
         inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
         parameter = next(self.vlm.parameters())
-        inputs = {k: v.to(parameter.device, parameter.dtype) if v.is_floating_point() else v.to(parameter.device) for k, v in inputs.items()}
+        inputs = {
+            k: v.to(parameter.device, parameter.dtype) if v.is_floating_point() else v.to(parameter.device) for k, v in inputs.items()
+        }
         beams = preset.num_beams
         out = self.vlm.generate(  # type: ignore[operator]
             **inputs,
@@ -225,7 +229,9 @@ def compose(request: ComposeRequest) -> Any:
         )
     except ConfigError as exc:
         raise ComposeError(f"--vlm {source}: {exc}") from None
-    request.log(f"composing {config.display_name} ({vlm.config.model_type}, {sum(p.numel() for p in vlm.parameters()) / 1e6:.1f} M parameters)")
+    request.log(
+        f"composing {config.display_name} ({vlm.config.model_type}, {sum(p.numel() for p in vlm.parameters()) / 1e6:.1f} M parameters)"
+    )
     provenance = Provenance(sources=[{"part": "vlm", "source": source, "sha256": source_sha(resolved)}])
     return save(HfVlmModel(config, vlm), codec, request.out, provenance)
 

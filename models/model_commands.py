@@ -375,9 +375,7 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     if not series:
         raise ModelCommandError(f"no CT or MR image series under {args.path}")
     from dicom_io.header_facts import series_facts
-    from models.grounding import ground
-
-    from models.grounding import prompt_for
+    from models.grounding import ground, prompt_for
 
     drafts: list[dict[str, Any]] = []
     for item in series:
