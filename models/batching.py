@@ -73,7 +73,7 @@ class CaptionBatcher:
         """A model that reads series (``hf-vlm``) gets each study's series as they come, one study
         at a time (its prompts are per series, so images of several studies are not merged)."""
         with self._series_lock:
-            return self.captioner.caption_series(series, generation, batch_size=batch_size, seed=seed)  # type: ignore[no-any-return]
+            return self.captioner.caption_series(series, generation, batch_size=batch_size, seed=seed)
 
     def describe(self) -> dict[str, Any]:
         return {**self.captioner.describe(), "batch_images": self.max_images, "batch_wait_ms": self.max_wait * 1000}

@@ -130,7 +130,7 @@ class Captioner:
                     for i, start, end in batch
                 ]
                 with torch.no_grad():
-                    texts.extend(self.model.generate_series_captions(pixels, self.text, settings))  # type: ignore[attr-defined]
+                    texts.extend(self.model.generate_series_captions(pixels, self.text, settings))
                 batch = []
         captions: list[list[str]] = [[] for _ in series]
         for (i, start, end), text in zip(groups, texts, strict=True):

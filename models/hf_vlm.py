@@ -210,9 +210,10 @@ def compose(request: ComposeRequest) -> Any:
     stored = request.options.get("frozen_dtype") or "source"
     try:
         processor = AutoProcessor.from_pretrained(resolved)
-        vlm, info = AutoModelForImageTextToText.from_pretrained(
+        loaded: Any = AutoModelForImageTextToText.from_pretrained(
             resolved, output_loading_info=True, dtype="auto" if stored == "source" else parse_dtype(stored)
         )
+        vlm, info = loaded
     except (OSError, ValueError) as exc:
         raise ComposeError(f"--vlm {source}: not a transformers image-text-to-text model ({exc})") from None
     if info["missing_keys"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -57,8 +58,14 @@ def tokenizer(extra: list[str], **named: str) -> PreTrainedTokenizerFast:
     )
 
 
-def _ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
+def _ids(tok: PreTrainedTokenizerFast) -> dict[str, Any]:
     return {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "vocab_size": len(tok)}
+
+
+def _id(tok: PreTrainedTokenizerFast, token: str) -> int:
+    value = tok.convert_tokens_to_ids(token)
+    assert isinstance(value, int)
+    return value
 
 
 def save_tiny_llava(directory: Path, seed: int = 0) -> Path:
@@ -78,7 +85,7 @@ def save_tiny_llava(directory: Path, seed: int = 0) -> Path:
         text_config=LlamaConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, **_ids(tok)
         ).to_dict(),
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_token_index=_id(tok, "<image>"),
         vision_feature_layer=-1,
     )
     return _save(directory, lambda: LlavaForConditionalGeneration(config), processor, seed)
@@ -110,9 +117,9 @@ def save_tiny_gemma3(directory: Path, seed: int = 0) -> Path:
         ),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
         mm_tokens_per_image=4,
-        boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
-        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
-        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
+        boi_token_index=_id(tok, "<start_of_image>"),
+        eoi_token_index=_id(tok, "<end_of_image>"),
+        image_token_index=_id(tok, "<image_soft_token>"),
     )
     return _save(directory, lambda: Gemma3ForConditionalGeneration(config), processor, seed)
 

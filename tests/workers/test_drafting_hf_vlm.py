@@ -22,7 +22,9 @@ from tests.pipeline import CT, MR, draft_study
 def compose(arch: str, root: Path) -> Path:
     source = TINY_VLMS[arch](root / f"tiny-{arch}")
     options = {"vlm": str(source), "frozen_dtype": "source", "max_images": 2, "vlm_image_size": 64, "vlm_prompt": None}
-    families.family("hf-vlm").compose(ComposeRequest("hf-vlm", root / "ckpt", options, [], "", lambda _: None))
+    build = families.family("hf-vlm").compose
+    assert build is not None
+    build(ComposeRequest("hf-vlm", root / "ckpt", options, [], "", lambda _: None))
     return root / "ckpt"
 
 
@@ -39,7 +41,7 @@ def test_a_vlm_drafts_ct_and_mr_studies_into_grounded_srs_that_name_it(arch, db,
         assert all(facts.startswith("DICOM header: ") for _, facts in series)  # the header facts are in every prompt
         return series_captions(series, *args, **kwargs)
 
-    captioner.caption_series = counting  # type: ignore[method-assign]  # the real method, counted
+    captioner.caption_series = counting  # the real method, counted
     for files, heading in ((CT, "CT head, axial"), (MR, "MR")):
         sr_id = draft_study(db, clock, settings, listener, assembler, captioner, files)
         with db.session() as s:
