@@ -8,6 +8,10 @@ not yet in a version) becomes a new *version* when
 * its oldest pending instance has waited ``max_wait_seconds`` (``max_wait``), or
 * an operator ran ``medcap force`` (``forced``).
 
+Instances that no model reads (an SR, a dose report: not ``captionable``) arriving after the
+first version make no new version: they join the newest one. Otherwise a PACS that forwards a
+whole study back, our draft SR included, would have it captioned again with every draft.
+
 Each version gets exactly one job (a unique constraint, not a promise); a newer version
 supersedes the older version's unfinished job. All of this state is in the database, so a
 restarted process carries on where the last one stopped, and several assemblers may run
@@ -19,11 +23,12 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from service import audit
 from service import dispatch_lifecycle as dispatches
@@ -117,7 +122,11 @@ class Assembler:
         try:
             with self.db.session() as s:
                 study_uid = s.scalar(select(Study.study_uid).where(Study.id == study_id))
-                number = (s.scalar(select(func.max(StudyVersion.number)).where(StudyVersion.study_id == study_id)) or 0) + 1
+                latest = s.scalar(select(func.max(StudyVersion.number)).where(StudyVersion.study_id == study_id))
+                if latest is not None and trigger != "forced" and self._nothing_to_caption(s, study_id):
+                    self._join_latest(s, now, study_id, study_uid, latest)
+                    return None
+                number = (latest or 0) + 1
                 newly = s.execute(
                     update(Instance).where(Instance.study_id == study_id, Instance.version_number.is_(None)).values(version_number=number)
                 ).rowcount  # type: ignore[attr-defined]
@@ -153,6 +162,39 @@ class Assembler:
         except IntegrityError:
             LOG.info("study %d: version created concurrently elsewhere", study_id)
             return None
+
+    @staticmethod
+    def _nothing_to_caption(s: Session, study_id: int) -> bool:
+        pending = select(Instance.id).where(Instance.study_id == study_id, Instance.version_number.is_(None))
+        return not s.scalar(select(exists(pending.where(Instance.captionable))))
+
+    def _join_latest(self, s: Session, now: datetime, study_id: int, study_uid: str | None, latest: int) -> None:
+        """The pending instances, none of them captionable, join version ``latest``: no new job."""
+        newly = s.execute(
+            update(Instance).where(Instance.study_id == study_id, Instance.version_number.is_(None)).values(version_number=latest)
+        ).rowcount  # type: ignore[attr-defined]
+        if not newly:
+            return  # another assembler got there first
+        total = s.scalar(select(func.count()).where(Instance.study_id == study_id, Instance.version_number <= latest))
+        version = s.execute(
+            update(StudyVersion)
+            .where(StudyVersion.study_id == study_id, StudyVersion.number == latest)
+            .values(instance_count=total)
+            .returning(StudyVersion.id)
+        ).scalar_one()
+        audit.record(
+            s,
+            now,
+            audit.SYSTEM_ASSEMBLER,
+            Action.STUDY_NOTHING_TO_CAPTION,
+            "study_version",
+            version,
+            study_uid=study_uid,
+            number=latest,
+            new_instances=newly,
+            instances=total,
+        )
+        LOG.info("study %s: %d instances no model reads joined version %d; no new job", study_uid, newly, latest)
 
     def publish_pending(self) -> int:
         """Publish jobs not yet handed to the broker, and re-publish ones that went quiet (a lost

@@ -25,6 +25,7 @@ class Action(enum.StrEnum):
     INSTANCE_FAILED = "instance.failed"
     STUDY_FORCE_REQUESTED = "study.force_requested"
     STUDY_VERSION_CREATED = "study.version_created"
+    STUDY_NOTHING_TO_CAPTION = "study.nothing_new_to_caption"
     JOB_CREATED = "job.created"
     JOB_ENQUEUED = "job.enqueued"
     JOB_REENQUEUED = "job.reenqueued"
@@ -35,6 +36,7 @@ class Action(enum.StrEnum):
     JOB_SKIPPED = "job.skipped"
     JOB_RETRY_SCHEDULED = "job.retry_scheduled"
     JOB_RETRY_REQUESTED = "job.retry_requested"
+    SERIES_SKIPPED = "series.skipped"  # a routing rule (or no rule) left the series uncaptioned
     SR_WRITTEN = "sr.written"
     OUTPUT_BUILT = "output.built"
     DISPATCH_QUEUED = "dispatch.queued"
@@ -64,10 +66,20 @@ class Action(enum.StrEnum):
     LISTENER_STARTED = "listener.started"
     LISTENER_STOPPED = "listener.stopped"
     DATABASE_UPGRADED = "database.upgraded"
+    # DICOMweb in (STOW-RS): service/dicomweb_clients.py, service/stow_requests.py
+    DICOMWEB_CLIENT_ADDED = "dicomweb.client_added"
+    DICOMWEB_CLIENT_REMOVED = "dicomweb.client_removed"
+    STOW_REFUSED = "stow.refused"
+    STOW_STARTED = "stow.started"
+    STOW_ENDED = "stow.ended"
 
 
 def dicom_actor(calling_ae: str, address: str) -> str:
     return f"dicom:{calling_ae.strip()}@{address}"
+
+
+def dicomweb_actor(client: str, address: str) -> str:
+    return f"dicomweb:{client}@{address}"
 
 
 SYSTEM_ASSEMBLER = "system:assembler"

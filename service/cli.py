@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -126,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resend", help="send an SR to its destinations again (those not yet delivered, or --destination)")
     p.add_argument("sr", help="SOP Instance UID of the SR (see `medcap reports`)")
-    p.add_argument("--destination", action="append", default=[], help="AE@host:port; repeatable; also resends a delivered copy")
+    p.add_argument(
+        "--destination",
+        action="append",
+        default=[],
+        help="AE@host:port or an output_destinations URL; repeatable; also resends a delivered copy",
+    )
     p.set_defaults(func=cmd_resend)
 
     p = sub.add_parser("export-feedback", help="write the approved reports' key images and final texts as a training table (DIR/table.csv)")
@@ -155,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     for q in asub.choices.values():
         q.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
         q.set_defaults(func=cmd_audit)
+
+    add_rules_commands(sub)
+    p = sub.add_parser("sample", help="write a synthetic sample patient (head CT and brain MR) to send for a first run")
+    p.add_argument("directory", type=Path, help="where to write it (DIR/ct-head/*.dcm, DIR/mr-brain/*.dcm)")
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("dicomweb-client", help="manage the programs allowed to send studies over DICOMweb (STOW-RS)")
+    csub = p.add_subparsers(dest="dicomweb_command", required=True, metavar="ACTION")
+    q = csub.add_parser("add", help="allow a client; prints its bearer token once (only its hash is kept)")
+    q.add_argument("name", help="1-16 letters, digits, '.', '_' or '-' (recorded as the calling AE title of its requests)")
+    q.add_argument("--from", dest="networks", required=True, help="comma-separated addresses or CIDRs it connects from, e.g. 10.1.2.3/32")
+    q.set_defaults(func=cmd_dicomweb_client_add)
+    q = csub.add_parser("remove", help="revoke a client's token")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_dicomweb_client_remove)
+    csub.add_parser("list", help="list the allowed clients and their networks").set_defaults(func=cmd_dicomweb_client_list)
 
     model_commands.register(sub)  # caption, model, train, evaluate, data
     return parser
@@ -233,6 +254,7 @@ def start_listening(settings: Settings, db: Any) -> tuple[Any, Any]:
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
+    require_rules(settings)  # a broken rule file stops the service at start-up, not at the first study
     db = open_database(settings)
     start_metrics(settings)
     stop = _stop_on_signals()
@@ -254,6 +276,7 @@ def require_model(settings: Settings) -> None:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     require_model(settings)
+    require_rules(settings)
     settings.storage.prepare()
     db = open_database(settings, upgrade=True)
     worker_env = {**os.environ, **start_metrics(settings, children=True)}  # the workers' metrics are served here
@@ -270,6 +293,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     }
     workers: dict[str, subprocess.Popen[bytes]] = {}
     started: dict[str, float] = {}
+    announced = False  # the start-up ends with one line saying what listens where, once the web app answers
     delay = dict.fromkeys(commands, 1.0)  # restart backoff: a child that cannot start (port taken) must not spin
     due = dict.fromkeys(commands, 0.0)
     try:
@@ -287,6 +311,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                     delay[name] = min(delay[name] * 2, 60.0)
                 if now >= due[name]:
                     workers[name], started[name], due[name] = subprocess.Popen(command, env=worker_env), now, 0.0
+            if not announced and _answers(settings.web_bind_address, settings.web_port):
+                print(started_line(settings), flush=True)
+                announced = True
             stop.wait(0.5)
     finally:
         LOG.info("stopping")
@@ -303,6 +330,22 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def started_line(settings: Settings) -> str:
+    scheme = "https" if settings.web_tls_cert_file else "http"
+    return (
+        f"MedCap is up: DICOM {settings.dicom_ae_title} on {settings.dicom_bind_address}:{settings.dicom_port}, "
+        f"web {scheme}://{settings.web_bind_address}:{settings.web_port}/ (Ctrl-C stops)"
+    )
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from workers.celery_app import QUEUES, configure
 
@@ -314,6 +357,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         settings = load_settings(args.config, device=args.device)
     if "caption" in queues:
         require_model(settings)
+        require_rules(settings)
     open_database(settings).dispose()  # fail fast on a missing or outdated schema
     start_metrics(settings, worker=True)  # before the pool forks
     app = configure(settings)
@@ -487,6 +531,48 @@ def cmd_users_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dicomweb_clients(settings: Settings) -> Any:
+    from service.clock import SystemClock
+    from service.dicomweb_clients import DicomwebClients
+
+    return DicomwebClients(open_database(settings), SystemClock())
+
+
+def cmd_dicomweb_client_add(settings: Settings, args: argparse.Namespace) -> int:
+    from service import audit
+    from service.dicomweb_clients import ClientError
+
+    try:
+        client, token = _dicomweb_clients(settings).add(args.name, args.networks, audit.cli_actor(getpass.getuser()))
+    except ClientError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"DICOMweb client {client.name} added, from {', '.join(map(str, client.networks))}", file=sys.stderr)
+    print("its bearer token (shown once; send it as 'Authorization: Bearer TOKEN'):", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def cmd_dicomweb_client_remove(settings: Settings, args: argparse.Namespace) -> int:
+    from service import audit
+    from service.dicomweb_clients import ClientError
+
+    try:
+        _dicomweb_clients(settings).remove(args.name, audit.cli_actor(getpass.getuser()))
+    except ClientError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"DICOMweb client {args.name} removed: its token no longer works")
+    return 0
+
+
+def cmd_dicomweb_client_list(settings: Settings, args: argparse.Namespace) -> int:
+    clients = _dicomweb_clients(settings).list()
+    if not clients:
+        print("no DICOMweb clients: add one with `medcap dicomweb-client add NAME --from CIDR`")
+    for client, added in clients:
+        print(f"{client.name:<16} from {','.join(map(str, client.networks)):<32} {added}")
+    return 0
+
+
 def cmd_reports(settings: Settings, args: argparse.Namespace) -> int:
     from service.reports import list_reports
 
@@ -523,10 +609,11 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
     from service.reports import RequeueError, resend_report
 
     db = open_database(settings)
-    destinations = args.destination or [str(d) for d in settings.destination_list]
+    destinations = args.destination or list(settings.dispatch_destinations)
+    kinds = outputs.configured(settings)
     try:
         for d in args.destination:
-            settings.destination(d)  # validates the form
+            kinds.for_destination(d)  # validates the form: some output kind must take it
         queued = resend_report(
             db,
             SystemClock(),
@@ -534,7 +621,7 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
             destinations,
             audit.cli_actor(getpass.getuser()),
             force=bool(args.destination),
-            kinds=outputs.configured(settings),
+            kinds=kinds,
         )
     except (RequeueError, ValueError) as exc:
         raise CommandError(str(exc)) from None
@@ -738,6 +825,81 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
                 print("run a failed job again with `medcap retry JOB`, send an SR again with `medcap resend SR`")
     except aq.QueryError as exc:
         raise CommandError(str(exc)) from None
+    return 0
+
+
+# -- routing rules (service/routing.py) -------------------------------------------------------
+
+
+def add_rules_commands(sub: Any) -> None:
+    p = sub.add_parser("rules", help="routing rules: which series are captioned, by which model, and where their SR goes")
+    rsub = p.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    q = rsub.add_parser("check", help="validate a rule file and print its rules in order")
+    q.add_argument("file", type=Path)
+    q.set_defaults(func=cmd_rules_check)
+    q = rsub.add_parser("explain", help="which rule decides each series of a study under the current rules, and why the others do not")
+    q.add_argument("study_uid")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_rules_explain)
+
+
+def require_rules(settings: Settings) -> Any:
+    from service import routing
+
+    try:
+        return routing.configured(settings)
+    except routing.RoutingError as exc:
+        raise CommandError(f"MEDCAP_ROUTING_RULES: {exc}") from None
+
+
+def cmd_rules_check(settings: Settings, args: argparse.Namespace) -> int:
+    from service import outputs, routing
+
+    try:
+        rules = routing.load(args.file, check_destination=outputs.configured(settings).for_destination)
+    except routing.RoutingError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"{args.file}: {len(rules.rules)} rule(s), valid")
+    for line in routing.describe(rules):
+        print(f"  {line}")
+    print("  a series no rule matches is skipped")
+    return 0
+
+
+def cmd_rules_explain(settings: Settings, args: argparse.Namespace) -> int:
+    from pydicom.errors import InvalidDicomError
+
+    from service import routing
+
+    rules = require_rules(settings)
+    db = open_database(settings)
+    try:
+        with db.session() as s:
+            explained = routing.explain_study(s, settings.storage, rules, args.study_uid)
+    except routing.RoutingError as exc:  # a pattern that ran out of time
+        raise CommandError(str(exc)) from None
+    except (OSError, ValueError, InvalidDicomError) as exc:  # a stored header that is missing or unreadable
+        raise CommandError(f"cannot read the study's headers: {exc}") from None
+    if explained is None:
+        raise CommandError(f"no study {args.study_uid} has been received")
+    if args.json:
+        print(json.dumps(explained.as_dict(), indent=2))
+    else:
+        print("\n".join(explained.lines()))
+    return 0
+
+
+def cmd_sample(settings: Settings, args: argparse.Namespace) -> int:
+    from dicom_io.sample_study import write_sample
+
+    try:
+        written = write_sample(args.directory)
+    except OSError as exc:
+        raise CommandError(f"cannot write the sample to {args.directory}: {exc}") from None
+    for name, files in written.items():
+        print(f"{args.directory / name}: {len(files)} instances")
+    folders = " ".join(f"{args.directory / name}/*.dcm" for name in written)
+    print(f"send it: TCP_NODELAY=1 /usr/bin/storescu -aet MYPACS -aec {settings.dicom_ae_title} 127.0.0.1 {settings.dicom_port} {folders}")
     return 0
 
 

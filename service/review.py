@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from dicom_io.sr import SeriesFinding, Verification, read_findings, read_impression, write_verified_sr
 from models.demo import is_demo
-from service import audit, draft_outcomes
+from service import audit, draft_outcomes, routing
 from service import dispatch_lifecycle as dispatches
 from service import outputs as output_kinds
 from service.audit import Action
@@ -241,7 +241,9 @@ class Reviews:
                     edit_distance=distance,
                     address=address,
                 )
-                dispatches.create_all(s, now, actor, verified, study_uid, self.destinations, self.outputs)
+                # The verified report goes where the routing rules sent its draft (MEDCAP_DESTINATIONS by default).
+                routed = routing.report_destinations(s, doc.study_version_id, [d.series_uid for d in draft_findings], self.destinations)
+                dispatches.create_all(s, now, actor, verified, study_uid, routed, self.outputs)
                 draft_outcomes.refresh(s, doc.id)
         except IntegrityError:
             self.storage.delete(stored.path)

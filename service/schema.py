@@ -445,6 +445,25 @@ class DraftOutcome(Base):
     )
 
 
+class RoutingDecision(Base):
+    """What the routing rules (service/routing.py) decided for one series of a study version."""
+
+    __tablename__ = "routing_decisions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    study_version_id: Mapped[int] = mapped_column(ForeignKey("study_versions.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    rule: Mapped[str] = mapped_column(String(64))  # the rule's name, or "(no rule)"
+    action: Mapped[str] = mapped_column(String(16))  # caption | skip
+    model: Mapped[str | None] = mapped_column(String(64))  # the model's name when captioned
+    destinations: Mapped[list[str] | None] = mapped_column(JSON)  # the rule's, when captioned; NULL: the configured ones
+    reason: Mapped[str] = mapped_column(Text)
+    rules_source: Mapped[str] = mapped_column(String(300))  # the rule file, or "built-in default"
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("study_version_id", "series_uid"),)
+
+
 class AuditEvent(Base):
     """Append-only (database triggers refuse UPDATE and DELETE)."""
 
@@ -460,3 +479,16 @@ class AuditEvent(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
     __table_args__ = (Index("ix_audit_events_object", "object_type", "object_id"),)
+
+
+class DicomwebClient(Base):
+    """A program allowed to STOW-RS instances to us. The bearer token is random; only its hash is stored."""
+
+    __tablename__ = "dicomweb_clients"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(AE, unique=True)  # recorded as the calling AE of its requests
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    networks: Mapped[str] = mapped_column(Text)  # comma-separated CIDRs it may connect from
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128))

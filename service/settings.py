@@ -11,11 +11,14 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
+import string
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, cast
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -158,7 +161,61 @@ class Settings(BaseSettings):
     verifier_organization: str = Field(
         "MedCap", min_length=1, max_length=64, description="Verifying organization written into verified SRs."
     )
+    routing_rules: Path | None = Field(
+        None, description="TOML routing rules (docs/routing.md); unset: caption every CT and MR series with MEDCAP_MODEL."
+    )
+    # -- review page (issue 15) --
+    viewer_url_template: str = Field(
+        "",
+        max_length=1000,
+        description="Link to the site's own viewer (OHIF, PACS): an http(s) URL with {study_uid}, {accession_number}, {patient_id}; empty: no link.",
+    )
+    # -- report destinations other than a PACS (service/outputs: stow_rs, hl7_oru, fhir_report) --
+    output_destinations: str = Field(
+        "",
+        description="Comma-separated destinations besides C-STORE: stow-rs+http(s)://host[:port]/dicomweb-root (the SR by STOW-RS), "
+        "mllp://host:port or mllps://host:port (HL7 v2.5.1 ORU^R01), fhir+http(s)://host[:port]/fhir-base (FHIR R4 DiagnosticReport).",
+    )
+    output_tls_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that verifies https and mllps destinations (default: the system's CAs)."
+    )
+    output_tls_cert_file: Path | None = Field(None, description="PEM client certificate presented to https and mllps destinations.")
+    output_tls_key_file: Path | None = Field(None, description="PEM key of that client certificate.")
+    stow_rs_authorization: SecretStr | None = Field(
+        None, description="Authorization header sent to STOW-RS destinations, e.g. 'Bearer TOKEN' or 'Basic BASE64'."
+    )
+    fhir_authorization: SecretStr | None = Field(
+        None, description="Authorization header sent to FHIR destinations, e.g. 'Bearer TOKEN' or 'Basic BASE64'."
+    )
+    hl7_sending_application: str = Field("MEDCAP", min_length=1, max_length=227, description="MSH-3 of the ORU^R01 messages.")
+    hl7_sending_facility: str = Field("MEDCAP", min_length=1, max_length=227, description="MSH-4 of the ORU^R01 messages.")
+    hl7_receiving_application: str = Field("", max_length=227, description="MSH-5 of the ORU^R01 messages (the RIS).")
+    hl7_receiving_facility: str = Field("", max_length=227, description="MSH-6 of the ORU^R01 messages.")
+    fhir_report_identifier_system: str = Field(
+        "urn:medcap:diagnostic-report",
+        min_length=1,
+        description="System of the DiagnosticReport identifier (its value: the Study Instance UID); the verified report updates the draft's resource under it.",
+    )
+    # DICOMweb in (STOW-RS on the web app; clients: `medcap dicomweb-client`)
+    dicomweb_max_request_mb: int = Field(
+        1024, ge=1, le=1024 * 1024, description="Largest STOW-RS request body (MiB); larger requests get 413, checked as the bytes arrive."
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Logging level.")
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _viewer_url_template(cls, value: str) -> str:
+        if not value:
+            return value
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("viewer_url_template must start with http:// or https://")
+        names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        unknown = names - {"study_uid", "accession_number", "patient_id"}
+        if unknown:
+            raise ValueError(
+                f"viewer_url_template: unknown placeholders {sorted(unknown)}; use {{study_uid}}, {{accession_number}}, {{patient_id}}"
+            )
+        return value
 
     @field_validator("dicom_ae_title")
     @classmethod
@@ -169,6 +226,19 @@ class Settings(BaseSettings):
     @classmethod
     def _destinations(cls, value: str) -> str:
         parse_destinations(value)
+        return value
+
+    @field_validator("output_destinations")
+    @classmethod
+    def _output_destinations(cls, value: str) -> str:
+        parse_output_destinations(value)
+        return value
+
+    @field_validator("stow_rs_authorization", "fhir_authorization")
+    @classmethod
+    def _authorization(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _AUTHORIZATION.match(value.get_secret_value()):
+            raise ValueError("must be an Authorization header value: a scheme and its credentials, e.g. 'Bearer TOKEN'")
         return value
 
     @field_validator("allowed_peers", mode="before")
@@ -197,12 +267,20 @@ class Settings(BaseSettings):
         if self.retry_max_seconds < self.retry_base_seconds:
             raise ValueError("retry_max_seconds must be at least retry_base_seconds")
         self.destination_list  # noqa: B018 -- parse now, so a bad destination or TLS file stops start-up
+        output_tls = [self.output_tls_ca_file, self.output_tls_cert_file, self.output_tls_key_file]
+        for path in filter(None, output_tls):
+            if not path.is_file():
+                raise ValueError(f"output TLS file {path} does not exist")
+        if (self.output_tls_cert_file is None) != (self.output_tls_key_file is None):
+            raise ValueError("output_tls_cert_file and output_tls_key_file must be set together")
         try:
             self.storage  # noqa: B018 -- a data_dir that is a file stops start-up
         except StorageError as exc:
             raise ValueError(f"data_dir: {exc}") from None
         if self.model is not None and not (self.model / "config.json").is_file():
             raise ValueError(f"model: {self.model} is not a MedCap checkpoint directory (no config.json)")
+        if self.routing_rules is not None and not self.routing_rules.is_file():
+            raise ValueError(f"routing_rules: file {self.routing_rules} does not exist")  # its content: service/routing.py, at start-up
         return self
 
     # Derived values: defaults that depend on the data dir.
@@ -228,6 +306,11 @@ class Settings(BaseSettings):
             return parse_destinations(self.destinations, tls=tls)
         except ValueError as exc:
             raise ValueError(f"destinations: {exc}") from None
+
+    @property
+    def dispatch_destinations(self) -> tuple[str, ...]:
+        """Every destination a report is sent to, as dispatches record them: the PACS, then the others."""
+        return tuple(str(d) for d in self.destination_list) + parse_output_destinations(self.output_destinations)
 
     def destination(self, text: str) -> Destination:
         """A stored destination string, with today's TLS settings."""
@@ -265,6 +348,36 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML source reads ``toml_file`` from the model config; load_settings sets it.
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+_AUTHORIZATION = re.compile(r"^[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]* +\S.*$")
+#: scheme -> whether it needs a port; the output kinds (service/outputs) parse the rest when they send
+_OUTPUT_SCHEMES = {"stow-rs+http": False, "stow-rs+https": False, "fhir+http": False, "fhir+https": False, "mllp": True, "mllps": True}
+
+
+def parse_output_destinations(text: str) -> tuple[str, ...]:
+    """The comma-separated ``output_destinations``, each checked to be a URL of a known output scheme."""
+    found: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        url = urllib.parse.urlsplit(part)
+        if url.scheme not in _OUTPUT_SCHEMES:
+            raise ValueError(f"{part!r} is not one of {', '.join(s + '://' for s in _OUTPUT_SCHEMES)}")
+        if url.username or url.password:
+            raise ValueError(f"{part!r}: credentials go in stow_rs_authorization / fhir_authorization, not in the URL")
+        try:
+            port = url.port
+        except ValueError:
+            raise ValueError(f"{part!r} has an invalid port") from None
+        if not url.hostname or (_OUTPUT_SCHEMES[url.scheme] and port is None):
+            raise ValueError(f"{part!r} needs a host{' and a port' if _OUTPUT_SCHEMES[url.scheme] else ''}")
+        if url.query or url.fragment:
+            raise ValueError(f"{part!r} must not have a query or fragment")
+        if part in found:
+            raise ValueError(f"{part!r} is listed twice")
+        found.append(part)
+    return tuple(found)
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

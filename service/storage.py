@@ -5,6 +5,7 @@ This module is the only one that builds paths under the data directory or opens 
 
     <data dir>/instances/<study>/<series>/<sop>.<sha16>.dcm   received instances
     <data dir>/reports/<study>/<sop>.dcm                       draft and verified SRs
+    <data dir>/reports/<study>/<sop>.<kind suffix>             what an output kind built from that SR (HL7, FHIR)
     <data dir>/quarantine/<YYYYMMDD>/assoc<id>-<sha16>.dcm     refused input, kept for inspection
 
 Writes are atomic (:func:`dicom_io.atomic.write_atomic`). The database records each file's
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from dicom_io.series import Series
 
 MB = 1024 * 1024
+_SUFFIX = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)*$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # PS3.5 9.1: no empty component, so never "." or ".."
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -127,6 +129,12 @@ class Storage:
     def report_path(self, study_uid: str, sop_instance_uid: str) -> Path:
         return self.reports_dir / _uid(study_uid, "study_uid") / f"{_uid(sop_instance_uid, 'sop_instance_uid')}.dcm"
 
+    def output_path(self, study_uid: str, sop_instance_uid: str, suffix: str) -> Path:
+        """An output built from a report, beside its SR: ``reports/<study>/<sop>.<suffix>``."""
+        if not isinstance(suffix, str) or not _SUFFIX.match(suffix):
+            raise StorageError(f"suffix: {suffix!r} is not a file suffix such as hl7 or fhir.json")
+        return self.reports_dir / _uid(study_uid, "study_uid") / f"{_uid(sop_instance_uid, 'sop_instance_uid')}.{suffix}"
+
     def quarantine_path(self, sha256: str, association_id: int | None, now: datetime) -> Path:
         if association_id is not None and (isinstance(association_id, bool) or not isinstance(association_id, int)):
             raise StorageError(f"association_id: {association_id!r} is not an integer")
@@ -174,6 +182,12 @@ class Storage:
         buffer = io.BytesIO()
         sr.save_as(buffer, enforce_file_format=True)
         data = buffer.getvalue()
+        write_atomic(path, data)
+        return StoredReport(path, hashlib.sha256(data).hexdigest(), len(data))
+
+    def write_output(self, study_uid: str, sop_instance_uid: str, suffix: str, data: bytes) -> StoredReport:
+        """An output kind's artefact for a report (see :meth:`output_path`), written atomically."""
+        path = self.output_path(study_uid, sop_instance_uid, suffix)
         write_atomic(path, data)
         return StoredReport(path, hashlib.sha256(data).hexdigest(), len(data))
 

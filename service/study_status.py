@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from service import routing
 from service.database import Database
 from service.schema import Instance, Job, Study, StudyVersion, UTCDateTime
 
@@ -24,12 +25,14 @@ class StudyStatus:
     versions: int
     latest_job_id: int | None
     latest_job_status: str | None
+    skipped_series: int = 0  # series of the newest version the routing rules skipped (`medcap rules explain`)
 
     @property
     def state(self) -> str:
         if self.pending:
             return f"receiving ({self.pending} pending)" if not self.versions else f"receiving update ({self.pending} pending)"
-        return f"job {self.latest_job_id}: {self.latest_job_status}" if self.latest_job_id else "no job"
+        state = f"job {self.latest_job_id}: {self.latest_job_status}" if self.latest_job_id else "no job"
+        return state + (f", {self.skipped_series} series skipped by rules" if self.skipped_series else "")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self) | {"state": self.state}
@@ -51,7 +54,9 @@ def list_studies(db: Database, limit: int = 50) -> list[StudyStatus]:
             select(StudyVersion.study_id, func.max(StudyVersion.number).label("versions")).group_by(StudyVersion.study_id).subquery()
         )
         rows = s.execute(
-            select(Study, counts.c.instances, counts.c.pending, counts.c.last, latest_version.c.versions, Job.id, Job.status)
+            select(
+                Study, counts.c.instances, counts.c.pending, counts.c.last, latest_version.c.versions, Job.id, Job.status, StudyVersion.id
+            )
             .outerjoin(counts, counts.c.study_id == Study.id)
             .outerjoin(latest_version, latest_version.c.study_id == Study.id)
             .outerjoin(StudyVersion, (StudyVersion.study_id == Study.id) & (StudyVersion.number == latest_version.c.versions))
@@ -59,6 +64,7 @@ def list_studies(db: Database, limit: int = 50) -> list[StudyStatus]:
             .order_by(Study.first_received_at.desc())
             .limit(limit)
         ).all()
+        skipped = routing.skipped_counts(s, [row[-1] for row in rows if row[-1] is not None])
     return [
         StudyStatus(
             study.study_uid,
@@ -71,6 +77,7 @@ def list_studies(db: Database, limit: int = 50) -> list[StudyStatus]:
             versions or 0,
             job_id,
             job_status,
+            skipped.get(version_id, 0) if version_id is not None else 0,
         )
-        for study, instances, pending, last, versions, job_id, job_status in rows
+        for study, instances, pending, last, versions, job_id, job_status, version_id in rows
     ]

@@ -1,4 +1,5 @@
-"""The radiologists' worklist: draft SRs with their review state, oldest first, filtered and searched."""
+"""The radiologists' worklist: draft SRs with their review state, oldest first (or as sorted), filtered and searched;
+the reading order (the next and previous draft awaiting review) and a patient's earlier reports."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from service.database import Database
 from service.review import ReviewState, state_of
-from service.schema import Draft, Review, SRDocument, SRKind, Study, StudyVersion
+from service.schema import Draft, Instance, Review, SRDocument, SRKind, Study, StudyVersion
+
+#: Worklist orders: longest waiting first (the reading order), newest draft first, study date (newest
+#: first), patient name.
+SORTS = ("waiting", "newest", "study_date", "patient")
 
 
 @dataclass(frozen=True)
@@ -23,8 +28,12 @@ class WorklistFilter:
     search: str | None = None  # accession number, patient ID or patient name (substring, any case)
     limit: int = 100
     offset: int = 0
+    patient_id: str | None = None  # exactly this Patient ID (a patient's earlier reports)
+    sort: str = "waiting"  # one of SORTS
 
     def __post_init__(self) -> None:
+        if self.sort not in SORTS:
+            raise ValueError(f"sort {self.sort!r} is unknown; choose from {', '.join(SORTS)}")
         if self.modality is not None and (not self.modality.isalnum() or len(self.modality) > 16):
             raise ValueError(f"modality {self.modality!r} is not a DICOM modality code")
         if self.search is not None and len(self.search) > 64:
@@ -48,6 +57,7 @@ class WorklistRow:
     modalities: str
     created_at: datetime
     state: str
+    study_date: str | None = None  # DICOM DA, YYYYMMDD
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +85,17 @@ def _state_of_row(latest: Any) -> ColumnElement[str]:
     )
 
 
+def _order(sort: str) -> list[Any]:
+    oldest = [SRDocument.created_at, SRDocument.id]
+    if sort == "newest":
+        return [SRDocument.created_at.desc(), SRDocument.id.desc()]
+    if sort == "study_date":
+        return [Study.study_date.desc(), *oldest]
+    if sort == "patient":
+        return [Study.patient_name, *oldest]
+    return oldest
+
+
 def list_drafts(db: Database, where: WorklistFilter) -> tuple[list[WorklistRow], dict[str, int]]:
     """The page of drafts matching ``where`` (oldest first) and the count per state under the other filters."""
     latest = _latest()
@@ -93,6 +114,8 @@ def list_drafts(db: Database, where: WorklistFilter) -> tuple[list[WorklistRow],
         filters.append(SRDocument.created_at >= datetime.combine(where.received_from, time.min, UTC))
     if where.received_to:
         filters.append(SRDocument.created_at < datetime.combine(where.received_to + timedelta(days=1), time.min, UTC))
+    if where.patient_id:
+        filters.append(Study.patient_id == where.patient_id)
     if where.search:
         pattern = f"%{where.search.strip().lower()}%"
         filters.append(
@@ -121,9 +144,10 @@ def list_drafts(db: Database, where: WorklistFilter) -> tuple[list[WorklistRow],
                 latest.c.latest,
                 Review.decision,
                 SRDocument.created_at,
+                Study.study_date,
             )
             .where(*page_filters)
-            .order_by(SRDocument.created_at, SRDocument.id)
+            .order_by(*_order(where.sort))
             .limit(where.limit)
             .offset(where.offset)
         ).all()
@@ -145,6 +169,61 @@ def list_drafts(db: Database, where: WorklistFilter) -> tuple[list[WorklistRow],
             "/".join(sorted(all_modalities.get(r[0], []))),
             r[10],
             state_of(r[9], r[7], r[8]).value,
+            r[11],
         )
         for r in rows
     ], counts
+
+
+def reading_order(db: Database, limit: int = 1000) -> list[int]:
+    """The ids of the drafts awaiting review, in the order they are read (longest waiting first)."""
+    rows, _ = list_drafts(db, WorklistFilter(state=ReviewState.AWAITING, limit=limit))
+    return [r.draft_id for r in rows]
+
+
+def neighbours(db: Database, draft_id: int) -> tuple[int | None, int | None]:
+    """The previous and next draft awaiting review around ``draft_id``.
+
+    For a draft that is no longer awaiting review (just decided), "next" is the first awaiting draft
+    drafted after it, else the oldest one left: the worklist moves on.
+    """
+    order = reading_order(db)
+    if draft_id in order:
+        i = order.index(draft_id)
+        return (order[i - 1] if i > 0 else None), (order[i + 1] if i + 1 < len(order) else None)
+    with db.session() as s:
+        created = s.scalar(select(SRDocument.created_at).where(SRDocument.id == draft_id))
+        if created is None:
+            return None, (order[0] if order else None)
+        after = set(
+            s.scalars(
+                select(SRDocument.id).where(
+                    SRDocument.id.in_(order),
+                    or_(SRDocument.created_at > created, and_(SRDocument.created_at == created, SRDocument.id > draft_id)),
+                )
+            )
+        )
+    later = [i for i in order if i in after]
+    return None, (later[0] if later else (order[0] if order else None))
+
+
+def earlier_reports(db: Database, patient_id: str | None, study_uid: str, limit: int = 20) -> list[WorklistRow]:
+    """The patient's other MedCap drafts (same Patient ID, other studies), newest first, in any state."""
+    if not patient_id:
+        return []
+    rows, _ = list_drafts(db, WorklistFilter(state=None, patient_id=patient_id, sort="newest", limit=limit))
+    return [r for r in rows if r.study_uid != study_uid]
+
+
+def header_paths(db: Database, study_uids: list[str]) -> dict[str, str]:
+    """One stored image file per study (the first by path): where its patient and request attributes are read."""
+    if not study_uids:
+        return {}
+    with db.session() as s:
+        rows = s.execute(
+            select(Study.study_uid, func.min(Instance.path))
+            .join(Instance, Instance.study_id == Study.id)
+            .where(Study.study_uid.in_(study_uids), Instance.captionable)
+            .group_by(Study.study_uid)
+        ).all()
+    return {uid: path for uid, path in rows if path}

@@ -10,7 +10,7 @@ README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def test_every_setting_is_documented():
-    documented = set(re.findall(r"`(MEDCAP_[A-Z_]+)`", README))
+    documented = set(re.findall(r"`(MEDCAP_[A-Z0-9_]+)`", README))  # digits: MEDCAP_HL7_*
     expected = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
     assert expected - documented == set()
 

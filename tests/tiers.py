@@ -3,7 +3,10 @@
 * ``processes``: starts ``medcap`` (or a benchmark) as a process of its own;
 * ``peers``: talks to a peer started for it: Orthanc, dcmtk's storescu / storescp / echoscu;
 * ``browser``: drives Chromium;
-* ``postgresql``: the PostgreSQL run of a test parametrized over both databases (set automatically).
+* ``postgresql``: the PostgreSQL run of a test parametrized over both databases (set automatically);
+* ``containers``: builds the images and runs docker/compose.yaml with podman (tests/docker/test_stack.py,
+  4.5 to 5.5 minutes with the images built); collected only when ``-m`` names it
+  (tests/docker/conftest.py), so neither ``scripts/test`` nor CI runs it: ``scripts/test-containers``.
 
 ``scripts/test --fast`` leaves all four out. The helpers that start a process or a peer call
 :func:`requires`, which fails a test that lacks the marker: a new slow test cannot slip into the
@@ -16,7 +19,7 @@ import os
 
 import pytest
 
-TIERS = ("processes", "peers", "browser", "postgresql")
+TIERS = ("processes", "peers", "browser", "postgresql", "containers")
 FAST = " and ".join(f"not {tier}" for tier in TIERS)
 _current: list[pytest.Item] = []
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import pydicom
 from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from dicom_io.header_facts import Code, HeaderFacts, procedure_code, series_facts
 from dicom_io.key_slices import KeySliceSpec
@@ -28,7 +30,7 @@ from dicom_io.sr import SR_SOP_CLASS_UID, AlgorithmInfo, SeriesFinding, Supersed
 from models.demo import DEMO_NOTICE, is_demo
 from models.families import ImageCaptioner
 from models.grounding import GroundedDraft, ground, prompt_for
-from service import audit, draft_outcomes
+from service import audit, draft_outcomes, routing
 from service import dispatch_lifecycle as dispatches
 from service import job_lifecycle as jobs
 from service import outputs as output_kinds
@@ -36,10 +38,12 @@ from service.audit import Action
 from service.clock import Clock
 from service.database import Database
 from service.outputs import OutputKinds
+from service.routing import Decision, RuleSet
 from service.schema import (
     Draft,
     Instance,
     Job,
+    SeriesRecord,
     SRDocument,
     SRKind,
     Study,
@@ -63,9 +67,11 @@ class DraftOptions:
     storage: Storage = field(default_factory=lambda: Storage("medcap-data"))  # the data dir (settings.storage)
     # Each destination gets the output of its kind (service/outputs): the SR over C-STORE by default.
     outputs: OutputKinds = field(default_factory=output_kinds.default)
+    # Which series are captioned, by which model, and where their SR goes (service/routing.py).
+    routing: RuleSet = field(default_factory=routing.default)
 
     def __post_init__(self) -> None:
-        for destination in self.destinations:
+        for destination in (*self.destinations, *(d for r in self.routing.rules for d in r.destinations or ())):
             self.outputs.for_destination(destination)  # a destination no kind sends to fails here, not after captioning
 
 
@@ -76,33 +82,93 @@ class DraftSource:
     version_id: int
     version_number: int
     instances: dict[str, tuple[str, str]]  # sop_instance_uid -> (sop_class_uid, recorded path), captionable only
+    series_of: dict[str, str] = field(default_factory=dict)  # sop_instance_uid -> series_instance_uid
+
+
+@dataclass(frozen=True)
+class WrittenSR:
+    """One model's draft SR of a study version, on disk, waiting for the commit that records it."""
+
+    key: str
+    model: ImageCaptioner
+    sr: Dataset
+    path: Path
+    digest: str
+    series: list[SeriesInput]
+    grounded: list[GroundedDraft]
+    facts: list[HeaderFacts]
+    captions: list[list[str]]
+    inferred_at: object
+    destinations: tuple[str, ...]
+    supersedes: tuple[int, SupersededDraft] | None = None  # the earlier version's draft this one replaces (row id, reference)
 
 
 class Drafter:
     def __init__(
-        self, db: Database, clock: Clock, model: ImageCaptioner, options: DraftOptions, actor: str, owner: str | None = None
+        self,
+        db: Database,
+        clock: Clock,
+        model: ImageCaptioner,
+        options: DraftOptions,
+        actor: str,
+        owner: str | None = None,
+        models: Callable[[str], ImageCaptioner] | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
-        self.model = model
+        self.model = model  # the default model (MEDCAP_MODEL)
+        self.models = models  # the models a rule file names in [models], by name (loaded once per worker process)
         self.options = options
         self.actor = actor
         self.owner = owner  # the claim's owner (workers/jobs.py): only the job's current owner commits its success
 
     def draft(self, job_id: int) -> str:
-        """Caption the job's study version and commit the draft SR. The job must be claimed (running)."""
+        """Caption the job's study version and commit the draft SR(s). The job must be claimed (running).
+
+        The routing rules decide each series first (from the database and one header per series);
+        the captioned series are grouped by model, one draft SR per model."""
         source = self._source(job_id)
-        identity = self.model.identity
-        key = f"draft:{source.version_id}:{identity.weights_sha256}"  # type: ignore[attr-defined]
-        if self._already_written(key):
-            return self._finish_without_sr(job_id, source, "a draft SR for this study version and model exists already")
-        series = self._prepare(source)
+        decisions = self._route(source)
+        groups: dict[str, list[Decision]] = {}
+        for decision in decisions:
+            if decision.model is not None:
+                groups.setdefault(decision.model, []).append(decision)
+        if not groups:
+            if not decisions:
+                return self._finish_without_sr(job_id, source, "no CT or MR image series to caption", decisions)
+            rules = ", ".join(sorted({d.rule for d in decisions}))
+            return self._finish_without_sr(job_id, source, f"every series skipped by the routing rules ({rules})", decisions)
+        # One SR per distinct weights: two names for the same checkpoint are one model (and one key).
+        planned: dict[str, tuple[ImageCaptioner, list[Decision]]] = {}
+        for name, group in groups.items():
+            model = self._model(name)
+            key = f"draft:{source.version_id}:{model.identity.weights_sha256}"  # type: ignore[attr-defined]
+            planned.setdefault(key, (model, []))[1].extend(group)
+        if self._already_written(next(iter(planned))):  # one transaction commits every model's SR: one is there, all are
+            return self._finish_without_sr(job_id, source, "a draft SR for this study version and model exists already", decisions)
+        written: list[WrittenSR] = []
+        try:
+            for key, (model, group) in planned.items():
+                if (sr := self._write(source, model, group, key)) is not None:
+                    written.append(sr)
+            if not written:
+                return self._finish_without_sr(job_id, source, "no CT or MR image series to caption", decisions)
+            return self._commit(job_id, source, written, decisions)
+        except BaseException:
+            for sr in written:
+                self.options.storage.delete(sr.path)  # not recorded, so never sent: remove the orphan
+            raise
+
+    def _write(self, source: DraftSource, model: ImageCaptioner, group: Sequence[Decision], key: str) -> WrittenSR | None:
+        """Caption ``group``'s series with ``model`` and store the draft SR (not yet recorded)."""
+        series = self._prepare(source, {d.series_uid for d in group}, model)
         if not series:
-            return self._finish_without_sr(job_id, source, "no CT or MR image series to caption")
+            return None
         facts = [facts_of(s) for s in series]
-        grounded, captions = self._caption(series, facts)
+        grounded, captions = self._caption(series, model, facts)
         texts = [g.text for g in grounded]
         inferred_at = self.clock.now()
+        identity = model.identity
         algorithm = AlgorithmInfo(identity.name, identity.version, identity.weights_sha256, self.options.generation_preset)  # type: ignore[attr-defined]
         findings = [
             SeriesFinding(
@@ -114,14 +180,13 @@ class Drafter:
             )
             for s, text, f in zip(series, texts, facts, strict=True)
         ]
-        evidence = sr_evidence(series)
-        previous = self._previous_draft(source)
+        previous = self._previous_draft(source, identity.weights_sha256)  # type: ignore[attr-defined]
         try:
             sr = write_draft_sr(
                 findings,
-                with_demo_notice(grounded_impression(grounded), identity.name),
+                with_demo_notice(grounded_impression(grounded), identity.name),  # type: ignore[attr-defined]
                 algorithm,
-                evidence,
+                sr_evidence(series),
                 created_at=inferred_at,
                 procedures=procedures_of(facts),
                 # the PACS tells the versions' drafts apart by instance number, and the text says which one is current
@@ -131,11 +196,10 @@ class Drafter:
         except ValueError as exc:
             raise PermanentJobError(f"cannot build the draft SR: {exc}") from exc
         path, digest = self._store(sr, source.study_uid)
-        try:
-            return self._commit(job_id, source, key, sr, path, digest, series, grounded, facts, captions, inferred_at, previous)
-        except BaseException:
-            self.options.storage.delete(path)  # not recorded, so never sent: remove the orphan
-            raise
+        destinations: dict[str, None] = {}  # the union of the series' destinations, in order
+        for decision in group:
+            destinations.update(dict.fromkeys(self.options.destinations if decision.destinations is None else decision.destinations))
+        return WrittenSR(key, model, sr, path, digest, series, grounded, facts, captions, inferred_at, tuple(destinations), previous)
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -148,18 +212,47 @@ class Drafter:
                 .where(Job.id == job_id)
             ).one()
             instances = s.execute(
-                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.path).where(
-                    Instance.study_id == row[0], Instance.captionable, Instance.version_number <= row[3]
-                )
+                select(Instance.sop_instance_uid, Instance.sop_class_uid, Instance.path, SeriesRecord.series_uid)
+                .join(SeriesRecord, SeriesRecord.id == Instance.series_id)
+                .where(Instance.study_id == row[0], Instance.captionable, Instance.version_number <= row[3])
             ).all()
-        return DraftSource(row[0], row[1], row[2], row[3], {uid: (cls, path) for uid, cls, path in instances})
+        return DraftSource(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            {uid: (cls, path) for uid, cls, path, _ in instances},
+            {uid: series_uid for uid, _, _, series_uid in instances},
+        )
 
-    def _previous_draft(self, source: DraftSource) -> tuple[int, SupersededDraft] | None:
-        """The newest draft SR of an earlier version of the study (its row id, and what the new SR
-        says of it), which the draft being made replaces; None for the study's first draft."""
+    def _route(self, source: DraftSource) -> list[Decision]:
+        """The rules' decision for each series of the version: facts from the rows and one header per series."""
+        try:
+            with self.db.session() as s:
+                facts = routing.study_facts(
+                    s, self.options.storage, source.study_id, source.version_number, headers=self.options.routing.reads_headers
+                )
+        except (StorageError, pydicom.errors.InvalidDicomError) as exc:  # missing, or recorded outside the data dir
+            raise PermanentJobError(f"cannot read the study's headers for routing: {exc}") from exc
+        try:
+            return [self.options.routing.decide(f) for f in facts]
+        except routing.RoutingError as exc:  # a pattern that ran out of time: retrying would hang again
+            raise PermanentJobError(f"routing rules: {exc}") from exc
+
+    def _model(self, name: str) -> ImageCaptioner:
+        if name == routing.DEFAULT_MODEL:
+            return self.model
+        if self.models is None:
+            raise PermanentJobError(f"the routing rules chose model {name!r}, which this worker cannot load")
+        return self.models(name)
+
+    def _previous_draft(self, source: DraftSource, weights_sha256: str) -> tuple[int, SupersededDraft] | None:
+        """The draft SR of an earlier version of the study that the one being made replaces (its row
+        id, and what the new SR says of it): the newest by the same model, else the newest by any
+        (the routing rules may have chosen another model); None for the study's first draft."""
         with self.db.session() as s:
-            row = s.execute(
-                select(SRDocument.id, SRDocument.series_uid, SRDocument.sop_instance_uid, StudyVersion.number)
+            rows = s.execute(
+                select(SRDocument.id, SRDocument.series_uid, SRDocument.sop_instance_uid, StudyVersion.number, SRDocument.idempotency_key)
                 .join(StudyVersion, StudyVersion.id == SRDocument.study_version_id)
                 .where(
                     SRDocument.study_id == source.study_id,
@@ -167,35 +260,39 @@ class Drafter:
                     StudyVersion.number < source.version_number,
                 )
                 .order_by(StudyVersion.number.desc(), SRDocument.id.desc())
-                .limit(1)
-            ).first()
-        if row is None:
+            ).all()
+        if not rows:
             return None
+        # a draft's key is "draft:<study version>:<weights sha256>"
+        row = next((r for r in rows if str(r[4]).endswith(f":{weights_sha256}")), rows[0])
         return int(row[0]), SupersededDraft(source.study_uid, str(row[1]), SR_SOP_CLASS_UID, str(row[2]), int(row[3]))
 
     def _already_written(self, key: str) -> bool:
         with self.db.session() as s:
             return s.scalar(select(SRDocument.id).where(SRDocument.idempotency_key == key)) is not None
 
-    def _prepare(self, source: DraftSource) -> list[SeriesInput]:
+    def _prepare(self, source: DraftSource, series_uids: set[str], model: ImageCaptioner) -> list[SeriesInput]:
+        chosen = (path for uid, (_, path) in source.instances.items() if source.series_of[uid] in series_uids)
         try:
-            paths = self.options.storage.existing_all(path for _, path in source.instances.values())
+            paths = self.options.storage.existing_all(chosen)
         except StorageError as exc:  # missing, or recorded outside the data dir
             raise PermanentJobError(str(exc)) from exc
         try:
-            return prepare_series(paths, key_slices=self.options.key_slices, views=self.model.views) if paths else []
+            return prepare_series(paths, key_slices=self.options.key_slices, views=model.views) if paths else []
         except (ValueError, pydicom.errors.InvalidDicomError) as exc:
             raise PermanentJobError(f"cannot read the study's images: {exc}") from exc
 
-    def _caption(self, series: Sequence[SeriesInput], facts: Sequence[HeaderFacts]) -> tuple[list[GroundedDraft], list[list[str]]]:
-        """All key images of the study through the model in batches; one grounded draft per series
+    def _caption(
+        self, series: Sequence[SeriesInput], model: ImageCaptioner, facts: Sequence[HeaderFacts]
+    ) -> tuple[list[GroundedDraft], list[list[str]]]:
+        """All key images of the series through the model in batches; one grounded draft per series
         (a heading from its header facts, the model's sentences that do not contradict them)."""
-        if getattr(self.model, "reads_series", False):  # a VLM (hf-vlm): each series' key images together, its facts in the prompt
+        if getattr(model, "reads_series", False):  # a VLM (hf-vlm): each series' key images together, its facts in the prompt
             requests = [(dict(s.views), prompt_for(f)) for s, f in zip(series, facts, strict=True)]
-            captions = self.model.caption_series(requests, self.options.generation_preset, batch_size=self.options.batch_size)  # type: ignore[attr-defined]
+            captions = model.caption_series(requests, self.options.generation_preset, batch_size=self.options.batch_size)  # type: ignore[attr-defined]
         else:
-            inputs = {v.name: np.concatenate([s.views[v.name] for s in series]) for v in self.model.views}
-            flat = self.model.caption(inputs, self.options.generation_preset, batch_size=self.options.batch_size)
+            inputs = {v.name: np.concatenate([s.views[v.name] for s in series]) for v in model.views}
+            flat = model.caption(inputs, self.options.generation_preset, batch_size=self.options.batch_size)
             captions, start = [], 0
             for s in series:
                 captions.append(flat[start : start + len(s.key_slices)])
@@ -210,90 +307,18 @@ class Drafter:
             raise PermanentJobError(f"cannot store the draft SR: {exc}") from exc
         return stored.path, stored.sha256
 
-    def _commit(
-        self,
-        job_id: int,
-        source: DraftSource,
-        key: str,
-        sr: Dataset,
-        path: Path,
-        digest: str,
-        series: Sequence[SeriesInput],
-        grounded: Sequence[GroundedDraft],
-        facts: Sequence[HeaderFacts],
-        captions: Sequence[Sequence[str]],
-        inferred_at: object,
-        previous: tuple[int, SupersededDraft] | None,
-    ) -> str:
-        identity = self.model.identity
+    def _commit(self, job_id: int, source: DraftSource, written: Sequence[WrittenSR], decisions: Sequence[Decision]) -> str:
         now = self.clock.now()
         try:
             with self.db.session() as s:
                 started_at = s.scalar(select(Job.started_at).where(Job.id == job_id))
-                doc = SRDocument(
-                    kind=SRKind.DRAFT.value,
-                    idempotency_key=key,
-                    study_id=source.study_id,
-                    study_version_id=source.version_id,
-                    job_id=job_id,
-                    predecessor_id=previous[0]
-                    if previous
-                    else None,  # the earlier version's draft this one replaces (a verified SR's: its draft)
-                    sop_instance_uid=str(sr.SOPInstanceUID),
-                    series_uid=str(sr.SeriesInstanceUID),
-                    completion_flag=str(sr.CompletionFlag),
-                    verification_flag=str(sr.VerificationFlag),
-                    path=str(path),
-                    sha256=digest,
-                    created_at=now,
-                    created_by=self.actor,
-                    impression=read_impression(sr),  # for the review page, which then never reads the file
+                docs = [self._record_sr(s, now, job_id, source, w) for w in written]
+                routing.record(
+                    s, now, self.actor, source.version_id, source.study_uid, decisions, self.options.routing.source, job_id=job_id
                 )
-                s.add(doc)
-                s.flush()
-                for item, draft, item_facts, item_captions in zip(series, grounded, facts, captions, strict=True):
-                    s.add(
-                        Draft(
-                            sr_document_id=doc.id,
-                            job_id=job_id,
-                            series_uid=item.series_uid,
-                            modality=item.modality,
-                            text=draft.text,
-                            key_images=[
-                                {"sop_instance_uid": u, "frame": f, "caption": c}
-                                for u, f, c in zip(item.sop_instance_uids, item.key_slices.frames, item_captions, strict=True)
-                            ],
-                            model_name=identity.name,
-                            model_type=identity.model_type,
-                            model_version=identity.version,  # type: ignore[attr-defined]
-                            weights_sha256=identity.weights_sha256,
-                            generation_preset=self.options.generation_preset,
-                            created_at=now,
-                            header_facts=item_facts.as_dict(),
-                            removed_sentences=[r.as_dict() for r in draft.removed],
-                        )
-                    )
-                audit.record(
-                    s,
-                    now,
-                    self.actor,
-                    Action.SR_WRITTEN,
-                    "sr_document",
-                    doc.sop_instance_uid,
-                    study_uid=source.study_uid,
-                    kind="draft",
-                    job_id=job_id,
-                    study_version=source.version_number,
-                    series=len(series),
-                    sentences_removed=sum(len(d.removed) for d in grounded),
-                    supersedes=previous[1].sop_instance_uid if previous else None,
-                    model=identity.name,
-                    model_version=identity.version,
-                    weights_sha256=identity.weights_sha256,  # type: ignore[attr-defined]
-                    generation_preset=self.options.generation_preset,
-                )
-                dispatches.create_all(s, now, self.actor, doc, source.study_uid, self.options.destinations, self.options.outputs)
-                seconds = (inferred_at - started_at).total_seconds() if started_at is not None else None
+                inferred_at = written[-1].inferred_at
+                seconds = (inferred_at - started_at).total_seconds() if started_at is not None else None  # type: ignore[operator]
+                extra = {"srs": [d.sop_instance_uid for d in docs]} if len(docs) > 1 else {}
                 if not jobs.succeed(
                     s,
                     now,
@@ -301,26 +326,99 @@ class Drafter:
                     job_id,
                     owner=self.owner,
                     study_uid=source.study_uid,
-                    inferred_at=inferred_at,
+                    inferred_at=inferred_at,  # type: ignore[arg-type]
                     sr_written=True,
-                    sr=doc.sop_instance_uid,
+                    sr=docs[0].sop_instance_uid,
                     seconds_inference=seconds,
+                    **extra,
                 ):
                     raise NotOurs  # superseded, or taken over: the whole transaction (SR rows included) rolls back
-                draft_outcomes.refresh(s, doc.id)
+                for doc in docs:
+                    draft_outcomes.refresh(s, doc.id)
         except NotOurs:
             LOG.info("job %d: no longer ours (superseded or finished elsewhere); draft discarded", job_id)
             raise
         except IntegrityError:
-            LOG.info("job %d: a draft SR for %s was committed concurrently; ours is discarded", job_id, key)
+            LOG.info("job %d: a draft SR for %s was committed concurrently; ours is discarded", job_id, written[0].key)
             raise NotOurs from None
-        LOG.info("job %d: draft SR %s for study %s (%d series)", job_id, sr.SOPInstanceUID, source.study_uid, len(series))
+        for w in written:
+            LOG.info("job %d: draft SR %s for study %s (%d series)", job_id, w.sr.SOPInstanceUID, source.study_uid, len(w.series))
         return "succeeded"
 
-    def _finish_without_sr(self, job_id: int, source: DraftSource, why: str) -> str:
+    def _record_sr(self, s: Session, now: datetime, job_id: int, source: DraftSource, w: WrittenSR) -> SRDocument:
+        """One written SR's rows: the SR, the text per series, its audit event and its dispatches."""
+        identity = w.model.identity
+        sr = w.sr
+        doc = SRDocument(
+            kind=SRKind.DRAFT.value,
+            idempotency_key=w.key,
+            study_id=source.study_id,
+            study_version_id=source.version_id,
+            job_id=job_id,
+            predecessor_id=w.supersedes[0] if w.supersedes else None,  # the earlier version's draft (a verified SR's: its draft)
+            sop_instance_uid=str(sr.SOPInstanceUID),
+            series_uid=str(sr.SeriesInstanceUID),
+            completion_flag=str(sr.CompletionFlag),
+            verification_flag=str(sr.VerificationFlag),
+            path=str(w.path),
+            sha256=w.digest,
+            created_at=now,
+            created_by=self.actor,
+            impression=read_impression(sr),  # for the review page, which then never reads the file
+        )
+        s.add(doc)
+        s.flush()
+        for item, draft, item_facts, item_captions in zip(w.series, w.grounded, w.facts, w.captions, strict=True):
+            s.add(
+                Draft(
+                    sr_document_id=doc.id,
+                    job_id=job_id,
+                    series_uid=item.series_uid,
+                    modality=item.modality,
+                    text=draft.text,
+                    key_images=[
+                        {"sop_instance_uid": u, "frame": f, "caption": c}
+                        for u, f, c in zip(item.sop_instance_uids, item.key_slices.frames, item_captions, strict=True)
+                    ],
+                    model_name=identity.name,
+                    model_type=identity.model_type,
+                    model_version=identity.version,  # type: ignore[attr-defined]
+                    weights_sha256=identity.weights_sha256,
+                    generation_preset=self.options.generation_preset,
+                    created_at=now,
+                    header_facts=item_facts.as_dict(),
+                    removed_sentences=[r.as_dict() for r in draft.removed],
+                )
+            )
+        audit.record(
+            s,
+            now,
+            self.actor,
+            Action.SR_WRITTEN,
+            "sr_document",
+            doc.sop_instance_uid,
+            study_uid=source.study_uid,
+            kind="draft",
+            job_id=job_id,
+            study_version=source.version_number,
+            series=len(w.series),
+            sentences_removed=sum(len(d.removed) for d in w.grounded),
+            supersedes=w.supersedes[1].sop_instance_uid if w.supersedes else None,
+            model=identity.name,
+            model_version=identity.version,  # type: ignore[attr-defined]
+            weights_sha256=identity.weights_sha256,  # type: ignore[attr-defined]
+            generation_preset=self.options.generation_preset,
+        )
+        dispatches.create_all(s, now, self.actor, doc, source.study_uid, w.destinations, self.options.outputs)
+        return doc
+
+    def _finish_without_sr(self, job_id: int, source: DraftSource, why: str, decisions: Sequence[Decision]) -> str:
         now = self.clock.now()
         with self.db.session() as s:
-            jobs.succeed(s, now, self.actor, job_id, owner=self.owner, study_uid=source.study_uid, result=why)
+            if jobs.succeed(s, now, self.actor, job_id, owner=self.owner, study_uid=source.study_uid, result=why):
+                routing.record(
+                    s, now, self.actor, source.version_id, source.study_uid, decisions, self.options.routing.source, job_id=job_id
+                )
         LOG.info("job %d: %s", job_id, why)
         return "succeeded"
 

@@ -11,7 +11,7 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready
 
 from dicom_io.key_slices import KeySliceSpec
-from service import audit, outputs, prometheus
+from service import audit, outputs, prometheus, routing
 from service.clock import SystemClock
 from service.database import Database
 from service.settings import Settings, load_settings
@@ -25,6 +25,8 @@ _db: Database | None = None
 _captioner: Any = None
 _batcher: Any = None
 _captioner_lock = threading.Lock()
+_rules: routing.RuleSet | None = None
+_named: dict[str, Any] = {}  # the rule file's [models], by name, loaded when first chosen
 
 
 def _settings() -> Settings:
@@ -81,6 +83,32 @@ def caption_model(settings: Settings) -> Any:
     return loaded
 
 
+def routing_rules(settings: Settings) -> routing.RuleSet:
+    """The routing rules, read once per worker process (`medcap worker` validated them before starting)."""
+    global _rules
+    with _captioner_lock:
+        if _rules is None:
+            try:
+                _rules = routing.configured(settings)
+            except routing.RoutingError as exc:
+                raise PermanentJobError(f"routing rules: {exc}") from exc
+        return _rules
+
+
+def named_model(settings: Settings, name: str) -> Any:
+    """A model the routing rules name (their file's [models] table), loaded once per worker process."""
+    rules = routing_rules(settings)
+    with _captioner_lock:
+        if name not in _named:
+            from models.captioner import Captioner
+
+            LOG.info("loading model %s from %s on %s", name, rules.models[name], settings.device)
+            loaded = Captioner.load(rules.models[name], settings.device)
+            loaded.warm_up()
+            _named[name] = loaded
+        return _named[name]
+
+
 def _load_model(**_: object) -> None:
     if getattr(app, "medcap_load_model", False):
         try:
@@ -118,11 +146,21 @@ def caption_study(job_id: int) -> str:
             generation_preset=settings.generation_preset,
             key_slices=KeySliceSpec(strategy=settings.key_slice_strategy, n=settings.key_slices),  # type: ignore[arg-type]
             batch_size=settings.caption_batch_size,
-            destinations=tuple(str(d) for d in settings.destination_list),
+            destinations=settings.dispatch_destinations,
             storage=settings.storage,
             outputs=outputs.configured(settings),
+            routing=routing_rules(settings),
         )
-        return Drafter(db, SystemClock(), caption_model(settings), options, _actor(), owner=runner.owner).draft(claimed_job_id)
+        drafter = Drafter(
+            db,
+            SystemClock(),
+            caption_model(settings),
+            options,
+            _actor(),
+            owner=runner.owner,
+            models=lambda name: named_model(settings, name),
+        )
+        return drafter.draft(claimed_job_id)
 
     outcome = runner.run(job_id, work)
     LOG.info("job %d: %s", job_id, outcome)
@@ -143,8 +181,8 @@ def _send_now(settings: Settings, db: Database, job_id: int) -> None:
     from workers.celery_app import CeleryPublisher
 
     with db.session() as s:
-        doc_id = s.scalar(select(SRDocument.id).where(SRDocument.job_id == job_id))
-    if doc_id is not None:
+        doc_ids = list(s.scalars(select(SRDocument.id).where(SRDocument.job_id == job_id)))  # one per model the rules chose
+    for doc_id in doc_ids:
         publish_due(
             db,
             SystemClock(),

@@ -28,13 +28,29 @@ from sqlalchemy.orm import Session
 from service import audit
 from service.audit import Action
 from service.outputs.dicom_sr import DicomSR
+from service.outputs.fhir_report import FhirReport
+from service.outputs.hl7_oru import Hl7Oru
 from service.outputs.kind import Artefact, Delivery, OutputKind, OutputKinds
+from service.outputs.stow_rs import StowRS
 from service.schema import Output, SRDocument
 
 if TYPE_CHECKING:
     from service.settings import Settings
 
-__all__ = ["Artefact", "Delivery", "DicomSR", "OutputKind", "OutputKinds", "artefact_of", "configured", "default", "ensure"]
+__all__ = [
+    "Artefact",
+    "Delivery",
+    "DicomSR",
+    "FhirReport",
+    "Hl7Oru",
+    "OutputKind",
+    "OutputKinds",
+    "StowRS",
+    "artefact_of",
+    "configured",
+    "default",
+    "ensure",
+]
 
 
 def ensure(s: Session, now: datetime, actor: str, report: SRDocument, kind: OutputKind, study_uid: str | None) -> Output:
@@ -64,7 +80,12 @@ def artefact_of(output: Output) -> Artefact:
 
 
 #: a factory per output kind MedCap knows (settings → kind): a new kind is added here
-KNOWN: tuple[Callable[[Settings], OutputKind], ...] = (DicomSR.from_settings,)
+KNOWN: tuple[Callable[[Settings], OutputKind], ...] = (
+    DicomSR.from_settings,
+    StowRS.from_settings,
+    Hl7Oru.from_settings,
+    FhirReport.from_settings,
+)
 
 
 def configured(settings: Settings) -> OutputKinds:

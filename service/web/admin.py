@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from service import audit_queries as aq
+from service import routing
 from service.audit import Action, web_actor
 from service.reports import RequeueError, retry_job
 from service.users import UserError
@@ -38,11 +39,17 @@ def _overview(request: Request, ctx: WebContext, who: SignedIn, *, message: str 
             "who": who,
             "counts": aq.overview(ctx.db, ctx.clock.now()),
             "failed": aq.failed_work(ctx.db),
+            "skipped": _skipped(ctx),
             "message": message,
             "error": error,
         },
         status_code=status,
     )
+
+
+def _skipped(ctx: WebContext) -> list[routing.SkippedSeries]:
+    with ctx.db.session() as s:
+        return routing.recent_skips(s, limit=50)
 
 
 @router.get("/admin", response_class=HTMLResponse)

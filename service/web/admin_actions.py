@@ -35,7 +35,7 @@ def audit_search(params: dict[str, Any], *, limit: int, offset: int) -> aq.Audit
 
 def allowed_destination(ctx: WebContext, sr_uid: str, destination: str) -> bool:
     """A resend may go where the SR was sent before, or to a configured destination; nowhere else."""
-    configured = {str(d) for d in ctx.settings.destination_list}
+    configured = set(ctx.settings.dispatch_destinations)
     return destination in configured or destination in aq.sr_destinations(ctx.db, sr_uid)
 
 
@@ -46,7 +46,7 @@ def resend(ctx: WebContext, who: SignedIn, sr_uid: str, destination: str | None)
             raise RequeueError(f"{destination} is neither a destination of SR {sr_uid} nor a configured one")
         destinations = [destination]
     else:
-        destinations = [str(d) for d in ctx.settings.destination_list]
+        destinations = list(ctx.settings.dispatch_destinations)
     return resend_report(ctx.db, ctx.clock, sr_uid, destinations, web_actor(who.account.username), kinds=ctx.reviews.outputs)
 
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from service import audit_queries as aq
+from service import routing
 from service.audit import Action, web_actor
 from service.reports import RequeueError, retry_job
 from service.users import UserError
@@ -23,6 +24,7 @@ router = APIRouter(tags=["admin"])
 class AdminOverview(BaseModel):
     counts: aq.Overview
     failed: list[aq.FailedWork]
+    skipped: list[routing.SkippedSeries] = Field(default_factory=list, description="the latest series the routing rules skipped")
 
 
 class AuditPage(BaseModel):
@@ -81,7 +83,9 @@ def _user_error(exc: UserError) -> HTTPException:
 
 @router.get("/overview", response_model=AdminOverview)
 def overview(ctx: Context, who: Admin) -> AdminOverview:
-    return AdminOverview(counts=aq.overview(ctx.db, ctx.clock.now()), failed=aq.failed_work(ctx.db))
+    with ctx.db.session() as s:
+        skipped = routing.recent_skips(s, limit=50)
+    return AdminOverview(counts=aq.overview(ctx.db, ctx.clock.now()), failed=aq.failed_work(ctx.db), skipped=skipped)
 
 
 @router.get("/failed", response_model=list[aq.FailedWork])

@@ -8,6 +8,8 @@ session's CSRF token. Every refusal is an audit event.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,9 @@ from service.clock import Clock, SystemClock
 from service.database import Database
 from service.review import Reviews
 from service.settings import Settings
+from service.stow_requests import StowRequests
 from service.users import Users
-from service.web import admin, admin_api, api, pages
+from service.web import admin, admin_api, api, dicomweb, pages, stack
 from service.web.auth import Sessions
 from service.web.context import TEMPLATES, Forbidden, NotSignedIn, WebContext, audit_event
 
@@ -36,6 +39,13 @@ def wants_json(request: Request) -> bool:
 def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> FastAPI:
     clock = clock or SystemClock()
     users = Users(db, clock)
+    stow = StowRequests(settings, db, clock)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stow.close_stale()  # STOW-RS requests this process had open when it last stopped
+        yield
+
     app = FastAPI(
         title="MedCap",
         summary="AI report drafts for CT and MR: review, approval and audit.",
@@ -44,6 +54,7 @@ def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> 
         docs_url=None,
         redoc_url=None,
         openapi_url="/api/openapi.json",
+        lifespan=lifespan,
     )
     app.state.ctx = WebContext(
         settings,
@@ -55,16 +66,19 @@ def create_app(settings: Settings, db: Database, clock: Clock | None = None) -> 
             db,
             clock,
             storage=settings.storage,
-            destinations=[str(d) for d in settings.destination_list],
+            destinations=list(settings.dispatch_destinations),
             organization=settings.verifier_organization,
             outputs=outputs.configured(settings),
         ),
     )
+    app.state.stow = stow
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(pages.router)
+    app.include_router(stack.router)
     app.include_router(admin.router)
     app.include_router(api.router, prefix="/api")
     app.include_router(admin_api.router, prefix="/api/admin")
+    app.include_router(dicomweb.router)
 
     @app.exception_handler(NotSignedIn)
     async def _not_signed_in(request: Request, exc: NotSignedIn) -> Response:

@@ -109,3 +109,14 @@ def compose() -> dict[str, Any]:
 @pytest.fixture
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return compose["services"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The containers tier runs only when asked for by name (``-m containers``): it needs root and
+    podman, and takes minutes (tests/tiers.py)."""
+    if "containers" in (config.option.markexpr or ""):
+        return
+    left_out = [item for item in items if item.get_closest_marker("containers") is not None]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if item.get_closest_marker("containers") is None]

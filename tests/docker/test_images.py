@@ -114,3 +114,17 @@ def test_cpu_image_has_what_the_listener_and_the_dispatch_worker_import():
     """)
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_every_data_file_of_the_packages_is_installed():
+    # The images install the project non-editable (`pip install .`): a file that is not package data
+    # is missing there (the web app's templates and stylesheet were, until the stack first ran).
+    from fnmatch import fnmatch
+
+    package_data = PYPROJECT["tool"]["setuptools"]["package-data"]
+    for package in ("service", "dicom_io", "models", "workers", "migrations"):
+        for path in (REPO / package).rglob("*"):
+            if not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
+                continue
+            relative = path.relative_to(REPO / package).as_posix()
+            assert any(fnmatch(relative, pattern) for pattern in package_data.get(package, [])), f"{package}/{relative} is not package data"

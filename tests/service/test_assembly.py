@@ -192,3 +192,36 @@ def test_jobs_that_go_quiet_are_published_again(db, listener, settings, clock, a
     assert publisher.published == [job_id, job_id]
     with db.session() as s:
         assert s.scalar(select(AuditEvent.action).where(AuditEvent.action == "job.reenqueued")) is not None
+
+
+@pytest.mark.peers
+def test_instances_no_model_reads_join_the_newest_version_without_a_job(db, listener, settings, clock, assembler, publisher, tmp_path):
+    """A PACS that forwards the study back, our SR included, must not have it captioned again."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    files = series_files(CT)
+    assert storescu(listener, files[:14]).returncode == 0
+    clock.advance(settings.quiet_seconds + 1)
+    (first_job,) = assembler.tick()
+    sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+    sr.StudyInstanceUID = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    sr.save_as(tmp_path / "sr.dcm")
+    assert storescu(listener, [tmp_path / "sr.dcm"]).returncode == 0
+    clock.advance(settings.quiet_seconds + 1)
+    assert assembler.tick() == [] and publisher.published == [first_job], "no version, no job for an SR alone"
+    (v1,) = versions(db)
+    assert (v1.number, v1.instance_count, v1.captionable_count) == (1, 15, 14)
+    with db.session() as s:
+        assert set(s.scalars(select(Instance.version_number))) == {1}
+        (event,) = s.scalars(select(AuditEvent).where(AuditEvent.action == "study.nothing_new_to_caption"))
+    assert (event.details["number"], event.details["new_instances"]) == (1, 1)
+
+    assert storescu(listener, files[14:]).returncode == 0  # new images still make a new version
+    clock.advance(settings.quiet_seconds + 1)
+    (second_job,) = assembler.tick()
+    v1, v2 = versions(db)
+    assert (v2.number, v2.instance_count, v2.captionable_count) == (2, 29, 28)
+    assert [j.id for j in jobs(db)] == [first_job, second_job]

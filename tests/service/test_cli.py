@@ -79,3 +79,18 @@ def test_studies_and_force(settings, listener):
     assert again.returncode == 0 and "nothing to force" in again.stdout
     unknown = run(["force", "1.2.3.4.5"], env)
     assert unknown.returncode == 1 and "no study 1.2.3.4.5 has been received" in unknown.stderr
+
+
+@pytest.mark.peers
+@pytest.mark.processes
+def test_sample_writes_a_study_the_listener_stores_and_assembles(tmp_path, listener, assembler, settings, clock, db):
+    """The README's first run: `medcap sample DIR` (as a command), then storescu sends it, and both studies become jobs."""
+    written = run(["sample", str(tmp_path / "sample")], settings_env(settings))
+    assert written.returncode == 0, written.stderr
+    assert "ct-head: 24 instances" in written.stdout and "send it: TCP_NODELAY=1 /usr/bin/storescu" in written.stdout
+    files = sorted((tmp_path / "sample").glob("*/*.dcm"))
+    assert len(files) == 44
+    sent = storescu(listener, files)
+    assert sent.returncode == 0, sent.stderr
+    clock.advance(settings.quiet_seconds + 1)
+    assert len(assembler.tick()) == 2  # the CT and the MR study, one job each

@@ -98,3 +98,18 @@ def test_retry_delay_doubles_up_to_the_cap(monkeypatch):
     monkeypatch.setenv("MEDCAP_RETRY_MAX_SECONDS", "10")
     s = load_settings()
     assert [s.retry_delay(n) for n in range(1, 6)] == [2, 4, 8, 10, 10]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("ftp://pacs/{study_uid}", "must start with http:// or https://"),
+        ("https://pacs/viewer?uid={study}", r"unknown placeholders \['study'\]"),
+    ],
+)
+def test_viewer_url_template_is_checked(monkeypatch, value, message):
+    monkeypatch.setenv("MEDCAP_VIEWER_URL_TEMPLATE", value)
+    with pytest.raises(SettingsError, match=message):
+        load_settings()
+    monkeypatch.setenv("MEDCAP_VIEWER_URL_TEMPLATE", "https://pacs/ohif/viewer?StudyInstanceUIDs={study_uid}&acc={accession_number}")
+    assert load_settings().viewer_url_template.endswith("{accession_number}")

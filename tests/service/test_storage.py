@@ -241,3 +241,15 @@ def test_missing_instance_files_are_counted(storage):
     os.unlink(paths[0])
     os.unlink(paths[2])
     assert storage.read_series(paths, skip_missing=True) == []
+
+
+def test_an_output_is_written_beside_its_report_and_names_are_checked(storage: Storage):
+    stored = storage.write_output("1.2.3", "1.2.3.9", "fhir.json", b'{"resourceType": "DiagnosticReport"}')
+    assert stored.path == storage.report_path("1.2.3", "1.2.3.9").with_suffix(".fhir.json")
+    assert storage.read_bytes(stored.path) == b'{"resourceType": "DiagnosticReport"}'
+    assert stored.sha256 == hashlib.sha256(b'{"resourceType": "DiagnosticReport"}').hexdigest() and stored.size == 36
+    for suffix in ("../x", "", ".hl7", "HL7", "a/b"):
+        with pytest.raises(StorageError, match="suffix"):
+            storage.output_path("1.2.3", "1.2.3.9", suffix)
+    with pytest.raises(StorageError, match="study_uid"):
+        storage.output_path("../1", "1.2.3.9", "hl7")

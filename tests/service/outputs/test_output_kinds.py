@@ -108,7 +108,7 @@ def test_each_destination_finds_its_kind():
 
 def test_the_configured_kinds_come_from_the_settings(make_settings):
     kinds = outputs.configured(make_settings(destinations=PACS))
-    assert [k.name for k in kinds] == ["dicom-sr"]
+    assert [k.name for k in kinds] == ["dicom-sr", "stow-rs", "hl7-oru", "fhir-diagnostic-report"]
 
 
 def test_a_new_kind_is_built_once_dispatched_and_sent_by_the_same_lifecycle(db, clock, tmp_path):

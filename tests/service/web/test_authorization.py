@@ -144,6 +144,13 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/drafts/{draft_id}/images/{sop_instance_uid}.png"): Rule(
         LOGIN, 200, DENIED, call=_path("/drafts/{draft_id}/images/{sop_instance_uid}.png")
     ),
+    ("GET", "/worklist/next"): Rule(LOGIN, 303, DENIED, location="/drafts/"),
+    ("GET", "/drafts/{draft_id}/series/{series_uid}/stack.json"): Rule(
+        LOGIN, 200, DENIED, call=lambda w: Call(f"/drafts/{w.draft_id}/series/{w.series_uid}/stack.json")
+    ),
+    ("GET", "/drafts/{draft_id}/series/{series_uid}/slices/{index}.png"): Rule(
+        LOGIN, 200, DENIED, call=lambda w: Call(f"/drafts/{w.draft_id}/series/{w.series_uid}/slices/0.png", params={"c": "40", "w": "80"})
+    ),
     ("POST", "/drafts/{draft_id}/approve"): Rule(
         LOGIN,
         303,
@@ -160,6 +167,9 @@ RULES: dict[tuple[str, str], Rule] = {
         location="/drafts/",
         call=lambda w: Call(f"/drafts/{w.fresh_draft()}/reject", data={"reason": "Wrong series."}),
     ),
+    # DICOMweb in (STOW-RS): a client's bearer token, never a session: signed in or not, 401 (tests/service/web/test_dicomweb.py)
+    ("POST", "/dicomweb/studies"): Rule(401, 401, 401),
+    ("POST", "/dicomweb/studies/{study_uid}"): Rule(401, 401, 401, call=lambda w: Call("/dicomweb/studies/1.2.3")),
     ("GET", "/api/drafts"): Rule(LOGIN, 200, DENIED),
     ("GET", "/api/drafts/{draft_id}"): Rule(LOGIN, 200, DENIED, call=_path("/api/drafts/{draft_id}")),
     ("POST", "/api/drafts/{draft_id}/approve"): Rule(

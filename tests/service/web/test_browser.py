@@ -116,6 +116,8 @@ def test_a_radiologist_signs_in_reviews_edits_and_approves_in_chromium(
         added = run(["users", "add", "smith", "--role", "radiologist", "--display-name", "Smith^Jane"], env, stdin=PASSWORD + "\n")
         assert added.returncode == 0, added.stderr
         wait_listening(serve, web_port)
+        wait_until(lambda: "MedCap is up:" in serve.output(), "serve's start-up line")
+        assert f"MedCap is up: DICOM MEDCAP on 127.0.0.1:{settings.dicom_port}, web http://127.0.0.1:{web_port}/" in serve.output()
         base = f"http://localhost:{web_port}"
         wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException, NoSuchElementException))  # mid-navigation
 
@@ -164,10 +166,13 @@ def test_a_radiologist_signs_in_reviews_edits_and_approves_in_chromium(
         screenshot(driver, "review", tmp_path)
 
         driver.find_element(By.ID, "approve").click()
+        confirm = driver.find_element(By.ID, "confirm-approve")  # the page asks before signing
+        wait.until(lambda d: confirm.is_displayed())
+        confirm.click()
         wait.until(lambda d: d.find_element(By.ID, "review-state").text == "approved")
         assert driver.find_element(By.ID, "status-banner").text.startswith("Approved by a radiologist")
         notice = driver.find_element(By.CSS_SELECTOR, "p.notice").text
-        assert notice.startswith("Approved. Verified report ") and "on its way to the PACS" in notice
+        assert notice.startswith(f"Approved draft {draft.id}. Verified report ") and "on its way to the PACS" in notice
         assert driver.find_element(By.CSS_SELECTOR, "textarea[name^='finding:']").get_attribute("value") == EDITED
         assert driver.find_elements(By.ID, "approve") == []  # decided: nothing left to approve
 
