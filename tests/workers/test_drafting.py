@@ -326,3 +326,26 @@ def test_the_demo_models_srs_say_it_is_for_trying_medcap_only(db, clock, setting
 def test_other_models_drafts_carry_no_demo_notice():
     assert with_demo_notice("Normal.", "MSMedCap") == "Normal."
     assert with_demo_notice("Normal.", DEMO_MODEL_NAME) == f"{DEMO_NOTICE} Normal."
+
+
+class OtherWeights(Renamed):
+    """The real model under other weights' hash: another model, as far as drafts and their keys go."""
+
+    def __init__(self, model: Captioner) -> None:
+        super().__init__(model, "Other model")
+        self.identity = dataclasses.replace(self.identity, weights_sha256="ab" * 32)
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_draft_supersedes_its_own_models_earlier_draft_else_the_newest(db, listener, clock, assembler, settings, captioner):
+    from tests.pipeline import draft_study
+
+    v1 = draft_study(db, clock, settings, listener, assembler, captioner, CT[:3])
+    v2 = draft_study(db, clock, settings, listener, assembler, OtherWeights(captioner), CT[3:6])  # no draft of its own model: the newest
+    v3 = draft_study(db, clock, settings, listener, assembler, captioner, CT[6:])  # its own model's, though v2's is newer
+    with db.session() as s:
+        docs = {i: s.get(SRDocument, i) for i in (v1, v2, v3)}
+    assert (docs[v2].predecessor_id, docs[v3].predecessor_id) == (v1, v1)
+    assert [pydicom.dcmread(docs[i].path).InstanceNumber for i in (v1, v2, v3)] == [1, 2, 3]
+    assert docs[v3].impression.startswith(f"Supersedes the AI draft of study version 1 (SR {docs[v1].sop_instance_uid})")
