@@ -41,6 +41,7 @@ from dicom_io.header_facts import Code
 
 DRAFT_SERIES_DESCRIPTION = "MedCap AI draft - preliminary, not verified"
 VERIFIED_SERIES_DESCRIPTION = "MedCap report - verified"
+SR_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR: every report MedCap writes
 DRAFT_SERIES_NUMBER = 9000
 VERIFIED_SERIES_NUMBER = 9001
 
@@ -197,6 +198,41 @@ def device_uid(weights_sha256: str) -> str:
 
 
 @dataclass(frozen=True)
+class SupersededDraft:
+    """The earlier draft SR of the same study that a draft of a later study version replaces."""
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_version: int  # the study version the earlier draft was made from
+
+    def __post_init__(self) -> None:
+        for name in ("study_uid", "series_uid", "sop_class_uid", "sop_instance_uid"):
+            _check_uid(getattr(self, name), f"SupersededDraft.{name}")
+        version = self.study_version
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"SupersededDraft.study_version must be an integer >= 1, got {version!r}")
+
+    @property
+    def sentence(self) -> str:
+        """What the new draft's text says of it, so that a reader of the PACS knows which draft is current."""
+        # worded to stay true in the verified report made from this draft unchanged
+        return (
+            f"Supersedes the AI draft of study version {self.study_version} (SR {self.sop_instance_uid}), made before later images arrived."
+        )
+
+    def as_dataset(self) -> Dataset:
+        """The reference highdicom turns into a Predecessor Documents Sequence item."""
+        ds = Dataset()
+        ds.StudyInstanceUID = self.study_uid
+        ds.SeriesInstanceUID = self.series_uid
+        ds.SOPClassUID = self.sop_class_uid
+        ds.SOPInstanceUID = self.sop_instance_uid
+        return ds
+
+
+@dataclass(frozen=True)
 class Verification:
     """Who verified the report, for whom, and when."""
 
@@ -227,12 +263,15 @@ def write_draft_sr(
     instance_number: int = 1,
     created_at: datetime | None = None,
     procedures: Sequence[Code] = (),
+    supersedes: SupersededDraft | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """The AI draft: PARTIAL / UNVERIFIED / PRELIMINARY, in a new series of the evidence's study.
 
     ``evidence`` is every source instance the report rests on (headers suffice); each key image
     must be one of them, and in the series its finding names. ``procedures``: "Procedure reported",
-    coded from the header (``dicom_io.header_facts.procedure_code``).
+    coded from the header (``dicom_io.header_facts.procedure_code``). ``supersedes``: the draft of
+    an earlier version of the study this one replaces; it becomes the Predecessor Documents
+    Sequence, and the impression starts by saying which version is superseded.
     """
     procedures = _check_codes(procedures, "procedures")
     findings = _check_findings(findings, "findings")
@@ -240,6 +279,12 @@ def write_draft_sr(
     if not isinstance(algorithm, AlgorithmInfo):
         raise ValueError(f"algorithm must be an AlgorithmInfo, got {type(algorithm).__name__}")
     evidence = _check_evidence(evidence, findings)
+    if supersedes is not None:
+        if not isinstance(supersedes, SupersededDraft):
+            raise ValueError(f"supersedes must be a SupersededDraft or None, got {type(supersedes).__name__}")
+        if supersedes.study_uid != str(evidence[0].StudyInstanceUID):
+            raise ValueError(f"supersedes.study_uid: the earlier draft is of study {supersedes.study_uid}, not the evidence's")
+        impression = f"{supersedes.sentence} {impression}"
     if created_at is not None:
         _check_aware(created_at, "created_at")
     content = _content_tree(findings, impression, algorithm, verifier=None, unchanged=None, procedures=procedures)
@@ -254,7 +299,7 @@ def write_draft_sr(
         created_at,
         charset=_charset(evidence[0], texts),
         verification=None,
-        previous=None,
+        previous=supersedes.as_dataset() if supersedes is not None else None,
     )
     equipment = hd.ContributingEquipment(
         manufacturer=algorithm.manufacturer,

@@ -54,6 +54,7 @@ class CaptionBatcher:
         self._waiting: list[_Request] = []
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._series_lock = threading.Lock()
 
     # What drafting reads of a captioner.
     @property
@@ -63,6 +64,16 @@ class CaptionBatcher:
     @property
     def views(self) -> tuple[ImageView, ...]:
         return self.captioner.views
+
+    @property
+    def reads_series(self) -> bool:
+        return bool(getattr(self.captioner, "reads_series", False))
+
+    def caption_series(self, series: Any, generation: Any = "fast", *, batch_size: int = 8, seed: int = 0) -> list[list[str]]:
+        """A model that reads series (``hf-vlm``) gets each study's series as they come, one study
+        at a time (its prompts are per series, so images of several studies are not merged)."""
+        with self._series_lock:
+            return self.captioner.caption_series(series, generation, batch_size=batch_size, seed=seed)
 
     def describe(self) -> dict[str, Any]:
         return {**self.captioner.describe(), "batch_images": self.max_images, "batch_wait_ms": self.max_wait * 1000}

@@ -88,6 +88,55 @@ class Captioner:
                 captions.extend(self.model.generate_captions(self.model.encode(pixels), self.text, settings))
         return captions
 
+    @property
+    def reads_series(self) -> bool:
+        """Whether the model reads a series' key images together with a prompt (``hf-vlm``)."""
+        return bool(getattr(self.model, "reads_series", False))
+
+    def caption_series(
+        self,
+        series: Sequence[SeriesRequest],
+        generation: GenerationPreset | str = "fast",
+        *,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> list[list[str]]:
+        """One caption per key image of each series ({view: (K, 3, S, S)} and its header facts as a prompt text).
+
+        A model that reads series gets each series' key images together, at most its config's
+        ``max_images`` per prompt, with the facts; each key image gets the text of the prompt that
+        read it, and about ``batch_size`` images go into one call. Any other model captions every
+        key image alone (the facts unused), all series' images batched together.
+        """
+        settings = preset(generation) if isinstance(generation, str) else generation
+        names = [v.name for v in self.views]
+        counts = [len(views[names[0]]) if names[0] in views else 0 for views, _ in series]
+        if not self.reads_series:
+            flat = self.caption(
+                {n: np.concatenate([views[n] for views, _ in series]) for n in names}, settings, batch_size=batch_size, seed=seed
+            )
+            return split(flat, counts)
+        per_prompt = int(self.model.config.max_images)
+        groups = [(i, start, min(start + per_prompt, count)) for i, count in enumerate(counts) for start in range(0, count, per_prompt)]
+        texts: list[str] = []
+        torch.manual_seed(seed)
+        batch: list[tuple[int, int, int]] = []
+        for k, group in enumerate(groups):
+            batch.append(group)
+            images = sum(end - start for _, start, end in batch)
+            if k + 1 == len(groups) or images + (groups[k + 1][2] - groups[k + 1][1]) > batch_size:
+                pixels = [
+                    (torch.from_numpy(np.ascontiguousarray(series[i][0][names[0]][start:end])).to(self.device), series[i][1])
+                    for i, start, end in batch
+                ]
+                with torch.no_grad():
+                    texts.extend(self.model.generate_series_captions(pixels, self.text, settings))
+                batch = []
+        captions: list[list[str]] = [[] for _ in series]
+        for (i, start, end), text in zip(groups, texts, strict=True):
+            captions[i].extend([text] * (end - start))
+        return captions
+
     def warm_up(self) -> None:
         """One tiny generation, so the first study does not pay for lazy initialisation."""
         self.caption({v.name: np.zeros((1, 3, v.size, v.size), dtype=np.float32) for v in self.views}, "fast")
@@ -100,6 +149,19 @@ class Captioner:
             "weights_sha256": self.identity.weights_sha256,
             "device": str(self.device),
         }
+
+
+#: A series for :meth:`Captioner.caption_series`: its key images' views, and its header facts as a prompt text.
+SeriesRequest = tuple[dict[str, np.ndarray], str]
+
+
+def split(flat: Sequence[str], counts: Sequence[int]) -> list[list[str]]:
+    """Captions of several series' images in one list, back into one list per series."""
+    out, start = [], 0
+    for count in counts:
+        out.append(list(flat[start : start + count]))
+        start += count
+    return out
 
 
 def summarise(captions: Sequence[str]) -> str:

@@ -93,6 +93,12 @@ class ComposeRequest:
 
 _BLIP2 = ComposeOption("blip2", "BLIP-2 (HF format) hub id or directory, e.g. Salesforce/blip2-opt-2.7b", required=True)
 _SAM = ComposeOption("sam", "SAM hub id or directory (facebook/sam-vit-base, wanglab/medsam-vit-base) or a .pth", required=True)
+_FROZEN_DTYPE = ComposeOption(
+    "frozen_dtype",
+    "store the frozen encoders and the LM (hf-vlm: the whole model) in this dtype (default: as the source stores them)",
+    default="source",
+    choices=("source", "bf16", "fp16", "fp32"),
+)
 _MSMEDCAP = (
     ComposeOption(
         "bert",
@@ -104,12 +110,7 @@ _MSMEDCAP = (
         "CLIP view when captioning (default: 364 for a ViT trained at 224, as the paper evaluates; else its training size)",
         kind=int,
     ),
-    ComposeOption(
-        "frozen_dtype",
-        "store the frozen encoders and the LM in this dtype (default: as the source stores them)",
-        default="source",
-        choices=("source", "bf16", "fp16", "fp32"),
-    ),
+    _FROZEN_DTYPE,
     ComposeOption("sam_layout", "SAM token layout (the official code: channel)", default="channel", choices=("channel", "spatial")),
     ComposeOption("prompt", "text before every caption, in training and inference", default=""),
 )
@@ -152,6 +153,18 @@ REGISTRY: dict[str, Registration] = {
         ),
     ),
     "clip_transformer": Registration("models.clip_transformer", (_CLIP, _CAPTIONS, _MIN_WORD_COUNT)),
+    "hf-vlm": Registration(
+        "models.hf_vlm",
+        (
+            ComposeOption("vlm", "transformers image-text-to-text model, hub id or directory, e.g. google/medgemma-4b-it", required=True),
+            _FROZEN_DTYPE,
+            ComposeOption(
+                "max_images", "key images per prompt: as many as the model accepts (1 for single-image models)", default=4, kind=int
+            ),
+            ComposeOption("vlm_image_size", "side of the key image view handed to the model's processor", default=512, kind=int),
+            ComposeOption("vlm_prompt", "prompt template; {facts}: the series' header facts, {images}: how many key images"),
+        ),
+    ),
 }
 
 

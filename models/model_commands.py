@@ -375,12 +375,15 @@ def cmd_caption(settings: Any, args: argparse.Namespace) -> int:
     if not series:
         raise ModelCommandError(f"no CT or MR image series under {args.path}")
     from dicom_io.header_facts import series_facts
-    from models.grounding import ground
+    from models.grounding import ground, prompt_for
 
     drafts: list[dict[str, Any]] = []
     for item in series:
-        captions = captioner.caption(dict(item.views), _generation(args), batch_size=args.gen_batch_size, seed=args.seed)
         facts = series_facts(item.series)
+        # a model that takes a prompt (hf-vlm) reads the series' key images together with its header facts
+        (captions,) = captioner.caption_series(
+            [(dict(item.views), prompt_for(facts))], _generation(args), batch_size=args.gen_batch_size, seed=args.seed
+        )
         grounded = ground(captions, facts)
         drafts.append(
             {

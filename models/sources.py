@@ -21,7 +21,7 @@ class ComposeError(RuntimeError):
 
 #: What a hub snapshot needs for MedCap: configs, weights, tokenizers; never a second copy of the
 #: weights in the legacy format (``*.bin`` only when a repository has no safetensors).
-HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "merges.txt", "vocab.*"]
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "merges.txt", "vocab.*"]  # .jinja: a processor's chat template
 
 
 def resolve(source: str, what: str) -> Path:

@@ -18,6 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicom_io.sr import SeriesFinding, Verification, read_findings, read_impression, write_verified_sr
+from models.demo import is_demo
 from service import audit, draft_outcomes, routing
 from service import dispatch_lifecycle as dispatches
 from service import outputs as output_kinds
@@ -65,6 +66,11 @@ class DraftView:
     series: list[dict[str, object]] = field(default_factory=list)  # [{series_uid, modality, text, key_images}]
     impression: str = ""
     review: dict[str, object] | None = None
+
+    @property
+    def demo_model(self) -> bool:
+        """Drafted by the demo model, which is for trying MedCap only (the page says so)."""
+        return is_demo(self.model_name)
 
 
 def state_of(decision: str | None, version: int, latest: int) -> ReviewState:

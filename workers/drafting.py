@@ -26,9 +26,10 @@ from sqlalchemy.orm import Session
 from dicom_io.header_facts import Code, HeaderFacts, procedure_code, series_facts
 from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import SeriesInput, prepare_series
-from dicom_io.sr import AlgorithmInfo, SeriesFinding, read_impression, write_draft_sr
+from dicom_io.sr import SR_SOP_CLASS_UID, AlgorithmInfo, SeriesFinding, SupersededDraft, read_impression, write_draft_sr
+from models.demo import DEMO_NOTICE, is_demo
 from models.families import ImageCaptioner
-from models.grounding import GroundedDraft, ground
+from models.grounding import GroundedDraft, ground, prompt_for
 from service import audit, draft_outcomes, routing
 from service import dispatch_lifecycle as dispatches
 from service import job_lifecycle as jobs
@@ -99,6 +100,7 @@ class WrittenSR:
     captions: list[list[str]]
     inferred_at: object
     destinations: tuple[str, ...]
+    supersedes: tuple[int, SupersededDraft] | None = None  # the earlier version's draft this one replaces (row id, reference)
 
 
 class Drafter:
@@ -178,14 +180,18 @@ class Drafter:
             )
             for s, text, f in zip(series, texts, facts, strict=True)
         ]
+        previous = self._previous_draft(source, identity.weights_sha256)  # type: ignore[attr-defined]
         try:
             sr = write_draft_sr(
                 findings,
-                grounded_impression(grounded),
+                with_demo_notice(grounded_impression(grounded), identity.name),  # type: ignore[attr-defined]
                 algorithm,
                 sr_evidence(series),
                 created_at=inferred_at,
                 procedures=procedures_of(facts),
+                # the PACS tells the versions' drafts apart by instance number, and the text says which one is current
+                instance_number=source.version_number,
+                supersedes=previous[1] if previous else None,
             )
         except ValueError as exc:
             raise PermanentJobError(f"cannot build the draft SR: {exc}") from exc
@@ -193,7 +199,7 @@ class Drafter:
         destinations: dict[str, None] = {}  # the union of the series' destinations, in order
         for decision in group:
             destinations.update(dict.fromkeys(self.options.destinations if decision.destinations is None else decision.destinations))
-        return WrittenSR(key, model, sr, path, digest, series, grounded, facts, captions, inferred_at, tuple(destinations))
+        return WrittenSR(key, model, sr, path, digest, series, grounded, facts, captions, inferred_at, tuple(destinations), previous)
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -240,6 +246,27 @@ class Drafter:
             raise PermanentJobError(f"the routing rules chose model {name!r}, which this worker cannot load")
         return self.models(name)
 
+    def _previous_draft(self, source: DraftSource, weights_sha256: str) -> tuple[int, SupersededDraft] | None:
+        """The draft SR of an earlier version of the study that the one being made replaces (its row
+        id, and what the new SR says of it): the newest by the same model, else the newest by any
+        (the routing rules may have chosen another model); None for the study's first draft."""
+        with self.db.session() as s:
+            rows = s.execute(
+                select(SRDocument.id, SRDocument.series_uid, SRDocument.sop_instance_uid, StudyVersion.number, SRDocument.idempotency_key)
+                .join(StudyVersion, StudyVersion.id == SRDocument.study_version_id)
+                .where(
+                    SRDocument.study_id == source.study_id,
+                    SRDocument.kind == SRKind.DRAFT.value,
+                    StudyVersion.number < source.version_number,
+                )
+                .order_by(StudyVersion.number.desc(), SRDocument.id.desc())
+            ).all()
+        if not rows:
+            return None
+        # a draft's key is "draft:<study version>:<weights sha256>"
+        row = next((r for r in rows if str(r[4]).endswith(f":{weights_sha256}")), rows[0])
+        return int(row[0]), SupersededDraft(source.study_uid, str(row[1]), SR_SOP_CLASS_UID, str(row[2]), int(row[3]))
+
     def _already_written(self, key: str) -> bool:
         with self.db.session() as s:
             return s.scalar(select(SRDocument.id).where(SRDocument.idempotency_key == key)) is not None
@@ -260,12 +287,16 @@ class Drafter:
     ) -> tuple[list[GroundedDraft], list[list[str]]]:
         """All key images of the series through the model in batches; one grounded draft per series
         (a heading from its header facts, the model's sentences that do not contradict them)."""
-        inputs = {v.name: np.concatenate([s.views[v.name] for s in series]) for v in model.views}
-        flat = model.caption(inputs, self.options.generation_preset, batch_size=self.options.batch_size)
-        captions, start = [], 0
-        for s in series:
-            captions.append(flat[start : start + len(s.key_slices)])
-            start += len(s.key_slices)
+        if getattr(model, "reads_series", False):  # a VLM (hf-vlm): each series' key images together, its facts in the prompt
+            requests = [(dict(s.views), prompt_for(f)) for s, f in zip(series, facts, strict=True)]
+            captions = model.caption_series(requests, self.options.generation_preset, batch_size=self.options.batch_size)  # type: ignore[attr-defined]
+        else:
+            inputs = {v.name: np.concatenate([s.views[v.name] for s in series]) for v in model.views}
+            flat = model.caption(inputs, self.options.generation_preset, batch_size=self.options.batch_size)
+            captions, start = [], 0
+            for s in series:
+                captions.append(flat[start : start + len(s.key_slices)])
+                start += len(s.key_slices)
         captions = [[printable(c) for c in series_captions] for series_captions in captions]
         return [ground(c, f) for c, f in zip(captions, facts, strict=True)], captions
 
@@ -324,6 +355,7 @@ class Drafter:
             study_id=source.study_id,
             study_version_id=source.version_id,
             job_id=job_id,
+            predecessor_id=w.supersedes[0] if w.supersedes else None,  # the earlier version's draft (a verified SR's: its draft)
             sop_instance_uid=str(sr.SOPInstanceUID),
             series_uid=str(sr.SeriesInstanceUID),
             completion_flag=str(sr.CompletionFlag),
@@ -371,6 +403,7 @@ class Drafter:
             study_version=source.version_number,
             series=len(w.series),
             sentences_removed=sum(len(d.removed) for d in w.grounded),
+            supersedes=w.supersedes[1].sop_instance_uid if w.supersedes else None,
             model=identity.name,
             model_version=identity.version,  # type: ignore[attr-defined]
             weights_sha256=identity.weights_sha256,  # type: ignore[attr-defined]
@@ -432,6 +465,11 @@ def facts_of(item: SeriesInput) -> HeaderFacts:
 def procedures_of(facts: Sequence[HeaderFacts]) -> list[Code]:
     """One coded procedure per distinct modality of the captioned series: the SR's "Procedure reported"."""
     return list(dict.fromkeys(procedure_code(f.modality) for f in facts if f.modality))
+
+
+def with_demo_notice(impression: str, model_name: str) -> str:
+    """The demo model's SRs say in their text that it is for trying MedCap only (its name says so too)."""
+    return f"{DEMO_NOTICE} {impression}" if is_demo(model_name) else impression
 
 
 def draft_impression(texts: Sequence[str]) -> str:

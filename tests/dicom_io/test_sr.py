@@ -12,6 +12,7 @@ from dicom_io.sr import (
     AlgorithmInfo,
     ImageRef,
     SeriesFinding,
+    SupersededDraft,
     Verification,
     evidence_series,
     read_algorithm,
@@ -286,3 +287,35 @@ def test_coded_content_is_checked(ge: list[Dataset]):
         SeriesFinding(series, "x", [ge[0]], finding_site=("69536005", "SCT", "Head"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"procedures\[0\] must be a Code"):
         write_draft_sr([finding(ge)], "x", ALGORITHM, ge, procedures=["CT"])  # type: ignore[list-item]
+
+
+def test_a_superseding_draft_references_the_earlier_draft_and_says_so(draft: Dataset, ge: list[Dataset], tmp_path: Path):
+    earlier = SupersededDraft(draft.StudyInstanceUID, draft.SeriesInstanceUID, draft.SOPClassUID, draft.SOPInstanceUID, study_version=1)
+    later = write_draft_sr([finding(ge)], "Normal CT of the head.", ALGORITHM, ge, instance_number=2, supersedes=earlier)
+    sr = check_file(save(later, tmp_path, "superseding-draft"))
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.InstanceNumber) == ("PARTIAL", "UNVERIFIED", 2)
+    ref = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (COMPREHENSIVE_SR, draft.SOPInstanceUID)
+    assert sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID == draft.SeriesInstanceUID
+    assert (
+        read_impression(sr)
+        == f"Supersedes the AI draft of study version 1 (SR {draft.SOPInstanceUID}), made before later images arrived. Normal CT of the head."
+    )
+    # approved unchanged, the verified report keeps the sentence and names the new draft as its predecessor
+    verified = check_file(save(write_verified_sr(sr, Verification("Smith^Jane", "General Hospital", VERIFIED_AT)), tmp_path, "verified-2"))
+    assert (
+        verified.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        == sr.SOPInstanceUID
+    )
+
+
+def test_what_a_draft_supersedes_is_checked(ge: list[Dataset], draft: Dataset):
+    with pytest.raises(ValueError, match="SupersededDraft.sop_instance_uid must be a DICOM UID"):
+        SupersededDraft(draft.StudyInstanceUID, draft.SeriesInstanceUID, COMPREHENSIVE_SR, "not-a-uid", 1)
+    with pytest.raises(ValueError, match="SupersededDraft.study_version must be an integer >= 1"):
+        SupersededDraft(draft.StudyInstanceUID, draft.SeriesInstanceUID, COMPREHENSIVE_SR, draft.SOPInstanceUID, 0)
+    other_study = SupersededDraft("1.2.3", draft.SeriesInstanceUID, COMPREHENSIVE_SR, draft.SOPInstanceUID, 1)
+    with pytest.raises(ValueError, match="supersedes.study_uid: the earlier draft is of study 1.2.3"):
+        write_draft_sr([finding(ge)], "None.", ALGORITHM, ge, supersedes=other_study)
+    with pytest.raises(ValueError, match="supersedes must be a SupersededDraft"):
+        write_draft_sr([finding(ge)], "None.", ALGORITHM, ge, supersedes=draft)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_io.header_facts import HeaderFacts
-from models.demo import build_demo_model
+from models.demo import DEMO_MODEL_NAME, build_demo_model
 from models.grounding import contradictions, sentences
 from models.synthetic import generate_dataset
 from service.cli import main
@@ -68,7 +68,7 @@ def test_caption_without_grounding_prints_the_model_text(demo, capsys):
 def test_evaluate_reports_the_contradiction_rate_of_the_shared_series_with_and_without_grounding(demo, capsys, tmp_path):
     assert main(["evaluate", "--model", str(demo), "--dicom", str(SHARED_DATA), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "Contradiction rate without grounding" in out and "| MSMedCap | 3 |" in out
+    assert "Contradiction rate without grounding" in out and f"| {DEMO_MODEL_NAME} | 3 |" in out
     written = json.loads((tmp_path / "contradictions.json").read_text())
     (row,) = written["models"].values()
     assert row["series"] == 3
@@ -84,11 +84,11 @@ def test_evaluate_scores_a_table_with_header_facts_as_written_and_grounded(demo,
     data = generate_dataset(tmp_path / "syn", 0, 0, 12, size=64, seed=3)
     assert main(["evaluate", "--model", str(demo), "--data", str(data), "--out", str(tmp_path / "eval")]) == 0
     out = capsys.readouterr().out
-    assert "| MSMedCap |" in out and "| MSMedCap (grounded) |" in out and "Contradiction rate with grounding" in out
+    assert f"| {DEMO_MODEL_NAME} |" in out and f"| {DEMO_MODEL_NAME} (grounded) |" in out and "Contradiction rate with grounding" in out
     results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
-    assert set(results) == {"MSMedCap", "MSMedCap (grounded)"}
+    assert set(results) == {DEMO_MODEL_NAME, f"{DEMO_MODEL_NAME} (grounded)"}
     grounding = json.loads((tmp_path / "eval" / "contradictions.json").read_text())
-    assert grounding["unit"] == "images" and grounding["models"]["MSMedCap"]["grounded"]["contradicting"] == 0
+    assert grounding["unit"] == "images" and grounding["models"][DEMO_MODEL_NAME]["grounded"]["contradicting"] == 0
 
 
 def test_evaluate_needs_data_or_dicom(demo, capsys):

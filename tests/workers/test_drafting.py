@@ -3,6 +3,7 @@ and its rows in the database (SQLite and PostgreSQL), with the races a redeliver
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,12 +16,13 @@ from dicom_io.header_facts import HeaderFacts
 from dicom_io.image_views import ImageView
 from dicom_io.key_slices import KeySliceSpec
 from dicom_io.model_input import prepare_series
-from dicom_io.sr import AlgorithmInfo, SeriesFinding, read_findings, write_draft_sr
+from dicom_io.sr import AlgorithmInfo, SeriesFinding, read_findings, read_impression, write_draft_sr
 from models.captioner import Captioner
+from models.demo import DEMO_MODEL_NAME, DEMO_NOTICE
 from service.schema import AuditEvent, Dispatch, Draft, Instance, Job, SRDocument
 from tests.conftest import storescu
 from tests.workers.conftest import CT, MR, make_drafter, runner
-from workers.drafting import Drafter, NotOurs, printable, sr_evidence
+from workers.drafting import Drafter, NotOurs, printable, sr_evidence, with_demo_notice
 
 
 @pytest.mark.peers
@@ -263,3 +265,87 @@ def test_a_header_without_readable_facts_grounds_nothing_and_fails_nothing(monke
     facts = drafting.facts_of(item)
     assert (facts.modality, facts.region, facts.plane) == (None, None, None)
     assert facts.conflicts == ("header facts could not be read: ImageOrientationPatient is degenerate",)
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_later_versions_draft_references_and_names_the_draft_it_supersedes(db, listener, clock, assembler, settings, captioner):
+    from tests.pipeline import draft_study
+
+    first_id = draft_study(db, clock, settings, listener, assembler, captioner, CT[:4])
+    second_id = draft_study(db, clock, settings, listener, assembler, captioner, CT[4:])  # late images: study version 2
+    with db.session() as s:
+        first, second = s.get(SRDocument, first_id), s.get(SRDocument, second_id)
+        event = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "sr.written", AuditEvent.object_id == second.sop_instance_uid)
+        ).one()
+    assert first.predecessor_id is None and second.predecessor_id == first.id
+    assert event.details["supersedes"] == first.sop_instance_uid
+    old, new = pydicom.dcmread(first.path), pydicom.dcmread(second.path)
+    assert "PredecessorDocumentsSequence" not in old and (old.InstanceNumber, new.InstanceNumber) == (1, 2)
+    (study,) = new.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (ref,) = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID) == (old.StudyInstanceUID, old.SeriesInstanceUID)
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (old.SOPClassUID, old.SOPInstanceUID)
+    sentence = f"Supersedes the AI draft of study version 1 (SR {old.SOPInstanceUID})"
+    assert second.impression.startswith(sentence) and sentence not in (first.impression or "")
+    check = subprocess.run(["dciodvfy", "-new", second.path], capture_output=True, text=True)
+    assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stderr
+
+
+class Renamed:
+    """The real model under another name (the demo model's is set in its config.json by models/demo.py)."""
+
+    def __init__(self, model: Captioner, name: str) -> None:
+        self.model, self.views = model, model.views
+        self.identity = dataclasses.replace(model.identity, name=name)
+
+    def caption(self, *args, **kwargs):
+        return self.model.caption(*args, **kwargs)
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_demo_models_srs_say_it_is_for_trying_medcap_only(db, clock, settings, captioner, job_id):
+    assert (
+        runner(db, clock).run(job_id, make_drafter(db, clock, Renamed(captioner, DEMO_MODEL_NAME), settings, destinations=()).draft)
+        == "succeeded"
+    )
+    with db.session() as s:
+        doc = s.scalars(select(SRDocument)).one()
+    sr = pydicom.dcmread(doc.path)
+    assert read_impression(sr).startswith(DEMO_NOTICE) and doc.impression.startswith(DEMO_NOTICE)
+    names = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeMeaning == "Device Observer Name"]
+    assert [n.TextValue for n in names] == [f"{DEMO_MODEL_NAME} {captioner.identity.version}"]
+    assert sr.ContributingEquipmentSequence[-1].ManufacturerModelName == DEMO_MODEL_NAME
+    check = subprocess.run(["dciodvfy", "-new", doc.path], capture_output=True, text=True)
+    assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stderr
+
+
+def test_other_models_drafts_carry_no_demo_notice():
+    assert with_demo_notice("Normal.", "MSMedCap") == "Normal."
+    assert with_demo_notice("Normal.", DEMO_MODEL_NAME) == f"{DEMO_NOTICE} Normal."
+
+
+class OtherWeights(Renamed):
+    """The real model under other weights' hash: another model, as far as drafts and their keys go."""
+
+    def __init__(self, model: Captioner) -> None:
+        super().__init__(model, "Other model")
+        self.identity = dataclasses.replace(self.identity, weights_sha256="ab" * 32)
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_draft_supersedes_its_own_models_earlier_draft_else_the_newest(db, listener, clock, assembler, settings, captioner):
+    from tests.pipeline import draft_study
+
+    v1 = draft_study(db, clock, settings, listener, assembler, captioner, CT[:3])
+    v2 = draft_study(db, clock, settings, listener, assembler, OtherWeights(captioner), CT[3:6])  # no draft of its own model: the newest
+    v3 = draft_study(db, clock, settings, listener, assembler, captioner, CT[6:])  # its own model's, though v2's is newer
+    with db.session() as s:
+        docs = {i: s.get(SRDocument, i) for i in (v1, v2, v3)}
+    assert (docs[v2].predecessor_id, docs[v3].predecessor_id) == (v1, v1)
+    assert [pydicom.dcmread(docs[i].path).InstanceNumber for i in (v1, v2, v3)] == [1, 2, 3]
+    assert docs[v3].impression.startswith(f"Supersedes the AI draft of study version 1 (SR {docs[v1].sop_instance_uid})")

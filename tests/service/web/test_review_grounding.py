@@ -44,3 +44,16 @@ def test_no_block_when_nothing_was_removed(client, accounts, draft_id, db):
         s.execute(update(Draft).where(Draft.sr_document_id == draft_id).values(removed_sentences=None))
     page = client.get(f"/drafts/{draft_id}")
     assert page.status_code == 200 and "removed-sentences" not in page.text
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_demo_model_draft_carries_a_banner_that_says_so(client, accounts, draft_id, db):
+    from models.demo import DEMO_MODEL_NAME
+
+    sign_in(client, "smith")
+    assert 'id="demo-banner"' not in client.get(f"/drafts/{draft_id}").text
+    with db.session() as s:
+        s.execute(update(Draft).where(Draft.sr_document_id == draft_id).values(model_name=DEMO_MODEL_NAME))
+    page = html.unescape(client.get(f"/drafts/{draft_id}").text)
+    assert 'id="demo-banner"' in page and "for trying MedCap only" in page
