@@ -83,6 +83,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("service/atna.py", "Path"): "the package's own DICOM audit message schema",
     ("service/atna.py", "/ 'schemas'"): "the package's own DICOM audit message schema",
     ("service/atna.py", "/ 'dicom-audit-message.rng'"): "the package's own DICOM audit message schema",
+    ("service/audit_queries.py", "exists"): "SQL EXISTS (whether more events matched an export), not a file",
     ("service/audit_queries.py", "copy"): "psycopg's COPY ... TO STDOUT (the audit CSV export), not a file",
     ("service/web/app.py", "Path"): "the web package's own static files",
     ("service/web/context.py", "Path"): "the web package's own templates",
