@@ -49,6 +49,7 @@ class OpenAssociation:
     duplicate: int = 0
     failed: int = 0
     closed: bool = False
+    ending: tuple[AssociationOutcome, str | None] | None = None  # the first end seen, kept while its recording is retried
     # series UID -> (study id, series id), so only the first instance of a series upserts.
     series_ids: dict[str, tuple[int, int]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -64,7 +65,7 @@ class Ingest:
         self.store = store
         self.clock = clock
         self.listener_name = listener_name
-        self.deferred = deferred or DeferredWrites()
+        self.deferred = deferred if deferred is not None else DeferredWrites()
 
     # -- associations ---------------------------------------------------------------
 
@@ -140,6 +141,9 @@ class Ingest:
         with assoc.lock:
             if assoc.closed:
                 return
+            if assoc.ending is None:
+                assoc.ending = (outcome, reason)
+            outcome, reason = assoc.ending
             for pause in (*END_RETRY_PAUSES, None):
                 try:
                     self._record_end(assoc, outcome, reason)

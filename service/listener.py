@@ -12,11 +12,12 @@ import ssl
 import threading
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association as PynetdicomAssociation
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_io.instance import (
+    STATUS_BAD_ATTRIBUTE,
     STATUS_HANDLER_ERROR,
     InvalidInstance,
     decode_received,
@@ -104,6 +105,10 @@ class Listener:
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            # pynetdicom's "standard" handlers only format DEBUG lines, on every PDU and message,
+            # and raise on a request missing a field; below DEBUG they cost time and say nothing.
+            _config.LOG_HANDLER_LEVEL = "none"
         ae = AE(ae_title=self.settings.dicom_ae_title)
         # Our own limit (in _on_requested) counts admitted associations only; pynetdicom's counts
         # every connection's thread, so it is set where it can never be the one that refuses.
@@ -147,6 +152,7 @@ class Listener:
         server.gate = self.gate
         server.on_refused = self._on_connection_refused
         server.on_finished = self._on_connection_finished
+        server.on_invalid_store = self._on_invalid_store
         threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{self.name}", daemon=True).start()
         self.ae._servers.append(server)
         self._server = server
@@ -331,6 +337,21 @@ class Listener:
         except Exception:
             LOG.exception("C-STORE handler failed")
             return STATUS_HANDLER_ERROR
+
+    def _on_invalid_store(self, assoc: PynetdicomAssociation, request: Any) -> int:
+        """A C-STORE-RQ pynetdicom would not serve (a required field is missing): refuse and record it."""
+        missing = [k for k in ("AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority", "DataSet") if getattr(request, k) is None]
+        reason = f"the request's {', '.join(missing)} is empty or missing"
+        with self._lock:
+            record = self._open.get(id(assoc))
+        if record is None:
+            return STATUS_HANDLER_ERROR
+        try:
+            data = request.DataSet.getvalue() if request.DataSet is not None else b""
+            return self.ingest.refuse(record, Part10(b"", memoryview(data)), InvalidInstance(STATUS_BAD_ATTRIBUTE, reason))
+        except Exception:
+            LOG.exception("cannot record an invalid C-STORE request")
+            return STATUS_BAD_ATTRIBUTE
 
     def _end(self, event: evt.Event, outcome: AssociationOutcome) -> None:
         self._end_association(event.assoc, outcome)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
@@ -157,7 +158,7 @@ class GuardedDUL(DULServiceProvider):
             except OSError:
                 pass
 
-    def _abort_unread(self, abort_pdu: bytes, reason: str) -> None:
+    def _abort_unread(self, abort_pdu: bytes, reason: str, established: bool) -> None:
         """Abort without reading what follows: tell the peer, close, and let the state machine see it closed."""
         address, port = self._peer()
         LOG.warning("aborting connection from %s:%d: %s", address, port, reason)
@@ -171,7 +172,7 @@ class GuardedDUL(DULServiceProvider):
             except OSError:
                 pass
         self.reported = True
-        if not self.assoc.is_established:
+        if not established:
             # An established association's end is recorded (aborted) by the listener;
             # before that, this is the only trace the connection leaves.
             try:
@@ -196,11 +197,11 @@ class GuardedDUL(DULServiceProvider):
             return
         pdu_type, _, length = struct.unpack(">BBL", header)
         if pdu_type not in _KNOWN_PDU_TYPES:
-            self._abort_unread(_ABORT_UNRECOGNISED_PDU, f"unknown PDU type 0x{pdu_type:02X}")
+            self._abort_unread(_ABORT_UNRECOGNISED_PDU, f"unknown PDU type 0x{pdu_type:02X}", established)
             return
         limit = self.limits_for(pdu_type, established)
         if length > limit:
-            self._abort_unread(_ABORT_INVALID_PARAMETER, f"PDU type 0x{pdu_type:02X} announces {length} bytes, more than the {limit} allowed")
+            self._abort_unread(_ABORT_INVALID_PARAMETER, f"PDU type 0x{pdu_type:02X} announces {length} bytes, more than the {limit} allowed", established)
             return
         pdu = bytearray(6 + length)
         pdu[:6] = header
@@ -238,12 +239,35 @@ class GuardedRequestHandler(RequestHandler):
         dul.on_refused = self.server.on_refused
         dul.acse_timeout_after_request = self.ae.acse_timeout
         dul._request_deadline = time.monotonic() + self.server.gate.limits.request_timeout_seconds
+        assoc._serve_request = self._answering(assoc, assoc._serve_request)
         dul.socket = assoc.dul.socket
         dul.event_queue = assoc.dul.event_queue  # holds Evt5 (connection open) from set_socket()
         assoc.dul = dul
         # The acceptor waits this long for the A-ASSOCIATE-RQ (GuardedDUL restores it once it arrives).
         assoc.acse_timeout = self.server.gate.limits.request_timeout_seconds
         return assoc
+
+    def _answering(self, assoc: Any, serve: Callable[[Any, int], None]) -> Callable[[Any, int], None]:
+        """pynetdicom ignores a C-STORE-RQ missing a required field (a blank Affected SOP Instance
+        UID) and the sender waits for its timeout; here it gets a failure status instead."""
+
+        def serve_request(msg: Any, context_id: int) -> None:
+            if not isinstance(msg, C_STORE) or msg.is_valid_request:
+                serve(msg, context_id)
+                return
+            if msg.MessageID is None:
+                LOG.warning("C-STORE-RQ without a Message ID: aborting the association")
+                assoc.abort()
+                return
+            status = self.server.on_invalid_store(assoc, msg)
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = msg.MessageID
+            rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+            rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+            rsp.Status = status
+            assoc.dimse.send_msg(rsp, context_id)
+
+        return serve_request
 
     def handle(self) -> None:
         address, port = str(self.client_address[0]), int(self.client_address[1])
@@ -272,6 +296,7 @@ class GuardedServer(ThreadedAssociationServer):
     gate: ConnectionGate
     on_refused: RefusalHook
     on_finished: Callable[[Any], None]
+    on_invalid_store: Callable[[Any, Any], int]  # (association, C-STORE-RQ) -> failure status to answer
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         address, port = str(client_address[0]), int(client_address[1])
