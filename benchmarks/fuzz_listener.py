@@ -492,6 +492,7 @@ class Report:
     dataset_cases: int
     pdu_cases: int
     crashes: int
+    handler_errors: int
     hangs: int
     success_on_malformed: int
     health_attempted: int
@@ -569,10 +570,14 @@ def fuzz(seed: int, datasets: int, pdus: int, source: Path, health_interval: flo
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         log = (work / "listener.log").read_text(errors="replace")
-        unhandled = log.count("Traceback (most recent call last)")
-        if unhandled:
-            at = log.index("Traceback (most recent call last)")
-            notes.append("first traceback in the listener log:\n" + log[at : at + 1500])
+        # A crash: the process died, or an exception escaped a thread. Errors the listener caught
+        # and answered (a handler's 0xC211) are counted apart.
+        unhandled = log.count("Exception in thread")
+        handler_errors = sum(1 for line in log.splitlines() if " ERROR service." in line)
+        for marker in ("Exception in thread", " ERROR service."):
+            if marker in log:
+                at = log.index(marker)
+                notes.append(f"first {marker.strip()!r} in the listener log:\n" + log[at : at + 1500])
         facts = database_facts(url, data)
     notes += tally.examples + [f"health: {f}" for f in health.failures]
     pct = 100.0 * health.served / health.attempted if health.attempted else 0.0
@@ -581,6 +586,7 @@ def fuzz(seed: int, datasets: int, pdus: int, source: Path, health_interval: flo
         dataset_cases=tally.cases,
         pdu_cases=pdus,
         crashes=int(crashed) + unhandled,
+        handler_errors=handler_errors,
         hangs=hangs,
         success_on_malformed=tally.success_on_malformed,
         health_attempted=health.attempted,
@@ -623,7 +629,8 @@ def table(report: Report) -> str:
         ("seed", report.seed),
         ("malformed datasets / PDUs", f"{report.dataset_cases} / {report.pdu_cases}"),
         ("crashes (exit or unhandled traceback)", report.crashes),
-        ("hangs (no answer in time)", report.hangs),
+        ("errors caught by the handlers (logged ERROR)", report.handler_errors),
+        ("hangs (no answer or close in time)", report.hangs),
         ("Success on malformed input", report.success_on_malformed),
         ("health checks served (C-ECHO + C-STORE)", f"{report.health_served}/{report.health_attempted} ({report.health_served_pct}%)"),
         ("listener RSS start -> end", f"{report.rss_start_mb} -> {report.rss_end_mb} MB (+{report.rss_growth_mb})"),

@@ -126,10 +126,11 @@ class GuardedDUL(DULServiceProvider):
     acse_timeout_after_request: float | None
     _request_deadline: float
     reported = False  # a refusal of this connection is already on record
+    request_seen = False  # its A-ASSOCIATE-RQ has arrived
 
     def _peer(self) -> tuple[str, int]:
         info = self.assoc.requestor.address_info
-        return str(info.address), int(info.port)
+        return (str(info.address), int(info.port)) if info is not None else ("?", 0)
 
     def _recv(self, sock: socket.socket, buffer: memoryview, deadline: float | None) -> bool:
         """Fill ``buffer`` from the socket; False if the peer closed, errored, went quiet for the
@@ -189,8 +190,9 @@ class GuardedDUL(DULServiceProvider):
             return
         state = self.state_machine.current_state
         established = state in _ESTABLISHED_STATES
-        # Until the request is in, the whole PDU must arrive before the request deadline.
-        deadline = None if established or state != "Sta2" else self._request_deadline
+        # Until the request is in, every byte must arrive before the request deadline. (Not
+        # "state is Sta2": the first read may come before the state machine has seen Evt5.)
+        deadline = None if self.request_seen else self._request_deadline
         header = bytearray(6)
         if not self._recv(raw, memoryview(header), deadline):
             self.event_queue.put("Evt17")
@@ -215,7 +217,8 @@ class GuardedDUL(DULServiceProvider):
             LOG.warning("cannot decode PDU type 0x%02X of %d bytes: %s", pdu_type, length, exc)
             self.event_queue.put("Evt19")
             return
-        if pdu_type == 0x01 and state == "Sta2":
+        if pdu_type == 0x01 and not self.request_seen:
+            self.request_seen = True
             self.gate.requested(*self._peer())
             self.assoc.acse_timeout = self.acse_timeout_after_request
         self.event_queue.put(event)
@@ -239,7 +242,7 @@ class GuardedRequestHandler(RequestHandler):
         dul.on_refused = self.server.on_refused
         dul.acse_timeout_after_request = self.ae.acse_timeout
         dul._request_deadline = time.monotonic() + self.server.gate.limits.request_timeout_seconds
-        assoc._serve_request = self._answering(assoc, assoc._serve_request)
+        assoc._serve_request = self._answering(assoc, assoc._serve_request)  # type: ignore[method-assign,assignment]
         dul.socket = assoc.dul.socket
         dul.event_queue = assoc.dul.event_queue  # holds Evt5 (connection open) from set_socket()
         assoc.dul = dul
@@ -282,6 +285,9 @@ class GuardedRequestHandler(RequestHandler):
             if assoc.requestor.primitive is None and not getattr(assoc.dul, "reported", False):
                 self.server.on_refused(address, port, f"no association request within {self.server.gate.limits.request_timeout_seconds:g} s")
         finally:
+            # pynetdicom leaves the socket of a connection that ended before an association
+            # (timeout, bad PDU) to the garbage collector: close it now, so the peer sees it closed.
+            self.server.shutdown_request(self.request)
             self.server.gate.closed(address, port)
             if assoc is not None:
                 try:
