@@ -33,9 +33,7 @@ _ITEM_END = 0xFFFEE00D
 _SEQUENCE_END = 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _MAX_DEPTH = 16
-_VALID_VRS = frozenset(
-    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
-)
+_VALID_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split())
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
 _UNDEFINED_ALLOWED = frozenset({b"SQ", b"UN", b"OB", b"OW"})
 # PS3.5 9.1: digits and dots, no empty component, no leading zero in a component, at most 64 chars.
@@ -140,7 +138,9 @@ class _Walker:
             start = pos + header
             if length == UNDEFINED:
                 if vr not in _UNDEFINED_ALLOWED:
-                    raise MalformedDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined length its VR {vr!r} does not allow")
+                    raise MalformedDataset(
+                        f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) has an undefined length its VR {vr!r} does not allow"
+                    )
                 implicit, self.implicit = self.implicit, self.implicit or vr == b"UN"  # PS3.5 6.2.2: UN items are implicit VR
                 try:
                     pos = self.sequence(start, end, depth + 1, undefined=True, fragments=tag == _PIXEL_DATA)

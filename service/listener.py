@@ -366,9 +366,7 @@ class Listener:
             self.ingest.association_ended(record, outcome, reason)
         except Exception:
             LOG.exception("cannot record end of association %d; deferred", record.id)
-            self.deferred.add(
-                f"record the end of association {record.id}", lambda: self.ingest.association_ended(record, outcome, reason)
-            )
+            self.deferred.add(f"record the end of association {record.id}", lambda: self.ingest.association_ended(record, outcome, reason))
         with self._idle:
             self._open.pop(id(assoc), None)  # only now: wait_idle() means "recorded" (or deferred)
             self._idle.notify_all()

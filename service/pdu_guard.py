@@ -203,7 +203,9 @@ class GuardedDUL(DULServiceProvider):
             return
         limit = self.limits_for(pdu_type, established)
         if length > limit:
-            self._abort_unread(_ABORT_INVALID_PARAMETER, f"PDU type 0x{pdu_type:02X} announces {length} bytes, more than the {limit} allowed", established)
+            self._abort_unread(
+                _ABORT_INVALID_PARAMETER, f"PDU type 0x{pdu_type:02X} announces {length} bytes, more than the {limit} allowed", established
+            )
             return
         pdu = bytearray(6 + length)
         pdu[:6] = header
@@ -283,7 +285,9 @@ class GuardedRequestHandler(RequestHandler):
             assoc.start()
             assoc.join()  # this thread lives as long as the connection, to release its count
             if assoc.requestor.primitive is None and not getattr(assoc.dul, "reported", False):
-                self.server.on_refused(address, port, f"no association request within {self.server.gate.limits.request_timeout_seconds:g} s")
+                self.server.on_refused(
+                    address, port, f"no association request within {self.server.gate.limits.request_timeout_seconds:g} s"
+                )
         finally:
             # pynetdicom leaves the socket of a connection that ended before an association
             # (timeout, bad PDU) to the garbage collector: close it now, so the peer sees it closed.

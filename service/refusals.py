@@ -73,7 +73,9 @@ class RefusalLog:
             if tally.repeated:
                 reasons = "; ".join(f"{n} x {r}" for r, n in tally.reasons.most_common(5))
                 callers = ",".join(c or "-" for c, _ in tally.calling.most_common(5))
-                summary = f"{tally.repeated} more refusals in the minute from {tally.minute:%Y-%m-%d %H:%M} UTC (calling {callers}): {reasons}"
+                summary = (
+                    f"{tally.repeated} more refusals in the minute from {tally.minute:%Y-%m-%d %H:%M} UTC (calling {callers}): {reasons}"
+                )
                 self._write("", "", tally.address, 0, summary, tally.repeated)
 
     def _write(self, calling: str, called: str, address: str, port: int, reason: str, repeated: int | None) -> None:

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.processes  # the listener runs as `medcap listen`, a pr
 
 def test_the_short_seeded_tier_meets_every_goal(tmp_path, capsys):
     report_path = tmp_path / "fuzz.json"
-    status = fuzz_listener.main(["--seed", "12", "--datasets", "60", "--pdus", "60", "--health-interval", "0.3", "--json", str(report_path)])
+    status = fuzz_listener.main(
+        ["--seed", "12", "--datasets", "60", "--pdus", "60", "--health-interval", "0.3", "--json", str(report_path)]
+    )
     out = capsys.readouterr().out
     report = json.loads(report_path.read_text())
     assert report["dataset_cases"] == 60 and report["pdu_cases"] == 60

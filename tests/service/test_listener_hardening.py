@@ -225,7 +225,9 @@ def test_a_well_formed_instance_still_gets_success_with_its_uid_as_sent(db, star
     assert store_case(listener.port, case) == 0
     deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     ds.SOPInstanceUID = generate_uid()
-    deflated = fz.Case("deflated", deflater.compress(fz.encode(ds)) + deflater.flush(), str(ds.SOPInstanceUID), DeflatedExplicitVRLittleEndian)
+    deflated = fz.Case(
+        "deflated", deflater.compress(fz.encode(ds)) + deflater.flush(), str(ds.SOPInstanceUID), DeflatedExplicitVRLittleEndian
+    )
     assert store_case(listener.port, deflated) == 0
     assert listener.wait_idle(10)
     assert len(rows(db, Instance)) == 2 and len(instance_files(settings)) == 2
@@ -254,9 +256,7 @@ def _outage(*_: object, **__: object) -> None:
     raise OperationalError("UPDATE associations", {}, Exception("database is away"))
 
 
-def test_an_association_end_that_cannot_be_recorded_is_recorded_when_the_database_is_back(
-    db, start_listener, make_settings, monkeypatch
-):
+def test_an_association_end_that_cannot_be_recorded_is_recorded_when_the_database_is_back(db, start_listener, make_settings, monkeypatch):
     monkeypatch.setattr(ingest_module, "END_RETRY_PAUSES", (0.01,))
     listener = start_listener(make_settings())
     original = listener.ingest._record_end
