@@ -158,15 +158,15 @@ def malformed_dataset(rng: random.Random, base: pydicom.Dataset) -> Case:
         data = encode(ds)
         return Case(kind, data[: rng.randrange(16, len(data) - 2)], uid)
     if kind == "pixel_length_past_end":
-        data = bytearray(encode(ds))
-        at = _pixel_header_offset(bytes(data))
-        struct.pack_into("<L", data, at + 8, len(data) - at - 12 + rng.randrange(1, 1 << 20))
-        return Case(kind, bytes(data), uid)
+        buf = bytearray(encode(ds))
+        at = _pixel_header_offset(bytes(buf))
+        struct.pack_into("<L", buf, at + 8, len(buf) - at - 12 + rng.randrange(1, 1 << 20))
+        return Case(kind, bytes(buf), uid)
     if kind == "element_length_past_end":
-        data = bytearray(encode(ds))
-        at = data.index(b"\x10\x00\x10\x00")  # PatientName (0010,0010), a short-length VR
-        struct.pack_into("<H", data, at + 6, 0xFFF0)
-        return Case(kind, bytes(data[: min(len(data), at + 8 + rng.randrange(0, 0xFFF0))]), uid)
+        buf = bytearray(encode(ds))
+        at = buf.index(b"\x10\x00\x10\x00")  # PatientName (0010,0010), a short-length VR
+        struct.pack_into("<H", buf, at + 6, 0xFFF0)
+        return Case(kind, bytes(buf[: min(len(buf), at + 8 + rng.randrange(0, 0xFFF0))]), uid)
     if kind == "implicit_on_explicit":
         return Case(kind, encode(ds, implicit=True), uid)
     if kind == "zero_dimension":
@@ -186,10 +186,10 @@ def malformed_dataset(rng: random.Random, base: pydicom.Dataset) -> Case:
     if kind == "garbage":
         return Case(kind, rng.randbytes(rng.randrange(1, 4096)), uid)
     if kind == "bad_vr":
-        data = bytearray(encode(ds))
-        at = data.index(b"\x10\x00\x20\x00")  # PatientID (0010,0020)
-        data[at + 4 : at + 6] = rng.choice([b"\x00\x00", b"zz", b"12", b"\xff\xfe"])
-        return Case(kind, bytes(data), uid)
+        buf = bytearray(encode(ds))
+        at = buf.index(b"\x10\x00\x20\x00")  # PatientID (0010,0020)
+        buf[at + 4 : at + 6] = rng.choice([b"\x00\x00", b"zz", b"12", b"\xff\xfe"])
+        return Case(kind, bytes(buf), uid)
     if kind == "deflate_bomb":
         inflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
         body = encode(ds)
@@ -346,8 +346,8 @@ def pdu_case(rng: random.Random, good_rq: bytes) -> tuple[str, str, list[bytes],
     if kind == "oversized_pdata":
         return kind, source, [good_rq, struct.pack(">BBL", 4, 0, rng.randrange(MAX_PDU + 1, 300 << 20)) + rng.randbytes(128)], 0.2
     if kind == "garbage_pdata":
-        body = rng.randbytes(rng.randrange(0, 512))
-        return kind, source, [good_rq, struct.pack(">BBL", 4, 0, len(body)) + body], 0.2
+        junk = rng.randbytes(rng.randrange(0, 512))
+        return kind, source, [good_rq, struct.pack(">BBL", 4, 0, len(junk)) + junk], 0.2
     if kind == "short_header":
         return kind, source, [bytes([1, 0, 0])], 0
     if kind == "silence":
