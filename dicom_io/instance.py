@@ -5,14 +5,16 @@ This is all the listener parses: the rest of the dataset is stored as sent and r
 
 from __future__ import annotations
 
+import io
 import math
-import re
 from dataclasses import dataclass
 
 from pydicom import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
 from dicom_io.sop_classes import IMAGE_CLASSES, is_captionable
+from dicom_io.validation import UID_TAGS, Encoding, MalformedDataset, check_structure, inflate, validated_uid
 
 # DIMSE C-STORE failure statuses (PS3.4 B.2.3). The 0xC2xx values are our own within the
 # "cannot understand" range, one per reason, so a PACS log says what went wrong.
@@ -22,7 +24,6 @@ STATUS_CANNOT_DECODE = 0xC210
 STATUS_HANDLER_ERROR = 0xC211
 STATUS_BAD_ATTRIBUTE = 0xC220
 
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -35,13 +36,38 @@ class InvalidInstance(ValueError):
         self.reason = reason
 
 
+_RAW_UIDS = "_medcap_raw_uids"  # set by decode_received: the UIDs' bytes as sent, before pydicom trims them
+_BITS_ALLOCATED = frozenset({1, 8, 16, 32, 64})
+
+
 def _uid(ds: Dataset, keyword: str) -> str:
-    value = str(ds.get(keyword, "") or "").strip().rstrip("\x00")
-    if not value:
-        raise InvalidInstance(STATUS_BAD_ATTRIBUTE, f"{keyword} is missing")
-    if len(value) > 64 or not _UID.match(value):
-        raise InvalidInstance(STATUS_BAD_ATTRIBUTE, f"{keyword} {value[:80]!r} is not a valid UID")
-    return value
+    raw: dict[str, bytes] | None = getattr(ds, _RAW_UIDS, None)
+    value: bytes | str | None = raw.get(keyword) if raw is not None else (str(ds.get(keyword, "") or "") or None)
+    try:
+        return validated_uid(value, keyword)
+    except MalformedDataset as exc:
+        raise InvalidInstance(exc.status, exc.reason) from None
+
+
+def decode_received(encoded: bytes | memoryview, transfer_syntax_uid: str, max_inflated_bytes: int) -> Dataset:
+    """Check a received dataset's structure (dicom_io.validation), then read it with pydicom.
+
+    Deflated data is inflated here, to at most ``max_inflated_bytes``. Raises :class:`InvalidInstance`.
+    """
+    encoding = Encoding.of(transfer_syntax_uid)
+    try:
+        data = inflate(encoded, max_inflated_bytes) if encoding.deflated else encoded
+        structure = check_structure(data, encoding)
+    except MalformedDataset as exc:
+        raise InvalidInstance(exc.status, f"cannot decode dataset: {exc.reason}") from None
+    try:
+        ds = read_dataset(io.BytesIO(data), encoding.implicit_vr, encoding.little_endian)
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise InvalidInstance(STATUS_CANNOT_DECODE, f"cannot decode dataset: {type(exc).__name__}: {exc}") from exc
+    object.__setattr__(ds, _RAW_UIDS, {UID_TAGS[tag]: value for tag, value in structure.uids.items()})
+    if structure.pixel_length is not None:
+        object.__setattr__(ds, "_medcap_native_pixel_length", structure.pixel_length)
+    return ds
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
@@ -86,6 +112,8 @@ def read_header(ds: Dataset, transfer_syntax_uid: str, *, sop_class_uid: str, so
     ``sop_class_uid`` and ``sop_instance_uid`` are the Affected SOP Class/Instance UIDs of
     the request; the dataset must agree with them. Raises :class:`InvalidInstance`.
     """
+    if not sop_instance_uid.strip("\x00 "):
+        raise InvalidInstance(STATUS_BAD_ATTRIBUTE, "the request's Affected SOP Instance UID is empty")
     try:
         header = InstanceHeader(
             sop_class_uid=_uid(ds, "SOPClassUID"),
@@ -129,22 +157,44 @@ def check_pixel_data(ds: Dataset, transfer_syntax_uid: str) -> None:
     data = ds[keyword].value
     if not data:
         raise InvalidInstance(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{keyword} is empty")
-    if UID(transfer_syntax_uid).is_compressed:
+    expected = implied_native_length(ds)  # also refuses zero or impossible dimensions
+    if UID(transfer_syntax_uid).is_compressed or keyword != "PixelData":
         return  # encapsulated: lengths are only known after decoding
-    expected = expected_native_length(ds)
-    if expected is not None and len(data) < expected:
+    # Exactly what the attributes imply, plus the one pad byte an odd length needs.
+    if len(data) != expected + expected % 2:
+        problem = "truncated" if len(data) < expected else "longer than its attributes imply"
         raise InvalidInstance(
             STATUS_CANNOT_DECODE,
-            f"{keyword} holds {len(data)} bytes but Rows/Columns/BitsAllocated/frames need {expected}: truncated",
+            f"{keyword} holds {len(data)} bytes but Rows/Columns/BitsAllocated/SamplesPerPixel/frames need {expected}: {problem}",
         )
 
 
 def expected_native_length(ds: Dataset) -> int | None:
+    """Lenient: the implied length, or None when the attributes do not say (readers of stored files)."""
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
+        return implied_native_length(ds)
+    except InvalidInstance:
         return None
-    return math.ceil(rows * cols * samples * frames * bits / 8)
+
+
+def implied_native_length(ds: Dataset) -> int:
+    """Bytes of native pixel data the image attributes imply; refuses missing, zero or impossible values."""
+    values: dict[str, int] = {}
+    for keyword, default in (("Rows", None), ("Columns", None), ("BitsAllocated", None), ("SamplesPerPixel", 1), ("NumberOfFrames", 1)):
+        raw = ds.get(keyword, default)
+        if raw in (None, ""):
+            if default is None:
+                raise InvalidInstance(STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS, f"image instance without {keyword}")
+            raw = default
+        try:
+            values[keyword] = int(raw)
+        except (TypeError, ValueError):
+            raise InvalidInstance(STATUS_BAD_ATTRIBUTE, f"{keyword} {str(raw)[:40]!r} is not a number") from None
+        if values[keyword] < 1:
+            raise InvalidInstance(STATUS_BAD_ATTRIBUTE, f"{keyword} is {values[keyword]}: an image needs at least 1")
+    if values["BitsAllocated"] not in _BITS_ALLOCATED:
+        raise InvalidInstance(STATUS_BAD_ATTRIBUTE, f"BitsAllocated is {values['BitsAllocated']}: not one of 1, 8, 16, 32, 64")
+    if values["SamplesPerPixel"] not in (1, 3, 4):
+        raise InvalidInstance(STATUS_BAD_ATTRIBUTE, f"SamplesPerPixel is {values['SamplesPerPixel']}: not 1, 3 or 4")
+    pixels = values["Rows"] * values["Columns"] * values["SamplesPerPixel"] * values["NumberOfFrames"]
+    return math.ceil(pixels * values["BitsAllocated"] / 8)

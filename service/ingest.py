@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,11 +27,15 @@ from service import audit
 from service.audit import Action
 from service.clock import Clock
 from service.database import Database, insert_ignoring_conflicts
+from service.deferred_writes import DeferredWrites
 from service.schema import Association, AssociationOutcome, Instance, SeriesRecord, Study
 from service.storage import Storage
 
 LOG = logging.getLogger(__name__)
 SUCCESS = 0x0000
+#: Pauses between tries to record an association's end before it is left to the upkeep (a blip
+#: of the database should not leave the row open until the listener restarts).
+END_RETRY_PAUSES = (0.2, 0.5, 1.0)
 
 
 @dataclass
@@ -44,6 +49,7 @@ class OpenAssociation:
     duplicate: int = 0
     failed: int = 0
     closed: bool = False
+    ending: tuple[AssociationOutcome, str | None] | None = None  # the first end seen, kept while its recording is retried
     # series UID -> (study id, series id), so only the first instance of a series upserts.
     series_ids: dict[str, tuple[int, int]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -54,11 +60,12 @@ class OpenAssociation:
 
 
 class Ingest:
-    def __init__(self, db: Database, store: Storage, clock: Clock, listener_name: str) -> None:
+    def __init__(self, db: Database, store: Storage, clock: Clock, listener_name: str, deferred: DeferredWrites | None = None) -> None:
         self.db = db
         self.store = store
         self.clock = clock
         self.listener_name = listener_name
+        self.deferred = deferred if deferred is not None else DeferredWrites()
 
     # -- associations ---------------------------------------------------------------
 
@@ -93,7 +100,9 @@ class Ingest:
             )
             return OpenAssociation(row.id, calling_ae, address)
 
-    def association_rejected(self, calling_ae: str, called_ae: str, address: str, port: int, tls: bool, reason: str) -> None:
+    def association_rejected(
+        self, calling_ae: str, called_ae: str, address: str, port: int, tls: bool, reason: str, repeated: int | None = None
+    ) -> None:
         now = self.clock.now()
         with self.db.session() as s:
             row = Association(
@@ -123,6 +132,7 @@ class Ingest:
                 called_ae=called_ae,
                 port=port,
                 reason=reason,
+                **({"repeated": repeated} if repeated else {}),
             )
 
     def association_ended(self, assoc: OpenAssociation, outcome: AssociationOutcome, reason: str | None = None) -> None:
@@ -131,8 +141,49 @@ class Ingest:
         with assoc.lock:
             if assoc.closed:
                 return
-            self._record_end(assoc, outcome, reason)
+            if assoc.ending is None:
+                assoc.ending = (outcome, reason)
+            outcome, reason = assoc.ending
+            for pause in (*END_RETRY_PAUSES, None):
+                try:
+                    self._record_end(assoc, outcome, reason)
+                    break
+                except Exception:
+                    if pause is None:
+                        raise
+                    LOG.warning("cannot record end of association %d yet; retrying in %.1f s", assoc.id, pause)
+                    time.sleep(pause)
             assoc.closed = True
+
+    def reconcile_open_associations(self, live: set[int], since_before: int) -> int:
+        """Close this listener's rows that are open in the database but belong to no live association.
+
+        ``live`` are the ids the listener holds; only rows with ids up to ``since_before`` are
+        considered (those were committed before the listener took its snapshot of ``live``).
+        """
+        now = self.clock.now()
+        with self.db.session() as s:
+            stale = [
+                assoc_id
+                for assoc_id in s.scalars(
+                    select(Association.id).where(
+                        Association.ended_at.is_(None), Association.listener == self.listener_name, Association.id <= since_before
+                    )
+                )
+                if assoc_id not in live
+            ]
+            for assoc_id in stale:
+                s.execute(
+                    update(Association)
+                    .where(Association.id == assoc_id, Association.ended_at.is_(None))
+                    .values(ended_at=now, outcome=AssociationOutcome.LOST.value, reason="ended while its end could not be recorded")
+                )
+                audit.record(s, now, audit.SYSTEM_LISTENER, Action.ASSOCIATION_LOST, "association", assoc_id, listener=self.listener_name)
+        return len(stale)
+
+    def latest_association_id(self) -> int:
+        with self.db.session() as s:
+            return int(s.scalar(select(func.max(Association.id))) or 0)
 
     def _record_end(self, assoc: OpenAssociation, outcome: AssociationOutcome, reason: str | None) -> None:
         now = self.clock.now()
@@ -235,10 +286,14 @@ class Ingest:
         if not fresh_file:
             return
         try:
-            if self._stored_as(sop_instance_uid) != sha256:
-                self.store.delete(path)
+            self._discard_unless_recorded(path, sop_instance_uid, sha256)
         except Exception:
-            LOG.warning("cannot check %s; leaving the file in place", path)
+            # The database is away: check again when it is back, so no file stays without a row.
+            self.deferred.add(f"remove {path} unless recorded", lambda: self._discard_unless_recorded(path, sop_instance_uid, sha256))
+
+    def _discard_unless_recorded(self, path: Path, sop_instance_uid: str, sha256: str) -> None:
+        if self._stored_as(sop_instance_uid) != sha256:
+            self.store.delete(path)
 
     def _record_instance(self, s: Session, assoc: OpenAssociation, header: InstanceHeader, path: Path, size: int, sha256: str) -> bool:
         """Insert (or replace) the instance row; returns True if this exact content was already recorded."""
@@ -340,7 +395,9 @@ class Ingest:
             except OSError:
                 LOG.exception("cannot quarantine refused instance")
         LOG.warning("refused instance from %s: 0x%04X %s", assoc.actor, status, reason)
-        try:
+        sha256, size = instance.sha256, instance.size
+
+        def record() -> None:
             with self.db.session() as s:
                 audit.record(
                     s,
@@ -351,10 +408,14 @@ class Ingest:
                     assoc.id,
                     status=f"0x{status:04X}",
                     reason=reason,
-                    sha256=instance.sha256,
-                    size=instance.size,
+                    sha256=sha256,
+                    size=size,
                     quarantined=kept,
                 )
+
+        try:
+            record()
         except Exception:
-            LOG.exception("cannot record refused instance in the audit database")
+            LOG.warning("cannot record refused instance in the audit database now; deferred")
+            self.deferred.add(f"record refused instance {sha256[:12]} of association {assoc.id}", record)
         return status

@@ -234,6 +234,18 @@ class Settings(BaseSettings):
             )
         return value
 
+    # -- listener hardening (service/pdu_guard.py, dicom_io/validation.py) --
+    max_connections_per_address: int = Field(
+        10, ge=1, le=1000, description="Concurrent DICOM connections one address may hold; more are closed at accept."
+    )
+    max_pending_connections: int = Field(
+        32, ge=1, le=10000, description="Connections, all addresses together, that have not yet sent their association request."
+    )
+    request_timeout_seconds: float = Field(
+        5.0, gt=0, le=600, description="A connection that sends no complete association request in this time is closed."
+    )
+    max_inflated_mb: int = Field(256, ge=1, le=65536, description="Largest a deflated dataset may inflate to; larger is refused (0xC210).")
+
     @field_validator("dicom_ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
