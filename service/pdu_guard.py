@@ -15,6 +15,7 @@ pynetdicom offers no hook for either, so this module subclasses three of its cla
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -136,16 +137,13 @@ class GuardedDUL(DULServiceProvider):
         """Fill ``buffer`` from the socket; False if the peer closed, errored, went quiet for the
         network timeout, or (before its request is in) ran past ``deadline``."""
         got = 0
-        idle = self.assoc.network_timeout or 60.0
-        previous = sock.gettimeout()
         try:
             while got < len(buffer):
-                timeout = idle
-                if deadline is not None:
-                    timeout = min(timeout, deadline - time.monotonic())
+                if deadline is not None:  # per call only until the request is in: it costs a syscall
+                    timeout = min(self.idle_timeout, deadline - time.monotonic())
                     if timeout <= 0:
                         return False
-                sock.settimeout(timeout)
+                    sock.settimeout(timeout)
                 n = sock.recv_into(buffer[got:])
                 if not n:
                     return False
@@ -153,11 +151,10 @@ class GuardedDUL(DULServiceProvider):
             return True
         except (OSError, TimeoutError):
             return False
-        finally:
-            try:
-                sock.settimeout(previous)
-            except OSError:
-                pass
+
+    @property
+    def idle_timeout(self) -> float:
+        return float(self.assoc.network_timeout or 60.0)
 
     def _abort_unread(self, abort_pdu: bytes, reason: str, established: bool) -> None:
         """Abort without reading what follows: tell the peer, close, and let the state machine see it closed."""
@@ -221,6 +218,9 @@ class GuardedDUL(DULServiceProvider):
             return
         if pdu_type == 0x01 and not self.request_seen:
             self.request_seen = True
+            # From now on a read may wait the network timeout (pynetdicom's accepted sockets block forever).
+            with contextlib.suppress(OSError):
+                raw.settimeout(self.idle_timeout)
             self.gate.requested(*self._peer())
             self.assoc.acse_timeout = self.acse_timeout_after_request
         self.event_queue.put(event)
