@@ -402,7 +402,7 @@ def health_loop(port: int, base: pydicom.Dataset, stop: threading.Event, interva
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    while not stop.is_set():
+    while True:  # at least once: the warm-up passes a stop that is already set
         health.attempted += 1
         try:
             assoc = ae.associate("127.0.0.1", port, ae_title="MEDCAP", bind_address=(HEALTH_ADDRESS, 0))
@@ -418,7 +418,8 @@ def health_loop(port: int, base: pydicom.Dataset, stop: threading.Event, interva
         except Exception as exc:
             if len(health.failures) < 10:
                 health.failures.append(f"{type(exc).__name__}: {exc}")
-        stop.wait(interval)
+        if stop.wait(interval):
+            return
 
 
 # -- the listener --------------------------------------------------------------------------
