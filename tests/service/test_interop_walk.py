@@ -10,7 +10,7 @@ from hl7apy.parser import parse_message
 from sqlalchemy import select
 
 from dicom_io.key_slices import KeySliceSpec
-from service import outputs
+from service import cli, outputs
 from service.review import Reviews
 from service.schema import Association, Instance, Job, SRDocument
 from service.users import Users
@@ -26,7 +26,7 @@ __all__ = ["make_server", "peers"]  # fixtures, used by name
 
 @pytest.mark.peers
 def test_one_study_walks_stow_in_draft_oru_p_fhir_preliminary_approval_oru_f_fhir_final_sr_stow_out(
-    db, clock, make_server, publisher, captioner, peers
+    db, clock, make_server, publisher, captioner, peers, monkeypatch, capsys
 ):
     archive, ris, fhir = peers
     server = make_server(
@@ -92,4 +92,17 @@ def test_one_study_walks_stow_in_draft_oru_p_fhir_preliminary_approval_oru_f_fhi
     log.append(
         f"verified SR {verified_uid}; dispatches: {second}; ORU OBR-25 sequence={statuses}; FHIR statuses={[v['status'] for v in fhir.history]}"
     )
-    print("\n".join(["interop walk:", *log]))
+
+    # 5. what an operator watches: `medcap reports` (the job and its draft's destinations) and
+    # `medcap audit search --study` (every event of the study, the verified report's deliveries too)
+    monkeypatch.setenv("MEDCAP_DATABASE_URL", settings.effective_database_url)
+    monkeypatch.setenv("MEDCAP_DATA_DIR", str(settings.data_dir))
+    capsys.readouterr()
+    assert cli.main(["reports"]) == 0
+    shown = capsys.readouterr().out
+    assert all(f"-> {d}: delivered after 1 attempt(s)" in shown for d in settings.dispatch_destinations), shown
+    assert cli.main(["audit", "search", "--study", study_uid]) == 0
+    trail = capsys.readouterr().out
+    assert trail.count("dispatch.delivered") == 6, trail
+    with capsys.disabled():
+        print("\n".join(["", "interop walk:", *log, "$ medcap reports", shown, "$ medcap audit search --study STUDY_UID", trail]))
