@@ -1,6 +1,7 @@
 """What became of each caption job and its SR, and the operator's two levers: retry and resend.
 
-``medcap reports`` shows jobs with their draft SR and where it went; ``medcap retry`` queues a
+``medcap reports`` shows jobs with their draft SR, the verified report approved from it, and where
+each went (the verified report's ORU F or final DiagnosticReport can fail too); ``medcap retry`` queues a
 failed job again; ``medcap resend`` queues an SR for its destinations again. Both are audited in
 the transaction that changes the state, and the assembler publishes what they queued.
 """
@@ -13,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import exists, or_, select
+from sqlalchemy.orm import aliased
 
 from service import audit, outputs
 from service import dispatch_lifecycle as dispatches
@@ -48,6 +50,8 @@ class ReportStatus:
     acknowledged_at: datetime | None
     sr_uid: str | None
     dispatches: list[DispatchState] = field(default_factory=list)
+    verified_sr_uid: str | None = None  # the report a radiologist approved from the draft
+    verified_dispatches: list[DispatchState] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,26 +64,43 @@ class ReportStatus:
             line += f"\n    SR {self.sr_uid}"
         for d in self.dispatches:
             line += f"\n    -> {d.destination}: {d.status} after {d.attempts} attempt(s)" + (f": {d.error}" if d.error else "")
+        if self.verified_sr_uid:
+            line += f"\n    verified SR {self.verified_sr_uid}"
+        for d in self.verified_dispatches:
+            line += f"\n    -> {d.destination}: {d.status} after {d.attempts} attempt(s)" + (f": {d.error}" if d.error else "")
         return line
 
 
 def list_reports(db: Database, *, failed_only: bool = False, limit: int = 50) -> list[ReportStatus]:
+    verified = aliased(SRDocument)  # job_id is None on a verified SR: it hangs off its draft
     with db.session() as s:
         query = (
-            select(Job, Study.study_uid, Study.accession_number, StudyVersion.number, SRDocument.id, SRDocument.sop_instance_uid)
+            select(
+                Job,
+                Study.study_uid,
+                Study.accession_number,
+                StudyVersion.number,
+                SRDocument.id,
+                SRDocument.sop_instance_uid,
+                verified.id,
+                verified.sop_instance_uid,
+            )
             .join(StudyVersion, StudyVersion.id == Job.study_version_id)
             .join(Study, Study.id == StudyVersion.study_id)
             .outerjoin(SRDocument, (SRDocument.job_id == Job.id) & (SRDocument.kind == "draft"))
+            .outerjoin(verified, (verified.predecessor_id == SRDocument.id) & (verified.kind == "verified"))
             .order_by(Job.id.desc())
             .limit(limit)
         )
         if failed_only:
             failed_dispatch = exists().where(
-                Output.report_id == SRDocument.id, Dispatch.output_id == Output.id, Dispatch.status == DispatchStatus.FAILED
+                or_(Output.report_id == SRDocument.id, Output.report_id == verified.id),
+                Dispatch.output_id == Output.id,
+                Dispatch.status == DispatchStatus.FAILED,
             )
             query = query.where(or_(Job.status == JobStatus.FAILED, failed_dispatch))
         rows = s.execute(query).all()
-        doc_ids = [row[4] for row in rows if row[4] is not None]
+        doc_ids = [doc_id for row in rows for doc_id in (row[4], row[6]) if doc_id is not None]
         dispatches: dict[int, list[DispatchState]] = {}
         for report_id, d in s.execute(
             select(Output.report_id, Dispatch)
@@ -100,8 +121,10 @@ def list_reports(db: Database, *, failed_only: bool = False, limit: int = 50) ->
             job.acknowledged_at,
             sr_uid,
             dispatches.get(doc_id, []) if doc_id else [],
+            verified_uid,
+            dispatches.get(verified_id, []) if verified_id else [],
         )
-        for job, study_uid, accession, number, doc_id, sr_uid in rows
+        for job, study_uid, accession, number, doc_id, sr_uid, verified_id, verified_uid in rows
     ]
 
 

@@ -15,6 +15,12 @@ def test_every_setting_is_documented():
     assert expected - documented == set()
 
 
+def test_the_settings_table_has_a_row_for_each_setting_and_no_other():
+    rows = re.findall(r"^\| `(MEDCAP_[A-Z0-9_]+)` \|", README, flags=re.M)
+    expected = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    assert sorted(rows) == sorted(expected)  # each once
+
+
 def test_every_command_is_documented():
     commands = build_parser()._subparsers._group_actions[0].choices
     for name in commands:

@@ -89,18 +89,27 @@ def test_one_study_walks_stow_in_draft_oru_p_fhir_preliminary_approval_oru_f_fhi
     (report,) = fhir.resources.values()
     assert [v["status"] for v in fhir.history] == ["preliminary", "final"] and report["resultsInterpreter"][0]["display"] == "Jane Smith"
     assert fhir.history[0]["identifier"] == fhir.history[1]["identifier"], "updated under the same identifier"
+    assert report["conclusion"] and report["imagingStudy"] == fhir.history[0]["imagingStudy"]
+    assert {archive.instance(uid).StudyInstanceUID for uid in (draft.sop_instance_uid, verified_uid)} == {study_uid}
+    oru_f = parse_message(ris.received[1], find_groups=False)
+    observations = [segment for segment in oru_f.children if segment.name == "OBX"]
+    results = [(obx.obx_3.obx_3_1.value, obx.obx_11.value) for obx in observations]
+    assert results[0] == ("113014", "F") and observations[0].obx_5.value == study_uid
+    assert {status for _, status in results} == {"F"} and results[-1][0] == "19005-8", results
     log.append(
         f"verified SR {verified_uid}; dispatches: {second}; ORU OBR-25 sequence={statuses}; FHIR statuses={[v['status'] for v in fhir.history]}"
     )
 
-    # 5. what an operator watches: `medcap reports` (the job and its draft's destinations) and
-    # `medcap audit search --study` (every event of the study, the verified report's deliveries too)
+    # 5. what an operator watches: `medcap reports` (the job, its draft and the verified report, each
+    # with its destinations) and `medcap audit search --study` (every event of the study)
     monkeypatch.setenv("MEDCAP_DATABASE_URL", settings.effective_database_url)
     monkeypatch.setenv("MEDCAP_DATA_DIR", str(settings.data_dir))
     capsys.readouterr()
     assert cli.main(["reports"]) == 0
     shown = capsys.readouterr().out
-    assert all(f"-> {d}: delivered after 1 attempt(s)" in shown for d in settings.dispatch_destinations), shown
+    draft_part, verified_part = shown.split(f"    verified SR {verified_uid}\n")
+    for part in (draft_part, verified_part):
+        assert all(f"-> {d}: delivered after 1 attempt(s)" in part for d in settings.dispatch_destinations), shown
     assert cli.main(["audit", "search", "--study", study_uid]) == 0
     trail = capsys.readouterr().out
     assert trail.count("dispatch.delivered") == 6, trail
