@@ -38,7 +38,7 @@ pytestmark = pytest.mark.orthanc
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PASSWORD = "correct horse battery staple"
-EDITED = "Edited in the browser: no acute intracranial haemorrhage."
+EDITED = "CT head, axial: no acute intracranial haemorrhage or midline shift. Ventricles normal in size."  # a radiologist's edit
 IMPRESSION = "No acute intracranial abnormality."
 SCREENSHOTS = Path(__file__).resolve().parents[3] / "docs" / "screenshots"
 
@@ -70,11 +70,10 @@ def clean_pacs(orthanc: Orthanc) -> Iterator[Orthanc]:
 #: What the drafts say in the pages the tests photograph. The tiny test model writes token noise (the
 #: pipeline needs a model, not a good one); the documentation's screenshots should show a draft that
 #: reads like a report, so the tests put these in its place, for illustration only, before the pages
-#: are opened. Written to match what the images show (a head CT without contrast; a T1 brain MR).
+#: are opened. Written to match what the headers say (a head CT; a T1 brain MR).
 ILLUSTRATIVE_DRAFTS = {
     "CT": (
-        "CT head, axial, without contrast: no acute intracranial haemorrhage, mass effect or midline shift. "
-        "Ventricles normal in size.",
+        "CT head, axial: no acute intracranial haemorrhage, mass effect or midline shift. Ventricles normal in size.",
         "No acute intracranial abnormality identified.",
     ),
     "MR": (
