@@ -9,6 +9,7 @@ import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 #: The demo model's display name (config ``name``): the SR's device observer and algorithm name. At most 64 characters (LO).
 DEMO_MODEL_NAME = "MedCap demo model - not for clinical use"
@@ -21,17 +22,29 @@ def is_demo(model_name: str) -> bool:
     return model_name == DEMO_MODEL_NAME
 
 
-def build_demo_model(out: Path, *, steps: int = 600, seed: int = 0, train_images: int = 1000, progress: bool = True) -> Path:
+DATA_STAGE = "synthetic training slices"
+
+
+def build_demo_model(
+    out: Path, *, steps: int = 600, seed: int = 0, train_images: int = 1000, progress: bool = True, stages: TextIO | None = None
+) -> Path:
+    """Train the demo model into ``out``. With ``progress``, each stage's bar and one line per stage
+    (``stage 3/5 ..., ETA mm:ss``) on ``stages`` (default stderr) say how far the whole run is."""
     from models.datasets import read_table  # torch: imported here, so that reading the names above costs nothing
     from models.families import read_config
-    from models.recipes import TinyRecipe, train_tiny_family
+    from models.progress import Stage, StageProgress
+    from models.recipes import TinyRecipe, tiny_family_stages, train_tiny_family
     from models.synthetic import generate_dataset
 
+    recipe = TinyRecipe(stage1_steps=max(1, steps // 2), stage2_steps=steps, lm_steps=max(1, steps // 2), seed=seed)
+    model_types = ("msmedcap",)
+    overall = StageProgress([Stage(DATA_STAGE, 0), *tiny_family_stages(recipe, model_types)], out=stages, enabled=progress)
     with tempfile.TemporaryDirectory(prefix="medcap-demo-") as tmp:
         work = Path(tmp)
+        overall.start(DATA_STAGE)
         records = [r for r in read_table(generate_dataset(work / "data", train_images, 0, 0, seed=seed)) if r.split == "train"]
-        recipe = TinyRecipe(stage1_steps=max(1, steps // 2), stage2_steps=steps, lm_steps=max(1, steps // 2), seed=seed)
-        trained = train_tiny_family(records, work / "runs", recipe, model_types=("msmedcap",), progress=progress)
+        trained = train_tiny_family(records, work / "runs", recipe, model_types=model_types, progress=progress, on_stage=overall.start)
+        overall.done()
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(trained["msmedcap"], out)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from models.msmedcap.model import MedCapModel
 from models.msmedcap.tiny import tiny_config
 from models.msmedcap.tokenizers import build_small_tokenizers
 from models.msmedcap.training import TrainSettings, pretrain_language_model, train
+from models.progress import Stage
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,41 @@ class TinyRecipe:
     seed: int = 0
 
 
+LM_STAGE = "language model"
+STAGE1_BRANCHES = ("clip", "sam")
+
+
+def stage1_name(branch: str) -> str:
+    return f"stage 1, {branch.upper()} Q-Former"
+
+
+def stage2_name(model_type: str) -> str:
+    return f"stage 2, {model_type}"
+
+
+def tiny_family_stages(recipe: TinyRecipe, model_types: Sequence[str]) -> list[Stage]:
+    """The stages :func:`train_tiny_family` runs, in order, with their step counts (for overall progress)."""
+    # relative cost of a step, measured on CPU (demo defaults): a language-model step is about a fifth
+    # of a stage-1 step (which also encodes the images), a stage-2 step about 0.6 of one
+    return [
+        Stage(LM_STAGE, recipe.lm_steps, weight=0.2),
+        *(Stage(stage1_name(branch), recipe.stage1_steps) for branch in STAGE1_BRANCHES),
+        *(Stage(stage2_name(t), recipe.stage2_steps, weight=0.6) for t in model_types),
+    ]
+
+
 def train_tiny_family(
     train_records: Sequence[CaptionRecord],
     out_root: Path,
     recipe: TinyRecipe,
     model_types: Sequence[str] = ("blip2", "sam_blip2", "msmedcap"),
     progress: bool = True,
+    on_stage: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
-    """Train each requested family member; returns {model_type: checkpoint directory}."""
+    """Train each requested family member; returns {model_type: checkpoint directory}.
+
+    ``on_stage`` is called with each stage's name (:func:`tiny_family_stages`) as it begins."""
+    begin = on_stage or (lambda name: None)
     torch.manual_seed(recipe.seed)
     captions = [r.caption for r in train_records]
     tokenizers = build_small_tokenizers(captions, lm_vocab=400, qformer_vocab=300)
@@ -74,6 +102,7 @@ def train_tiny_family(
         sam_layout=recipe.sam_layout,
     )
     base = MedCapModel(config)
+    begin(LM_STAGE)
     pretrain_language_model(
         base,
         tokenizers,
@@ -90,7 +119,7 @@ def train_tiny_family(
         initialised=["everything (tiny synthetic benchmark model)"],
         history=history,
     )
-    for branch in ("clip", "sam"):
+    for branch in STAGE1_BRANCHES:
         settings = TrainSettings(
             stage="stage1",
             branch=branch,
@@ -100,6 +129,7 @@ def train_tiny_family(
             min_lr=recipe.lr / 10,
             seed=recipe.seed,
         )
+        begin(stage1_name(branch))
         train(base, tokenizers, train_records, settings, out_root / f"stage1-{branch}", provenance, progress=progress)
     out: dict[str, Path] = {}
     for model_type in model_types:
@@ -114,6 +144,7 @@ def train_tiny_family(
             seed=recipe.seed,
         )
         out[model_type] = out_root / model_type
+        begin(stage2_name(model_type))
         train(member, tokenizers, train_records, settings, out[model_type], provenance, progress=progress)
     (out_root / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     return out

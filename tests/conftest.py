@@ -11,11 +11,11 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MutableSequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import pydicom
 import pytest
@@ -38,11 +38,83 @@ PG_ADMIN_URL = os.environ.get("MEDCAP_TEST_POSTGRES_URL", "postgresql+psycopg://
 STORESCU = "/usr/bin/storescu"  # pynetdicom installs its own `storescu` into the venv; we want dcmtk's
 
 
-def series_files(name: str) -> list[Path]:
-    folder = SHARED_DATA / name
-    if not folder.is_dir():
-        pytest.fail(f"test data {folder} is missing (set MEDCAP_TEST_SHARED_DATA)")
-    return sorted(p for p in folder.iterdir() if p.is_file())
+def _missing(path: Path) -> str:
+    return f"shared test data {path} is absent (set MEDCAP_TEST_SHARED_DATA to the folder holding the real series)"
+
+
+SHARED_SERIES = ("ct-head-ge", "ct-phantom-philips", "mr-t1-brain-uih")  # what ../shared/data holds; tests count on all three
+
+
+def shared_data(*parts: str) -> Path:
+    """``SHARED_DATA / parts``, or skip the calling test when that folder is absent (a fresh clone has none).
+
+    With no parts, the whole collection is meant: skip unless every shared series is there.
+    """
+    for path in [SHARED_DATA.joinpath(*parts)] if parts else [SHARED_DATA / name for name in SHARED_SERIES]:
+        if not path.is_dir():
+            pytest.skip(_missing(path), allow_module_level=True)
+    return SHARED_DATA.joinpath(*parts)
+
+
+class SeriesFiles(MutableSequence[Path]):
+    """A shared series' files, listed only when first used, so a module can name them at import time.
+
+    Without the data, the first use skips the test that uses them rather than erroring the whole collection.
+    """
+
+    def __init__(self, name: str, window: slice | None = None, parent: SeriesFiles | None = None) -> None:
+        self.name, self._window, self._parent = name, window, parent
+        self._files: list[Path] | None = None
+
+    def _list(self) -> list[Path]:
+        if self._files is None:
+            if self._parent is not None:
+                self._files = self._parent._list()[self._window]
+            else:
+                folder = shared_data(self.name)
+                self._files = sorted(p for p in folder.iterdir() if p.is_file())
+        return self._files
+
+    @overload
+    def __getitem__(self, index: int) -> Path: ...
+    @overload
+    def __getitem__(self, index: slice) -> SeriesFiles: ...
+    def __getitem__(self, index: int | slice) -> Path | SeriesFiles:
+        if isinstance(index, slice):
+            return SeriesFiles(self.name, index, self)
+        return self._list()[index]
+
+    @overload
+    def __setitem__(self, index: int, value: Path) -> None: ...
+    @overload
+    def __setitem__(self, index: slice, value: Iterable[Path]) -> None: ...
+    def __setitem__(self, index: int | slice, value: Any) -> None:  # tests shuffle or reorder their copy
+        self._list()[index] = value
+
+    def __delitem__(self, index: int | slice) -> None:
+        del self._list()[index]
+
+    def insert(self, index: int, value: Path) -> None:
+        self._list().insert(index, value)
+
+    def __add__(self, other: Iterable[Path]) -> list[Path]:
+        return [*self, *other]
+
+    def __radd__(self, other: Iterable[Path]) -> list[Path]:
+        return [*other, *self]
+
+    def __len__(self) -> int:
+        return len(self._list())
+
+    def __iter__(self) -> Iterator[Path]:
+        return iter(self._list())
+
+    def __repr__(self) -> str:
+        return f"SeriesFiles({self.name!r}, {self._window!r})"
+
+
+def series_files(name: str) -> SeriesFiles:
+    return SeriesFiles(name)
 
 
 def free_port() -> int:

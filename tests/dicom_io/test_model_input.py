@@ -9,13 +9,13 @@ from dicom_io.key_slices import KeySliceSpec, select_key_slices
 from dicom_io.model_input import prepare, prepare_series
 from dicom_io.series import read_series
 from dicom_io.transforms import clip_input, sam_input
-from tests.conftest import SHARED_DATA, series_files
+from tests.conftest import series_files, shared_data
 
 CLIP, SAM = ImageView("clip", 224, "clip"), ImageView("sam", 1024, "sam")
 
 
 def test_prepare_series_gives_one_input_per_series_with_both_encoders_arrays():
-    inputs = prepare_series([SHARED_DATA, get_testdata_file("test-SR.dcm")], views=[CLIP, SAM])
+    inputs = prepare_series([shared_data(), get_testdata_file("test-SR.dcm")], views=[CLIP, SAM])
     assert sorted(i.modality for i in inputs) == ["CT", "CT", "MR"]
     for item in inputs:
         assert item.views["clip"].shape == (3, 3, 224, 224) and item.views["clip"].dtype == np.float32

@@ -10,7 +10,7 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels.processing import apply_rescale
 
 from dicom_io.series import SeriesError, Slice, load_series, read_series
-from tests.conftest import REPO, SHARED_DATA, series_files
+from tests.conftest import REPO, series_files, shared_data
 
 
 def only(source):
@@ -71,7 +71,7 @@ def test_untilted_ct_without_extensions_is_in_hu():
 
 
 def test_a_folder_is_searched_and_non_dicom_files_are_skipped_with_a_reason():
-    result = load_series(SHARED_DATA)
+    result = load_series(shared_data())
     assert sorted(s.modality for s in result.series) == ["CT", "CT", "MR"]
     assert sorted(s.path.name for s in result.skipped) == ["LICENSE.dcm_qa_ct", "LICENSE.dcm_qa_uih", "README.md"]
     assert all(s.reason == "not a DICOM Part 10 file" for s in result.skipped)

@@ -12,14 +12,14 @@ from dicom_io.image_views import ImageView
 from dicom_io.model_input import prepare_series
 from models import checkpoint
 from models.captioner import Captioner, summarise
-from tests.conftest import SHARED_DATA
+from tests.conftest import shared_data
 from tests.processes import run
 
 
 def test_captions_are_deterministic_and_independent_of_batching(tiny_model):
     captioner = Captioner.load(tiny_model, "cpu")
     assert captioner.views == (ImageView("clip", 64, "clip"), ImageView("sam", 64, "sam"))
-    (series,) = prepare_series(SHARED_DATA / "ct-head-ge", views=captioner.views)
+    (series,) = prepare_series(shared_data("ct-head-ge"), views=captioner.views)
     inputs = dict(series.views)
     one_by_one = captioner.caption(inputs, batch_size=1)
     assert one_by_one == captioner.caption(inputs, batch_size=3) == captioner.caption(inputs, batch_size=3)
@@ -49,18 +49,18 @@ def _env() -> dict[str, str]:
 @pytest.mark.processes
 def test_medcap_caption_command_on_a_study_folder(tiny_model):
     env = _env()
-    result = run(["caption", str(SHARED_DATA), "--model", str(tiny_model), "--json"], env, timeout=300)
+    result = run(["caption", str(shared_data()), "--model", str(tiny_model), "--json"], env, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["status"].startswith("PRELIMINARY")
     assert {s["modality"] for s in report["series"]} == {"CT", "MR"} and len(report["series"]) == 3
     for series in report["series"]:
         assert len(series["key_images"]) == 3 and series["draft"]
-    text = run(["caption", str(SHARED_DATA / "mr-t1-brain-uih"), "--model", str(tiny_model)], env, timeout=300)
+    text = run(["caption", str(shared_data("mr-t1-brain-uih")), "--model", str(tiny_model)], env, timeout=300)
     assert text.returncode == 0 and "AI draft — preliminary, unverified" in text.stdout
 
 
 @pytest.mark.processes
 def test_medcap_caption_explains_a_missing_model():
-    result = run(["caption", str(SHARED_DATA / "ct-head-ge")], _env(), timeout=120)
+    result = run(["caption", str(shared_data("ct-head-ge"))], _env(), timeout=120)
     assert result.returncode == 1 and "no model: pass --model DIR or set MEDCAP_MODEL" in result.stderr

@@ -13,7 +13,7 @@ from models.demo import DEMO_MODEL_NAME, build_demo_model
 from models.grounding import contradictions, sentences
 from models.synthetic import generate_dataset
 from service.cli import main
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, shared_data
 
 HEADINGS = {
     "ct-head-ge": "CT head, axial:",
@@ -34,7 +34,7 @@ def _no_medcap_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def caption_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
-    assert main(["caption", str(SHARED_DATA), "--json", *args]) == 0
+    assert main(["caption", str(shared_data()), "--json", *args]) == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -60,13 +60,13 @@ def test_caption_without_grounding_prints_the_model_text(demo, capsys):
     report = caption_json(capsys, "--model", str(demo), "--no-grounding")
     assert report["grounding"] is False
     assert all(s["draft"] == s["model_draft"] and s["removed"] == [] for s in report["series"])
-    assert main(["caption", str(SHARED_DATA / "ct-head-ge"), "--model", str(demo)]) == 0
+    assert main(["caption", str(shared_data("ct-head-ge")), "--model", str(demo)]) == 0
     text = capsys.readouterr().out
     assert "CT head, axial:" in text and "removed (contradicts the header)" in text
 
 
 def test_evaluate_reports_the_contradiction_rate_of_the_shared_series_with_and_without_grounding(demo, capsys, tmp_path):
-    assert main(["evaluate", "--model", str(demo), "--dicom", str(SHARED_DATA), "--out", str(tmp_path)]) == 0
+    assert main(["evaluate", "--model", str(demo), "--dicom", str(shared_data()), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Contradiction rate without grounding" in out and f"| {DEMO_MODEL_NAME} | 3 |" in out
     written = json.loads((tmp_path / "contradictions.json").read_text())
@@ -99,5 +99,5 @@ def test_evaluate_needs_data_or_dicom(demo, capsys):
 def _study_uids(name: str) -> set[str]:
     import pydicom
 
-    first = next(p for p in sorted((SHARED_DATA / name).iterdir()) if p.is_file())
+    first = next(p for p in sorted(shared_data(name).iterdir()) if p.is_file())
     return {str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)}

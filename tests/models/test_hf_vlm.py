@@ -18,7 +18,7 @@ from models.captioner import Captioner
 from models.config import ConfigError
 from models.hf_vlm import DEFAULT_PROMPT, HfVlmConfig, VlmProcessor, prompt_text, run_dtype
 from service.cli import main
-from tests.conftest import SHARED_DATA
+from tests.conftest import shared_data
 from tests.models.tiny_vlms import TINY_VLMS
 
 ARCHITECTURES = sorted(TINY_VLMS)
@@ -64,7 +64,7 @@ def test_caption_reads_each_series_key_images_together_with_its_header_facts(com
 
     monkeypatch.setattr(hf_vlm, "prompt_text", recording)
     capsys.readouterr()
-    args = ["caption", str(SHARED_DATA / "ct-head-ge"), "--model", str(out), "--json", "--device", "cpu", "--key-slices", "3"]
+    args = ["caption", str(shared_data("ct-head-ge")), "--model", str(out), "--json", "--device", "cpu", "--key-slices", "3"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     (series,) = report["series"]

@@ -119,7 +119,7 @@ def test_stage1_mix_without_its_data_is_an_error(tmp_path):
 @pytest.mark.processes
 def test_another_family_through_the_same_commands(tmp_path):
     """CNN-LSTM from a local pretrained MobileNetV2: compose → train caption (early stopping) → evaluate → caption DICOM."""
-    from tests.conftest import SHARED_DATA
+    from tests.conftest import shared_data
     from tests.models.parts import save_tiny_mobilenet
 
     medcap("data", "synthetic", "--out", str(tmp_path / "syn"), "--train", "24", "--validation", "8", "--test", "6", "--size", "64")
@@ -167,7 +167,7 @@ def test_another_family_through_the_same_commands(tmp_path):
     drafted = json.loads(
         medcap(
             "caption",
-            str(SHARED_DATA / "ct-head-ge"),
+            str(shared_data("ct-head-ge")),
             "--model",
             str(tmp_path / "trained"),
             "--json",

@@ -15,7 +15,7 @@ from dicom_io.series import read_series
 from models import families
 from models.captioner import Captioner
 from service.cli import main
-from tests.conftest import SHARED_DATA, series_files
+from tests.conftest import series_files, shared_data
 from tests.models import brightness_family
 
 WORDS = ["black", "dark", "grey", "light", "white"]
@@ -35,7 +35,7 @@ def test_a_registered_family_composes_loads_and_captions_dicom_through_the_comma
     assert captioner.identity.model_type == "brightness" and captioner.views == (ImageView("unit", 24, "unit"),)
     capsys.readouterr()
 
-    assert main(["caption", str(SHARED_DATA / "ct-head-ge"), "--model", str(out), "--json", "--device", "cpu", "--key-slices", "3"]) == 0
+    assert main(["caption", str(shared_data("ct-head-ge")), "--model", str(out), "--json", "--device", "cpu", "--key-slices", "3"]) == 0
     (drafted,) = json.loads(capsys.readouterr().out)["series"]
     # what the model must have seen: each key image as the 24 px unit view, nothing else
     series = read_series(series_files("ct-head-ge"))[0]

@@ -29,7 +29,7 @@ from sqlalchemy import select
 
 from dicom_io.sr import read_findings, read_impression
 from service.database import Database
-from service.schema import AuditEvent, Dispatch, SRDocument
+from service.schema import AuditEvent, Dispatch, Draft, SRDocument
 from tests.conftest import ORTHANC_AET, Orthanc, delete_srs, free_port, wait_until
 from tests.processes import Process, run
 from tests.workers.test_processes import FAST, orthanc_srs, pipeline_env, rows, wait_listening
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.orthanc
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PASSWORD = "correct horse battery staple"
-EDITED = "Edited in the browser: no acute intracranial haemorrhage."
+EDITED = "CT head, axial: no acute intracranial haemorrhage or midline shift. Ventricles normal in size."  # a radiologist's edit
 IMPRESSION = "No acute intracranial abnormality."
 SCREENSHOTS = Path(__file__).resolve().parents[3] / "docs" / "screenshots"
 
@@ -65,6 +65,34 @@ def clean_pacs(orthanc: Orthanc) -> Iterator[Orthanc]:
     delete_srs(orthanc)
     yield orthanc
     delete_srs(orthanc)
+
+
+#: What the drafts say in the pages the tests photograph. The tiny test model writes token noise (the
+#: pipeline needs a model, not a good one); the documentation's screenshots should show a draft that
+#: reads like a report, so the tests put these in its place, for illustration only, before the pages
+#: are opened. Written to match what the headers say (a head CT; a T1 brain MR).
+ILLUSTRATIVE_DRAFTS = {
+    "CT": (
+        "CT head, axial: no acute intracranial haemorrhage, mass effect or midline shift. Ventricles normal in size.",
+        "No acute intracranial abnormality identified.",
+    ),
+    "MR": (
+        "MR brain, T1-weighted: normal grey-white matter signal. No mass or abnormal signal. "
+        "Ventricles normal in size; midline structures central.",
+        "Unremarkable T1-weighted MR brain.",
+    ),
+}
+
+
+def illustrate_drafts(db: Database) -> None:
+    """Put :data:`ILLUSTRATIVE_DRAFTS` in place of the tiny model's text in every draft (by its series' modality)."""
+    with db.session() as s:
+        for draft in s.scalars(select(Draft)):
+            finding, impression = ILLUSTRATIVE_DRAFTS[draft.modality or "CT"]
+            draft.text = finding
+            sr = s.get(SRDocument, draft.sr_document_id)
+            assert sr is not None
+            sr.impression = impression
 
 
 def screenshot(driver: webdriver.Chrome, name: str, tmp_path: Path) -> None:
@@ -112,6 +140,7 @@ def test_a_radiologist_signs_in_reviews_edits_and_approves_in_chromium(
             draft = s.scalars(select(SRDocument).where(SRDocument.kind == "draft")).one()
         (in_pacs,) = orthanc_srs(orthanc, study.study_uid)
         assert (in_pacs.SOPInstanceUID, in_pacs.VerificationFlag) == (draft.sop_instance_uid, "UNVERIFIED")
+        illustrate_drafts(db)  # the pages below, and their screenshots, show a draft that reads like one
 
         added = run(["users", "add", "smith", "--role", "radiologist", "--display-name", "Smith^Jane"], env, stdin=PASSWORD + "\n")
         assert added.returncode == 0, added.stderr

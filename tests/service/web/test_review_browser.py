@@ -31,7 +31,7 @@ from tests.conftest import free_port
 from tests.pipeline import draft_study
 from tests.service.web import test_browser
 from tests.service.web.conftest import PASSWORD
-from tests.service.web.test_browser import screenshot
+from tests.service.web.test_browser import illustrate_drafts, screenshot
 
 chromium = test_browser.chromium  # the same headless Chromium fixture
 pytestmark = [pytest.mark.peers, pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
@@ -78,6 +78,7 @@ def sample_drafts(db, clock, settings, listener, assembler, captioner, tmp_path)
     clock.advance(3600)
     mr = draft_study(db, clock, settings, listener, assembler, captioner, sample["mr-brain"])
     clock.advance(2 * 3600 + 600)  # they have waited a while when the radiologist comes
+    illustrate_drafts(db)  # the screenshots show drafts that read like reports
     return ct, mr
 
 
