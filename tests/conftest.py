@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Iterator, MutableSequence
+from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,7 +243,7 @@ def listener(start_listener, settings: Settings) -> Listener:
 
 def storescu(
     to: int | Listener,
-    files: list[Path],
+    files: Sequence[Path],
     *,
     calling: str = "STORESCU",
     called: str = "MEDCAP",
